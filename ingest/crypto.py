@@ -1,0 +1,69 @@
+"""RingCentral's PubNub payload encryption: AES-128-ECB with PKCS#7, Base64 on the wire.
+
+The data plane decrypts every notification, so cipher objects are cached per key (ECB has no IV,
+so one object per key is reusable) and failures are typed, to land in the dead-letter topic with a
+precise reason. Error messages never contain the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from Crypto.Cipher import AES
+
+BLOCK = 16
+
+
+class DecryptError(ValueError):
+    """A payload that cannot be decrypted; `reason` is a short stable label for metrics/DLQ."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_key(key_b64: str) -> bytes:
+    """The subscription's `encryptionKey`: standard Base64 of 16 raw bytes."""
+    try:
+        key = base64.b64decode(key_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("encryption key is not valid Base64") from exc
+    if len(key) != BLOCK:
+        raise ValueError(f"encryption key must be {BLOCK} bytes, got {len(key)}")
+    return key
+
+
+def pkcs7_pad(data: bytes) -> bytes:
+    n = BLOCK - len(data) % BLOCK
+    return data + bytes([n]) * n
+
+
+def pkcs7_unpad(data: bytes) -> bytes:
+    if not data or len(data) % BLOCK:
+        raise DecryptError("bad-length", f"ciphertext length {len(data)} is not a multiple of {BLOCK}")
+    n = data[-1]
+    if not 1 <= n <= BLOCK or data[-n:] != bytes([n]) * n:
+        raise DecryptError("bad-padding", "PKCS#7 padding is invalid (wrong key or corrupted payload)")
+    return data[:-n]
+
+
+class Cipher:
+    """AES-128-ECB for one subscription key; reuse the instance for every message."""
+
+    __slots__ = ("_aes",)
+
+    def __init__(self, key_b64: str) -> None:
+        self._aes = AES.new(decode_key(key_b64), AES.MODE_ECB)
+
+    def encrypt(self, plaintext: bytes) -> str:
+        return base64.b64encode(self._aes.encrypt(pkcs7_pad(plaintext))).decode("ascii")
+
+    def decrypt(self, payload: str | bytes) -> bytes:
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise DecryptError("bad-base64", f"payload is not valid Base64: {exc}") from None
+        if not raw or len(raw) % BLOCK:
+            raise DecryptError("bad-length", f"ciphertext length {len(raw)} is not a multiple of {BLOCK}")
+        return pkcs7_unpad(self._aes.decrypt(raw))

@@ -1,0 +1,123 @@
+"""Every Prometheus metric the worker exports, in one place.
+
+Names follow Prometheus conventions: base units, `_total` for counters, `_seconds` for times, label
+sets bounded (family, reason, endpoint, status, category, state, spec). Hot-path code must not call
+`.labels(...)` per message: take the child once (see `FamilyMetrics`) and reuse it.
+
+Metrics live in a dedicated registry (not the global default) so that several workers can run in
+one test process and each scrape shows only its own worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from ingest import __version__
+
+# Lag from the notification's own timestamp to the Kafka acknowledgement: RingCentral stamps events
+# with millisecond precision; push pipelines normally sit between 50 ms and a few seconds.
+LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+INTERNAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.build_info = Info("ingest_build", "Version of the running worker.", registry=r)
+        self.build_info.info({"version": __version__})
+
+        # Data plane
+        self.notifications_received = Counter(
+            "ingest_notifications_received_total", "Notifications received from PubNub.", registry=r)
+        self.notifications_published = Counter(
+            "ingest_notifications_published_total", "Notifications acknowledged by Kafka, by family.",
+            ["family"], registry=r)
+        self.notifications_dead_lettered = Counter(
+            "ingest_notifications_dead_lettered_total",
+            "Notifications sent to the dead-letter topic, by family (if known) and reason.",
+            ["family", "reason"], registry=r)
+        self.notifications_duplicate = Counter(
+            "ingest_notifications_duplicate_total",
+            "Notifications received again (replay after reconnect or restart) and skipped.", registry=r)
+        self.decrypt_failures = Counter(
+            "ingest_decrypt_failures_total", "Payloads that could not be decrypted, by reason.", ["reason"],
+            registry=r)
+        self.validation_failures = Counter(
+            "ingest_validation_failures_total", "Notifications that failed JSON Schema validation, by family.",
+            ["family"], registry=r)
+        self.lag = Histogram(
+            "ingest_lag_seconds",
+            "End-to-end lag: Kafka acknowledgement time minus the notification's own timestamp.",
+            ["family"], buckets=LAG_BUCKETS, registry=r)
+        self.internal_latency = Histogram(
+            "ingest_internal_latency_seconds", "PubNub receipt to Kafka acknowledgement.",
+            buckets=INTERNAL_BUCKETS, registry=r)
+        self.last_notification = Gauge(
+            "ingest_last_notification_timestamp_seconds",
+            "Unix time of the last notification received, per subscription spec.", ["spec"], registry=r)
+
+        # Kafka
+        self.producer_queue = Gauge(
+            "ingest_kafka_producer_queue_messages", "Messages waiting in the producer's local queue.",
+            registry=r)
+        self.delivery_errors = Counter(
+            "ingest_kafka_delivery_errors_total", "Kafka delivery failures, by error name.", ["error"],
+            registry=r)
+        self.checkpoints = Counter(
+            "ingest_checkpoints_total", "Checkpoint records written to the state topic.", registry=r)
+        self.kafka_up = Gauge("ingest_kafka_up", "1 when the Kafka cluster answered the last check.", registry=r)
+
+        # Control plane
+        self.subscriptions = Gauge(
+            "ingest_subscriptions", "Owned subscriptions by state.", ["state"], registry=r)
+        self.subscription_expiry = Gauge(
+            "ingest_subscription_expiry_seconds", "Seconds until each owned subscription expires.", ["spec"],
+            registry=r)
+        self.subscription_expiry_min = Gauge(
+            "ingest_subscription_expiry_min_seconds",
+            "Seconds until the first owned subscription expires (minimum over all).", registry=r)
+        self.renewals = Counter(
+            "ingest_subscription_renewals_total", "Subscription renewals, by outcome.", ["outcome"], registry=r)
+        self.renewal_margin = Histogram(
+            "ingest_subscription_renewal_margin_seconds",
+            "How long before expiry each renewal completed (punctuality).",
+            buckets=(0, 5, 15, 30, 60, 90, 120, 180, 300, 600), registry=r)
+        self.creations = Counter(
+            "ingest_subscription_creations_total", "Subscriptions created, by reason.", ["reason"], registry=r)
+        self.deletions = Counter(
+            "ingest_subscription_deletions_total", "Subscriptions deleted, by outcome.", ["outcome"], registry=r)
+        self.token_refreshes = Counter(
+            "ingest_token_refreshes_total", "OAuth token requests, by grant and outcome.", ["grant", "outcome"],
+            registry=r)
+        self.api_calls = Counter(
+            "ingest_ringcentral_api_calls_total", "RingCentral API calls, by endpoint and HTTP status.",
+            ["endpoint", "status"], registry=r)
+        self.rate_limit_penalties = Counter(
+            "ingest_ringcentral_rate_limit_penalties_total", "429 answers from RingCentral, by rate-limit group.",
+            ["group"], registry=r)
+        self.pubnub_status = Counter(
+            "ingest_pubnub_status_total", "PubNub status events, by category.", ["category"], registry=r)
+        self.pubnub_connections = Gauge(
+            "ingest_pubnub_connections", "Open PubNub subscribe connections.", registry=r)
+        self.replay_gaps = Counter(
+            "ingest_replay_gap_suspected_total",
+            "Resumes where the gap may exceed PubNub's replay buffer (messages may be missing).", registry=r)
+
+
+@dataclass(frozen=True)
+class FamilyMetrics:
+    """Label children for one event family, resolved once and reused per message."""
+
+    published: Counter
+    lag: Histogram
+    validation_failures: Counter
+
+    @classmethod
+    def for_family(cls, m: Metrics, family: str) -> FamilyMetrics:
+        return cls(m.notifications_published.labels(family), m.lag.labels(family),
+                   m.validation_failures.labels(family))

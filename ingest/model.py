@@ -1,0 +1,27 @@
+"""Values shared by the control plane and the data plane."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where and how to read one spec's notifications; the control plane's word to the data plane."""
+
+    spec_id: str
+    account_id: str
+    subscription_id: str
+    subscriber_key: str
+    channel: str
+    encryption_key: str | None
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class SubscriptionSpec:
+    """A desired subscription: which account, which event filters."""
+
+    spec_id: str  # "<account name>/<subscription name>"
+    account: str
+    event_filters: tuple[str, ...]

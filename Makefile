@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv lint typecheck test demo kafka sandbox bench clean
+.PHONY: all venv tools lint typecheck test demo kafka sandbox bench clean
 
 all: test
 
@@ -18,14 +18,24 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Pinned command-line tools the tests use for real (promtool, helm), installed into .tools/bin.
+TOOLS := .tools/bin
+$(TOOLS)/promtool:
+	bash .ci/tools/install-promtool.sh $(TOOLS)
+
+$(TOOLS)/helm:
+	bash .ci/tools/install-helm.sh $(TOOLS)
+
+tools: $(TOOLS)/promtool $(TOOLS)/helm
+
 lint: venv
 	$(BIN)/ruff check ingest tests
 
 typecheck: venv
 	$(BIN)/mypy
 
-test: lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: lint typecheck tools
+	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/ingest demo

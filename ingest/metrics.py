@@ -10,9 +10,13 @@ one test process and each scrape shows only its own worker.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ingest import __version__
 
@@ -75,12 +79,10 @@ class Metrics:
         # Control plane
         self.subscriptions = Gauge(
             "ingest_subscriptions", "Owned subscriptions by state.", ["state"], registry=r)
-        self.subscription_expiry = Gauge(
-            "ingest_subscription_expiry_seconds", "Seconds until each owned subscription expires.", ["spec"],
-            registry=r)
-        self.subscription_expiry_min = Gauge(
-            "ingest_subscription_expiry_min_seconds",
-            "Seconds until the first owned subscription expires (minimum over all).", registry=r)
+        # Expiry is computed at scrape time from the recorded expiration times (see SubscriptionExpiry):
+        # ingest_subscription_expiry_seconds{spec,account}, ingest_subscription_expiry_min_seconds and
+        # ingest_subscription_expiry_timestamp_seconds{spec,account}.
+        self.subscription_expiry = SubscriptionExpiry(registry=r)
         self.renewals = Counter(
             "ingest_subscription_renewals_total", "Subscription renewals, by outcome.", ["outcome"], registry=r)
         self.renewal_margin = Histogram(
@@ -89,6 +91,10 @@ class Metrics:
             buckets=(0, 5, 15, 30, 60, 90, 120, 180, 300, 600), registry=r)
         self.creations = Counter(
             "ingest_subscription_creations_total", "Subscriptions created, by reason.", ["reason"], registry=r)
+        self.creation_failures = Counter(
+            "ingest_subscription_creation_failures_total",
+            "Subscription creations (first creation or re-creation) that failed, by reason.", ["reason"],
+            registry=r)
         self.deletions = Counter(
             "ingest_subscription_deletions_total", "Subscriptions deleted, by outcome.", ["outcome"], registry=r)
         self.token_refreshes = Counter(
@@ -107,6 +113,116 @@ class Metrics:
         self.replay_gaps = Counter(
             "ingest_replay_gap_suspected_total",
             "Resumes where the gap may exceed PubNub's replay buffer (messages may be missing).", registry=r)
+
+        self._specs: dict[str, SpecMetrics] = {}
+        self._specs_lock = threading.Lock()
+        self._states_seen: set[str] = set()
+
+    # -- helpers that keep per-spec and per-state series consistent ------------------------------------
+
+    def spec(self, spec_id: str) -> SpecMetrics:
+        """Cached label children for one spec; the first call marks the start of reading its channel.
+
+        `ingest_last_notification_timestamp_seconds{spec}` is initialised to that moment, so that a
+        subscription that never receives anything still ages (and the no-notification alert can fire).
+        """
+        with self._specs_lock:
+            found = self._specs.get(spec_id)
+            if found is None:
+                found = SpecMetrics(last_notification=self.last_notification.labels(spec_id))
+                found.last_notification.set(time.time())
+                self._specs[spec_id] = found
+            return found
+
+    def forget_spec(self, spec_id: str) -> None:
+        """Drop every per-spec series (spec removed, or its partition moved to another worker).
+
+        Without this a worker that lost a spec would keep exporting its expiry, which would age into
+        a false "lapsed" alert while the new owner renews it.
+        """
+        with self._specs_lock:
+            if self._specs.pop(spec_id, None) is not None:
+                self.last_notification.remove(spec_id)
+        self.subscription_expiry.remove(spec_id)
+
+    def set_subscription_states(self, counts: Mapping[str, int]) -> None:
+        """Set `ingest_subscriptions{state}` from a full count; states no longer present drop to 0."""
+        for state in self._states_seen - counts.keys():
+            self.subscriptions.labels(state).set(0)
+        for state, count in counts.items():
+            self.subscriptions.labels(state).set(count)
+        self._states_seen.update(counts)
+
+
+@dataclass(frozen=True)
+class SpecMetrics:
+    """Label children for one spec, resolved once (`Metrics.spec`) and reused per message."""
+
+    last_notification: Gauge
+
+
+def account_of(spec_id: str) -> str:
+    """The account part of a spec id ("<account>/<subscription>")."""
+    return spec_id.split("/", 1)[0]
+
+
+class SubscriptionExpiry:
+    """Seconds until each owned subscription expires, computed when Prometheus scrapes.
+
+    The control plane records each subscription's absolute expiration time (`set`); the remaining
+    seconds are derived at scrape time. A gauge that the scheduler pushed periodically would freeze
+    at a healthy value exactly when the scheduler hangs, hiding the lapse this metric exists to show.
+
+    Exports `ingest_subscription_expiry_seconds{spec,account}` (negative once lapsed),
+    `ingest_subscription_expiry_timestamp_seconds{spec,account}` and
+    `ingest_subscription_expiry_min_seconds` (absent while the worker owns no subscription).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._expires_at: dict[str, float] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def set(self, spec_id: str, expires_at: float) -> None:
+        """Record the absolute (unix time) expiration of the spec's live subscription."""
+        with self._lock:
+            self._expires_at[spec_id] = expires_at
+
+    def remove(self, spec_id: str) -> None:
+        with self._lock:
+            self._expires_at.pop(spec_id, None)
+
+    def snapshot(self) -> dict[str, float]:
+        """spec id -> expires_at (unix time), a copy."""
+        with self._lock:
+            return dict(self._expires_at)
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}, 0.0))
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families(self.snapshot(), self._clock()))
+
+    @staticmethod
+    def _families(expires: Mapping[str, float], now: float) -> list[Metric]:
+        remaining = GaugeMetricFamily(
+            "ingest_subscription_expiry_seconds",
+            "Seconds until each owned subscription expires (negative once lapsed).", labels=["spec", "account"])
+        at = GaugeMetricFamily(
+            "ingest_subscription_expiry_timestamp_seconds",
+            "Unix time at which each owned subscription expires.", labels=["spec", "account"])
+        minimum = GaugeMetricFamily(
+            "ingest_subscription_expiry_min_seconds",
+            "Seconds until the first owned subscription expires (minimum over all; absent if none owned).")
+        for spec_id, expires_at in sorted(expires.items()):
+            labels = [spec_id, account_of(spec_id)]
+            remaining.add_metric(labels, expires_at - now)
+            at.add_metric(labels, expires_at)
+        if expires:
+            minimum.add_metric([], min(expires.values()) - now)
+        return [remaining, at, minimum]
 
 
 @dataclass(frozen=True)

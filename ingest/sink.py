@@ -1,0 +1,157 @@
+"""Kafka output: an idempotent producer, delivery tracking and per-spec acknowledged watermarks.
+
+At-least-once hinges on one rule: a spec's checkpoint only moves over timetokens whose records Kafka
+has acknowledged. Each produced record carries its own in-flight entry (the delivery callback), kept
+in arrival order per spec; the watermark advances over the acknowledged prefix. A record whose
+delivery fails is produced again, never dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+
+from ingest.logs import get_logger
+from ingest.metrics import FamilyMetrics, Metrics
+from ingest.pipeline import Outcome
+
+log = get_logger(__name__)
+
+# Producer settings the guarantees depend on; user properties may tune anything else.
+REQUIRED_PRODUCER_CONFIG = {"enable.idempotence": "true", "acks": "all"}
+DEFAULT_PRODUCER_CONFIG = {"linger.ms": "5", "compression.type": "lz4", "statistics.interval.ms": "0"}
+
+
+@dataclass
+class SpecProgress:
+    """Delivery progress of one spec: what is in flight and how far Kafka has acknowledged."""
+
+    spec_id: str
+    acked_tt: int = 0  # every notification at or below this timetoken is in Kafka
+    checkpointed_tt: int = 0  # the newest acked_tt written to the state topic
+    pending: deque[_InFlight] = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def advance(self) -> None:
+        # Delivery reports are served by whichever thread polls the producer (the delivery thread,
+        # or the intake thread while it waits on a full queue), so popping is serialised. Appends
+        # need no lock: deque ends are thread-safe.
+        with self._lock:
+            pending = self.pending
+            while pending and pending[0].done:
+                self.acked_tt = pending.popleft().timetoken
+
+
+class _InFlight:
+    """One produced record, and its own delivery callback (so no lookup on acknowledgement)."""
+
+    __slots__ = ("done", "outcome", "progress", "received_at", "sink", "timetoken")
+
+    def __init__(self, sink: KafkaSink, progress: SpecProgress, outcome: Outcome, timetoken: int,
+                 received_at: float) -> None:
+        self.sink = sink
+        self.progress = progress
+        self.outcome = outcome
+        self.timetoken = timetoken
+        self.received_at = received_at
+        self.done = False
+
+    def __call__(self, err: KafkaError | None, _msg: Any) -> None:
+        self.sink._delivered(self, err)
+
+
+class KafkaSink:
+    """Produces pipeline outcomes; a background thread serves delivery reports."""
+
+    def __init__(self, producer_config: Mapping[str, str], metrics: Metrics) -> None:
+        config = {**DEFAULT_PRODUCER_CONFIG, **producer_config, **REQUIRED_PRODUCER_CONFIG}
+        self._producer = Producer(config)
+        self._metrics = metrics
+        self._families: dict[str, FamilyMetrics] = {}
+        self._dead_letters: dict[tuple[str, str], Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    @property
+    def producer(self) -> Producer:
+        return self._producer
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="kafka-delivery", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        producer, queue_gauge = self._producer, self._metrics.producer_queue
+        while not self._stop.is_set():
+            producer.poll(0.05)
+            queue_gauge.set(len(producer))
+
+    def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float) -> None:
+        entry = _InFlight(self, progress, outcome, timetoken, received_at)
+        progress.pending.append(entry)
+        self._produce(entry)
+
+    def _produce(self, entry: _InFlight) -> None:
+        o = entry.outcome
+        while True:
+            try:
+                self._producer.produce(o.topic, o.value, o.key, headers=o.headers, on_delivery=entry)
+                return
+            except BufferError:
+                # The local queue is full (Kafka slow or down): wait for deliveries, keep the message.
+                self._producer.poll(0.1)
+
+    def _delivered(self, entry: _InFlight, err: KafkaError | None) -> None:
+        o = entry.outcome
+        if err is not None:
+            self.last_error = err.name()
+            self._metrics.delivery_errors.labels(err.name()).inc()
+            log.warning("kafka.delivery_failed", error=err.name(), topic=o.topic, retriable=err.retriable())
+            self._produce(entry)  # never drop: try again (idempotence keeps retries within a session clean)
+            return
+        self.last_error = None
+        now = time.time()
+        if o.error is None:
+            fam = self._families.get(o.family)
+            if fam is None:
+                fam = self._families[o.family] = FamilyMetrics.for_family(self._metrics, o.family)
+            fam.published.inc()
+            if o.event_time is not None:
+                fam.lag.observe(now - o.event_time)
+        else:
+            key = (o.family, o.error)
+            counter = self._dead_letters.get(key)
+            if counter is None:
+                counter = self._dead_letters[key] = self._metrics.notifications_dead_lettered.labels(*key)
+            counter.inc()
+        self._metrics.internal_latency.observe(now - entry.received_at)
+        entry.done = True
+        entry.progress.advance()
+
+    def produce_raw(self, topic: str, key: bytes, value: bytes | None) -> None:
+        """A record outside the notification flow (checkpoints); delivery errors are only counted."""
+        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                self._metrics.delivery_errors.labels(err.name()).inc()
+        while True:
+            try:
+                self._producer.produce(topic, value, key, on_delivery=on_delivery)
+                return
+            except BufferError:
+                self._producer.poll(0.1)
+
+    def flush(self, timeout: float) -> int:
+        """Wait up to `timeout` s for every delivery; returns how many are still undelivered."""
+        return int(self._producer.flush(timeout))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)

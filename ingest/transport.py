@@ -1,0 +1,303 @@
+"""PubNub intake with the real SDK (native `PubNub` class).
+
+One PubNub instance is one subscribe connection: a single subscribe key (baked into its URLs) and
+a bounded set of multiplexed channels. The SDK's traps (reference: pubnub-protocol.md §6) decide
+the shape of this module:
+
+- a callback that raises kills the SDK's message thread, so listeners catch everything;
+- `with_timetoken` only works on a fresh instance, and `unsubscribe_all()` + `subscribe()` breaks it,
+  so changing a connection's channels means replacing the instance and resuming from a cursor;
+- after a 403 (or a give-up) the SDK stops for good, so the connection is replaced the same way.
+
+Resuming is always safe because each channel remembers the last timetoken it delivered: a replayed
+message is dropped here (and counted), never handed on twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pubnub.callbacks import SubscribeCallback
+from pubnub.enums import PNReconnectionPolicy, PNStatusCategory
+from pubnub.pnconfiguration import PNConfiguration
+from pubnub.pubnub import PubNub
+
+from ingest.logs import get_logger
+from ingest.metrics import Metrics
+
+log = get_logger(__name__)
+
+TT_PER_SECOND = 10_000_000
+# A brand-new channel starts this far in the past, so a notification published between the
+# subscription's creation and our first poll is replayed from PubNub's buffer rather than missed.
+NEW_CHANNEL_LOOKBACK_SECONDS = 30.0
+# After a channel moves (rotation at renewal), the old one is still read this long: notifications
+# published on it before the renewal may not have been polled yet.
+OLD_CHANNEL_GRACE_SECONDS = 15.0
+# Channel-set changes are applied in batches, so 200 specs starting at once cost a few restarts.
+APPLY_INTERVAL_SECONDS = 0.2
+# PubNub caches a 403 for about 30 s; retrying sooner only produces more 403s.
+ACCESS_DENIED_RETRY_SECONDS = 5.0
+
+# The message handler: (channel, timetoken, payload, received_at). Must not raise.
+MessageHandler = Callable[[str, int, Any, float], None]
+
+
+def timetoken_at(unix_seconds: float) -> int:
+    return int(unix_seconds * TT_PER_SECOND)
+
+
+@dataclass
+class _Channel:
+    name: str
+    subscribe_key: str
+    last_tt: int  # newest timetoken delivered (or the resume point before anything arrived)
+    remove_at: float | None = None  # set while an old channel drains after a move
+
+
+@dataclass
+class _Connection:
+    """One PubNub instance; replaced, never re-subscribed, when its channel set changes."""
+
+    conn_id: int
+    subscribe_key: str
+    channels: frozenset[str]
+    pubnub: PubNub | None = None
+    listener: _Listener | None = None
+    retired: bool = False
+
+
+class _Listener(SubscribeCallback):  # type: ignore[misc]
+    """SDK callbacks for one connection. Never raises: an exception here would kill the SDK thread."""
+
+    def __init__(self, transport: PubNubTransport, conn: _Connection) -> None:
+        self._transport = transport
+        self._conn = conn
+
+    def message(self, pubnub: PubNub, message: Any) -> None:
+        if self._conn.retired:  # a replaced instance may still drain its queue; the new one re-reads
+            return
+        try:
+            self._transport._on_message(message.channel, message.timetoken, message.message)
+        except Exception:  # pragma: no cover - the handler is meant to catch everything itself
+            log.error("transport.handler_failed", exc_info=True, channel=message.channel)
+
+    def status(self, pubnub: PubNub, status: Any) -> None:
+        try:
+            self._transport._on_status(self._conn, status)
+        except Exception:  # pragma: no cover
+            log.error("transport.status_failed", exc_info=True)
+
+    def presence(self, pubnub: PubNub, presence: Any) -> None:
+        pass
+
+
+@dataclass
+class TransportSettings:
+    user_id: str
+    origin: str | None = None  # host[:port]; None = the SDK's default PubNub origin
+    ssl: bool = True
+    channels_per_connection: int = 50
+    reconnection_interval: float = 1.0
+    maximum_reconnection_interval: float = 30.0
+    subscribe_request_timeout: int = 310
+
+
+@dataclass
+class PubNubTransport:
+    """Keeps PubNub connections reading exactly the channels the control plane asks for."""
+
+    settings: TransportSettings
+    handler: MessageHandler
+    metrics: Metrics
+    on_access_denied: Callable[[list[str]], None] | None = None
+    _channels: dict[str, _Channel] = field(default_factory=dict)
+    _connections: dict[int, _Connection] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _dirty: set[int | str] = field(default_factory=set)  # connection ids or subscribe keys to re-plan
+    _wake: threading.Event = field(default_factory=threading.Event)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _retry_at: dict[int, float] = field(default_factory=dict)
+
+    # ---- control-plane facing API -------------------------------------------------------------
+
+    def add_channel(self, subscribe_key: str, channel: str, resume_tt: int | None = None) -> None:
+        """Start reading `channel`, replaying from `resume_tt` (a checkpoint) or a short lookback."""
+        with self._lock:
+            existing = self._channels.get(channel)
+            if existing is not None and existing.subscribe_key == subscribe_key:
+                existing.remove_at = None
+                return
+            start = resume_tt if resume_tt is not None else timetoken_at(time.time() - NEW_CHANNEL_LOOKBACK_SECONDS)
+            self._channels[channel] = _Channel(channel, subscribe_key, start)
+            self._dirty.add(subscribe_key)
+        self._wake.set()
+
+    def remove_channel(self, channel: str, grace: float = 0.0) -> None:
+        """Stop reading `channel`, after `grace` seconds (lets a moved channel drain)."""
+        with self._lock:
+            ch = self._channels.get(channel)
+            if ch is None:
+                return
+            if grace > 0:
+                ch.remove_at = time.monotonic() + grace
+            else:
+                del self._channels[channel]
+                self._dirty.add(ch.subscribe_key)
+        self._wake.set()
+
+    def last_timetoken(self, channel: str) -> int | None:
+        ch = self._channels.get(channel)
+        return ch.last_tt if ch else None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pubnub-transport", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with self._lock:
+            for conn in self._connections.values():
+                self._close(conn)
+            self._connections.clear()
+        self.metrics.pubnub_connections.set(0)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # ---- SDK callbacks -------------------------------------------------------------------------
+
+    def _on_message(self, channel: str, timetoken: int, payload: Any) -> None:
+        ch = self._channels.get(channel)
+        if ch is None:
+            return  # a channel removed while its message was in flight: its spec is gone
+        if timetoken <= ch.last_tt:
+            self.metrics.notifications_duplicate.inc()
+            return
+        ch.last_tt = timetoken
+        self.handler(channel, timetoken, payload, time.time())
+
+    def _on_status(self, conn: _Connection, status: Any) -> None:
+        category = status.category
+        name = getattr(category, "name", str(category)).removeprefix("PN").removesuffix("Category")
+        self.metrics.pubnub_status.labels(name).inc()
+        if conn.retired:
+            return
+        if category in (PNStatusCategory.PNAccessDeniedCategory, PNStatusCategory.PNDisconnectedCategory):
+            # The SDK has stopped for good. Replace the instance, resuming from each channel's cursor.
+            log.warning("transport.connection_lost", category=name, connection=conn.conn_id,
+                        channels=len(conn.channels))
+            delay = ACCESS_DENIED_RETRY_SECONDS if category == PNStatusCategory.PNAccessDeniedCategory else 0.5
+            with self._lock:
+                self._retry_at[conn.conn_id] = time.monotonic() + delay
+                self._dirty.add(conn.conn_id)
+            self._wake.set()
+            if category == PNStatusCategory.PNAccessDeniedCategory and self.on_access_denied:
+                self.on_access_denied(sorted(conn.channels))
+        elif status.is_error():
+            log.info("transport.error", category=name, connection=conn.conn_id)
+
+    # ---- connection planning -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(APPLY_INTERVAL_SECONDS)
+            self._wake.clear()
+            try:
+                self._apply()
+            except Exception:
+                log.error("transport.apply_failed", exc_info=True)
+
+    def _apply(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for ch in [c for c in self._channels.values() if c.remove_at is not None and c.remove_at <= now]:
+                del self._channels[ch.name]
+                self._dirty.add(ch.subscribe_key)
+            due_retries = [cid for cid, at in self._retry_at.items() if at <= now]
+            if not self._dirty and not due_retries:
+                return
+            for cid in due_retries:
+                del self._retry_at[cid]
+            dirty_keys = {d for d in self._dirty if isinstance(d, str)}
+            dirty_conns = {d for d in self._dirty if isinstance(d, int)} - set(self._retry_at)
+            self._dirty -= dirty_keys | dirty_conns
+            dirty_conns |= set(due_retries)
+            for key in dirty_keys | {c.subscribe_key for cid, c in self._connections.items() if cid in dirty_conns}:
+                self._replan(key, force={cid for cid in dirty_conns if cid in self._connections})
+            self.metrics.pubnub_connections.set(len(self._connections))
+
+    def _replan(self, subscribe_key: str, force: set[int]) -> None:
+        """Fit the key's channels into connections of bounded size, replacing only changed ones."""
+        wanted = {c.name for c in self._channels.values() if c.subscribe_key == subscribe_key}
+        conns = [c for c in self._connections.values() if c.subscribe_key == subscribe_key]
+        placed: set[str] = set()
+        for conn in conns:
+            keep = conn.channels & wanted
+            if keep == conn.channels and conn.conn_id not in force:
+                placed |= keep
+                continue
+            # Changed or broken: replace it (possibly with fewer channels), or drop it if empty.
+            self._close(conn)
+            del self._connections[conn.conn_id]
+            if keep:
+                self._open(subscribe_key, keep)
+                placed |= keep
+        rest = sorted(wanted - placed)
+        limit = max(1, self.settings.channels_per_connection)
+        # New channels first fill the least-loaded open connection (a restart of it), then new ones.
+        for conn in sorted((c for c in self._connections.values() if c.subscribe_key == subscribe_key),
+                           key=lambda c: len(c.channels)):
+            room = limit - len(conn.channels)
+            if not rest or room <= 0:
+                continue
+            take, rest = rest[:room], rest[room:]
+            self._close(conn)
+            del self._connections[conn.conn_id]
+            self._open(subscribe_key, conn.channels | set(take))
+        for i in range(0, len(rest), limit):
+            self._open(subscribe_key, frozenset(rest[i:i + limit]))
+
+    def _open(self, subscribe_key: str, channels: frozenset[str] | set[str]) -> None:
+        conn = _Connection(next(self._ids), subscribe_key, frozenset(channels))
+        cfg = PNConfiguration()
+        cfg.subscribe_key = subscribe_key
+        cfg.user_id = self.settings.user_id
+        cfg.daemon = True  # a blocked long-poll must not pin the process at exit
+        cfg.ssl = self.settings.ssl
+        if self.settings.origin:
+            cfg.origin = self.settings.origin
+        cfg.reconnect_policy = PNReconnectionPolicy.EXPONENTIAL
+        cfg.maximum_reconnection_retries = -1  # never give up silently
+        cfg.reconnection_interval = self.settings.reconnection_interval
+        cfg.maximum_reconnection_interval = self.settings.maximum_reconnection_interval
+        cfg.subscribe_request_timeout = self.settings.subscribe_request_timeout
+        cfg.suppress_leave_events = True
+        # Resume where the least advanced channel stopped; the others drop what they already had.
+        resume = min(self._channels[name].last_tt for name in channels)
+        pubnub = PubNub(cfg)
+        listener = _Listener(self, conn)
+        pubnub.add_listener(listener)
+        conn.pubnub, conn.listener = pubnub, listener
+        self._connections[conn.conn_id] = conn
+        pubnub.subscribe().channels(sorted(channels)).with_timetoken(resume).execute()
+        log.info("transport.connection_opened", connection=conn.conn_id, channels=len(channels), resume_tt=resume)
+
+    def _close(self, conn: _Connection) -> None:
+        conn.retired = True
+        if conn.pubnub is not None:
+            try:
+                conn.pubnub.stop()
+            except Exception:  # the SDK's stop is best effort; a daemon poll thread ends on its own
+                log.warning("transport.stop_failed", exc_info=True, connection=conn.conn_id)

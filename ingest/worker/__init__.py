@@ -1,0 +1,1 @@
+"""The worker process: `ingest run`."""

@@ -1,0 +1,41 @@
+"""`ingest run --config FILE`: run the worker until SIGTERM/SIGINT, then stop gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ingest import logs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", type=Path, required=True, metavar="FILE",
+                        help="worker configuration (YAML); every value can be overridden by INGEST__SECTION__KEY")
+    parser.add_argument("--delete-subscriptions-on-exit", action="store_true", default=None,
+                        help="delete the RingCentral subscriptions on shutdown instead of keeping them "
+                             "alive for the next start (config: worker.delete_subscriptions_on_shutdown)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ingest.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"ingest: invalid configuration {args.config}: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.logging.level)
+
+    from ingest.worker.runtime import Worker
+
+    worker = Worker(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    stop.wait()
+    undelivered = worker.stop(delete_subscriptions=args.delete_subscriptions_on_exit)
+    return 0 if undelivered == 0 else 1

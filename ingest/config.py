@@ -1,0 +1,551 @@
+"""The worker configuration: YAML file + environment overrides -> a typed, validated `Config`.
+
+Every error is a `ConfigError` whose text starts with the exact key path (`accounts[1].jwt_file: ...`)
+so that an operator can fix the file without reading code. Secrets (client secret, JWTs) are read
+from files or environment variables, registered with the log redactor, and hidden from `repr`.
+
+Environment overrides: `INGEST__<SECTION>__<KEY>[__<KEY>...]=value`, matched case-insensitively.
+List items are addressed by index (`INGEST__ACCOUNTS__0__JWT_ENV`). Inside `kafka` the rest of the
+name is one librdkafka property with `_` turned into `.` (`INGEST__KAFKA__SASL_PASSWORD` ->
+`sasl.password`); inside `topics.routing` `_` becomes `-` (family names are dashed). Values are
+parsed as YAML, so numbers, booleans, `null` and flow lists (`[a, b]`) work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from ingest.logs import register_secret
+from ingest.model import SubscriptionSpec
+
+ENV_PREFIX = "INGEST__"
+MAX_PUBNUB_EXPIRES_IN = 900  # RingCentral caps PubNub subscriptions at 15 minutes
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DELIVERY_GUARANTEES = ("at-least-once", "exactly-once")
+# librdkafka properties whose values are credentials: scrubbed from logs and hidden from repr.
+_KAFKA_SECRET_MARKERS = ("password", "secret", "ssl.key.pem", "sasl.oauthbearer.config", "sasl.jaas.config")
+
+
+class ConfigError(Exception):
+    """A configuration problem; `str(e)` begins with the key path at fault."""
+
+
+def _is_kafka_secret(key: str) -> bool:
+    return any(marker in key for marker in _KAFKA_SECRET_MARKERS)
+
+
+class KafkaProperties(dict[str, str]):
+    """librdkafka properties; a plain dict whose repr masks credentials (sasl.password, ...)."""
+
+    def __repr__(self) -> str:
+        shown = {k: ("***" if _is_kafka_secret(k) else v) for k, v in self.items()}
+        return repr(shown)
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class TopicsConfig:
+    prefix: str = "ringcentral"
+    partitions: int = 6
+    replication_factor: int = 1
+    routing: dict[str, str] = field(default_factory=dict)  # family -> topic name
+
+
+@dataclass(frozen=True)
+class RingCentralConfig:
+    server: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    pubnub_origin: str | None = None
+    pubnub_ssl: bool = True
+
+
+@dataclass(frozen=True)
+class SubscriptionConfig:
+    name: str
+    event_filters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    name: str
+    jwt: str = field(repr=False)
+    subscriptions: list[SubscriptionConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    id: str
+    renewal_margin_seconds: float = 120.0
+    renewal_jitter_seconds: float = 15.0
+    expires_in_seconds: int = MAX_PUBNUB_EXPIRES_IN
+    channels_per_connection: int = 50
+    checkpoint_interval_seconds: float = 1.0
+    shutdown_timeout_seconds: float = 10.0
+    delete_subscriptions_on_shutdown: bool = False
+    delivery_guarantee: str = "at-least-once"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "0.0.0.0"
+    port: int = 9095
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: dict[str, str]
+    topics: TopicsConfig
+    ringcentral: RingCentralConfig
+    accounts: list[AccountConfig]
+    worker: WorkerConfig
+    metrics: MetricsConfig
+    logging: LoggingConfig
+
+    def specs(self) -> list[SubscriptionSpec]:
+        """The desired subscriptions this file declares; spec ids are "<account>/<subscription>"."""
+        return [SubscriptionSpec(spec_id=f"{a.name}/{s.name}", account=a.name, event_filters=s.event_filters)
+                for a in self.accounts for s in a.subscriptions]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment and validate. Raises `ConfigError`."""
+    env = os.environ if environ is None else environ
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {_type_name(raw)}")
+    sources = _apply_env_overrides(raw, env)
+    try:
+        return _Validator(raw, env, path.parent).config()
+    except ConfigError as exc:
+        # Name the environment variable when the faulty value came from one.
+        msg = str(exc)
+        key = msg.split(":", 1)[0]
+        for prefix, var in sources.items():
+            if key == prefix or key.startswith((prefix + ".", prefix + "[")):
+                raise ConfigError(f"{msg} (set by environment variable {var})") from None
+        raise
+
+
+def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Write `INGEST__...` variables into the raw tree; returns {key path: variable name}."""
+    sources: dict[str, str] = {}
+    for var in sorted(env):
+        if not var.upper().startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in var[len(ENV_PREFIX):].split("__")]
+        if not parts or any(not p for p in parts):
+            raise ConfigError(f"{var}: malformed override name (expected INGEST__SECTION__KEY)")
+        try:
+            value = yaml.safe_load(env[var]) if env[var].strip() else ""
+        except yaml.YAMLError:
+            value = env[var]  # not YAML: take the text as a string
+        section = parts[0]
+        if section == "kafka" and len(parts) >= 2:
+            # librdkafka takes text; a password must not be reinterpreted as YAML.
+            parts, value = ["kafka", ".".join(parts[1:]).replace("_", ".")], env[var]
+        elif parts[:2] == ["topics", "routing"] and len(parts) == 3:
+            parts = [*parts[:2], parts[2].replace("_", "-")]
+        sources[_set_path(raw, parts, value, env, var)] = var
+    return sources
+
+
+def _set_path(raw: dict[str, Any], parts: list[str], value: Any, env: Mapping[str, str], var: str) -> str:
+    """Store one override at `parts` (dict keys / list indexes), creating parents; returns the key path."""
+    node: Any = raw
+    walked: list[str] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError(f"{_path(walked)}: {var} addresses item {part}, but the list has "
+                                  f"{len(node)} item(s)")
+            idx = int(part)
+            if idx == len(node):
+                node.append({})
+            walked.append(f"[{idx}]")
+            if last:
+                node[idx] = value
+            else:
+                if not isinstance(node[idx], dict | list):
+                    node[idx] = {}
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{_path(walked)}: {var} needs a mapping here, got {_type_name(node)}")
+        walked.append(part)
+        if last:
+            node[part] = value
+            _drop_secret_sibling(node, part, env, var)
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict | list):
+                child = [] if parts[i + 1].isdigit() else {}
+                node[part] = child
+            node = child
+    return _path(walked)
+
+
+def _drop_secret_sibling(node: dict[str, Any], key: str, env: Mapping[str, str], var: str) -> None:
+    """An override of `jwt_env` replaces a `jwt_file` from the file (and vice versa), instead of
+    producing a "both set" error: the environment is how deployments swap secret sources."""
+    for base in ("client_secret", "jwt"):
+        for mine, other in (("_file", "_env"), ("_env", "_file")):
+            if key == base + mine:
+                sibling_var = var[: -len(mine)] + other.upper()
+                if sibling_var not in env:
+                    node.pop(base + other, None)
+
+
+def _path(parts: list[str]) -> str:
+    out = ""
+    for p in parts:
+        out += p if p.startswith("[") or not out else "." + p
+    return out or "<top>"
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+class _Validator:
+    def __init__(self, raw: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> None:
+        self.raw = raw
+        self.env = env
+        self.base_dir = base_dir
+
+    # -- generic helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def fail(path: str, problem: str) -> ConfigError:
+        return ConfigError(f"{path}: {problem}")
+
+    def mapping(self, value: Any, path: str, known: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {_type_name(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                raise self.fail(path, f"keys must be strings, got {_type_name(key)} {key!r}")
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
+                raise self.fail(_join(path, key), f"unknown key{hint}")
+        return value
+
+    def string(self, m: dict[str, Any], key: str, path: str, default: str | None = None, *,
+               required: bool = False, nullable: bool = False) -> Any:
+        p = _join(path, key)
+        if key not in m or (m[key] is None and not nullable):
+            if required:
+                raise self.fail(p, "required key is missing" if key not in m else "must not be null")
+            return default
+        v = m[key]
+        if v is None:
+            return None
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            v = str(v)  # a YAML number where text is fine (e.g. a client id of digits)
+        if not isinstance(v, str):
+            raise self.fail(p, f"expected a string, got {_type_name(v)}")
+        if not v.strip():
+            raise self.fail(p, "must not be empty")
+        return v
+
+    def integer(self, m: dict[str, Any], key: str, path: str, default: int, *, lo: int | None = None,
+                hi: int | None = None) -> int:
+        p = _join(path, key)
+        v = m.get(key, default)
+        if v is None:
+            v = default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(p, f"expected an integer, got {_type_name(v)}")
+        self._range(p, v, lo, hi)
+        return v
+
+    def number(self, m: dict[str, Any], key: str, path: str, default: float, *, lo: float | None = None,
+               hi: float | None = None, exclusive_lo: bool = False) -> float:
+        p = _join(path, key)
+        v = m.get(key, default)
+        if v is None:
+            v = default
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise self.fail(p, f"expected a number, got {_type_name(v)}")
+        if exclusive_lo and lo is not None and v <= lo:
+            raise self.fail(p, f"must be greater than {lo:g}, got {v:g}")
+        self._range(p, v, lo, hi)
+        return float(v)
+
+    def _range(self, p: str, v: float, lo: float | None, hi: float | None) -> None:
+        if lo is not None and v < lo:
+            raise self.fail(p, f"must be at least {lo:g}, got {v:g}")
+        if hi is not None and v > hi:
+            raise self.fail(p, f"must be at most {hi:g}, got {v:g}")
+
+    def boolean(self, m: dict[str, Any], key: str, path: str, default: bool) -> bool:
+        v = m.get(key, default)
+        if v is None:
+            v = default
+        if not isinstance(v, bool):
+            raise self.fail(_join(path, key), f"expected a boolean (true/false), got {_type_name(v)}")
+        return v
+
+    def choice(self, m: dict[str, Any], key: str, path: str, default: str, *, options: tuple[str, ...],
+               normalize: Callable[[str], str] = lambda s: s) -> str:
+        v = self.string(m, key, path, default)
+        if normalize(v) not in options:
+            raise self.fail(_join(path, key), f"must be one of {', '.join(options)}, got {v!r}")
+        return normalize(v)
+
+    def secret(self, m: dict[str, Any], base: str, path: str) -> str:
+        """Exactly one of `<base>_file` / `<base>_env`; the value is never shown anywhere."""
+        file_key, env_key = f"{base}_file", f"{base}_env"
+        has_file = m.get(file_key) is not None
+        has_env = m.get(env_key) is not None
+        if has_file and has_env:
+            raise self.fail(_join(path, file_key), f"set either {file_key} or {env_key}, not both")
+        if not has_file and not has_env:
+            raise self.fail(_join(path, file_key), f"required: set {file_key} (a file holding the secret) "
+                                                   f"or {env_key} (an environment variable holding it)")
+        if has_file:
+            name = self.string(m, file_key, path, required=True)
+            file = Path(name).expanduser()
+            if not file.is_absolute():
+                file = self.base_dir / file
+            try:
+                value = file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise self.fail(_join(path, file_key), f"cannot read {str(file)!r}: {exc.strerror or exc}") from None
+            except UnicodeDecodeError:
+                raise self.fail(_join(path, file_key), f"{str(file)!r} is not UTF-8 text") from None
+            if not value:
+                raise self.fail(_join(path, file_key), f"{str(file)!r} is empty")
+        else:
+            var = self.string(m, env_key, path, required=True)
+            value = (self.env.get(var) or "").strip()
+            if var not in self.env:
+                raise self.fail(_join(path, env_key), f"environment variable {var} is not set")
+            if not value:
+                raise self.fail(_join(path, env_key), f"environment variable {var} is empty")
+        register_secret(value)
+        return value
+
+    # -- sections ----------------------------------------------------------------------------------
+
+    def config(self) -> Config:
+        top = self.mapping(self.raw, "<top>", ("kafka", "topics", "ringcentral", "accounts", "worker", "metrics",
+                                               "logging"))
+        return Config(
+            kafka=self.kafka(top.get("kafka")),
+            topics=self.topics(top.get("topics")),
+            ringcentral=self.ringcentral(top.get("ringcentral")),
+            accounts=self.accounts(top.get("accounts")),
+            worker=self.worker(top.get("worker")),
+            metrics=self.metrics(top.get("metrics")),
+            logging=self.logging(top.get("logging")),
+        )
+
+    def kafka(self, raw: Any) -> dict[str, str]:
+        if raw is None:
+            raise self.fail("kafka", "required section is missing (needs at least bootstrap.servers)")
+        if not isinstance(raw, dict):
+            raise self.fail("kafka", f"expected a mapping of librdkafka properties, got {_type_name(raw)}")
+        props = KafkaProperties()
+        for key, value in raw.items():
+            if not isinstance(key, str):
+                raise self.fail("kafka", f"property names must be strings, got {_type_name(key)}")
+            p = f"kafka.{key}"
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, int | float | str):
+                text = str(value)
+            else:
+                raise self.fail(p, f"expected a scalar (string, number or boolean), got {_type_name(value)}")
+            if _is_kafka_secret(key):
+                register_secret(text)
+            props[key] = text
+        if not props.get("bootstrap.servers", "").strip():
+            raise self.fail("kafka.bootstrap.servers", "required property is missing or empty")
+        return props
+
+    def topics(self, raw: Any) -> TopicsConfig:
+        p = "topics"
+        m = self.mapping(raw, p, ("prefix", "partitions", "replication_factor", "routing"))
+        prefix = self.string(m, "prefix", p, "ringcentral")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", prefix):
+            raise self.fail(f"{p}.prefix", "may contain only letters, digits, '.', '_' and '-'")
+        routing_raw = m.get("routing") or {}
+        if not isinstance(routing_raw, dict):
+            raise self.fail(f"{p}.routing", f"expected a mapping of family -> topic, got {_type_name(routing_raw)}")
+        routing: dict[str, str] = {}
+        for family in routing_raw:
+            topic = self.string(routing_raw, str(family), f"{p}.routing", required=True)
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", topic):
+                raise self.fail(f"{p}.routing.{family}", f"{topic!r} is not a valid Kafka topic name")
+            routing[str(family)] = topic
+        return TopicsConfig(prefix=prefix, partitions=self.integer(m, "partitions", p, 6, lo=1),
+                            replication_factor=self.integer(m, "replication_factor", p, 1, lo=1), routing=routing)
+
+    def ringcentral(self, raw: Any) -> RingCentralConfig:
+        p = "ringcentral"
+        if raw is None:
+            raise self.fail(p, "required section is missing")
+        m = self.mapping(raw, p, ("server", "client_id", "client_secret_file", "client_secret_env", "pubnub_origin",
+                                  "pubnub_ssl"))
+        server = self.string(m, "server", p, "https://platform.ringcentral.com").rstrip("/")
+        url = urlparse(server)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise self.fail(f"{p}.server", f"expected an http(s) URL such as https://platform.ringcentral.com, "
+                                           f"got {server!r}")
+        origin = self.string(m, "pubnub_origin", p, None, nullable=True)
+        if origin is not None and ("/" in origin or " " in origin):
+            raise self.fail(f"{p}.pubnub_origin", f"expected host[:port] without scheme or path, got {origin!r}")
+        return RingCentralConfig(server=server, client_id=self.string(m, "client_id", p, required=True),
+                                 client_secret=self.secret(m, "client_secret", p), pubnub_origin=origin,
+                                 pubnub_ssl=self.boolean(m, "pubnub_ssl", p, True))
+
+    def accounts(self, raw: Any) -> list[AccountConfig]:
+        if raw is None:
+            raise self.fail("accounts", "required: a list of accounts (name, jwt_file or jwt_env, subscriptions)")
+        if not isinstance(raw, list) or not raw:
+            raise self.fail("accounts", f"expected a non-empty list of accounts, got {_type_name(raw)}"
+                            + (" (empty)" if raw == [] else ""))
+        out: list[AccountConfig] = []
+        seen: set[str] = set()
+        for i, item in enumerate(raw):
+            p = f"accounts[{i}]"
+            if item is None:
+                raise self.fail(p, "expected a mapping, got null")
+            m = self.mapping(item, p, ("name", "jwt_file", "jwt_env", "subscriptions"))
+            name = self.name(m, p)
+            if name in seen:
+                raise self.fail(f"{p}.name", f"duplicate account name {name!r}")
+            seen.add(name)
+            jwt = self.secret(m, "jwt", p)
+            out.append(AccountConfig(name=name, jwt=jwt, subscriptions=self.subscriptions(m.get("subscriptions"),
+                                                                                       f"{p}.subscriptions")))
+        return out
+
+    def name(self, m: dict[str, Any], p: str) -> str:
+        name: str = self.string(m, "name", p, required=True)
+        if not NAME_RE.fullmatch(name):
+            raise self.fail(f"{p}.name", f"{name!r} may contain only letters, digits, '.', '_' and '-' "
+                                         "(it becomes part of the spec id '<account>/<subscription>')")
+        return name
+
+    def subscriptions(self, raw: Any, path: str) -> list[SubscriptionConfig]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            raise self.fail(path, f"expected a list of subscriptions, got {_type_name(raw)}")
+        out: list[SubscriptionConfig] = []
+        seen: set[str] = set()
+        for j, item in enumerate(raw):
+            p = f"{path}[{j}]"
+            if item is None:
+                raise self.fail(p, "expected a mapping, got null")
+            m = self.mapping(item, p, ("name", "event_filters"))
+            name = self.name(m, p)
+            if name in seen:
+                raise self.fail(f"{p}.name", f"duplicate subscription name {name!r} in this account")
+            seen.add(name)
+            filters = m.get("event_filters")
+            bad = "expected a non-empty list of strings"
+            if not isinstance(filters, list) or not filters:
+                raise self.fail(f"{p}.event_filters", bad)
+            normalized: list[str] = []
+            for k, item_filter in enumerate(filters):
+                if not isinstance(item_filter, str) or not item_filter.strip():
+                    raise self.fail(f"{p}.event_filters[{k}]",
+                                    f"expected a non-empty string, got {_type_name(item_filter)}")
+                f = item_filter.strip()
+                if not f.startswith("/"):
+                    raise self.fail(f"{p}.event_filters[{k}]",
+                                    f"expected an API path such as /restapi/v1.0/account/~/extension/~/message-store, "
+                                    f"got {f!r}")
+                if f.startswith(("/account/", "/subscription/")):
+                    f = "/restapi/v1.0" + f  # relative form, expanded as the SDKs do
+                normalized.append(f)
+            out.append(SubscriptionConfig(name=name, event_filters=tuple(normalized)))
+        return out
+
+    def worker(self, raw: Any) -> WorkerConfig:
+        p = "worker"
+        m = self.mapping(raw, p, ("id", "renewal_margin_seconds", "renewal_jitter_seconds", "expires_in_seconds",
+                                  "channels_per_connection", "checkpoint_interval_seconds",
+                                  "shutdown_timeout_seconds", "delete_subscriptions_on_shutdown",
+                                  "delivery_guarantee"))
+        worker_id = self.string(m, "id", p, None, nullable=True) or f"{socket.gethostname()}-{os.getpid()}"
+        expires_in = self.integer(m, "expires_in_seconds", p, MAX_PUBNUB_EXPIRES_IN, lo=1, hi=MAX_PUBNUB_EXPIRES_IN)
+        margin = self.number(m, "renewal_margin_seconds", p, 120.0, lo=0, exclusive_lo=True)
+        if margin >= expires_in:
+            raise self.fail(f"{p}.renewal_margin_seconds",
+                            f"must be less than worker.expires_in_seconds ({expires_in}), got {margin:g}")
+        return WorkerConfig(
+            id=worker_id,
+            renewal_margin_seconds=margin,
+            renewal_jitter_seconds=self.number(m, "renewal_jitter_seconds", p, 15.0, lo=0),
+            expires_in_seconds=expires_in,
+            channels_per_connection=self.integer(m, "channels_per_connection", p, 50, lo=1),
+            checkpoint_interval_seconds=self.number(m, "checkpoint_interval_seconds", p, 1.0, lo=0, exclusive_lo=True),
+            shutdown_timeout_seconds=self.number(m, "shutdown_timeout_seconds", p, 10.0, lo=0),
+            delete_subscriptions_on_shutdown=self.boolean(m, "delete_subscriptions_on_shutdown", p, False),
+            delivery_guarantee=self.choice(m, "delivery_guarantee", p, "at-least-once",
+                                           options=DELIVERY_GUARANTEES, normalize=str.lower),
+        )
+
+    def metrics(self, raw: Any) -> MetricsConfig:
+        p = "metrics"
+        m = self.mapping(raw, p, ("host", "port"))
+        return MetricsConfig(host=self.string(m, "host", p, "0.0.0.0"),
+                             port=self.integer(m, "port", p, 9095, lo=0, hi=65535))
+
+    def logging(self, raw: Any) -> LoggingConfig:
+        p = "logging"
+        m = self.mapping(raw, p, ("level",))
+        return LoggingConfig(level=self.choice(m, "level", p, "INFO", options=LOG_LEVELS, normalize=str.upper))
+
+
+def _join(path: str, key: str) -> str:
+    return key if path == "<top>" else f"{path}.{key}"

@@ -1,0 +1,143 @@
+{{/* Chart name, truncated to the 63 characters a DNS label allows. */}}
+{{- define "ingest.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, or the release name alone when it already contains the chart name. */}}
+{{- define "ingest.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ingest.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every resource. */}}
+{{- define "ingest.labels" -}}
+helm.sh/chart: {{ include "ingest.chart" . }}
+{{ include "ingest.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: worker
+app.kubernetes.io/part-of: ingest
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels: immutable in a Deployment, so nothing that changes between releases. */}}
+{{- define "ingest.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ingest.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "ingest.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ingest.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "ingest.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end }}
+
+{{/* Where things live inside the pod. One place, so the config and the mounts cannot disagree. */}}
+{{- define "ingest.configDir" -}}/etc/ingest{{- end }}
+{{- define "ingest.configPath" -}}{{ include "ingest.configDir" . }}/config.yaml{{- end }}
+{{- define "ingest.secretsDir" -}}/var/run/secrets/ingest{{- end }}
+
+{{- define "ingest.ringcentralSecretName" -}}
+{{- .Values.credentials.ringcentral.existingSecret | default (printf "%s-ringcentral" (include "ingest.fullname" .)) }}
+{{- end }}
+{{- define "ingest.kafkaSaslSecretName" -}}
+{{- .Values.credentials.kafka.sasl.existingSecret | default (printf "%s-kafka-sasl" (include "ingest.fullname" .)) }}
+{{- end }}
+{{- define "ingest.kafkaTlsSecretName" -}}
+{{- .Values.credentials.kafka.tls.existingSecret | default (printf "%s-kafka-tls" (include "ingest.fullname" .)) }}
+{{- end }}
+
+{{/*
+The worker config: `.Values.config` plus what the chart owns (secret file paths, accounts, metrics
+port, Kafka security properties). Values in `.Values.config` win over the chart's Kafka defaults,
+so that any librdkafka property stays overridable.
+*/}}
+{{- define "ingest.workerConfig" -}}
+{{- $root := . -}}
+{{- $cfg := deepCopy .Values.config -}}
+{{- $secrets := include "ingest.secretsDir" . -}}
+{{- /* Kafka security, derived from credentials.kafka */ -}}
+{{- $sasl := .Values.credentials.kafka.sasl -}}
+{{- $tls := .Values.credentials.kafka.tls -}}
+{{- $kafka := dict -}}
+{{- if and $sasl.enabled $tls.enabled }}{{ $_ := set $kafka "security.protocol" "SASL_SSL" }}
+{{- else if $sasl.enabled }}{{ $_ := set $kafka "security.protocol" "SASL_PLAINTEXT" }}
+{{- else if $tls.enabled }}{{ $_ := set $kafka "security.protocol" "SSL" }}
+{{- end -}}
+{{- if $sasl.enabled }}{{ $_ := set $kafka "sasl.mechanism" $sasl.mechanism }}{{ end -}}
+{{- if $tls.enabled -}}
+{{- $_ := set $kafka "ssl.ca.location" (printf "%s/kafka/ca.crt" $secrets) -}}
+{{- if $tls.clientCertificate -}}
+{{- $_ := set $kafka "ssl.certificate.location" (printf "%s/kafka/tls.crt" $secrets) -}}
+{{- $_ := set $kafka "ssl.key.location" (printf "%s/kafka/tls.key" $secrets) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $cfg "kafka" (mergeOverwrite $kafka (default dict $cfg.kafka)) -}}
+{{- /* RingCentral app secret */ -}}
+{{- $rc := default dict $cfg.ringcentral -}}
+{{- $_ := set $rc "client_secret_file" (printf "%s/ringcentral/client_secret" $secrets) -}}
+{{- $_ := set $cfg "ringcentral" $rc -}}
+{{- /* Accounts: jwtSecret is the chart's; everything else goes to the worker as is */ -}}
+{{- $accounts := list -}}
+{{- range .Values.accounts -}}
+{{- $account := omit . "jwtSecret" -}}
+{{- $_ := set $account "jwt_file" (printf "%s/accounts/%s/jwt" $secrets .name) -}}
+{{- $accounts = append $accounts $account -}}
+{{- end -}}
+{{- $_ := set $cfg "accounts" $accounts -}}
+{{- /* Metrics and health: the probes and the Service point at this port */ -}}
+{{- $metrics := default dict $cfg.metrics -}}
+{{- $_ := set $metrics "host" "0.0.0.0" -}}
+{{- $_ := set $metrics "port" (int .Values.metrics.port) -}}
+{{- $_ := set $cfg "metrics" $metrics -}}
+{{- toYaml $cfg -}}
+{{- end }}
+
+{{/* Checks that fail the render with a clear message instead of a pod that cannot start. */}}
+{{- define "ingest.validate" -}}
+{{- $grace := int .Values.terminationGracePeriodSeconds -}}
+{{- $flush := dig "worker" "shutdown_timeout_seconds" 10 .Values.config | float64 -}}
+{{- if le (float64 $grace) $flush -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than config.worker.shutdown_timeout_seconds (%v), or Kubernetes kills the worker before it has flushed to Kafka" $grace $flush) -}}
+{{- end -}}
+{{- $names := dict -}}
+{{- range .Values.accounts -}}
+{{- if hasKey $names .name -}}
+{{- fail (printf "accounts: the name %q appears twice; account names must be unique" .name) -}}
+{{- end -}}
+{{- $_ := set $names .name true -}}
+{{- end -}}
+{{- range $key, $_ := .Values.config.kafka -}}
+{{- if regexMatch "password|secret|ssl\\.key\\.pem|sasl\\.jaas\\.config|oauthbearer\\.config" $key -}}
+{{- fail (printf "config.kafka.%s: a credential does not belong in the ConfigMap; use credentials.kafka, or extraEnv with valueFrom.secretKeyRef (INGEST__KAFKA__...)" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes through the Service" -}}
+{{- end -}}
+{{- end }}

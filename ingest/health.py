@@ -1,0 +1,269 @@
+"""The worker's HTTP port: `/metrics`, `/healthz` (liveness) and `/readyz` (readiness).
+
+Liveness means the process and its loops are alive: each long-running loop beats a `Heartbeats`
+entry, and liveness fails when a registered loop has been silent for longer than it may be. A
+failing liveness probe makes Kubernetes restart the pod, so it must not depend on anything outside
+the process (Kafka, RingCentral): a broker outage would otherwise restart every worker at once.
+
+Readiness means the worker is doing its job: Kafka is reachable and every owned subscription is
+active and unexpired (`readiness_check`). A pod that is not ready is taken out of the Service but
+keeps running, renewing and retrying.
+
+Both answer 200 `{"status":"ok"}` or 503 `{"status":"fail","reason":"..."}`. Checks run on the
+HTTP thread at every probe, so they must be cheap: they read state that the loops maintain
+(heartbeat times, the subscription table, a cached Kafka probe), they never do network I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+
+from prometheus_client.exposition import choose_encoder
+
+from ingest.logs import get_logger, redact
+from ingest.metrics import Metrics
+
+log = get_logger(__name__)
+
+Check = Callable[[], tuple[bool, str]]
+"""A health check: (ok, reason). The reason is shown in the 503 body; it must hold no secret."""
+
+MAX_REASONS = 5  # a readiness answer names at most this many failing subscriptions
+
+
+class Heartbeats:
+    """Liveness of the worker's loops.
+
+    Each loop registers itself with the longest silence it may show (a few times its period) and
+    calls `beat(name)` once per iteration. `beat` is a single dict store (atomic under the GIL), so it
+    can sit on the hot path.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._allowed: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, max_interval_seconds: float) -> None:
+        """Watch loop `name` from now on; registering counts as its first beat."""
+        if max_interval_seconds <= 0:
+            raise ValueError(f"max_interval_seconds must be positive, got {max_interval_seconds}")
+        with self._lock:
+            self._last[name] = self._clock()
+            self._allowed[name] = max_interval_seconds
+
+    def unregister(self, name: str) -> None:
+        """Stop watching `name` (the loop ended on purpose, e.g. during shutdown)."""
+        with self._lock:
+            self._allowed.pop(name, None)
+            self._last.pop(name, None)
+
+    def beat(self, name: str) -> None:
+        self._last[name] = self._clock()
+
+    def check(self) -> tuple[bool, str]:
+        """Liveness: fails when a registered loop has been silent for longer than it may be."""
+        now = self._clock()
+        with self._lock:
+            allowed = dict(self._allowed)
+        stale = []
+        for name, limit in sorted(allowed.items()):
+            silent = now - self._last.get(name, now)
+            if silent > limit:
+                stale.append(f"loop {name!r} silent for {silent:.1f}s (allowed {limit:g}s)")
+        if stale:
+            return False, "; ".join(stale)
+        return True, "ok"
+
+
+SubscriptionRow = tuple[str, str, float]
+"""(spec_id, state, expires_at as unix time) of one owned subscription."""
+
+
+def readiness_check(
+    kafka_reachable: Callable[[], bool],
+    subscriptions: Callable[[], Iterable[SubscriptionRow]],
+    *,
+    ready_states: Collection[str] = ("active",),
+    clock: Callable[[], float] = time.time,
+) -> Check:
+    """Build the readiness check: Kafka reachable, and every owned subscription ready and unexpired.
+
+    `subscriptions` returns the owned subscriptions as (spec_id, state, expires_at). A worker that owns
+    none is ready (it is a standby for the specs of other workers). `ready_states` are the states in
+    which a subscription delivers events (add e.g. "renewing" if renewal is a separate state during
+    which the subscription still works, so that readiness does not flap at every renewal).
+    """
+    states = frozenset(ready_states)
+
+    def check() -> tuple[bool, str]:
+        if not kafka_reachable():
+            return False, "kafka unreachable"
+        now = clock()
+        problems = []
+        for spec_id, state, expires_at in subscriptions():
+            if state not in states:
+                problems.append(f"subscription {spec_id} is {state}")
+            elif expires_at <= now:
+                problems.append(f"subscription {spec_id} expired {now - expires_at:.0f}s ago")
+        if problems:
+            more = len(problems) - MAX_REASONS
+            reason = "; ".join(problems[:MAX_REASONS]) + (f" (and {more} more)" if more > 0 else "")
+            return False, reason
+        return True, "ok"
+
+    return check
+
+
+class KafkaProbe:
+    """Whether Kafka answers, checked in the background so that probes never wait on the network.
+
+    `client` is any confluent-kafka client (the worker passes its producer, so the probe opens no
+    extra connection): every `interval` seconds a metadata request (`list_topics`) must answer within
+    `timeout`. `reachable()` is true only if the last answer is recent, so a stuck probe thread reads
+    as unreachable rather than as a frozen "yes". Sets `ingest_kafka_up`.
+    """
+
+    def __init__(self, client: Any, metrics: Metrics, *, interval: float = 5.0, timeout: float = 3.0) -> None:
+        self._client = client
+        self._metrics = metrics
+        self._interval = interval
+        self._timeout = timeout
+        self._last_ok: float | None = None
+        self._was_ok: bool | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._checked = threading.Event()
+
+    def check_once(self) -> bool:
+        """One metadata round trip; records the result and returns it."""
+        error = None
+        try:
+            self._client.list_topics(timeout=self._timeout)
+        except Exception as exc:  # KafkaException, or anything the client raises: unreachable either way
+            error = exc
+        ok = error is None
+        if ok:
+            self._last_ok = time.monotonic()
+        if ok != self._was_ok:  # log transitions only, not every failed probe
+            if error is not None:
+                log.warning("kafka.unreachable", error_class=type(error).__name__, error=redact(str(error)))
+            else:
+                log.info("kafka.reachable")
+            self._was_ok = ok
+        self._metrics.kafka_up.set(1 if ok else 0)
+        self._checked.set()
+        return ok
+
+    def reachable(self) -> bool:
+        last = self._last_ok
+        max_age = self._interval + self._timeout + 1.0
+        return last is not None and time.monotonic() - last <= max_age
+
+    def wait_checked(self, timeout: float) -> bool:
+        """Block until the first check finished (for startup ordering and tests)."""
+        return self._checked.wait(timeout)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kafka-probe", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self._timeout + 1.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.check_once()
+            self._stop.wait(self._interval)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a hung client connection must never keep the process alive
+    health: HealthServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    timeout = 10  # seconds a client may take to send its request
+
+    def do_GET(self) -> None:
+        health = cast(_Server, self.server).health
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._metrics(health)
+        elif path == "/healthz":
+            self._check(health.liveness)
+        elif path == "/readyz":
+            self._check(health.readiness)
+        else:
+            self._send(404, "application/json", b'{"status":"fail","reason":"not found"}')
+
+    def _metrics(self, health: HealthServer) -> None:
+        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        self._send(200, content_type, encoder(health.metrics.registry))
+
+    def _check(self, check: Check) -> None:
+        try:
+            ok, reason = check()
+        except Exception as exc:  # a broken check is a failed check, never a 500 with a traceback
+            ok, reason = False, f"check raised {type(exc).__name__}: {exc}"
+        body: dict[str, str] = {"status": "ok"} if ok else {"status": "fail", "reason": redact(reason)}
+        self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence the per-request access log: probes and scrapes arrive every few seconds."""
+
+
+class HealthServer:
+    """HTTP server for `/metrics`, `/healthz` and `/readyz`, in a daemon thread.
+
+    `port=0` binds a free port; `port` tells the actual one after `start()`.
+    """
+
+    def __init__(self, metrics: Metrics, host: str, port: int, *, liveness: Check, readiness: Check) -> None:
+        self.metrics = metrics
+        self.liveness = liveness
+        self.readiness = readiness
+        self._host = host
+        self._port = port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("HealthServer already started")
+        server = _Server((self._host, self._port), _Handler)
+        server.health = self
+        self._server = server
+        self._port = server.server_address[1]
+        self._thread = threading.Thread(target=server.serve_forever, name="health-http", daemon=True)
+        self._thread.start()
+        log.info("health.listening", host=self._host, port=self._port)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(5.0)

@@ -1,0 +1,437 @@
+"""Event generator: realistic RingCentral notifications, published to each live subscription's channel.
+
+For every live subscription and each of its event filters the generator builds the notification
+that filter would receive (bodies modelled on the reference's examples, §3.4), wraps it in the real
+envelope (`uuid`, `event`, `timestamp`, `subscriptionId`, `ownerId`, `body`) with the real variation
+(numeric or string ids, `...Z` or `...+0000` timestamps, the `~` or numeric account in `event`,
+optional fields missing now and then), serializes it compactly, encrypts it with the subscription's
+AES key when encryption is on (the `Cipher` of ingest/crypto.py) and publishes it on the PubNub
+emulator. Everything published is recorded as a `Generated`, which end-to-end tests compare with
+what reached Kafka.
+
+On request it emits malformed payloads instead: bad Base64, the wrong key, bad PKCS#7 padding,
+invalid JSON, or a well-formed envelope whose body violates the schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from Crypto.Cipher import AES
+
+from ingest.crypto import BLOCK, Cipher, DecryptError, decode_key
+from ingest.sandbox.pubnub import PubNubEmulator
+from ingest.sandbox.ringcentral import EventFilter, RingCentralEmulator, SubscriptionView
+
+KINDS = ("message-store", "instant-sms", "presence", "detailed-presence", "telephony-sessions", "extension-list",
+         "voicemail", "fax", "extension-info", "missed-calls", "subscription-reminder")
+MALFORMED = ("bad-base64", "wrong-key", "bad-padding", "invalid-json", "schema-violation")
+_COMPACT = (",", ":")
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One published notification, exactly as it went on the wire."""
+
+    uuid: str | None  # None when the receiver cannot read one (bad base64, wrong key, bad padding, bad JSON)
+    subscription_id: str
+    account_id: str
+    event: str
+    kind: str
+    malformed: str | None
+    channel: str
+    timetoken: int
+    payload: str | dict[str, Any]  # the `d` value: Base64 text when encrypted, the object when not
+    plaintext: bytes | None = None  # the JSON bytes before encryption (None when there were none)
+    subscriber_key: str = ""
+    published_at: float = 0.0
+
+
+@dataclass
+class _Ctx:
+    rng: random.Random
+    account_id: str
+    extension_id: str
+    extensions: tuple[str, ...]
+    now: float
+    expires_in: int
+
+    def id(self, value: str) -> int | str:
+        """Ids arrive as JSON numbers in some payloads and as strings in others (§3.1)."""
+        return int(value) if self.rng.random() < 0.5 else value
+
+    def ts(self, offset: float = 0.0, zulu: bool | None = None) -> str:
+        return timestamp(self.now + offset, self.rng.random() < 0.5 if zulu is None else zulu)
+
+    def phone(self) -> str:
+        return "+1" + str(self.rng.randrange(2002000000, 9899999999))
+
+    def big_id(self) -> str:
+        return str(self.rng.randrange(10**11, 10**13))
+
+
+def timestamp(ts: float, zulu: bool) -> str:
+    """Both forms seen in real notifications: `2016-02-18T09:37:24.597Z` and `...597+0000`."""
+    text = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+    return text + ("Z" if zulu else "+0000")
+
+
+_NAMES = ("John Smith", "Maria Garcia", "Wei Chen", "Amara Okafor", "Lars Nilsson", "Priya Patel")
+_TELEPHONY = ("NoCall", "CallConnected", "Ringing", "OnHold", "ParkedCall")
+_WORDS = ("meeting", "tomorrow", "invoice", "please", "call", "back", "about", "the", "contract", "thanks",
+          "shipment", "delayed", "confirm", "schedule", "update", "urgent", "review", "customer")
+
+
+def _text(rng: random.Random, n_bytes: int) -> str:
+    words: list[str] = []
+    size = 0
+    while size < n_bytes:
+        w = rng.choice(_WORDS)
+        words.append(w)
+        size += len(w) + 1
+    return " ".join(words)[:max(n_bytes, 1)]
+
+
+def _message_store(c: _Ctx) -> dict[str, Any]:
+    changes: list[dict[str, Any]] = [
+        {"type": c.rng.choice(("SMS", "Pager", "VoiceMail", "Fax")), "updatedCount": c.rng.randrange(0, 3),
+         "newCount": c.rng.randrange(0, 3)} for _ in range(c.rng.randrange(1, 3))]
+    if c.rng.random() < 0.5:  # the 2023 form lists the new message ids
+        for ch in changes:
+            ch["newMessageIds"] = [int(c.big_id()) for _ in range(int(ch["newCount"]))]
+    return {"accountId": c.id(c.account_id), "extensionId": c.id(c.extension_id),
+            "lastUpdated": c.ts(-0.2), "changes": changes}
+
+
+def _message(c: _Ctx, kind: str) -> dict[str, Any]:
+    msg_id = c.big_id()
+    base = f"/restapi/v1.0/account/{c.account_id}/extension/{c.extension_id}/message-store/{msg_id}"
+    body: dict[str, Any] = {
+        "id": msg_id, "to": [{"phoneNumber": c.phone(), "location": "Moss Beach, CA"}],
+        "from": {"phoneNumber": c.phone(), "name": c.rng.choice(_NAMES)},
+        "type": kind, "creationTime": c.ts(-0.5, True), "lastModifiedTime": c.ts(-0.5, True),
+        "readStatus": "Unread", "priority": "Normal", "direction": "Inbound", "availability": "Alive",
+        "subject": _text(c.rng, c.rng.randrange(8, 60)), "messageStatus": "Received",
+    }
+    if kind == "SMS":
+        body["conversationId"] = str(c.rng.randrange(10**18, 10**19))
+        body["attachments"] = [{"uri": f"{base}/content/{msg_id}", "id": msg_id, "type": "Text",
+                                "contentType": "text/plain", "size": c.rng.randrange(10, 4096)}]
+    elif kind == "VoiceMail":
+        body["vmTranscriptionStatus"] = c.rng.choice(("NotAvailable", "Completed", "InProgress"))
+        body["attachments"] = [{"uri": f"{base}/content/{msg_id}", "id": msg_id, "type": "AudioRecording",
+                                "contentType": "audio/mpeg", "vmDuration": c.rng.randrange(3, 120),
+                                "size": c.rng.randrange(10000, 900000)}]
+    else:  # Fax
+        body["faxPageCount"] = c.rng.randrange(1, 12)
+        body["faxResolution"] = c.rng.choice(("High", "Low"))
+        body["attachments"] = [{"uri": f"{base}/content/{msg_id}", "id": msg_id, "type": "RenderedDocument",
+                                "contentType": "application/pdf", "size": c.rng.randrange(20000, 900000)}]
+    if c.rng.random() < 0.2:  # optional fields are sometimes absent
+        del body["priority"]
+    return body
+
+
+def _presence(c: _Ctx) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "extensionId": c.id(c.extension_id), "telephonyStatus": c.rng.choice(_TELEPHONY),
+        "sequence": c.rng.randrange(1, 100000), "presenceStatus": c.rng.choice(("Available", "Busy", "Offline")),
+        "userStatus": c.rng.choice(("Available", "Busy", "Offline")), "dndStatus": "TakeAllCalls",
+        "meetingStatus": "Disconnected", "allowSeeMyPresence": True, "ringOnMonitoredCall": False,
+        "pickUpCallsOnHold": False}
+    if c.rng.random() < 0.3:
+        for optional in ("meetingStatus", "ringOnMonitoredCall", "pickUpCallsOnHold"):
+            body.pop(optional)
+    return body
+
+
+def _active_call(c: _Ctx) -> dict[str, Any]:
+    session = c.big_id()
+    return {"id": uuidlib.UUID(int=c.rng.getrandbits(128)).hex, "direction": c.rng.choice(("Inbound", "Outbound")),
+            "from": c.phone(), "fromName": c.rng.choice(_NAMES), "to": c.phone(),
+            "telephonyStatus": c.rng.choice(_TELEPHONY[1:]), "startTime": c.ts(-30, True), "sessionId": session,
+            "partyId": f"cs{c.rng.randrange(10**17, 10**18)}-2",
+            "telephonySessionId": base64.b64encode(f"cs{session}@10.32.45.84".encode()).decode().rstrip("=")}
+
+
+def _detailed_presence(c: _Ctx) -> dict[str, Any]:
+    body = _presence(c)
+    calls = [_active_call(c) for _ in range(c.rng.randrange(0, 3))]
+    body["activeCalls"] = calls
+    body["totalActiveCalls"] = len(calls)
+    return body
+
+
+def _party(c: _Ctx, ext: str) -> dict[str, Any]:
+    return {"accountId": c.id(c.account_id), "extensionId": c.id(ext),
+            "id": f"p-{c.rng.getrandbits(128):032x}-{c.rng.randrange(1, 9)}",
+            "direction": c.rng.choice(("Inbound", "Outbound")),
+            "to": {"phoneNumber": c.phone(), "name": c.rng.choice(_NAMES), "extensionId": ext},
+            "from": {"phoneNumber": c.phone()},
+            "status": {"code": c.rng.choice(("Setup", "Proceeding", "Answered", "Disconnected", "Hold")),
+                       "rcc": False},
+            "park": {}, "missedCall": False, "standAlone": False, "muted": False}
+
+
+def _telephony(c: _Ctx) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "sequence": c.rng.randrange(1, 50), "sessionId": c.big_id(),
+        "telephonySessionId": f"s-{c.rng.getrandbits(128):032x}", "serverId": "10.13.22.28.TAM",
+        "eventTime": c.ts(-0.05, True), "parties": [_party(c, c.extension_id)], "origin": {"type": "Call"}}
+    if c.rng.random() < 0.3:
+        del body["serverId"]
+    return body
+
+
+def _extension_list(c: _Ctx) -> dict[str, Any]:
+    events = []
+    for _ in range(c.rng.randrange(1, 4)):
+        event: dict[str, Any] = {"extensionId": str(c.rng.choice(c.extensions)),
+                                 "eventType": c.rng.choice(("Create", "Update", "Delete"))}
+        if event["eventType"] == "Update":
+            event["hints"] = c.rng.sample(["ExtensionInfo", "CompanyNumbers", "Permissions", "AnsweringRules"], 2)
+        events.append(event)
+    return {"extensions": events}
+
+
+def _extension_info(c: _Ctx) -> dict[str, Any]:
+    return {"extensionId": c.id(c.extension_id), "eventType": "Update",
+            "hints": [c.rng.choice(("ExtensionInfo", "Permissions", "AnsweringRules"))]}
+
+
+def _missed_calls(c: _Ctx) -> dict[str, Any]:
+    return {"extensionId": c.id(c.extension_id), "sessionId": c.big_id(),
+            "from": {"phoneNumber": c.phone()}, "to": {"phoneNumber": c.phone()}, "startTime": c.ts(-20, True)}
+
+
+def _reminder(c: _Ctx) -> dict[str, Any]:
+    return {"expiresIn": c.expires_in}
+
+
+_BODIES: dict[str, Callable[[_Ctx], dict[str, Any]]] = {
+    "message-store": _message_store,
+    "instant-sms": lambda c: _message(c, "SMS"),
+    "voicemail": lambda c: _message(c, "VoiceMail"),
+    "fax": lambda c: _message(c, "Fax"),
+    "presence": _presence,
+    "detailed-presence": _detailed_presence,
+    "telephony-sessions": _telephony,
+    "extension-list": _extension_list,
+    "extension-info": _extension_info,
+    "missed-calls": _missed_calls,
+    "subscription-reminder": _reminder,
+}
+
+
+def _pad(c: _Ctx, kind: str, body: dict[str, Any], deficit: int) -> bool:
+    """Grow realistic fields by about `deficit` bytes; False when this kind has nothing to grow."""
+    if kind in ("instant-sms", "voicemail", "fax"):
+        body["subject"] = body["subject"] + " " + _text(c.rng, deficit)
+    elif kind == "message-store":
+        while deficit > 0:
+            ids = [int(c.big_id()) for _ in range(min(20, max(1, deficit // 14)))]
+            body["changes"].append({"type": "SMS", "updatedCount": 0, "newCount": len(ids), "newMessageIds": ids})
+            deficit -= 60 + 14 * len(ids)
+    elif kind == "detailed-presence":
+        if len(body["activeCalls"]) >= 7:  # the platform lists the latest 7 calls at most
+            return False
+        while deficit > 0 and len(body["activeCalls"]) < 7:
+            body["activeCalls"].append(_active_call(c))
+            deficit -= 380
+        body["totalActiveCalls"] = len(body["activeCalls"])
+    elif kind == "telephony-sessions":
+        while deficit > 0:
+            body["parties"].append(_party(c, c.rng.choice(c.extensions)))
+            deficit -= 380
+    elif kind == "extension-list":
+        while deficit > 0:
+            body["extensions"].append({"extensionId": str(c.rng.choice(c.extensions)), "eventType": "Update",
+                                       "hints": ["ExtensionInfo"]})
+            deficit -= 70
+    else:
+        return False
+    return True
+
+
+class Generator:
+    """Publishes generated notifications to the live subscriptions of a RingCentral emulator."""
+
+    def __init__(self, rc: RingCentralEmulator, pubnub: PubNubEmulator, *, seed: int = 1, payload_size: int = 0,
+                 missing_ratio: float = 0.05) -> None:
+        self._rc = rc
+        self._pubnub = pubnub
+        self._rng = random.Random(seed)
+        self.payload_size = payload_size
+        self.missing_ratio = missing_ratio
+        self._lock = threading.RLock()
+        self._generated: list[Generated] = []
+        self._ciphers: dict[str, Cipher] = {}
+        self._offset = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ---- recorded output ---------------------------------------------------------------------
+    @property
+    def generated(self) -> list[Generated]:
+        """A snapshot of everything published so far, in publish order."""
+        with self._lock:
+            return list(self._generated)
+
+    def snapshot(self) -> list[Generated]:
+        return self.generated
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._generated)
+
+    # ---- publishing --------------------------------------------------------------------------
+    def targets(self, kinds: Iterable[str] | None = None) -> list[tuple[SubscriptionView, EventFilter]]:
+        wanted = None if kinds is None else set(kinds)
+        if wanted is not None and not wanted <= set(KINDS):
+            raise ValueError(f"unknown kinds {sorted(wanted - set(KINDS))}; known: {', '.join(KINDS)}")
+        return [(s, f) for s in self._rc.live_subscriptions() for f in s.filters
+                if wanted is None or f.kind in wanted]
+
+    def publish(self, n: int, kinds: Iterable[str] | None = None, malformed: str | None = None) -> list[Generated]:
+        """Publish `n` notifications now, round-robin over the (live subscription, matching filter)
+        pairs; all malformed with that reason if `malformed` is given. Returns what was published
+        (empty when no live subscription matches)."""
+        if malformed is not None and malformed not in MALFORMED:
+            raise ValueError(f"unknown malformation {malformed!r}; one of {', '.join(MALFORMED)}")
+        return self._publish(n, kinds, lambda: malformed)
+
+    def _publish(self, n: int, kinds: Iterable[str] | None, reason: Callable[[], str | None]) -> list[Generated]:
+        targets = self.targets(kinds)
+        if not targets or n <= 0:
+            return []
+        out: list[Generated] = []
+        with self._lock:
+            for _ in range(n):
+                sub, flt = targets[self._offset % len(targets)]
+                self._offset += 1
+                out.append(self._one(sub, flt, reason()))
+            self._generated.extend(out)
+        return out
+
+    def _cipher(self, key: str) -> Cipher:
+        cipher = self._ciphers.get(key)
+        if cipher is None:
+            cipher = self._ciphers[key] = Cipher(key)
+        return cipher
+
+    def notification(self, sub: SubscriptionView, flt: EventFilter, now: float | None = None) -> dict[str, Any]:
+        """One notification envelope for this subscription and filter (not published)."""
+        rng = self._rng
+        now = time.time() if now is None else now
+        ext = flt.extension_id or sub.extension_id
+        account = self._rc.account(sub.account_id)
+        ctx = _Ctx(rng, sub.account_id, ext, account.all_extensions(), now, max(0, int(sub.expires_at - now)))
+        body = _BODIES[flt.kind](ctx)
+        if flt.kind == "subscription-reminder":
+            event = flt.requested  # the filter string exactly as subscribed (§3.6)
+        else:
+            event = flt.tilde if rng.random() < 0.3 else flt.expanded  # older events keep `account/~`
+        note_id = str(uuidlib.UUID(int=rng.getrandbits(128), version=4)) if rng.random() < 0.5 \
+            else str(rng.randrange(10**18, 9 * 10**18))
+        envelope: dict[str, Any] = {"uuid": note_id, "event": event, "timestamp": ctx.ts(),
+                                    "subscriptionId": sub.id, "ownerId": sub.extension_id, "body": body}
+        if rng.random() < self.missing_ratio:
+            del envelope[rng.choice(("subscriptionId", "ownerId"))]
+        if self.payload_size > 0:
+            for _ in range(3):
+                deficit = self.payload_size - len(json.dumps(envelope, separators=_COMPACT))
+                if deficit <= 16 or not _pad(ctx, flt.kind, body, deficit):
+                    break
+        return envelope
+
+    def _one(self, sub: SubscriptionView, flt: EventFilter, malformed: str | None) -> Generated:
+        envelope = self.notification(sub, flt)
+        note_uuid: str | None = envelope["uuid"]
+        if malformed == "schema-violation":
+            # Valid JSON, readable uuid and event, but a body that is no object and a bad timestamp.
+            envelope["body"] = f"{flt.kind} body lost in transit"
+            envelope["timestamp"] = "yesterday"
+        plaintext = json.dumps(envelope, separators=_COMPACT, ensure_ascii=False).encode()
+        if malformed == "invalid-json":
+            plaintext = plaintext[: len(plaintext) // 2]
+        payload: str | dict[str, Any]
+        if malformed in ("bad-base64", "wrong-key", "bad-padding") or (malformed and sub.encryption):
+            payload = self._broken(sub, plaintext, malformed or "")
+        elif sub.encryption and sub.key is not None:
+            payload = self._cipher(sub.key).encrypt(plaintext)
+        elif malformed == "invalid-json":
+            payload = plaintext.decode("utf-8", "replace")  # a string where an object belongs
+        else:
+            payload = envelope
+        if malformed not in (None, "schema-violation"):
+            note_uuid = None
+        if isinstance(payload, dict):
+            tt = self._pubnub.publish_serialized(sub.subscriber_key, sub.channel, plaintext.decode())
+        else:
+            tt = self._pubnub.publish(sub.subscriber_key, sub.channel, payload)
+        return Generated(note_uuid, sub.id, sub.account_id, envelope["event"], flt.kind, malformed, sub.channel,
+                         tt, payload, plaintext, sub.subscriber_key, time.time())
+
+    def _broken(self, sub: SubscriptionView, plaintext: bytes, reason: str) -> str:
+        key = sub.key or base64.b64encode(self._rng.getrandbits(128).to_bytes(16, "big")).decode()
+        if reason == "bad-base64":
+            good = self._cipher(key).encrypt(plaintext)
+            return "%" + good[1:-4] + "!*"  # characters outside the Base64 alphabet
+        if reason == "wrong-key":
+            while True:  # a key under which the real key's unpadding fails (it succeeds ~1/256 by chance)
+                other = base64.b64encode(self._rng.getrandbits(128).to_bytes(16, "big")).decode()
+                text = self._cipher(other).encrypt(plaintext)
+                try:
+                    self._cipher(key).decrypt(text)
+                except DecryptError:
+                    return text
+        if reason == "bad-padding":
+            fill = BLOCK - len(plaintext) % BLOCK
+            raw = plaintext + b"\x00" * fill  # a zero pad byte is never valid PKCS#7
+            return base64.b64encode(AES.new(decode_key(key), AES.MODE_ECB).encrypt(raw)).decode()
+        # invalid-json / schema-violation on an encrypted subscription: well encrypted, bad inside.
+        return self._cipher(key).encrypt(plaintext)
+
+    # ---- steady traffic ----------------------------------------------------------------------
+    def start(self, rate_per_second: float, kinds: Iterable[str] | None = None, malformed_ratio: float = 0.0) -> None:
+        """Publish about `rate_per_second` notifications per second in a background thread until stop()."""
+        self.stop()
+        if rate_per_second <= 0:
+            raise ValueError("rate_per_second must be > 0")
+        kind_list = None if kinds is None else list(kinds)
+        self.targets(kind_list)  # validates the kinds now, not in the thread
+        self._stop.clear()
+
+        def reason() -> str | None:
+            return self._rng.choice(MALFORMED) if malformed_ratio and self._rng.random() < malformed_ratio else None
+
+        def run() -> None:
+            start = time.monotonic()
+            sent = 0
+            while not self._stop.wait(0.02):
+                due = int((time.monotonic() - start) * rate_per_second) - sent
+                if due > 0:
+                    self._publish(due, kind_list, reason)
+                    sent += due  # counted even with no live target: the rate is a rate of attempts
+
+        self._thread = threading.Thread(target=run, name="sandbox-generator", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()

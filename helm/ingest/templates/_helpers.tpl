@@ -120,10 +120,13 @@ so that any librdkafka property stays overridable.
 
 {{/* Checks that fail the render with a clear message instead of a pod that cannot start. */}}
 {{- define "ingest.validate" -}}
+{{- /* The worker's stop (ingest/worker/runtime.py): flush for shutdown_timeout_seconds, then up to
+       5 s for the checkpoint thread and 5 s for the last checkpoint's flush, then the subscription
+       manager; hence 15 s on top of the flush timeout. */ -}}
 {{- $grace := int .Values.terminationGracePeriodSeconds -}}
 {{- $flush := dig "worker" "shutdown_timeout_seconds" 10 .Values.config | float64 -}}
-{{- if le (float64 $grace) $flush -}}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than config.worker.shutdown_timeout_seconds (%v), or Kubernetes kills the worker before it has flushed to Kafka" $grace $flush) -}}
+{{- if lt (float64 $grace) (addf $flush 15) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least config.worker.shutdown_timeout_seconds + 15 (%v): the worker flushes to Kafka for up to shutdown_timeout_seconds, then writes its last checkpoint; a shorter grace period kills it before that" $grace (addf $flush 15)) -}}
 {{- end -}}
 {{- $names := dict -}}
 {{- range .Values.accounts -}}

@@ -1,0 +1,1 @@
+"""RingCentral control-plane client: HTTP, OAuth tokens, subscription lifecycle."""

@@ -1,0 +1,670 @@
+"""Subscription lifecycle: reconcile desired specs with RingCentral and keep them alive.
+
+One scheduler thread holds a heap of (due time, spec) for *all* specs and hands due work to a small
+pool of API threads; nothing sleeps per subscription, so thousands of specs cost one thread plus the
+pool. Each spec has at most one task in flight. What a task does depends on the spec's state:
+
+- attach: reuse before create. Try the subscription id we were handed (restored state), then a live
+  subscription of the user whose normalised event filters match (listed once per account and cached
+  briefly), renewing it to learn its current channel and key; create one only when none matches.
+  Restarts therefore never leak subscriptions, and a new owner never creates a second one.
+- renew: `POST /subscription/{id}/renew` (Light group) at expiry - margin - jitter. Any change of
+  channel, subscribe key or encryption key is reported through `on_delivery`. 404 (or already past
+  expiry) -> create anew, then delete the stale id (ignoring 404).
+- failures: 429 -> silent until the penalty ends (the HTTP client refuses to send for that
+  user/group meanwhile, so sibling specs of the account stay silent too); 5xx/timeouts -> exponential
+  backoff with jitter; a subscription that lapsed meanwhile is re-created on the next attempt.
+- a removed spec gets `on_delivery(spec, None)` at once and its subscription deleted.
+
+Unmatched subscriptions of a user are left alone: with several workers they belong to other owners,
+and an orphan that nobody renews expires by itself within 15 minutes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from ingest.logs import get_logger, register_secret
+from ingest.metrics import Metrics
+from ingest.model import Delivery, SubscriptionSpec
+from ingest.rc.accounts import AccountSession
+from ingest.rc.errors import ApiError, NetworkError, RateLimited, TokenUnavailable
+
+log = get_logger(__name__)
+
+STATES = ("pending", "active", "renewing", "retrying", "rate-limited", "failed", "deleted")
+INVENTORY_MAX_AGE = 10.0  # seconds a user's subscription list is reused for matching
+VERIFY_MIN_INTERVAL = 5.0  # report_problem() verifies a spec at most this often
+MAX_BACKOFF = 30.0  # transient failures (5xx, timeouts)
+MAX_FAILED_BACKOFF = 300.0  # permanent-looking failures (403 limit, 400 filters) are retried slowly
+MIN_LIFETIME_FRACTION = 0.5  # a margin longer than the granted lifetime: renew half-way instead
+
+
+@dataclass(frozen=True)
+class SpecStatus:
+    spec_id: str
+    account: str
+    state: str
+    subscription_id: str | None
+    expires_at: float | None
+    renewals: int
+    last_error: str | None
+
+
+@dataclass
+class _Entry:
+    spec: SubscriptionSpec
+    session: AccountSession | None
+    state: str = "pending"
+    action: str = "attach"  # attach | renew | verify | delete
+    subscription_id: str | None = None
+    candidate_id: str | None = None  # known id to try first (restored state / cancelled removal)
+    create_reason: str = "new"
+    expires_at: float | None = None
+    delivery: Delivery | None = None
+    renewals: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    last_verify: float = 0.0
+    stale_ids: list[str] = field(default_factory=list)
+    gen: int = 0
+    busy: bool = False
+    removed: bool = False
+    pending_change: bool = False
+    delete_on_remove: bool = True
+    callback_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _Inventory:
+    fetched_at: float = -1e18
+    records: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SubscriptionManager:
+    """Keeps one live RingCentral subscription per spec; see the module docstring."""
+
+    def __init__(self, *, accounts: Mapping[str, AccountSession], metrics: Metrics,
+                 on_delivery: Callable[[str, Delivery | None], None],
+                 renewal_margin: float = 120, renewal_jitter: float = 15, expires_in: int = 900,
+                 clock: Callable[[], float] = time.time, api_threads: int = 8) -> None:
+        self.accounts = dict(accounts)
+        self.metrics = metrics
+        self.on_delivery = on_delivery
+        self.renewal_margin = renewal_margin
+        self.renewal_jitter = renewal_jitter
+        self.expires_in = expires_in
+        self.clock = clock
+        self._api_threads = api_threads
+        self._cond = threading.Condition(threading.RLock())
+        self._entries: dict[str, _Entry] = {}
+        self._removing: dict[str, _Entry] = {}
+        self._finished: dict[str, SpecStatus] = {}  # removed specs, for snapshot() (bounded)
+        self._claimed: set[str] = set()  # subscription ids held or about to be tried by some spec
+        self._inventories: dict[str, _Inventory] = {name: _Inventory() for name in self.accounts}
+        self._heap: list[tuple[float, int, str, int]] = []
+        self._seq = itertools.count()
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._in_flight = 0
+        self._random = random.Random()
+
+    # ---- public API ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._pool = ThreadPoolExecutor(max_workers=self._api_threads, thread_name_prefix="rc-api")
+            self._thread = threading.Thread(target=self._schedule_loop, name="rc-scheduler", daemon=True)
+            self._thread.start()
+
+    def set_specs(self, specs: Iterable[SubscriptionSpec], known_ids: Mapping[str, str] | None = None) -> None:
+        """Make `specs` the desired state: add new ones, update changed ones, remove the rest.
+
+        `known_ids` maps spec id -> a subscription id believed to belong to it (restored state); it is
+        renewed before anything else is tried, so a new owner continues the existing subscription.
+        """
+        desired = {s.spec_id: s for s in specs}
+        known = dict(known_ids or {})
+        removed: list[_Entry] = []
+        with self._cond:
+            for spec_id, entry in list(self._entries.items()):
+                if spec_id not in desired:
+                    removed.append(self._remove_locked(entry))
+            for spec_id, spec in desired.items():
+                current = self._entries.get(spec_id)
+                if current is None:
+                    self._add_locked(spec, known.get(spec_id))
+                elif current.spec.event_filters != spec.event_filters or current.spec.account != spec.account:
+                    self._change_locked(current, spec)
+            self._publish_states_locked()
+        for entry in removed:
+            self._announce_removal(entry)
+
+    def stop(self, delete_subscriptions: bool = False) -> None:
+        """Stop scheduling, finish in-flight calls, optionally delete every subscription, end sessions."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread, pool = self._thread, self._pool
+            self._thread = self._pool = None
+        if thread is not None:
+            thread.join()
+        if pool is not None:
+            pool.shutdown(wait=True)
+        with self._cond:
+            entries = list(self._entries.values()) + list(self._removing.values())
+        if delete_subscriptions:
+            with ThreadPoolExecutor(max_workers=self._api_threads, thread_name_prefix="rc-delete") as deleter:
+                for entry in entries:
+                    if entry.session is not None:
+                        for sub_id in [*entry.stale_ids, *([entry.subscription_id] if entry.subscription_id else [])]:
+                            deleter.submit(self._delete_id, entry.session, sub_id)
+        for session in self.accounts.values():
+            session.close()
+        log.info("subscriptions.stopped", specs=len(entries), deleted=delete_subscriptions)
+
+    def snapshot(self) -> list[SpecStatus]:
+        with self._cond:
+            live = [self._status(e) for e in self._entries.values()]
+            live += [self._status(e) for e in self._removing.values()]
+            return sorted(live + list(self._finished.values()), key=lambda s: s.spec_id)
+
+    def report_problem(self, spec_id: str, reason: str) -> None:
+        """The data plane suspects the spec's subscription (e.g. PubNub 403): verify it soon."""
+        with self._cond:
+            entry = self._entries.get(spec_id)
+            now = self.clock()
+            if entry is None or entry.subscription_id is None or entry.state != "active":
+                return
+            if now - entry.last_verify < VERIFY_MIN_INTERVAL:
+                return
+            entry.last_verify = now
+            entry.action = "verify"
+            self._schedule_locked(entry, now)
+        log.info("subscription.problem_reported", spec=spec_id, reason=reason)
+
+    # ---- desired-state bookkeeping (lock held) ---------------------------------------------------
+
+    def _add_locked(self, spec: SubscriptionSpec, known_id: str | None) -> None:
+        old = self._removing.pop(spec.spec_id, None)
+        self._finished.pop(spec.spec_id, None)
+        entry = _Entry(spec=spec, session=self.accounts.get(spec.account))
+        if old is not None and not old.busy and old.spec.event_filters == spec.event_filters \
+                and old.subscription_id:
+            # Re-added before its deletion ran: keep the subscription instead of deleting it.
+            old.removed = False
+            entry = old
+            entry.candidate_id, entry.subscription_id = old.subscription_id, None
+            entry.delivery = None  # `None` was announced: the next activation must report again
+            entry.state, entry.action = "pending", "attach"
+        elif known_id:
+            entry.candidate_id = known_id
+        if entry.candidate_id:
+            self._claimed.add(entry.candidate_id)
+        self._entries[spec.spec_id] = entry
+        if entry.session is None:
+            entry.state, entry.last_error = "failed", f"unknown account {spec.account!r}"
+            log.error("subscription.unknown_account", spec=spec.spec_id, account=spec.account)
+            return
+        if not entry.busy:
+            self._schedule_locked(entry, self.clock())
+
+    def _change_locked(self, entry: _Entry, spec: SubscriptionSpec) -> None:
+        """Event filters changed: a new subscription replaces the old one (deleted after the switch)."""
+        entry.spec = spec
+        if entry.busy:
+            entry.pending_change = True  # applied when the running task has finished
+            return
+        self._apply_change_locked(entry)
+
+    def _apply_change_locked(self, entry: _Entry) -> None:
+        session = self.accounts.get(entry.spec.account)
+        if entry.subscription_id:
+            if entry.session is session:
+                entry.stale_ids.append(entry.subscription_id)
+            self._claimed.discard(entry.subscription_id)
+            entry.subscription_id = None
+        if entry.session is not session:
+            entry.session = session
+            entry.stale_ids.clear()  # they belong to another user; they lapse by themselves
+        if entry.candidate_id:
+            self._claimed.discard(entry.candidate_id)
+        entry.candidate_id = None
+        entry.create_reason = "spec-changed"
+        entry.state, entry.action = "pending", "attach"
+        if not entry.busy and entry.session is not None:
+            self._schedule_locked(entry, self.clock())
+
+    def _remove_locked(self, entry: _Entry) -> _Entry:
+        del self._entries[entry.spec.spec_id]
+        entry.removed = True
+        entry.action = "delete"
+        entry.gen += 1  # cancels its pending renewal
+        self._removing[entry.spec.spec_id] = entry
+        self.metrics.subscription_expiry.remove(entry.spec.spec_id)
+        if not entry.busy:
+            self._schedule_locked(entry, self.clock())
+        return entry
+
+    def _announce_removal(self, entry: _Entry) -> None:
+        with entry.callback_lock:  # orders this after any delivery callback already running
+            self._callback(entry.spec.spec_id, None)
+        log.info("subscription.spec_removed", spec=entry.spec.spec_id, subscription_id=entry.subscription_id)
+
+    def _schedule_locked(self, entry: _Entry, due: float) -> None:
+        entry.gen += 1
+        heapq.heappush(self._heap, (due, next(self._seq), entry.spec.spec_id, entry.gen))
+        self._cond.notify()
+
+    def _publish_states_locked(self) -> None:
+        counts = dict.fromkeys(STATES, 0)
+        for e in self._entries.values():
+            counts[e.state] += 1
+        counts["deleted"] = 0
+        self.metrics.set_subscription_states(counts)
+
+    def _set_state(self, entry: _Entry, state: str, error: str | None = None) -> None:
+        with self._cond:
+            entry.state = state
+            if error is not None:
+                entry.last_error = error
+            self._publish_states_locked()
+
+    # ---- scheduler -------------------------------------------------------------------------------
+
+    def _schedule_loop(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                now = self.clock()
+                while self._heap and self._heap[0][0] <= now:
+                    _, _, spec_id, gen = heapq.heappop(self._heap)
+                    entry = self._entries.get(spec_id) or self._removing.get(spec_id)
+                    if entry is None or entry.gen != gen or entry.busy:
+                        continue
+                    entry.busy = True
+                    assert self._pool is not None
+                    self._pool.submit(self._run, entry)
+                wait = self._heap[0][0] - now if self._heap else 1.0
+                self._cond.wait(min(max(wait, 0.0), 1.0))
+
+    def _run(self, entry: _Entry) -> None:
+        deliveries: list[Delivery] = []
+        was_removed = entry.removed
+        try:
+            if entry.removed:
+                self._delete_entry(entry)
+            elif entry.action == "renew":
+                self._renew(entry, deliveries)
+            elif entry.action == "verify":
+                self._verify(entry, deliveries)
+            else:
+                self._attach(entry, deliveries)
+        except Exception as exc:  # every failure becomes a state and a retry, never a dead thread
+            self._failed(entry, exc)
+        finally:
+            with self._cond:
+                entry.busy = False
+                if entry.removed and not was_removed and not self._stopping:
+                    entry.action = "delete"  # removed while this task ran: delete what it ended with
+                    self._schedule_locked(entry, self.clock())
+                elif entry.pending_change and not entry.removed:
+                    entry.pending_change = False
+                    self._apply_change_locked(entry)
+            with entry.callback_lock:
+                if not entry.removed:
+                    for delivery in deliveries:
+                        self._callback(entry.spec.spec_id, delivery)
+
+    def _callback(self, spec_id: str, delivery: Delivery | None) -> None:
+        try:
+            self.on_delivery(spec_id, delivery)
+        except Exception:  # a data-plane bug must not stop renewals
+            log.error("subscription.on_delivery_failed", exc_info=True, spec=spec_id)
+
+    # ---- actions (API threads) -------------------------------------------------------------------
+
+    def _attach(self, entry: _Entry, deliveries: list[Delivery]) -> None:
+        session = entry.session
+        assert session is not None
+        account_id, extension_id = session.resolve()
+        wanted = normalize_filters(entry.spec.event_filters, account_id, extension_id)
+        candidate = entry.candidate_id
+        if candidate:
+            info = self._renew_existing(entry, candidate)  # on a transient error the candidate stays
+            entry.candidate_id = None
+            if info is not None:
+                if normalize_filters(info.get("eventFilters") or [], account_id, extension_id) == wanted:
+                    self._activate(entry, info, deliveries, how="reused-known")
+                    return
+                entry.stale_ids.append(candidate)  # ours, but for other filters (spec changed meanwhile)
+            with self._cond:
+                self._claimed.discard(candidate)
+        for record in self._inventory(session):
+            sub_id = str(record.get("id") or "")
+            if not sub_id or record.get("status", "Active") != "Active":
+                continue
+            if normalize_filters(record.get("eventFilters") or [], account_id, extension_id) != wanted:
+                continue
+            with self._cond:
+                if sub_id in self._claimed:
+                    continue
+                self._claimed.add(sub_id)
+                entry.candidate_id = sub_id  # if the renewal fails transiently, try this one first next time
+            info = self._renew_existing(entry, sub_id)
+            entry.candidate_id = None
+            if info is not None:
+                self._activate(entry, info, deliveries, how="reused")
+                return
+            with self._cond:
+                self._claimed.discard(sub_id)
+        self._create(entry, deliveries)
+
+    def _renew_existing(self, entry: _Entry, sub_id: str) -> dict[str, Any] | None:
+        """Renew a subscription we want to adopt; None if it is gone (404)."""
+        session = entry.session
+        assert session is not None
+        try:
+            return session.client.renew_subscription(sub_id)
+        except ApiError as exc:
+            if exc.status == 404:
+                log.info("subscription.reuse_gone", spec=entry.spec.spec_id, subscription_id=sub_id)
+                self._forget_inventory(session.name, sub_id)
+                return None
+            raise
+
+    def _create(self, entry: _Entry, deliveries: list[Delivery]) -> None:
+        session = entry.session
+        assert session is not None
+        reason = entry.create_reason
+        started = self.clock()
+        try:
+            info = session.client.create_subscription(list(entry.spec.event_filters), self.expires_in)
+        except Exception as exc:
+            self.metrics.creation_failures.labels(reason).inc()
+            raise exc from None
+        self.metrics.creations.labels(reason).inc()
+        self._activate(entry, info, deliveries, how="created", started=started)
+
+    def _renew(self, entry: _Entry, deliveries: list[Delivery]) -> None:
+        session = entry.session
+        assert session is not None and entry.subscription_id is not None
+        started = self.clock()
+        previous_expiry = entry.expires_at or started
+        if started >= previous_expiry:
+            # Lapsed (penalty, outage): RingCentral has dropped it or will answer 404; start over.
+            log.warning("subscription.lapsed", spec=entry.spec.spec_id, subscription_id=entry.subscription_id,
+                        late_by=round(started - previous_expiry, 3))
+            self._drop_subscription(entry, "expired")
+            self._create(entry, deliveries)
+            return
+        self._set_state(entry, "renewing")
+        try:
+            info = session.client.renew_subscription(entry.subscription_id)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            self.metrics.renewals.labels("not-found").inc()
+            log.warning("subscription.renew_not_found", spec=entry.spec.spec_id,
+                        subscription_id=entry.subscription_id, error_code=exc.error_code)
+            self._drop_subscription(entry, "not-found")
+            self._create(entry, deliveries)
+            return
+        changed = self._activate(entry, info, deliveries, how="renewed", started=started)
+        entry.renewals += 1
+        self.metrics.renewals.labels("changed" if changed else "ok").inc()
+        self.metrics.renewal_margin.observe(max(0.0, previous_expiry - self.clock()))
+
+    def _verify(self, entry: _Entry, deliveries: list[Delivery]) -> None:
+        session = entry.session
+        assert session is not None and entry.subscription_id is not None
+        started = self.clock()
+        try:
+            info = session.client.get_subscription(entry.subscription_id)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            info = None
+        expired = info is not None and _expires_at(info, started) <= self.clock()
+        if info is None or info.get("status", "Active") != "Active" or expired:
+            log.warning("subscription.verify_failed", spec=entry.spec.spec_id, subscription_id=entry.subscription_id)
+            self._drop_subscription(entry, "not-found" if info is None else "expired")
+            self._create(entry, deliveries)
+            return
+        self._activate(entry, info, deliveries, how="verified", started=started)
+
+    def _drop_subscription(self, entry: _Entry, reason: str) -> None:
+        with self._cond:
+            if entry.subscription_id:
+                entry.stale_ids.append(entry.subscription_id)
+                self._claimed.discard(entry.subscription_id)
+            entry.subscription_id = None
+            entry.create_reason = reason
+
+    def _activate(self, entry: _Entry, info: dict[str, Any], deliveries: list[Delivery], *, how: str,
+                  started: float | None = None) -> bool:
+        """Adopt a SubscriptionInfo; returns whether channel, subscribe key or encryption key changed."""
+        session = entry.session
+        assert session is not None
+        now = self.clock()
+        mode = info.get("deliveryMode") or {}
+        sub_id = str(info.get("id") or "")
+        channel, sub_key = mode.get("address"), mode.get("subscriberKey")
+        if not sub_id or not channel or not sub_key:
+            raise ApiError(200, None, "subscription response lacks id, deliveryMode.address or subscriberKey")
+        key = mode.get("encryptionKey") if mode.get("encryption") in (True, "true") else None
+        previous = entry.delivery
+        if key is None and mode.get("encryption") in (True, "true") and previous is not None and \
+                previous.subscription_id == sub_id:
+            key = previous.encryption_key  # GET may omit the key; it does not change without a renewal
+        if key:
+            register_secret(str(key))
+        expires_at = _expires_at(info, now if started is None else started)
+        account_id = session.account_id or ""
+        delivery = Delivery(spec_id=entry.spec.spec_id, account_id=account_id, subscription_id=sub_id,
+                            subscriber_key=str(sub_key), channel=str(channel),
+                            encryption_key=str(key) if key else None, expires_at=expires_at)
+        changed = previous is None or (previous.subscription_id, previous.subscriber_key, previous.channel,
+                                       previous.encryption_key) != (sub_id, delivery.subscriber_key,
+                                                                    delivery.channel, delivery.encryption_key)
+        due = self._renewal_due(expires_at, now)
+        with self._cond:
+            entry.subscription_id = sub_id
+            self._claimed.add(sub_id)
+            entry.expires_at = expires_at
+            entry.delivery = delivery
+            entry.failures = 0
+            entry.last_error = None
+            entry.state = "active"
+            entry.create_reason = "not-found"
+            if not entry.removed:
+                entry.action = "renew"
+                self.metrics.subscription_expiry.set(entry.spec.spec_id, expires_at)
+                self._schedule_locked(entry, due)
+            self._publish_states_locked()
+            stale = list(entry.stale_ids)
+            entry.stale_ids.clear()
+        if changed:
+            deliveries.append(delivery)
+        log.info(f"subscription.{how}", spec=entry.spec.spec_id, subscription_id=sub_id,
+                 expires_in=round(expires_at - now, 1), changed=changed and previous is not None,
+                 renew_in=round(due - now, 1))
+        for old in stale:
+            if old != sub_id:
+                self._delete_id(session, old)
+        return changed and previous is not None
+
+    def _renewal_due(self, expires_at: float, now: float) -> float:
+        """expiry - margin - jitter; the jitter (which spreads renewals of specs created together)
+        never takes more than half of the slack between now and the margin."""
+        lifetime = expires_at - now
+        if self.renewal_margin >= lifetime:
+            log.warning("subscription.short_lifetime", lifetime=round(lifetime, 1), margin=self.renewal_margin)
+            return now + max(0.1, lifetime * MIN_LIFETIME_FRACTION)
+        jitter = self._random.uniform(0, min(self.renewal_jitter, (lifetime - self.renewal_margin) * 0.5))
+        return expires_at - self.renewal_margin - jitter
+
+    def _delete_entry(self, entry: _Entry) -> None:
+        session = entry.session
+        ids = [*entry.stale_ids, *([entry.subscription_id] if entry.subscription_id else [])]
+        if session is not None and entry.delete_on_remove:
+            for sub_id in ids:
+                self._delete_id(session, sub_id)  # raises on transient failure: retried with backoff
+                with self._cond:
+                    if sub_id in entry.stale_ids:
+                        entry.stale_ids.remove(sub_id)
+                    if entry.subscription_id == sub_id:
+                        entry.subscription_id = None
+        with self._cond:
+            entry.action = "done"
+            entry.state = "deleted"
+            for sub_id in ids:
+                self._claimed.discard(sub_id)
+            if self._removing.get(entry.spec.spec_id) is entry:
+                del self._removing[entry.spec.spec_id]
+                self._finished[entry.spec.spec_id] = self._status(entry)
+                while len(self._finished) > 1000:
+                    self._finished.pop(next(iter(self._finished)))
+            self._publish_states_locked()
+
+    def _delete_id(self, session: AccountSession, sub_id: str) -> None:
+        """Delete one subscription; 404 counts as done. Transient errors propagate (for a retry)."""
+        try:
+            session.client.delete_subscription(sub_id)
+        except ApiError as exc:
+            if exc.status == 404:
+                self.metrics.deletions.labels("not-found").inc()
+                self._forget_inventory(session.name, sub_id)
+                return
+            self.metrics.deletions.labels("error").inc()
+            log.warning("subscription.delete_failed", account=session.name, subscription_id=sub_id,
+                        error=str(exc))
+            raise
+        except Exception:
+            self.metrics.deletions.labels("error").inc()
+            raise
+        self.metrics.deletions.labels("ok").inc()
+        self._forget_inventory(session.name, sub_id)
+        log.info("subscription.deleted", account=session.name, subscription_id=sub_id)
+
+    # ---- failures --------------------------------------------------------------------------------
+
+    def _failed(self, entry: _Entry, exc: Exception) -> None:
+        now = self.clock()
+        action = entry.action
+        with self._cond:
+            entry.failures += 1
+            failures = entry.failures
+        if action == "renew" and not isinstance(exc, RateLimited):
+            self.metrics.renewals.labels("error").inc()
+        if isinstance(exc, RateLimited):
+            if action == "renew":
+                self.metrics.renewals.labels("rate-limited").inc()
+            # Silent for the whole penalty, then spread the retries a little.
+            penalty = exc.retry_after or 0.0
+            delay = penalty + self._random.uniform(0.05, 0.05 + min(1.0, 0.1 * penalty))
+            state = "rate-limited"
+        elif isinstance(exc, TokenUnavailable):
+            delay, state = exc.retry_after + self._random.uniform(0, 0.5), "retrying"
+        elif isinstance(exc, NetworkError) or (isinstance(exc, ApiError) and (exc.retryable or exc.status == 401)):
+            base = min(MAX_BACKOFF, 2.0 ** (failures - 1))
+            delay = base * self._random.uniform(0.5, 1.0)
+            if isinstance(exc, ApiError) and exc.retry_after:
+                delay = max(delay, exc.retry_after)
+            state = "retrying"
+        else:
+            delay = min(MAX_FAILED_BACKOFF, 10.0 * 2.0 ** (failures - 1)) * self._random.uniform(0.8, 1.0)
+            state = "failed"
+        if not isinstance(exc, ApiError | NetworkError | TokenUnavailable):
+            log.error("subscription.unexpected_error", exc_info=True, spec=entry.spec.spec_id, action=action)
+        else:
+            log.warning("subscription.attempt_failed", spec=entry.spec.spec_id, action=action, state=state,
+                        error=str(exc), retry_in=round(delay, 2))
+        with self._cond:
+            if entry.action == "delete" or entry.removed:
+                entry.last_error = str(exc)
+                self._schedule_locked(entry, now + delay)
+                return
+            entry.state = state
+            entry.last_error = str(exc)
+            if entry.action == "verify":
+                entry.action = "renew"
+            self._schedule_locked(entry, now + delay)
+            self._publish_states_locked()
+
+    # ---- inventory -------------------------------------------------------------------------------
+
+    def _inventory(self, session: AccountSession) -> list[dict[str, Any]]:
+        """The user's subscriptions, listed at most every INVENTORY_MAX_AGE seconds per account."""
+        inv = self._inventories.setdefault(session.name, _Inventory())
+        with inv.lock:
+            now = self.clock()
+            if now - inv.fetched_at > INVENTORY_MAX_AGE:
+                inv.records = session.client.list_subscriptions()
+                inv.fetched_at = now
+                log.info("subscription.listed", account=session.name, count=len(inv.records))
+            return list(inv.records)
+
+    def _forget_inventory(self, account: str, sub_id: str) -> None:
+        inv = self._inventories.get(account)
+        if inv is not None:
+            with inv.lock:
+                inv.records = [r for r in inv.records if str(r.get("id")) != sub_id]
+
+    @staticmethod
+    def _status(entry: _Entry) -> SpecStatus:
+        return SpecStatus(spec_id=entry.spec.spec_id, account=entry.spec.account, state=entry.state,
+                          subscription_id=entry.subscription_id, expires_at=entry.expires_at,
+                          renewals=entry.renewals, last_error=entry.last_error)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def normalize_filters(filters: Iterable[str], account_id: str, extension_id: str) -> tuple[str, ...]:
+    """Comparable form of event filters: `~` expanded, `/restapi/v1.0` prefixed, query sorted, sorted."""
+    out = set()
+    for raw in filters:
+        path, _, query = str(raw).strip().partition("?")
+        if path.startswith(("/account/", "/subscription/")):
+            path = "/restapi/v1.0" + path
+        parts = path.rstrip("/").split("/")
+        for i in range(1, len(parts)):
+            if parts[i] == "~" and parts[i - 1] == "account":
+                parts[i] = account_id
+            elif parts[i] == "~" and parts[i - 1] == "extension":
+                parts[i] = extension_id
+        normalized = "/".join(parts)
+        if query:
+            normalized += "?" + urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
+        out.add(normalized)
+    return tuple(sorted(out))
+
+
+def _expires_at(info: dict[str, Any], sent_at: float) -> float:
+    """Absolute expiry in local unix time. `expiresIn` (seconds left) counted from when the request
+    was sent is immune to clock skew between us and RingCentral; `expirationTime` is the fallback."""
+    expires_in = info.get("expiresIn")
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+        return sent_at + float(expires_in)
+    text = info.get("expirationTime")
+    if isinstance(text, str):
+        try:
+            return datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            pass
+    raise ApiError(200, None, "subscription response lacks expiresIn and a parsable expirationTime")

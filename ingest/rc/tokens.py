@@ -31,7 +31,7 @@ JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 MIN_REFRESH_AHEAD = 60.0  # refresh at least this long before expiry (the JS SDK's handicap) ...
 REFRESH_AHEAD_FRACTION = 0.1  # ... or this fraction of the lifetime, whichever is larger ...
 MAX_REFRESH_AHEAD_FRACTION = 0.5  # ... but never earlier than half-way (short-lived test tokens)
-INVALIDATE_MIN_INTERVAL = 1.0  # a 401 right after a fresh grant does not trigger yet another grant
+
 
 
 class TokenManager:
@@ -99,8 +99,6 @@ class TokenManager:
         """
         with self._lock:
             if token is not None and token != self._access:
-                return
-            if self._clock() - self._granted_at < INVALIDATE_MIN_INTERVAL:
                 return
             self._refresh_at = 0.0
             self._access_expires = 0.0

@@ -41,12 +41,12 @@ def short_tokens_sandbox() -> Iterator[Sandbox]:
         yield sb
 
 
-def make(sb: Sandbox, metrics: Metrics, *, jwt: str | None = None, **kw: float) -> tuple[TokenManager,
-                                                                                        RingCentralClient]:
+def make(sb: Sandbox, metrics: Metrics, *, jwt: str | None = None,
+         retry_interval: float = 10.0) -> tuple[TokenManager, RingCentralClient]:
     account = sb.accounts[0]
     http = requests.Session()
     tokens = TokenManager(sb.rc_url, sb.client_id, sb.client_secret, jwt or account.jwt, metrics, http,
-                          user=account.name, timeout=(2.0, 5.0), **kw)
+                          user=account.name, timeout=(2.0, 5.0), retry_interval=retry_interval)
     return tokens, RingCentralClient(sb.rc_url, tokens, metrics, http, user=account.name, timeout=(2.0, 5.0))
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: runnable modules (`python -m ingest.bench.<name>`) that print JSON results."""

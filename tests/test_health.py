@@ -95,7 +95,7 @@ def test_metrics_endpoint_serves_the_registry_in_prometheus_text(serve: Callable
     # Prometheus asking for OpenMetrics gets OpenMetrics.
     om = get(server, "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert om.headers["Content-Type"].startswith("application/openmetrics-text")
-    assert "ingest_lag_seconds" in {f.name for f in parse_openmetrics(om.text)}
+    assert "ingest_lag_seconds" in {f.name for f in parse_openmetrics(om.text)}  # type: ignore[no-untyped-call]
 
 
 def test_expiry_ages_between_scrapes_and_forgotten_specs_disappear(serve: Callable[..., HealthServer]) -> None:

@@ -196,3 +196,19 @@ def test_every_exported_metric_is_documented(exported: dict[str, str]) -> None:
             continue  # text format 0.0.4 exposes a counter's/histogram's creation time as its own gauge
         documented = family if f"`{family}`" in docs else f"{family}_total"
         assert f"`{documented}`" in docs, f"{family} is not documented in docs/observability.md"
+
+
+def test_dashboard_shows_what_the_operators_asked_for() -> None:
+    """The panels the issue lists: throughput, lag percentiles, minimum expiry, renewal outcomes,
+    dead letters by reason, RingCentral errors and 429s, PubNub status, producer queue."""
+    used = {name for _, expr in dashboard_exprs() for name in metric_names(promql_parser.parse(substitute(expr)))}
+    wanted = {
+        "ingest_notifications_published_total", "ingest_lag_seconds_bucket", "ingest_internal_latency_seconds_bucket",
+        "ingest_subscription_expiry_min_seconds", "ingest_subscription_expiry_seconds",
+        "ingest_subscription_renewals_total", "ingest_subscription_creations_total",
+        "ingest_notifications_dead_lettered_total", "ingest_ringcentral_api_calls_total",
+        "ingest_ringcentral_rate_limit_penalties_total", "ingest_pubnub_status_total",
+        "ingest_kafka_producer_queue_messages", "ingest_kafka_delivery_errors_total",
+        "ingest_last_notification_timestamp_seconds", "ingest_subscriptions", "ingest_token_refreshes_total",
+    }
+    assert wanted - used == set()

@@ -288,9 +288,9 @@ class Pipeline:
                        else (H_SUBSCRIPTION_ID, _utf8(subscription)),
                        (H_TIMETOKEN, str(timetoken).encode("ascii")), out.schema_header, ctx.spec_header]
             if uuid is not None:
-                headers.append((H_UUID, _utf8(uuid)))
+                headers.append((H_UUID, uuid.encode("utf-8", "surrogatepass")))
             if timestamp is not None:
-                headers.append((H_TIMESTAMP, _utf8(timestamp)))
+                headers.append((H_TIMESTAMP, timestamp.encode("utf-8", "surrogatepass")))
             return Outcome(topic=out.topic, key=target.path_key or ctx.key, value=raw, headers=headers,
                            family=out.name, uuid=uuid, event_time=_event_time(timestamp), error=None)
         except _Reject as rejected:

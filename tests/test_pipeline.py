@@ -362,3 +362,13 @@ def test_a_catalogue_can_be_shared_by_pipelines() -> None:
     ctx = ChannelContext.from_delivery(delivery())
     assert one.process(VECTOR_CIPHERTEXT, ctx, 1).topic == "a.presence"
     assert two.process(VECTOR_CIPHERTEXT, ctx, 1).topic == "b.presence"
+
+
+def test_micro_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    from ingest.bench import pipeline_micro
+
+    assert pipeline_micro.main(["--seconds", "0.01", "--messages", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["messages"] == 8
+    assert 800 <= result["avg_plaintext_bytes"] <= 1400  # "about 1 KiB", as the figures claim
+    assert result["pipeline_per_s"] > 0 and result["naive_per_s"] > 0

@@ -678,3 +678,14 @@ def test_chart_version_metadata() -> None:
     assert chart["apiVersion"] == "v2"
     from ingest import __version__
     assert chart["appVersion"] == __version__
+
+
+def test_packaged_chart_renders_the_same(helm: str, all_text: str, tmp_path: Path) -> None:
+    """`helm package` keeps what the templates read (files/) and leaves development files out."""
+    run_helm(helm, "package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("ingest-*.tgz")
+    packaged = template(helm, "-f", str(VALUES_ALL), chart=archive)
+    assert packaged == all_text
+    listing = subprocess.run(["tar", "tzf", str(archive)], capture_output=True, text=True, check=True).stdout.split()
+    assert "ingest/files/prometheus-rules.yaml" in listing and "ingest/files/grafana-dashboard.json" in listing
+    assert not [name for name in listing if name.endswith(".test.yaml")]

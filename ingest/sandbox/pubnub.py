@@ -162,11 +162,12 @@ class PubNubEmulator:
         return tt
 
     def overflow(self, sub_key: str) -> int:
-        """Fill the buffer of `sub_key` with filler messages so that everything before is dropped."""
-        before = self._key(sub_key).dropped_overflow
+        """Publish buffer_size filler messages on a channel nobody reads, so that everything buffered
+        before is dropped (FIFO), as when a client stays away too long. Returns how many were dropped."""
+        before = self.stats(sub_key).buffered
         for i in range(self.buffer_size):
             self.publish(sub_key, OVERFLOW_CHANNEL, {"filler": i})
-        return self._key(sub_key).dropped_overflow - before
+        return before
 
     def stats(self, sub_key: str) -> KeyStats:
         kb = self._key(sub_key)

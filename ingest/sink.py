@@ -19,11 +19,13 @@ from confluent_kafka import KafkaError, Producer
 
 from ingest.logs import get_logger
 from ingest.metrics import FamilyMetrics, Metrics
-from ingest.pipeline import Outcome
+from ingest.pipeline import BAD_BASE64, BAD_LENGTH, BAD_PADDING, SCHEMA_VIOLATION, Outcome
 
 log = get_logger(__name__)
 
 # Producer settings the guarantees depend on; user properties may tune anything else.
+_DECRYPT_REASONS = frozenset({BAD_BASE64, BAD_LENGTH, BAD_PADDING})
+
 REQUIRED_PRODUCER_CONFIG = {"enable.idempotence": "true", "acks": "all"}
 DEFAULT_PRODUCER_CONFIG = {"linger.ms": "5", "compression.type": "lz4", "statistics.interval.ms": "0"}
 
@@ -74,7 +76,7 @@ class KafkaSink:
         self._producer = Producer(config)
         self._metrics = metrics
         self._families: dict[str, FamilyMetrics] = {}
-        self._dead_letters: dict[tuple[str, str], Any] = {}
+        self._dead_letters: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
@@ -102,7 +104,8 @@ class KafkaSink:
         o = entry.outcome
         while True:
             try:
-                self._producer.produce(o.topic, o.value, o.key, headers=o.headers, on_delivery=entry)
+                self._producer.produce(o.topic, o.value, o.key, headers=o.headers,  # type: ignore[arg-type]
+                                       on_delivery=entry)
                 return
             except BufferError:
                 # The local queue is full (Kafka slow or down): wait for deliveries, keep the message.
@@ -126,14 +129,23 @@ class KafkaSink:
             if o.event_time is not None:
                 fam.lag.observe(now - o.event_time)
         else:
-            key = (o.family, o.error)
-            counter = self._dead_letters.get(key)
-            if counter is None:
-                counter = self._dead_letters[key] = self._metrics.notifications_dead_lettered.labels(*key)
-            counter.inc()
+            counters = self._dead_letters.get((o.family, o.error))
+            if counters is None:
+                counters = self._dead_letters[(o.family, o.error)] = self._dead_letter_counters(o.family, o.error)
+            for counter in counters:
+                counter.inc()
         self._metrics.internal_latency.observe(now - entry.received_at)
         entry.done = True
         entry.progress.advance()
+
+    def _dead_letter_counters(self, family: str, reason: str) -> tuple[Any, ...]:
+        m = self._metrics
+        counters: list[Any] = [m.notifications_dead_lettered.labels(family, reason)]
+        if reason in _DECRYPT_REASONS:
+            counters.append(m.decrypt_failures.labels(reason))
+        elif reason == SCHEMA_VIOLATION:
+            counters.append(m.validation_failures.labels(family))
+        return tuple(counters)
 
     def produce_raw(self, topic: str, key: bytes, value: bytes | None) -> None:
         """A record outside the notification flow (checkpoints); delivery errors are only counted."""

@@ -44,19 +44,11 @@ def restore(consumer_config: dict[str, str], topic: str, partitions: Iterable[in
     consumer = Consumer({**consumer_config, "group.id": "ingest-state-restore", "enable.auto.commit": "false",
                          "isolation.level": "read_committed", "enable.partition.eof": "false"})
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            return {}
-        wanted = sorted(metadata.partitions) if partitions is None else sorted(partitions)
-        ends: dict[int, int] = {}
-        for p in wanted:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-            if high > low:
-                ends[p] = high
-        if not ends:
-            return {}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        ends = _end_offsets(consumer, topic, partitions, timeout)
         states: dict[str, SpecState] = {}
+        if not ends:
+            return states
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         deadline = time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
@@ -68,20 +60,37 @@ def restore(consumer_config: dict[str, str], topic: str, partitions: Iterable[in
                 continue
             if msg.error():
                 raise KafkaException(msg.error())
-            key = msg.key()
-            if key is not None:
-                value = msg.value()
-                if value is None:
-                    states.pop(key.decode(), None)  # tombstone: the spec was removed
-                else:
-                    try:
-                        states[key.decode()] = SpecState.decode(value)
-                    except (ValueError, TypeError):
-                        log.warning("state.undecodable_record", partition=msg.partition(), offset=msg.offset())
-            if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                ends.pop(msg.partition(), None)
+            _apply(states, msg.key(), msg.value(), msg.offset())
+            partition, offset = msg.partition() or 0, msg.offset() or 0
+            if offset + 1 >= ends.get(partition, 0):
+                ends.pop(partition, None)
         if ends:
             raise TimeoutError(f"restoring {topic} did not reach the end of partitions {sorted(ends)}")
         return states
     finally:
         consumer.close()
+
+
+def _end_offsets(consumer: Consumer, topic: str, partitions: Iterable[int] | None, timeout: float) -> dict[int, int]:
+    """partition -> end offset, for the non-empty partitions wanted."""
+    metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        return {}
+    ends: dict[int, int] = {}
+    for p in sorted(metadata.partitions) if partitions is None else sorted(partitions):
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        if high > low:
+            ends[p] = high
+    return ends
+
+
+def _apply(states: dict[str, SpecState], key: bytes | None, value: bytes | None, offset: int | None) -> None:
+    if key is None:
+        return
+    if value is None:
+        states.pop(key.decode(), None)  # tombstone: the spec was removed
+        return
+    try:
+        states[key.decode()] = SpecState.decode(value)
+    except (ValueError, TypeError):
+        log.warning("state.undecodable_record", offset=offset)

@@ -42,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
             if msg.error():
                 raise KafkaException(msg.error())
             last = time.monotonic()
-            headers = {k: v.decode("utf-8", "replace") if v else None for k, v in msg.headers() or []}
+            headers = {str(k): v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                       for k, v in list(msg.headers() or [])}
             value = msg.value() or b""
             print(json.dumps({
                 "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),

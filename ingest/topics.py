@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from ingest.logs import get_logger
 
@@ -15,7 +15,7 @@ log = get_logger(__name__)
 COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "3600000"}
 
 
-def ensure_topics(admin: AdminClient, names: Iterable[str], partitions: int, replication_factor: int,
+def ensure_topics(admin: AdminClient, names: Iterable[str], *, partitions: int, replication_factor: int,
                   config: Mapping[str, str] | None = None, timeout: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet; returns the names created."""
     existing = set(admin.list_topics(timeout=timeout).topics)

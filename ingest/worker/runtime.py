@@ -51,7 +51,7 @@ class Worker:
         self.worker_id = config.worker.id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = metrics or Metrics()
         self.topics = TopicNames(config.topics.prefix, config.topics.routing)
-        self.pipeline = Pipeline(Catalogue.load(), self.topics)
+        self.pipeline = Pipeline(Catalogue(), self.topics)
         self.sink = KafkaSink(config.kafka, self.metrics)
         self.transport = PubNubTransport(
             TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
@@ -80,8 +80,10 @@ class Worker:
                  guarantee=cfg.worker.delivery_guarantee)
         self.health.start()
         admin = AdminClient(dict(cfg.kafka))
-        ensure_topics(admin, self.topics.all_output_topics(), cfg.topics.partitions, cfg.topics.replication_factor)
-        ensure_topics(admin, [self.topics.state], cfg.topics.partitions, cfg.topics.replication_factor, COMPACTED)
+        partitions, replication = cfg.topics.partitions, cfg.topics.replication_factor
+        ensure_topics(admin, self.topics.all_output_topics(), partitions=partitions, replication_factor=replication)
+        ensure_topics(admin, [self.topics.state], partitions=partitions, replication_factor=replication,
+                      config=COMPACTED)
         self._kafka_ok = True
         self.metrics.kafka_up.set(1)
         self._restored = restore(dict(cfg.kafka), self.topics.state)
@@ -238,7 +240,7 @@ class Worker:
             return False, "starting"
         now = time.time()
         for status in self.manager.snapshot():
-            if status.state != "active" and status.state != "renewing":
+            if status.state not in {"active", "renewing"}:
                 return False, f"subscription {status.spec_id} is {status.state}"
             if status.expires_at is None or status.expires_at <= now:
                 return False, f"subscription {status.spec_id} has expired"

@@ -438,6 +438,8 @@ def test_dockerfile_builds_a_slim_non_root_image_with_the_ingest_entrypoint() ->
     assert parsed.command == "run" and str(parsed.config) == "/etc/ingest/config.yaml"
     expose = [a for i, a in final if i == "EXPOSE"]
     assert expose == [str(values["metrics"]["port"])]
+    from ingest import __version__
+    assert f"VERSION={__version__}" in [a for i, a in final if i == "ARG"], "image label version drifted"
 
 
 def test_dockerignore_lets_in_what_the_wheel_needs() -> None:

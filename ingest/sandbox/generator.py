@@ -269,7 +269,7 @@ class Generator:
                  missing_ratio: float = 0.05) -> None:
         self._rc = rc
         self._pubnub = pubnub
-        self._rng = random.Random(seed)
+        self._rng = random.Random(f"generator-{seed}")  # own stream: ids must not echo the app secret
         self.payload_size = payload_size
         self.missing_ratio = missing_ratio
         self._lock = threading.RLock()
@@ -315,8 +315,12 @@ class Generator:
             return []
         out: list[Generated] = []
         with self._lock:
-            for _ in range(n):
-                sub, flt = targets[self._offset % len(targets)]
+            while len(out) < n and targets:
+                index = self._offset % len(targets)
+                sub, flt = targets[index]
+                if not self._rc.is_live(sub.id):  # lapsed since the snapshot: silently no more events
+                    del targets[index]
+                    continue
                 self._offset += 1
                 out.append(self._one(sub, flt, reason()))
             self._generated.extend(out)

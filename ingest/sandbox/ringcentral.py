@@ -293,7 +293,7 @@ class RingCentralEmulator:
         self.refresh_token_ttl = refresh_token_ttl
         self.rate_limiter = _RateLimiter(rate_limits) if rate_limits is not None else None
         self.base_url = "http://127.0.0.1"
-        self._rng = random.Random(seed)
+        self._rng = random.Random(f"rc-{seed}")  # own stream: ids must not echo the app secret
         self._lock = threading.RLock()
         self._by_jwt = {a.jwt: a for a in accounts}
         self._access: dict[str, _Session] = {}
@@ -566,6 +566,11 @@ class RingCentralEmulator:
                 s.deleted, s.channel, s.subscriber_key, s.key, s.encryption,
                 tuple(f.expanded for f in s.filters), tuple(s.filters), s.renewals))
         return views
+
+    def is_live(self, subscription_id: str) -> bool:
+        """Whether events may still be published for this subscription (checked per notification)."""
+        sub = self._subs.get(subscription_id)
+        return sub is not None and sub.live(time.time())
 
     def live_subscriptions(self) -> list[SubscriptionView]:
         return self.subscriptions(include_dead=False)

@@ -27,6 +27,7 @@ import itertools
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ VERIFY_MIN_INTERVAL = 5.0  # report_problem() verifies a spec at most this often
 MAX_BACKOFF = 30.0  # transient failures (5xx, timeouts)
 MAX_FAILED_BACKOFF = 300.0  # permanent-looking failures (403 limit, 400 filters) are retried slowly
 MIN_LIFETIME_FRACTION = 0.5  # a margin longer than the granted lifetime: renew half-way instead
+PER_USER_LIMIT = 20  # documented subscriptions per user per app (30 in the 2025 spec); warn beyond
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,12 @@ class SubscriptionManager:
         """
         desired = {s.spec_id: s for s in specs}
         known = dict(known_ids or {})
+        per_account = Counter(s.account for s in desired.values())
+        for account, count in per_account.items():
+            if count > PER_USER_LIMIT:
+                # RingCentral allows 20 (30 since 2025) subscriptions per user and app: the rest will
+                # fail with 403 SUB-505. Several specs can often be merged into one (filters are a list).
+                log.warning("subscription.per_user_limit", account=account, specs=count, limit=PER_USER_LIMIT)
         removed: list[_Entry] = []
         with self._cond:
             for spec_id, entry in list(self._entries.items()):
@@ -395,7 +403,8 @@ class SubscriptionManager:
         try:
             info = session.client.create_subscription(list(entry.spec.event_filters), self.expires_in)
         except Exception as exc:
-            self.metrics.creation_failures.labels(reason).inc()
+            if not (isinstance(exc, RateLimited) and not exc.sent):  # refused locally: not an attempt
+                self.metrics.creation_failures.labels(reason).inc()
             raise exc from None
         self.metrics.creations.labels(reason).inc()
         self._activate(entry, info, deliveries, how="created", started=started)

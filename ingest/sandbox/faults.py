@@ -125,7 +125,7 @@ class Faults:
 
     def rotate_on_next_renewal(self, subscription_id: str | None = None, key: bool = True,
                                channel: bool = True) -> None:
-        """At the next renew/PUT of this subscription (None: of every subscription), issue a new AES
+        """At the next renew/PUT of this subscription (None: of each existing one), issue a new AES
         key and/or a new channel address; the renewal response carries them."""
         self._rc.rotate_on_next_renewal(subscription_id, key=key, channel=channel)
 

@@ -299,7 +299,6 @@ class RingCentralEmulator:
         self._access: dict[str, _Session] = {}
         self._refresh: dict[str, _Session] = {}
         self._subs: dict[str, _Subscription] = {}
-        self._rotate_all: tuple[bool, bool] | None = None
         self.created_count: dict[str, int] = {a.account_id: 0 for a in accounts}
         self._counts: dict[str, dict[str, int]] = {
             a.account_id: {"created": 0, "renewed": 0, "deleted": 0, "tokens_issued": 0, "refreshed": 0}
@@ -506,12 +505,9 @@ class RingCentralEmulator:
             return self._info(sub, now)
 
     def _apply_rotation(self, sub: _Subscription) -> None:
-        rotate_key, rotate_channel = sub.rotate_key, sub.rotate_channel
-        if self._rotate_all is not None:
-            rotate_key, rotate_channel = rotate_key or self._rotate_all[0], rotate_channel or self._rotate_all[1]
-        if rotate_key and sub.encryption:
+        if sub.rotate_key and sub.encryption:
             sub.key = self._new_key()
-        if rotate_channel:
+        if sub.rotate_channel:
             sub.channel = self._new_channel(sub.account)
         sub.rotate_key = sub.rotate_channel = False
 
@@ -546,11 +542,9 @@ class RingCentralEmulator:
 
     def rotate_on_next_renewal(self, subscription_id: str | None, key: bool = True, channel: bool = True) -> None:
         with self._lock:
-            if subscription_id is None:
-                self._rotate_all = (key, channel)
-                return
-            sub = self._subs[subscription_id]
-            sub.rotate_key, sub.rotate_channel = key, channel
+            subs = list(self._subs.values()) if subscription_id is None else [self._subs[subscription_id]]
+            for sub in subs:
+                sub.rotate_key, sub.rotate_channel = key, channel
 
     def subscriptions(self, include_dead: bool = True) -> list[SubscriptionView]:
         now = time.time()

@@ -70,6 +70,7 @@ class _Connection:
     pubnub: PubNub | None = None
     listener: _Listener | None = None
     retired: bool = False
+    connected: bool = False  # PubNub answered this instance's first poll
 
 
 class _Listener(SubscribeCallback):  # type: ignore[misc]
@@ -176,6 +177,11 @@ class PubNubTransport:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    def reading(self) -> set[str]:
+        """Channels whose connection is open and has been answered by PubNub."""
+        with self._lock:
+            return {ch for c in self._connections.values() if c.connected and not c.retired for ch in c.channels}
+
     # ---- SDK callbacks -------------------------------------------------------------------------
 
     def _on_message(self, channel: str, timetoken: int, payload: Any) -> None:
@@ -194,7 +200,9 @@ class PubNubTransport:
         self.metrics.pubnub_status.labels(name).inc()
         if conn.retired:
             return
-        if category in (PNStatusCategory.PNAccessDeniedCategory, PNStatusCategory.PNDisconnectedCategory):
+        if category in (PNStatusCategory.PNConnectedCategory, PNStatusCategory.PNReconnectedCategory):
+            conn.connected = True
+        elif category in (PNStatusCategory.PNAccessDeniedCategory, PNStatusCategory.PNDisconnectedCategory):
             # The SDK has stopped for good. Replace the instance, resuming from each channel's cursor.
             log.warning("transport.connection_lost", category=name, connection=conn.conn_id,
                         channels=len(conn.channels))

@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
-from ingest.catalogue import Catalogue
+from ingest.catalogue import default_catalogue
 from ingest.config import Config
 from ingest.health import HealthServer, Heartbeats
 from ingest.logs import get_logger
@@ -50,8 +50,9 @@ class Worker:
         self.config = config
         self.worker_id = config.worker.id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = metrics or Metrics()
-        self.topics = TopicNames(config.topics.prefix, config.topics.routing)
-        self.pipeline = Pipeline(Catalogue(), self.topics)
+        catalogue = default_catalogue()
+        self.topics = TopicNames(config.topics.prefix, config.topics.routing, catalogue)
+        self.pipeline = Pipeline(catalogue, self.topics)
         self.sink = KafkaSink(config.kafka, self.metrics)
         self.transport = PubNubTransport(
             TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
@@ -138,9 +139,8 @@ class Worker:
                 start_tt = restored.timetoken if restored and restored.channel == delivery.channel else 0
                 progress = self._progress[spec_id] = SpecProgress(spec_id, start_tt, start_tt)
             old_route = self._routes.get(previous.channel) if previous else None
-            context = ChannelContext.from_delivery(
-                delivery, previous=old_route.context if old_route and previous and
-                previous.encryption_key != delivery.encryption_key else None)
+            # The previous context keeps the key before a rotation, for notifications still in flight.
+            context = ChannelContext.from_delivery(delivery, previous=old_route.context if old_route else None)
             self._routes[delivery.channel] = _Route(context, progress, self.metrics.spec(spec_id))
             moved = previous is not None and (previous.channel, previous.subscriber_key) != (
                 delivery.channel, delivery.subscriber_key)

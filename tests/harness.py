@@ -1,0 +1,192 @@
+"""Helpers for end-to-end tests: a worker config for the sandbox, and a reader of everything the worker
+wrote to Kafka, compared with what the sandbox generated (by uuid, and dead letters by payload)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from confluent_kafka import Consumer, KafkaException
+
+from ingest.pipeline import TopicNames
+from ingest.sandbox.generator import Generated
+from ingest.sandbox.server import Sandbox
+
+# What the generator's kinds are, in the catalogue's words (decided here, independently of the code).
+KIND_FAMILY = {
+    "message-store": "message-store", "instant-sms": "instant-message", "presence": "presence",
+    "detailed-presence": "detailed-presence", "telephony-sessions": "telephony-sessions",
+    "extension-list": "extension-list", "voicemail": "voicemail", "fax": "fax",
+    "subscription-reminder": "subscription-reminder",
+}
+# The dead-letter reasons each deliberate malformation may produce.
+MALFORMED_REASONS = {
+    "bad-base64": {"bad-base64"}, "wrong-key": {"bad-padding"}, "bad-padding": {"bad-padding"},
+    "invalid-json": {"invalid-json", "no-encryption-key"}, "schema-violation": {"schema-violation"},
+}
+
+ALL_FILTERS = {
+    "messages": ["/restapi/v1.0/account/~/extension/~/message-store",
+                 "/restapi/v1.0/account/~/extension/~/message-store/instant?type=SMS",
+                 "/restapi/v1.0/account/~/extension/~/voicemail",
+                 "/restapi/v1.0/account/~/extension/~/fax?direction=Inbound"],
+    "presence": ["/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true",
+                 "/restapi/v1.0/account/~/extension/~/presence"],
+    "calls": ["/restapi/v1.0/account/~/telephony/sessions", "/restapi/v1.0/account/~/extension"],
+    "reminders": ["/restapi/v1.0/subscription/~?threshold=120&interval=30"],
+}
+
+
+def write_config(directory: Path, sandbox: Sandbox, bootstrap: str, prefix: str, *,
+                 subscriptions: dict[str, list[str]] | None = None, accounts: int | None = None,
+                 worker: dict[str, Any] | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "client_secret").write_text(sandbox.client_secret)
+    account_entries = []
+    for account in sandbox.accounts[:accounts]:
+        (directory / f"{account.name}.jwt").write_text(account.jwt)
+        account_entries.append({
+            "name": account.name, "jwt_file": str(directory / f"{account.name}.jwt"),
+            "subscriptions": [{"name": n, "event_filters": f} for n, f in (subscriptions or ALL_FILTERS).items()],
+        })
+    config = {
+        "kafka": {"bootstrap.servers": bootstrap},
+        "topics": {"prefix": prefix, "partitions": 2, "replication_factor": 1},
+        "ringcentral": {"server": sandbox.rc_url, "client_id": sandbox.client_id,
+                        "client_secret_file": str(directory / "client_secret"),
+                        "pubnub_origin": sandbox.pubnub_origin, "pubnub_ssl": False},
+        "accounts": account_entries,
+        "worker": {"shutdown_timeout_seconds": 10, "checkpoint_interval_seconds": 0.5, **(worker or {})},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "logging": {"level": "INFO"},
+    }
+    path = directory / "worker.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@dataclass
+class Record:
+    topic: str
+    key: str
+    value: bytes
+    headers: dict[str, str]
+
+
+@dataclass
+class TopicReader:
+    """Reads every output topic (and the dead-letter topic) of a prefix from the beginning."""
+
+    bootstrap: str
+    prefix: str
+    isolation: str = "read_committed"
+    records: list[Record] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.topics = TopicNames(self.prefix)
+        self._consumer = Consumer({
+            "bootstrap.servers": self.bootstrap, "group.id": f"{self.prefix}-verifier-{time.time_ns()}",
+            "auto.offset.reset": "earliest", "enable.auto.commit": False, "isolation.level": self.isolation,
+            "topic.metadata.refresh.interval.ms": 1000,
+        })
+        self._consumer.subscribe(self.topics.all_output_topics())
+
+    def poll_until(self, done: Callable[[list[Record]], bool], timeout: float) -> list[Record]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not done(self.records):
+            for msg in self._consumer.consume(500, 0.5):
+                if msg.error():
+                    if msg.error().code() == -191:  # partition EOF, harmless
+                        continue
+                    raise KafkaException(msg.error())
+                headers = {k: (v or b"").decode("utf-8", "replace") for k, v in msg.headers() or []}
+                self.records.append(Record(msg.topic() or "", (msg.key() or b"").decode(), msg.value() or b"",
+                                           headers))
+        return self.records
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def good(generated: Iterable[Generated]) -> list[Generated]:
+    return [g for g in generated if g.malformed is None and g.kind in KIND_FAMILY]
+
+
+@dataclass
+class Comparison:
+    missing: list[Generated]
+    duplicates: dict[str, int]
+    wrong: list[str]
+    dead_missing: list[Generated]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.wrong or self.dead_missing)
+
+
+def compare(generated: list[Generated], records: list[Record], topics: TopicNames) -> Comparison:
+    """Every good notification in its family topic with the right key and headers; every malformed one
+    in the dead-letter topic with an expected reason. Duplicates are counted, not failed, here."""
+    by_uuid: dict[str, list[Record]] = {}
+    dead: dict[bytes, list[Record]] = {}
+    for r in records:
+        if r.topic == topics.dead_letter:
+            dead.setdefault(r.value, []).append(r)
+        elif "uuid" in r.headers:
+            by_uuid.setdefault(r.headers["uuid"], []).append(r)
+    missing, wrong, dead_missing = [], [], []
+    duplicates: dict[str, int] = {}
+    for g in generated:
+        if g.malformed is not None:
+            original = g.payload.encode() if isinstance(g.payload, str) else json.dumps(
+                g.payload, separators=(",", ":"), ensure_ascii=False).encode()
+            found = dead.get(original)
+            if not found:
+                dead_missing.append(g)
+            elif found[0].headers.get("error-class") not in MALFORMED_REASONS[g.malformed]:
+                wrong.append(f"{g.malformed}: dead-lettered as {found[0].headers.get('error-class')}")
+            continue
+        if g.kind not in KIND_FAMILY:
+            continue
+        assert g.uuid is not None
+        got = by_uuid.get(g.uuid)
+        if not got:
+            missing.append(g)
+            continue
+        if len(got) > 1:
+            duplicates[g.uuid] = len(got)
+        r, family = got[0], KIND_FAMILY[g.kind]
+        expected_value = g.plaintext if isinstance(g.payload, str) else None
+        problems = []
+        if r.topic != topics.for_family(family):
+            problems.append(f"topic {r.topic} != {topics.for_family(family)}")
+        if r.key != g.account_id:
+            problems.append(f"key {r.key} != {g.account_id}")
+        if expected_value is not None and r.value != expected_value:
+            problems.append("value differs from the decrypted bytes")
+        if r.headers.get("family") != family or r.headers.get("timetoken") != str(g.timetoken):
+            problems.append(f"headers {r.headers}")
+        if r.headers.get("subscription-id") != g.subscription_id or r.headers.get("event") != g.event:
+            problems.append(f"headers {r.headers}")
+        if problems:
+            wrong.append(f"{g.uuid} ({g.kind}): " + "; ".join(problems))
+    return Comparison(missing, duplicates, wrong, dead_missing)
+
+
+def count_by_topic(records: list[Record]) -> Counter[str]:
+    return Counter(r.topic for r in records)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -115,12 +115,12 @@ class SubscriptionManager:
         self._finished: dict[str, SpecStatus] = {}  # removed specs, for snapshot() (bounded)
         self._claimed: set[str] = set()  # subscription ids held or about to be tried by some spec
         self._inventories: dict[str, _Inventory] = {name: _Inventory() for name in self.accounts}
+        self._state_counts: dict[str, int] = dict.fromkeys(STATES, 0)  # over self._entries
         self._heap: list[tuple[float, int, str, int]] = []
         self._seq = itertools.count()
         self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._in_flight = 0
         self._random = random.Random()
 
     # ---- public API ------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class SubscriptionManager:
         with self._cond:
             entry = self._entries.get(spec_id)
             now = self.clock()
-            if entry is None or entry.subscription_id is None or entry.state != "active":
+            if entry is None or entry.subscription_id is None or entry.state != "active" or entry.busy:
                 return
             if now - entry.last_verify < VERIFY_MIN_INTERVAL:
                 return
@@ -224,10 +224,12 @@ class SubscriptionManager:
             entry.candidate_id = known_id
         if entry.candidate_id:
             self._claimed.add(entry.candidate_id)
-        self._entries[spec.spec_id] = entry
         if entry.session is None:
             entry.state, entry.last_error = "failed", f"unknown account {spec.account!r}"
             log.error("subscription.unknown_account", spec=spec.spec_id, account=spec.account)
+        self._entries[spec.spec_id] = entry
+        self._state_counts[entry.state] += 1
+        if entry.session is None:
             return
         if not entry.busy:
             self._schedule_locked(entry, self.clock())
@@ -254,12 +256,14 @@ class SubscriptionManager:
             self._claimed.discard(entry.candidate_id)
         entry.candidate_id = None
         entry.create_reason = "spec-changed"
-        entry.state, entry.action = "pending", "attach"
+        entry.action = "attach"
+        self._to_state_locked(entry, "pending")
         if not entry.busy and entry.session is not None:
             self._schedule_locked(entry, self.clock())
 
     def _remove_locked(self, entry: _Entry) -> _Entry:
         del self._entries[entry.spec.spec_id]
+        self._state_counts[entry.state] -= 1
         entry.removed = True
         entry.action = "delete"
         entry.gen += 1  # cancels its pending renewal
@@ -280,18 +284,19 @@ class SubscriptionManager:
         self._cond.notify()
 
     def _publish_states_locked(self) -> None:
-        counts = dict.fromkeys(STATES, 0)
-        for e in self._entries.values():
-            counts[e.state] += 1
-        counts["deleted"] = 0
-        self.metrics.set_subscription_states(counts)
+        self.metrics.set_subscription_states(self._state_counts)
 
-    def _set_state(self, entry: _Entry, state: str, error: str | None = None) -> None:
+    def _to_state_locked(self, entry: _Entry, state: str) -> None:
+        """Change an entry's state, keeping the per-state counts (owned specs only) in step: O(1)."""
+        if self._entries.get(entry.spec.spec_id) is entry:
+            self._state_counts[entry.state] -= 1
+            self._state_counts[state] += 1
+        entry.state = state
+        self._publish_states_locked()
+
+    def _set_state(self, entry: _Entry, state: str) -> None:
         with self._cond:
-            entry.state = state
-            if error is not None:
-                entry.last_error = error
-            self._publish_states_locked()
+            self._to_state_locked(entry, state)
 
     # ---- scheduler -------------------------------------------------------------------------------
 
@@ -498,7 +503,7 @@ class SubscriptionManager:
             entry.delivery = delivery
             entry.failures = 0
             entry.last_error = None
-            entry.state = "active"
+            self._to_state_locked(entry, "active")
             entry.create_reason = "not-found"
             if not entry.removed:
                 entry.action = "renew"
@@ -608,7 +613,7 @@ class SubscriptionManager:
                 entry.last_error = str(exc)
                 self._schedule_locked(entry, now + delay)
                 return
-            entry.state = state
+            self._to_state_locked(entry, state)
             entry.last_error = str(exc)
             if entry.action == "verify":
                 entry.action = "renew"

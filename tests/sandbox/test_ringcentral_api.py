@@ -11,6 +11,7 @@ from datetime import datetime
 
 import requests
 
+from ingest.crypto import Cipher
 from ingest.sandbox.ringcentral import RateLimits
 from ingest.sandbox.server import Sandbox
 
@@ -328,3 +329,21 @@ def test_admin_http_api(sandbox: Sandbox, rc: RC) -> None:
     assert "key" not in state["subscriptions"][0]
     assert requests.post(f"{admin}/faults/nonsense", json={}, timeout=5).status_code == 404
     assert requests.post(f"{admin}/faults/rc-error", json={"endpoint": "bogus"}, timeout=5).status_code == 400
+
+
+def test_rotation_for_all_subscriptions_is_one_shot_and_events_use_the_new_key(sandbox: Sandbox, rc: RC) -> None:
+    first, second = rc.subscribe([PRESENCE]), rc.subscribe([PRESENCE])
+    sandbox.faults.rotate_on_next_renewal(None, key=True, channel=False)
+    keys = {}
+    for sub in (first, second):
+        renewed = rc.call("POST", f"{SUBS}/{sub['id']}/renew").json()["deliveryMode"]
+        assert renewed["address"] == sub["deliveryMode"]["address"]
+        assert renewed["encryptionKey"] != sub["deliveryMode"]["encryptionKey"]
+        again = rc.call("POST", f"{SUBS}/{sub['id']}/renew").json()["deliveryMode"]
+        assert again["encryptionKey"] == renewed["encryptionKey"]
+        keys[sub["id"]] = renewed["encryptionKey"]
+    generated = sandbox.generator.publish(4)
+    assert {g.subscription_id for g in generated} == set(keys)
+    for g in generated:
+        assert isinstance(g.payload, str)
+        assert Cipher(keys[g.subscription_id]).decrypt(g.payload) == g.plaintext

@@ -32,6 +32,7 @@ from ingest.sandbox.faults import FaultBook
 
 CONTENT_TYPE = b'text/javascript; charset="UTF-8"'
 OVERFLOW_CHANNEL = "sandbox-overflow-filler"
+MAX_MESSAGE_BYTES = 32 * 1024
 _COMPACT = (",", ":")
 
 
@@ -385,6 +386,9 @@ class PubNubHandler(BaseHTTPRequestHandler):
             text = unquote("/".join(parts[7:]))
         else:
             text = body.decode()
+        if len(text.encode()) > MAX_MESSAGE_BYTES:  # PubNub's 32 KiB message limit (reference §7)
+            self._send(400, b'[0,"Message Too Large","%d"]' % self.emulator.clock.next())
+            return
         message = json.loads(text)
         params = parse_qs(query)
         publisher = params.get("uuid", [None])[0]

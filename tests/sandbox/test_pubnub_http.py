@@ -183,6 +183,12 @@ def test_time_leave_heartbeat_and_get_publish(sandbox: Sandbox) -> None:
     assert body["m"][0]["i"] == "pub-1" and body["m"][0]["u"] == {"m": 1}
 
 
+def test_publish_over_32_kib_is_refused(sandbox: Sandbox) -> None:
+    answer = requests.post(f"http://{sandbox.pubnub_origin}/publish/pk/{sandbox.subscriber_key}/0/a/0",
+                           json="x" * 33000, timeout=5)
+    assert answer.status_code == 400 and answer.json()[:2] == [0, "Message Too Large"]
+
+
 def test_injected_errors_have_pubnub_bodies(sandbox: Sandbox) -> None:
     sandbox.faults.pubnub_error(403, count=1)
     denied = poll(sandbox, "a,b", 0)

@@ -37,6 +37,7 @@ class SpecProgress:
     spec_id: str
     acked_tt: int = 0  # every notification at or below this timetoken is in Kafka
     checkpointed_tt: int = 0  # the newest acked_tt written to the state topic
+    produced_tt: int = 0  # newest timetoken handed to the producer (exactly-once commits up to here)
     pending: deque[_InFlight] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -98,6 +99,7 @@ class KafkaSink:
     def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float) -> None:
         entry = _InFlight(self, progress, outcome, timetoken, received_at)
         progress.pending.append(entry)
+        progress.produced_tt = timetoken
         self._produce(entry)
 
     def _produce(self, entry: _InFlight) -> None:
@@ -120,6 +122,12 @@ class KafkaSink:
             self._produce(entry)  # never drop: try again (idempotence keeps retries within a session clean)
             return
         self.last_error = None
+        self._count_delivery(entry)
+        entry.done = True
+        entry.progress.advance()
+
+    def _count_delivery(self, entry: _InFlight) -> None:
+        o = entry.outcome
         now = time.time()
         if o.error is None:
             fam = self._families.get(o.family)
@@ -135,8 +143,6 @@ class KafkaSink:
             for counter in counters:
                 counter.inc()
         self._metrics.internal_latency.observe(now - entry.received_at)
-        entry.done = True
-        entry.progress.advance()
 
     def _dead_letter_counters(self, family: str, reason: str) -> tuple[Any, ...]:
         m = self._metrics
@@ -147,14 +153,17 @@ class KafkaSink:
             counters.append(m.validation_failures.labels(family))
         return tuple(counters)
 
-    def produce_raw(self, topic: str, key: bytes, value: bytes | None) -> None:
+    def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         """A record outside the notification flow (checkpoints); delivery errors are only counted."""
         def on_delivery(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
                 self._metrics.delivery_errors.labels(err.name()).inc()
         while True:
             try:
-                self._producer.produce(topic, value, key, on_delivery=on_delivery)
+                if partition is None:
+                    self._producer.produce(topic, value, key, on_delivery=on_delivery)
+                else:
+                    self._producer.produce(topic, value, key, partition=partition, on_delivery=on_delivery)
                 return
             except BufferError:
                 self._producer.poll(0.1)

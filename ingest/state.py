@@ -3,17 +3,20 @@
 Key: spec id. Value: JSON `SpecState`. A worker restores it on start (or, when scaled out, for the
 partitions it is assigned), renews the recorded subscription instead of creating one, and resumes
 PubNub from the checkpoint timetoken.
+
+The state topic is co-partitioned with the spec topic by construction: both are written with an
+explicit partition, `partition_for(spec_id, n)`, so a worker that owns spec partition p finds the
+state of its specs in state partition p, whatever partitioner a client library defaults to.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-
+from ingest.compacted import read_latest
 from ingest.logs import get_logger
 
 log = get_logger(__name__)
@@ -29,6 +32,7 @@ class SpecState:
     timetoken: int  # every notification of this spec up to here is acknowledged by Kafka
     updated_at: float
     worker_id: str
+    expires_at: float = 0.0  # of the RingCentral subscription, as last known (for `ingest status`)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -38,59 +42,18 @@ class SpecState:
         return cls(**json.loads(value))
 
 
+def partition_for(spec_id: str, partitions: int) -> int:
+    """The partition of a spec in the spec topic and in the state topic (CRC-32, stable everywhere)."""
+    return zlib.crc32(spec_id.encode()) % partitions
+
+
 def restore(consumer_config: dict[str, str], topic: str, partitions: Iterable[int] | None = None,
             timeout: float = 30.0) -> dict[str, SpecState]:
-    """Read the state topic from the beginning to its current end; the last record per spec wins."""
-    consumer = Consumer({**consumer_config, "group.id": "ingest-state-restore", "enable.auto.commit": "false",
-                         "isolation.level": "read_committed", "enable.partition.eof": "false"})
-    try:
-        ends = _end_offsets(consumer, topic, partitions, timeout)
-        states: dict[str, SpecState] = {}
-        if not ends:
-            return states
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        deadline = time.monotonic() + timeout
-        while ends and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                # Under read_committed the end can be an aborted or control record; position tells.
-                for tp in consumer.position([TopicPartition(topic, p) for p in list(ends)]):
-                    if tp.offset >= ends[tp.partition]:
-                        del ends[tp.partition]
-                continue
-            if msg.error():
-                raise KafkaException(msg.error())
-            _apply(states, msg.key(), msg.value(), msg.offset())
-            partition, offset = msg.partition() or 0, msg.offset() or 0
-            if offset + 1 >= ends.get(partition, 0):
-                ends.pop(partition, None)
-        if ends:
-            raise TimeoutError(f"restoring {topic} did not reach the end of partitions {sorted(ends)}")
-        return states
-    finally:
-        consumer.close()
-
-
-def _end_offsets(consumer: Consumer, topic: str, partitions: Iterable[int] | None, timeout: float) -> dict[int, int]:
-    """partition -> end offset, for the non-empty partitions wanted."""
-    metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
-    if metadata is None or metadata.error is not None:
-        return {}
-    ends: dict[int, int] = {}
-    for p in sorted(metadata.partitions) if partitions is None else sorted(partitions):
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-        if high > low:
-            ends[p] = high
-    return ends
-
-
-def _apply(states: dict[str, SpecState], key: bytes | None, value: bytes | None, offset: int | None) -> None:
-    if key is None:
-        return
-    if value is None:
-        states.pop(key.decode(), None)  # tombstone: the spec was removed
-        return
-    try:
-        states[key.decode()] = SpecState.decode(value)
-    except (ValueError, TypeError):
-        log.warning("state.undecodable_record", offset=offset)
+    """The newest state of every spec in the given partitions (all when None)."""
+    states: dict[str, SpecState] = {}
+    for key, (_partition, value) in read_latest(consumer_config, topic, partitions, timeout).items():
+        try:
+            states[key] = SpecState.decode(value)
+        except (ValueError, TypeError):
+            log.warning("state.undecodable_record", spec=key)
+    return states

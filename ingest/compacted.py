@@ -1,0 +1,62 @@
+"""Reading a compacted topic as a table: the newest value of every key, up to the current end."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+
+def read_latest(consumer_config: Mapping[str, str], topic: str, partitions: Iterable[int] | None = None,
+                timeout: float = 30.0) -> dict[str, tuple[int, bytes]]:
+    """key -> (partition, value) of the newest record per key, tombstoned keys left out.
+
+    Reads with read_committed, so records of aborted or open transactions are never taken.
+    """
+    consumer = Consumer({**consumer_config, "group.id": f"ingest-table-reader-{topic}",
+                         "enable.auto.commit": "false", "isolation.level": "read_committed"})
+    try:
+        ends = _end_offsets(consumer, topic, partitions, timeout)
+        table: dict[str, tuple[int, bytes]] = {}
+        if not ends:
+            return table
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        deadline = time.monotonic() + timeout
+        while ends and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                # The end may be a transaction marker or an aborted record, never delivered: ask position.
+                for tp in consumer.position([TopicPartition(topic, p) for p in list(ends)]):
+                    if tp.offset >= ends[tp.partition]:
+                        del ends[tp.partition]
+                continue
+            if msg.error():
+                raise KafkaException(msg.error())
+            key, value = msg.key(), msg.value()
+            partition, offset = msg.partition() or 0, msg.offset() or 0
+            if key is not None:
+                if value is None:
+                    table.pop(key.decode(), None)
+                else:
+                    table[key.decode()] = (partition, value)
+            if offset + 1 >= ends.get(partition, 0):
+                ends.pop(partition, None)
+        if ends:
+            raise TimeoutError(f"reading {topic} did not reach the end of partitions {sorted(ends)}")
+        return table
+    finally:
+        consumer.close()
+
+
+def _end_offsets(consumer: Consumer, topic: str, partitions: Iterable[int] | None, timeout: float) -> dict[int, int]:
+    """partition -> end offset, for the non-empty partitions wanted."""
+    metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        return {}
+    ends: dict[int, int] = {}
+    for p in sorted(metadata.partitions) if partitions is None else sorted(partitions):
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        if high > low:
+            ends[p] = high
+    return ends

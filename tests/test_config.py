@@ -209,3 +209,16 @@ def test_relative_event_filters_are_expanded(tmp_path: Path) -> None:
     cfg = load(tmp_path, BASE.replace("[/restapi/v1.0/account/~/extension/~/message-store]",
                                       "[/account/~/extension/~/presence]"))
     assert cfg.specs()[0].event_filters == ("/restapi/v1.0/account/~/extension/~/presence",)
+
+
+def test_ingest_run_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest.cli import main
+
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    path = write(tmp_path, BASE + "worker:\n  expires_in_seconds: 3600\n")
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "worker.expires_in_seconds: must be at most 900" in err
+    assert CLIENT_SECRET not in err and JWT not in err

@@ -1,0 +1,125 @@
+"""The common shape of a fault scenario: sandbox + in-process worker + steady traffic + a reader of
+everything the worker wrote, and the zero-loss verdict by notification uuid.
+
+Scenarios use short TTLs, a 1-s PubNub hold and small volumes (tens of notifications per second), so
+each one takes seconds. The sandbox buffers 5,000 messages per key: loss past PubNub's real
+100-message buffer is a property of PubNub, not of the worker, and is not what these tests measure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ingest.config import load_config
+from ingest.sandbox.server import Sandbox, SandboxSettings
+from ingest.worker.runtime import Worker
+from tests.harness import Comparison, TopicReader, compare, good, wait_for, write_config
+
+FILTERS = {
+    "messages": ["/restapi/v1.0/account/~/extension/~/message-store"],
+    "presence": ["/restapi/v1.0/account/~/extension/~/presence"],
+}
+KINDS = ["message-store", "presence"]
+RATE = 20.0  # notifications per second during a scenario
+
+
+def sandbox_settings(**overrides: Any) -> SandboxSettings:
+    base: dict[str, Any] = {"pubnub_hold_seconds": 1.0, "rate_limits": False, "buffer_size": 5000}
+    return SandboxSettings(**{**base, **overrides})
+
+
+def worker_config_file(directory: Path, sandbox: Sandbox, bootstrap: str, prefix: str, *,
+                       kafka: dict[str, str] | None = None, worker: dict[str, Any] | None = None,
+                       accounts: int = 1) -> Path:
+    """`write_config` for FILTERS, plus extra librdkafka properties in the `kafka` section."""
+    path = write_config(directory, sandbox, bootstrap, prefix, subscriptions=FILTERS, accounts=accounts,
+                        worker=worker)
+    if kafka:
+        doc = yaml.safe_load(path.read_text())
+        doc["kafka"].update(kafka)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def all_active(worker: Worker, n: int) -> bool:
+    """n subscriptions active, and PubNub answering on every one of their channels."""
+    if worker.manager is None:
+        return False
+    states = worker.manager.snapshot()
+    channels = {d.channel for d in worker._deliveries.values()}
+    return (len(states) == n and all(s.state == "active" for s in states)
+            and len(channels) == n and channels <= worker.transport.reading())
+
+
+@dataclass
+class Scenario:
+    sandbox: Sandbox
+    worker: Worker
+    reader: TopicReader
+    specs: int
+
+    def traffic(self, rate: float = RATE) -> None:
+        self.sandbox.generator.start(rate, kinds=KINDS)
+
+    def wait_traffic(self, more: int, timeout: float = 30.0) -> None:
+        """Wait until `more` further notifications have been published."""
+        target = self.sandbox.generator.count() + more
+        wait_for(lambda: self.sandbox.generator.count() >= target, timeout, what=f"{more} more notifications")
+
+    def probe(self, timeout: float = 60.0) -> float:
+        """Publish one notification now; seconds until it is in Kafka (the time to recovery when
+        called right after a fault)."""
+        started = time.monotonic()
+        sent = self.sandbox.generator.publish(1, kinds=KINDS)
+        assert sent, "no live subscription to publish the probe to"
+        uuid = sent[0].uuid
+        self.reader.poll_until(lambda rs: any(r.headers.get("uuid") == uuid for r in rs), timeout)
+        assert any(r.headers.get("uuid") == uuid for r in self.reader.records), "the probe never arrived"
+        return time.monotonic() - started
+
+    def verify(self, label: str, timeout: float = 90.0) -> tuple[Comparison, int]:
+        """Stop traffic; every good notification must be in its topic (duplicates counted, printed)."""
+        self.sandbox.generator.stop()
+        generated = good(self.sandbox.generator.generated)
+        records = self.reader.poll_until(
+            lambda rs: len({r.headers.get("uuid") for r in rs} & {g.uuid for g in generated}) >= len(generated),
+            timeout)
+        result = compare(generated, records, self.reader.topics)
+        assert result.ok, (f"{label}: {len(result.missing)} of {len(generated)} missing",
+                           sorted({g.channel for g in result.missing})[:5], result.wrong[:3])
+        duplicates = sum(n - 1 for n in result.duplicates.values())
+        print(f"\n[{label}] {len(generated)} notifications, 0 lost, {duplicates} duplicates")
+        return result, duplicates
+
+    def lapsed(self) -> list[str]:
+        return [v.id for v in self.sandbox.rc.subscriptions(include_dead=True) if v.status == "Expired"]
+
+
+@contextlib.contextmanager
+def scenario(tmp_path: Path, bootstrap: str, prefix: str, *, settings: SandboxSettings | None = None,
+             kafka: dict[str, str] | None = None, worker: dict[str, Any] | None = None,
+             before_start: Any = None) -> Iterator[Scenario]:
+    """Sandbox + started worker with every subscription active and read; stopped (subscriptions deleted)
+    on exit. `before_start(worker)` may adjust a not-yet-started worker."""
+    with Sandbox(settings or sandbox_settings()) as sandbox:
+        config = load_config(worker_config_file(tmp_path, sandbox, bootstrap, prefix, kafka=kafka, worker=worker))
+        w = Worker(config)
+        if before_start is not None:
+            before_start(w)
+        w.start()
+        reader = TopicReader(bootstrap, prefix)
+        specs = len(config.specs())
+        try:
+            wait_for(lambda: all_active(w, specs), 30, what="active subscriptions")
+            yield Scenario(sandbox, w, reader, specs)
+        finally:
+            sandbox.generator.stop()
+            reader.close()
+            w.stop(delete_subscriptions=True)

@@ -175,13 +175,16 @@ class SubscriptionManager:
         if pool is not None:
             pool.shutdown(wait=True)
         with self._cond:
-            entries = list(self._entries.values()) + list(self._removing.values())
-        if delete_subscriptions:
-            with ThreadPoolExecutor(max_workers=self._api_threads, thread_name_prefix="rc-delete") as deleter:
-                for entry in entries:
-                    if entry.session is not None:
-                        for sub_id in [*entry.stale_ids, *([entry.subscription_id] if entry.subscription_id else [])]:
-                            deleter.submit(self._delete_id, entry.session, sub_id)
+            removing = list(self._removing.values())
+            entries = list(self._entries.values())
+        # Removed specs' subscriptions are deleted in any case (no one wants them); the owned ones only
+        # on request: by default they stay alive for the next start, which reuses them.
+        doomed = removing + (entries if delete_subscriptions else [])
+        with ThreadPoolExecutor(max_workers=self._api_threads, thread_name_prefix="rc-delete") as deleter:
+            for entry in doomed:
+                if entry.session is not None:
+                    for sub_id in [*entry.stale_ids, *([entry.subscription_id] if entry.subscription_id else [])]:
+                        deleter.submit(self._delete_id, entry.session, sub_id)
         for session in self.accounts.values():
             session.close()
         log.info("subscriptions.stopped", specs=len(entries), deleted=delete_subscriptions)

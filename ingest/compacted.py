@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+_NOT_READY = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT)
 
 
 def read_latest(consumer_config: Mapping[str, str], topic: str, partitions: Iterable[int] | None = None,
@@ -55,8 +58,17 @@ def _end_offsets(consumer: Consumer, topic: str, partitions: Iterable[int] | Non
     if metadata is None or metadata.error is not None:
         return {}
     ends: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
     for p in sorted(metadata.partitions) if partitions is None else sorted(partitions):
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        while True:
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+                break
+            except KafkaException as exc:
+                # A topic created a moment ago may not have its leaders yet.
+                if exc.args[0].code() not in _NOT_READY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         if high > low:
             ends[p] = high
     return ends

@@ -33,6 +33,7 @@ MAX_PUBNUB_EXPIRES_IN = 900  # RingCentral caps PubNub subscriptions at 15 minut
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DELIVERY_GUARANTEES = ("at-least-once", "exactly-once")
+COORDINATION_MODES = ("standalone", "group")
 # librdkafka properties whose values are credentials: scrubbed from logs and hidden from repr.
 _KAFKA_SECRET_MARKERS = ("password", "secret", "ssl.key.pem", "sasl.oauthbearer.config", "sasl.jaas.config")
 
@@ -61,6 +62,7 @@ class TopicsConfig:
     partitions: int = 6
     replication_factor: int = 1
     routing: dict[str, str] = field(default_factory=dict)  # family -> topic name
+    spec_partitions: int = 12  # partitions of the spec and state topics (units of work distribution)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,10 @@ class WorkerConfig:
     shutdown_timeout_seconds: float = 10.0
     delete_subscriptions_on_shutdown: bool = False
     delivery_guarantee: str = "at-least-once"
+    coordination: str = "standalone"  # or "group": share the specs of the spec topic with other workers
+    apply_specs_on_start: bool = True  # group mode: write this config's subscriptions to the spec topic
+    session_timeout_seconds: float = 10.0  # group mode: a silent worker loses its specs after this
+    replay_buffer_seconds: float = 1200.0  # PubNub keeps messages this long; older checkpoints may miss some
 
 
 @dataclass(frozen=True)
@@ -411,7 +417,7 @@ class _Validator:
 
     def topics(self, raw: Any) -> TopicsConfig:
         p = "topics"
-        m = self.mapping(raw, p, ("prefix", "partitions", "replication_factor", "routing"))
+        m = self.mapping(raw, p, ("prefix", "partitions", "replication_factor", "routing", "spec_partitions"))
         prefix = self.string(m, "prefix", p, "ringcentral")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", prefix):
             raise self.fail(f"{p}.prefix", "may contain only letters, digits, '.', '_' and '-'")
@@ -425,7 +431,8 @@ class _Validator:
                 raise self.fail(f"{p}.routing.{family}", f"{topic!r} is not a valid Kafka topic name")
             routing[str(family)] = topic
         return TopicsConfig(prefix=prefix, partitions=self.integer(m, "partitions", p, 6, lo=1),
-                            replication_factor=self.integer(m, "replication_factor", p, 1, lo=1), routing=routing)
+                            replication_factor=self.integer(m, "replication_factor", p, 1, lo=1), routing=routing,
+                            spec_partitions=self.integer(m, "spec_partitions", p, 12, lo=1))
 
     def ringcentral(self, raw: Any) -> RingCentralConfig:
         p = "ringcentral"
@@ -515,7 +522,8 @@ class _Validator:
         m = self.mapping(raw, p, ("id", "renewal_margin_seconds", "renewal_jitter_seconds", "expires_in_seconds",
                                   "channels_per_connection", "checkpoint_interval_seconds",
                                   "shutdown_timeout_seconds", "delete_subscriptions_on_shutdown",
-                                  "delivery_guarantee"))
+                                  "delivery_guarantee", "coordination", "apply_specs_on_start",
+                                  "session_timeout_seconds", "replay_buffer_seconds"))
         worker_id = self.string(m, "id", p, None, nullable=True) or f"{socket.gethostname()}-{os.getpid()}"
         expires_in = self.integer(m, "expires_in_seconds", p, MAX_PUBNUB_EXPIRES_IN, lo=1, hi=MAX_PUBNUB_EXPIRES_IN)
         margin = self.number(m, "renewal_margin_seconds", p, 120.0, lo=0, exclusive_lo=True)
@@ -533,6 +541,11 @@ class _Validator:
             delete_subscriptions_on_shutdown=self.boolean(m, "delete_subscriptions_on_shutdown", p, False),
             delivery_guarantee=self.choice(m, "delivery_guarantee", p, "at-least-once",
                                            options=DELIVERY_GUARANTEES, normalize=str.lower),
+            coordination=self.choice(m, "coordination", p, "standalone", options=COORDINATION_MODES,
+                                     normalize=str.lower),
+            apply_specs_on_start=self.boolean(m, "apply_specs_on_start", p, True),
+            session_timeout_seconds=self.number(m, "session_timeout_seconds", p, 10.0, lo=1),
+            replay_buffer_seconds=self.number(m, "replay_buffer_seconds", p, 1200.0, lo=0, exclusive_lo=True),
         )
 
     def metrics(self, raw: Any) -> MetricsConfig:

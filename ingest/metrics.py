@@ -110,6 +110,18 @@ class Metrics:
             "ingest_pubnub_status_total", "PubNub status events, by category.", ["category"], registry=r)
         self.pubnub_connections = Gauge(
             "ingest_pubnub_connections", "Open PubNub subscribe connections.", registry=r)
+        # Scale-out
+        self.owned_specs = Gauge("ingest_owned_specs", "Specs this worker owns (assigned spec partitions).",
+                                 registry=r)
+        self.rebalances = Counter("ingest_rebalances_total", "Spec partitions assigned or revoked, by kind.",
+                                  ["kind"], registry=r)
+        self.handover = Histogram(
+            "ingest_handover_seconds",
+            "From a spec partition's assignment to every one of its subscriptions being read again.",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120), registry=r)
+        self.transactions = Counter(
+            "ingest_transactions_total", "Kafka transactions (exactly-once mode), by outcome.", ["outcome"],
+            registry=r)
         self.replay_gaps = Counter(
             "ingest_replay_gap_suspected_total",
             "Resumes where the gap may exceed PubNub's replay buffer (messages may be missing).", registry=r)

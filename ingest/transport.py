@@ -57,6 +57,7 @@ class _Channel:
     name: str
     subscribe_key: str
     last_tt: int  # newest timetoken delivered (or the resume point before anything arrived)
+    start_tt: int = 0  # where reading began (a checkpoint, or the lookback of a new channel)
     remove_at: float | None = None  # set while an old channel drains after a move
 
 
@@ -137,8 +138,21 @@ class PubNubTransport:
                 existing.remove_at = None
                 return
             start = resume_tt if resume_tt is not None else timetoken_at(time.time() - NEW_CHANNEL_LOOKBACK_SECONDS)
-            self._channels[channel] = _Channel(channel, subscribe_key, start)
+            self._channels[channel] = _Channel(channel, subscribe_key, start, start)
             self._dirty.add(subscribe_key)
+        self._wake.set()
+
+    def rewind(self, channel: str, timetoken: int | None) -> None:
+        """Read `channel` again after `timetoken` (None: from where it started), e.g. after an aborted
+        transaction hid what was read. The channel's connection is replaced to resume there."""
+        with self._lock:
+            ch = self._channels.get(channel)
+            if ch is None:
+                return
+            ch.last_tt = ch.start_tt if timetoken is None else timetoken
+            for conn in self._connections.values():
+                if channel in conn.channels:
+                    self._dirty.add(conn.conn_id)
         self._wake.set()
 
     def remove_channel(self, channel: str, grace: float = 0.0) -> None:

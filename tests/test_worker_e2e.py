@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -87,11 +88,23 @@ def test_restart_mid_stream_loses_nothing_and_reuses_subscriptions(
         second.stop(delete_subscriptions=True)
 
 
-def test_bad_config_names_the_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mistake", "key"), [
+    ("worker:\n  renewal_margin_secnds: 10\n", "worker.renewal_margin_secnds"),  # wrong key
+    ("worker:\n  renewal_margin_seconds: soon\n", "worker.renewal_margin_seconds"),  # wrong type
+    ("topics:\n  partitions: [3]\n", "topics.partitions"),
+])
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, mistake: str, key: str) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("kafka: {bootstrap.servers: x}\nworker:\n  renewal_margin_secnds: 10\n")
+    bad.write_text(
+        "kafka: {bootstrap.servers: 127.0.0.1:1}\n"
+        "ringcentral: {server: http://127.0.0.1:1, client_id: app, client_secret_env: TEST_SECRET}\n"
+        "accounts: [{name: acme, jwt_env: TEST_JWT,\n"
+        "            subscriptions: [{name: m, event_filters: [/restapi/v1.0/account/~/extension/~/message-store]}]}]\n"
+        + mistake)
+    env = {**os.environ, "TEST_SECRET": "s3cr3t-value", "TEST_JWT": "jwt-value-123"}
     proc = subprocess.run([sys.executable, "-m", "ingest", "run", "--config", str(bad)],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 2
-    assert "worker.renewal_margin_secnds" in proc.stderr
+                          capture_output=True, text=True, timeout=60, check=False, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert key in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "s3cr3t-value" not in proc.stderr and "jwt-value-123" not in proc.stderr

@@ -1,39 +1,51 @@
 """The worker: wires the control plane (subscriptions) to the data plane (PubNub -> pipeline -> Kafka).
 
 Threads: the SDK's message thread per PubNub connection runs the hot path (pipeline + produce); one
-delivery thread serves Kafka acknowledgements; one checkpoint thread writes the state topic and
-watches Kafka; the subscription manager has its own scheduler. The data plane never calls RingCentral:
-it only learns from `on_delivery` which channel to read with which key.
+delivery thread serves Kafka acknowledgements; the subscription manager has its own scheduler; one
+checkpoint thread writes the state topic (at-least-once) or commits transactions (exactly-once,
+standalone); in group mode the membership thread owns the spec consumer and commits transactions.
+The data plane never calls RingCentral: it only learns from `on_delivery` which channel to read with
+which key.
+
+Two ways to own specs:
+- standalone: this worker owns every spec of its config;
+- group: workers share the spec topic through a consumer group; assigned partitions are owned specs,
+  with their state restored from the co-partitioned state topic on assignment and handed back on
+  revocation (final checkpoint or commit first).
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from ingest.catalogue import default_catalogue
 from ingest.config import Config
+from ingest.coordination import GroupMembership
 from ingest.health import HealthServer, Heartbeats
 from ingest.logs import get_logger
 from ingest.metrics import Metrics, SpecMetrics
-from ingest.model import Delivery
+from ingest.model import Delivery, SubscriptionSpec
 from ingest.pipeline import ChannelContext, Pipeline, TopicNames
 from ingest.rc.accounts import build_sessions
 from ingest.rc.subscriptions import SubscriptionManager
 from ingest.sink import KafkaSink, SpecProgress
-from ingest.state import SpecState, restore
+from ingest.specs.store import apply_specs
+from ingest.state import SpecState, partition_for, restore
 from ingest.topics import COMPACTED, ensure_topics
+from ingest.transactions import TransactionalSink, TransactionFailed
 from ingest.transport import OLD_CHANNEL_GRACE_SECONDS, PubNubTransport, TransportSettings
 
 log = get_logger(__name__)
 
 KAFKA_CHECK_INTERVAL = 5.0
+STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often (liveness, expiry)
+READY_STATES = frozenset({"active", "renewing"})
 
 
 @dataclass
@@ -48,28 +60,40 @@ class _Route:
 class Worker:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
-        self.worker_id = config.worker.id or f"{socket.gethostname()}-{os.getpid()}"
+        w = config.worker
+        self.worker_id = w.id
         self.metrics = metrics or Metrics()
         catalogue = default_catalogue()
         self.topics = TopicNames(config.topics.prefix, config.topics.routing, catalogue)
+        self.spec_topic = f"{config.topics.prefix}.specs"
+        self.spec_partitions = config.topics.spec_partitions
         self.pipeline = Pipeline(catalogue, self.topics)
-        self.sink = KafkaSink(config.kafka, self.metrics)
+        self.exactly_once = w.delivery_guarantee == "exactly-once"
+        self.grouped = w.coordination == "group"
+        self.sink: KafkaSink = (
+            TransactionalSink(config.kafka, self.metrics, f"{config.topics.prefix}.{self.worker_id}")
+            if self.exactly_once else KafkaSink(config.kafka, self.metrics))
         self.transport = PubNubTransport(
             TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
-                              ssl=config.ringcentral.pubnub_ssl,
-                              channels_per_connection=config.worker.channels_per_connection),
+                              ssl=config.ringcentral.pubnub_ssl, channels_per_connection=w.channels_per_connection),
             handler=self._on_message, metrics=self.metrics, on_access_denied=self._on_access_denied)
         self.heartbeats = Heartbeats()
         self.health = HealthServer(self.metrics, config.metrics.host, config.metrics.port,
-                                   liveness=self.heartbeats.check, readiness=self._readiness)
+                                   liveness=self._liveness, readiness=self._readiness)
         self.manager: SubscriptionManager | None = None
+        self.membership: GroupMembership | None = None
+        self.fatal_error: str | None = None
         self._routes: dict[str, _Route] = {}  # channel -> route (read lock-free on the hot path)
         self._deliveries: dict[str, Delivery] = {}  # spec id -> current delivery
         self._progress: dict[str, SpecProgress] = {}
         self._restored: dict[str, SpecState] = {}
-        self._lock = threading.Lock()
+        self._owned: dict[int, dict[str, SubscriptionSpec]] = {}  # partition -> specs (group mode)
+        self._handovers: dict[int, tuple[float, set[str]]] = {}  # partition -> (assigned at, specs not active)
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._kafka_ok = False
+        self._next_commit = 0.0
+        self._last_state: dict[str, float] = {}
         self._checkpoint_thread: threading.Thread | None = None
         self._received = self.metrics.notifications_received
 
@@ -77,29 +101,46 @@ class Worker:
 
     def start(self) -> None:
         cfg = self.config
-        log.info("worker.starting", worker=self.worker_id, specs=len(cfg.specs()),
+        log.info("worker.starting", worker=self.worker_id, coordination=cfg.worker.coordination,
                  guarantee=cfg.worker.delivery_guarantee)
         self.health.start()
-        admin = AdminClient(dict(cfg.kafka))
-        partitions, replication = cfg.topics.partitions, cfg.topics.replication_factor
-        ensure_topics(admin, self.topics.all_output_topics(), partitions=partitions, replication_factor=replication)
-        ensure_topics(admin, [self.topics.state], partitions=partitions, replication_factor=replication,
-                      config=COMPACTED)
+        self._ensure_topics()
         self._kafka_ok = True
         self.metrics.kafka_up.set(1)
-        self._restored = restore(dict(cfg.kafka), self.topics.state)
-        log.info("worker.state_restored", specs=len(self._restored))
         self.sink.start()
         self.transport.start()
         self.manager = SubscriptionManager(
             accounts=build_sessions(cfg, self.metrics), metrics=self.metrics, on_delivery=self._on_delivery,
             renewal_margin=cfg.worker.renewal_margin_seconds, renewal_jitter=cfg.worker.renewal_jitter_seconds,
             expires_in=cfg.worker.expires_in_seconds)
-        self.manager.set_specs(cfg.specs(), {s: st.subscription_id for s, st in self._restored.items()})
         self.manager.start()
+        if self.grouped:
+            if cfg.worker.apply_specs_on_start and cfg.specs():
+                result = apply_specs(cfg.kafka, self.spec_topic, self.spec_partitions, cfg.specs(), prune=False)
+                log.info("specs.applied", added=len(result.added), updated=len(result.updated))
+            self.membership = GroupMembership(
+                cfg.kafka, group_id=f"{cfg.topics.prefix}.workers", spec_topic=self.spec_topic,
+                worker_id=self.worker_id, session_timeout_ms=int(cfg.worker.session_timeout_seconds * 1000),
+                owner=self)
+            self.membership.start()
+        else:
+            self._restored = restore(dict(cfg.kafka), self.topics.state)
+            log.info("worker.state_restored", specs=len(self._restored))
+            specs = cfg.specs()
+            self.metrics.owned_specs.set(len(specs))
+            self.manager.set_specs(specs, {s: st.subscription_id for s, st in self._restored.items()})
         self._checkpoint_thread = threading.Thread(target=self._checkpoint_loop, name="checkpoint", daemon=True)
         self._checkpoint_thread.start()
         log.info("worker.started", worker=self.worker_id, metrics_port=self.health.port)
+
+    def _ensure_topics(self) -> None:
+        cfg = self.config
+        admin = AdminClient(dict(cfg.kafka))
+        partitions, replication = cfg.topics.partitions, cfg.topics.replication_factor
+        ensure_topics(admin, self.topics.all_output_topics(), partitions=partitions, replication_factor=replication)
+        tables = [self.topics.state, *([self.spec_topic] if self.grouped else [])]
+        ensure_topics(admin, tables, partitions=self.spec_partitions, replication_factor=replication,
+                      config=COMPACTED)
 
     def stop(self, delete_subscriptions: bool | None = None) -> int:
         """Graceful stop: intake first, then flush within the timeout, then the last checkpoint.
@@ -111,12 +152,14 @@ class Worker:
         delete = cfg.delete_subscriptions_on_shutdown if delete_subscriptions is None else delete_subscriptions
         log.info("worker.stopping", delete_subscriptions=delete)
         self.transport.stop()
-        undelivered = self.sink.flush(cfg.shutdown_timeout_seconds)
+        if self.membership is not None:
+            self.membership.stop()  # hands the partitions back: final commit or checkpoint per partition
         self._stop.set()
         if self._checkpoint_thread is not None:
             self._checkpoint_thread.join(5)
-        self._write_checkpoints()
-        self.sink.flush(min(5.0, cfg.shutdown_timeout_seconds))
+        undelivered = self.sink.flush(cfg.shutdown_timeout_seconds)
+        if not self.grouped:
+            self._final_checkpoint(list(self._progress))
         if self.manager is not None:
             self.manager.stop(delete_subscriptions=delete)
         self.sink.close()
@@ -124,20 +167,98 @@ class Worker:
         log.info("worker.stopped", undelivered=undelivered)
         return undelivered
 
+    def _final_checkpoint(self, spec_ids: list[str], consumer: Consumer | None = None) -> None:
+        """Make everything produced for these specs durable, with its checkpoint."""
+        if self.exactly_once:
+            self._commit(consumer, force=True)
+        else:
+            self.sink.flush(self.config.worker.shutdown_timeout_seconds)
+            for spec_id in spec_ids:
+                self._write_state(spec_id)
+            self.sink.flush(5.0)
+
+    # ---- group membership (called on the membership thread) ------------------------------------
+
+    def partition_loaded(self, partition: int, specs: dict[str, SubscriptionSpec]) -> None:
+        restored = restore(dict(self.config.kafka), self.topics.state, partitions=[partition])
+        self._check_replay_gaps(restored)
+        with self._lock:
+            self._restored.update(restored)
+            self._owned[partition] = dict(specs)
+            if specs:
+                self._handovers[partition] = (time.monotonic(), set(specs))
+        self.metrics.rebalances.labels("assigned").inc()
+        self._apply_owned()
+
+    def spec_changed(self, partition: int, spec_id: str, spec: SubscriptionSpec | None) -> None:
+        with self._lock:
+            owned = self._owned.setdefault(partition, {})
+            if spec is None:
+                owned.pop(spec_id, None)
+            else:
+                owned[spec_id] = spec
+        self._apply_owned()
+
+    def partitions_revoked(self, partitions: list[int], lost: bool) -> None:
+        with self._lock:
+            released = [s for p in partitions for s in self._owned.pop(p, {})]
+            for p in partitions:
+                self._handovers.pop(p, None)
+        self.metrics.rebalances.labels("lost" if lost else "revoked").inc()
+        if not released:
+            return
+        for spec_id in released:  # stop intake first, so the last checkpoint covers all that was read
+            delivery = self._deliveries.get(spec_id)
+            if delivery is not None:
+                self.transport.remove_channel(delivery.channel)
+        if not lost:
+            self._final_checkpoint(released, self.membership.consumer if self.membership else None)
+        assert self.manager is not None
+        self.manager.release(released)  # stop renewing; the subscription lives on for the new owner
+        with self._lock:
+            for spec_id in released:
+                self._drop_spec(spec_id)
+        self._apply_owned()
+        log.info("worker.specs_released", specs=len(released), lost=lost)
+
+    def tick(self, consumer: Consumer) -> None:
+        if self.exactly_once:
+            self._commit(consumer)
+
+    def _apply_owned(self) -> None:
+        assert self.manager is not None
+        with self._lock:
+            specs = [s for owned in self._owned.values() for s in owned.values()]
+            known = {s: st.subscription_id for s, st in self._restored.items()}
+        self.metrics.owned_specs.set(len(specs))
+        self.manager.set_specs(specs, known)
+
+    def _check_replay_gaps(self, restored: dict[str, SpecState]) -> None:
+        """Say so when a checkpoint is older than what PubNub still holds: messages may be missing."""
+        now = time.time()
+        for spec_id, state in restored.items():
+            if now - state.updated_at > self.config.worker.replay_buffer_seconds:
+                self.metrics.replay_gaps.inc()
+                log.warning("replay.gap_suspected", spec=spec_id, subscription_id=state.subscription_id,
+                            missing_from=state.timetoken / 1e7, missing_until=now,
+                            reason="checkpoint older than the replay buffer")
+
     # ---- control plane -> data plane -----------------------------------------------------------
 
     def _on_delivery(self, spec_id: str, delivery: Delivery | None) -> None:
         with self._lock:
             previous = self._deliveries.get(spec_id)
             if delivery is None:
-                self._forget(spec_id, previous)
+                self._drop_spec(spec_id)
+                self.sink.produce_raw(self.topics.state, spec_id.encode(), None,
+                                      partition_for(spec_id, self.spec_partitions))  # tombstone: spec removed
                 return
             self._deliveries[spec_id] = delivery
             progress = self._progress.get(spec_id)
             restored = self._restored.get(spec_id)
             if progress is None:
                 start_tt = restored.timetoken if restored and restored.channel == delivery.channel else 0
-                progress = self._progress[spec_id] = SpecProgress(spec_id, start_tt, start_tt)
+                progress = self._progress[spec_id] = SpecProgress(spec_id, start_tt, start_tt, start_tt)
             old_route = self._routes.get(previous.channel) if previous else None
             # The previous context keeps the key before a rotation, for notifications still in flight.
             context = ChannelContext.from_delivery(delivery, previous=old_route.context if old_route else None)
@@ -145,27 +266,35 @@ class Worker:
             moved = previous is not None and (previous.channel, previous.subscriber_key) != (
                 delivery.channel, delivery.subscriber_key)
             if previous is None or moved:
-                resume = progress.acked_tt or None
-                if previous is None and restored is not None and restored.channel != delivery.channel:
-                    resume = None  # the channel changed while no one owned the spec: read it from the start
+                resume = progress.checkpointed_tt or None
                 self.transport.add_channel(delivery.subscriber_key, delivery.channel, resume)
             if moved and previous is not None:
                 # The old channel may still hold notifications published before the renewal.
                 self.transport.remove_channel(previous.channel, grace=OLD_CHANNEL_GRACE_SECONDS)
                 threading.Timer(OLD_CHANNEL_GRACE_SECONDS + 1, self._drop_route, (previous.channel,)).start()
-        log.info("worker.delivery", spec=spec_id, subscription=delivery.subscription_id,
-                 moved=bool(previous and moved), rekeyed=bool(previous and previous.encryption_key !=
-                                                               delivery.encryption_key))
-        self._write_state(spec_id)
+            self._note_handover(spec_id)
+        log.info("worker.delivery", spec=spec_id, subscription=delivery.subscription_id, moved=bool(moved),
+                 rekeyed=bool(previous and previous.encryption_key != delivery.encryption_key))
+        if not self.exactly_once:
+            self._write_state(spec_id)
 
-    def _forget(self, spec_id: str, previous: Delivery | None) -> None:
-        self._deliveries.pop(spec_id, None)
+    def _note_handover(self, spec_id: str) -> None:
+        for partition, (started, waiting) in list(self._handovers.items()):
+            waiting.discard(spec_id)
+            if not waiting:
+                del self._handovers[partition]
+                self.metrics.handover.observe(time.monotonic() - started)
+
+    def _drop_spec(self, spec_id: str) -> None:
+        """Forget a spec locally (removed, or handed to another worker); lock held."""
+        previous = self._deliveries.pop(spec_id, None)
         self._progress.pop(spec_id, None)
+        self._restored.pop(spec_id, None)
+        self._last_state.pop(spec_id, None)
         if previous is not None:
             self.transport.remove_channel(previous.channel)
             self._routes.pop(previous.channel, None)
         self.metrics.forget_spec(spec_id)
-        self.sink.produce_raw(self.topics.state, spec_id.encode(), None)  # tombstone
 
     def _drop_route(self, channel: str) -> None:
         with self._lock:
@@ -190,7 +319,7 @@ class Worker:
         outcome = self.pipeline.process(payload, route.context, timetoken)
         self.sink.send(outcome, route.progress, timetoken, received_at)
 
-    # ---- checkpoints and health ----------------------------------------------------------------
+    # ---- checkpoints, transactions and health --------------------------------------------------
 
     def _checkpoint_loop(self) -> None:
         interval = self.config.worker.checkpoint_interval_seconds
@@ -199,7 +328,11 @@ class Worker:
         while not self._stop.wait(interval):
             self.heartbeats.beat("checkpoint")
             try:
-                self._write_checkpoints()
+                if self.exactly_once:
+                    if not self.grouped:
+                        self._commit(None)
+                else:
+                    self._write_checkpoints()
                 if time.monotonic() >= next_kafka_check:
                     next_kafka_check = time.monotonic() + KAFKA_CHECK_INTERVAL
                     self._check_kafka()
@@ -207,20 +340,64 @@ class Worker:
                 log.error("worker.checkpoint_failed", exc_info=True)
 
     def _write_checkpoints(self) -> None:
+        now = time.monotonic()
         for spec_id, progress in list(self._progress.items()):
-            if progress.acked_tt > progress.checkpointed_tt:
+            stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
+            if progress.acked_tt > progress.checkpointed_tt or stale:
                 self._write_state(spec_id)
 
-    def _write_state(self, spec_id: str) -> None:
+    def _write_state(self, spec_id: str, timetoken: int | None = None) -> None:
+        """Write the spec's state record; the checkpoint is the acked watermark unless given."""
         delivery, progress = self._deliveries.get(spec_id), self._progress.get(spec_id)
         if delivery is None or progress is None:
             return
-        acked = progress.acked_tt
+        tt = progress.acked_tt if timetoken is None else timetoken
+        tt = max(tt, progress.checkpointed_tt)
         state = SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
-                          delivery.channel, acked, time.time(), self.worker_id)
-        self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode())
-        progress.checkpointed_tt = acked
+                          delivery.channel, tt, time.time(), self.worker_id, delivery.expires_at)
+        self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                              partition_for(spec_id, self.spec_partitions))
+        progress.checkpointed_tt = tt
+        self._last_state[spec_id] = time.monotonic()
         self.metrics.checkpoints.inc()
+
+    def _commit(self, consumer: Consumer | None, force: bool = False) -> None:
+        """Exactly-once: checkpoints into the open transaction, then commit it (every interval)."""
+        now = time.monotonic()
+        if not force and (now < self._next_commit or self.fatal_error):
+            return
+        self._next_commit = now + self.config.worker.checkpoint_interval_seconds
+        sink = self.sink
+        assert isinstance(sink, TransactionalSink)
+        with sink.lock:
+            committed_before: dict[str, int] = {}  # checkpoints as they stood before this transaction
+            for spec_id, progress in list(self._progress.items()):
+                stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
+                if progress.produced_tt > progress.checkpointed_tt or stale:
+                    committed_before[spec_id] = progress.checkpointed_tt
+                    self._write_state(spec_id, progress.produced_tt)
+            try:
+                sink.commit(consumer)
+            except TransactionFailed as exc:
+                self._rewind(committed_before)
+                if exc.fatal:
+                    self.fatal_error = f"transaction fenced: {exc}"
+                    log.error("worker.fenced", error=str(exc))
+                    self.transport.stop()
+
+    def _rewind(self, committed_before: dict[str, int]) -> None:
+        """An aborted transaction hid what it held: read those notifications again from PubNub."""
+        with self._lock:
+            for spec_id, progress in self._progress.items():
+                if spec_id in committed_before:
+                    progress.checkpointed_tt = committed_before[spec_id]
+                    self._last_state.pop(spec_id, None)
+                if progress.produced_tt > progress.checkpointed_tt:
+                    progress.produced_tt = progress.checkpointed_tt
+                    delivery = self._deliveries.get(spec_id)
+                    if delivery is not None:
+                        self.transport.rewind(delivery.channel, progress.checkpointed_tt or None)
+        log.warning("worker.rewound", specs=len(self._progress))
 
     def _check_kafka(self) -> None:
         try:
@@ -233,6 +410,13 @@ class Worker:
         self._kafka_ok = ok
         self.metrics.kafka_up.set(1 if ok else 0)
 
+    def _liveness(self) -> tuple[bool, str]:
+        if self.fatal_error:
+            return False, self.fatal_error
+        if self.membership is not None and self.membership.error is not None:
+            return False, f"group membership failed: {self.membership.error}"
+        return self.heartbeats.check()
+
     def _readiness(self) -> tuple[bool, str]:
         if not self._kafka_ok:
             return False, "kafka unreachable"
@@ -240,7 +424,9 @@ class Worker:
             return False, "starting"
         now = time.time()
         for status in self.manager.snapshot():
-            if status.state not in {"active", "renewing"}:
+            if status.state == "deleted":
+                continue
+            if status.state not in READY_STATES:
                 return False, f"subscription {status.spec_id} is {status.state}"
             if status.expires_at is None or status.expires_at <= now:
                 return False, f"subscription {status.spec_id} has expired"

@@ -1,0 +1,100 @@
+"""Exactly-once into Kafka: notifications and checkpoints committed in one transaction.
+
+The hot path produces inside the open transaction; every commit interval the worker writes each
+spec's checkpoint (the newest timetoken produced for it) into the same transaction and commits. A
+`read_committed` consumer therefore sees a notification if and only if the checkpoint that covers it
+is committed, so a restart, crash or handover resumes exactly after the last visible notification.
+
+Zombie fencing: in group mode the commit carries the spec consumer's group metadata
+(`send_offsets_to_transaction`), so a worker whose partitions were reassigned (a newer group
+generation) cannot commit any more (KIP-447), and a restarted worker with the same
+`transactional.id` fences its previous incarnation at `init_transactions`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+from confluent_kafka import Consumer, KafkaError, KafkaException
+
+from ingest.logs import get_logger
+from ingest.metrics import Metrics
+from ingest.pipeline import Outcome
+from ingest.sink import KafkaSink, SpecProgress, _InFlight
+
+log = get_logger(__name__)
+
+
+class TransactionFailed(Exception):
+    """The open transaction was aborted; `fatal` means this producer is fenced and must stop."""
+
+    def __init__(self, message: str, fatal: bool) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class TransactionalSink(KafkaSink):
+    def __init__(self, producer_config: Mapping[str, str], metrics: Metrics, transactional_id: str,
+                 timeout: float = 30.0) -> None:
+        super().__init__({**producer_config, "transactional.id": transactional_id,
+                          "transaction.timeout.ms": "60000"}, metrics)
+        self.lock = threading.Lock()  # held by the hot path per record and by the committer per commit
+        self._timeout = timeout
+        self._failed: str | None = None
+        self._committed = metrics.transactions.labels("committed")
+        self._aborted = metrics.transactions.labels("aborted")
+
+    def start(self) -> None:
+        self.producer.init_transactions(self._timeout)
+        self.producer.begin_transaction()
+        super().start()
+
+    def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float) -> None:
+        entry = _InFlight(self, progress, outcome, timetoken, received_at)
+        with self.lock:
+            self._produce(entry)
+            progress.produced_tt = timetoken
+
+    def _delivered(self, entry: _InFlight, err: KafkaError | None) -> None:
+        if err is not None:
+            # Inside a transaction a failed record dooms the transaction: it is aborted at the next
+            # commit and its notifications are read again from PubNub (see Worker._rewind).
+            self._failed = err.name()
+            self._metrics.delivery_errors.labels(err.name()).inc()
+            return
+        self._count_delivery(entry)
+        entry.done = True
+
+    def commit(self, consumer: Consumer | None) -> None:
+        """Commit the open transaction and open the next (the caller holds `lock`, checkpoints written).
+
+        Raises TransactionFailed when the transaction was aborted instead: its records are invisible
+        to read_committed consumers and must be produced again; if `fatal`, this producer is fenced.
+        """
+        producer = self.producer
+        try:
+            if self._failed is not None:
+                raise KafkaException(KafkaError(KafkaError._STATE, f"a record failed: {self._failed}"))
+            if consumer is not None:
+                producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
+                                                     consumer.consumer_group_metadata(), self._timeout)
+            producer.commit_transaction(self._timeout)
+        except KafkaException as exc:
+            self._failed = None
+            self._abort(exc.args[0])
+        self._committed.inc()
+        producer.begin_transaction()
+
+    def _abort(self, error: KafkaError) -> None:
+        self._aborted.inc()
+        fatal = error.fatal() or error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
+                                                  KafkaError.INVALID_PRODUCER_EPOCH)
+        log.warning("transaction.aborted", error=error.name(), fatal=fatal, reason=error.str())
+        if not fatal:
+            try:
+                self.producer.abort_transaction(self._timeout)
+                self.producer.begin_transaction()
+            except KafkaException as abort_exc:
+                raise TransactionFailed(str(abort_exc), fatal=True) from None
+        raise TransactionFailed(error.str(), fatal=fatal)

@@ -139,6 +139,47 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     """Read, override from the environment and validate. Raises `ConfigError`."""
     env = os.environ if environ is None else environ
     path = Path(path)
+    raw = _read_mapping(path)
+    sources = _apply_env_overrides(raw, env)
+    try:
+        return _Validator(raw, env, path.parent).config()
+    except ConfigError as exc:
+        # Name the environment variable when the faulty value came from one.
+        msg = str(exc)
+        key = msg.split(":", 1)[0]
+        for prefix, var in sources.items():
+            if key == prefix or key.startswith((prefix + ".", prefix + "[")):
+                raise ConfigError(f"{msg} (set by environment variable {var})") from None
+        raise
+
+
+def load_specs(path: str | Path) -> list[SubscriptionSpec]:
+    """A spec file for `ingest apply`: `accounts: [{name, subscriptions: [{name, event_filters}]}]`.
+
+    The same shape as a worker config's accounts, without credentials (workers hold those). A worker
+    config can be given too: only its accounts' subscriptions are taken.
+    """
+    path = Path(path)
+    raw = _read_mapping(path)
+    v = _Validator(raw, {}, path.parent)
+    accounts = raw.get("accounts")
+    if not isinstance(accounts, list):
+        raise v.fail("accounts", f"expected a list of accounts, got {_type_name(accounts)}")
+    specs: list[SubscriptionSpec] = []
+    names: set[str] = set()
+    for i, item in enumerate(accounts):
+        p = f"accounts[{i}]"
+        m = v.mapping(item, p, ("name", "subscriptions", "jwt_file", "jwt_env"))
+        name = v.name(m, p)
+        if name in names:
+            raise v.fail(f"{p}.name", f"duplicate account name {name!r}")
+        names.add(name)
+        for s in v.subscriptions(m.get("subscriptions"), f"{p}.subscriptions"):
+            specs.append(SubscriptionSpec(spec_id=f"{name}/{s.name}", account=name, event_filters=s.event_filters))
+    return specs
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -154,17 +195,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {_type_name(raw)}")
-    sources = _apply_env_overrides(raw, env)
-    try:
-        return _Validator(raw, env, path.parent).config()
-    except ConfigError as exc:
-        # Name the environment variable when the faulty value came from one.
-        msg = str(exc)
-        key = msg.split(":", 1)[0]
-        for prefix, var in sources.items():
-            if key == prefix or key.startswith((prefix + ".", prefix + "[")):
-                raise ConfigError(f"{msg} (set by environment variable {var})") from None
-        raise
+    return raw
 
 
 def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:

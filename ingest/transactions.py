@@ -37,8 +37,10 @@ class TransactionFailed(Exception):
 class TransactionalSink(KafkaSink):
     def __init__(self, producer_config: Mapping[str, str], metrics: Metrics, transactional_id: str,
                  timeout: float = 30.0) -> None:
-        super().__init__({**producer_config, "transactional.id": transactional_id,
-                          "transaction.timeout.ms": "60000"}, metrics)
+        # A crashed worker's open transaction blocks read_committed consumers of its partitions until
+        # the coordinator aborts it: keep that short (Kafka Streams uses 10 s for the same reason).
+        super().__init__({"transaction.timeout.ms": "10000", **producer_config,
+                          "transactional.id": transactional_id}, metrics)
         self.lock = threading.Lock()  # held by the hot path per record and by the committer per commit
         self._timeout = timeout
         self._failed: str | None = None

@@ -36,6 +36,10 @@ def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     worker.start()
-    stop.wait()
+    while not stop.wait(1.0):
+        if worker.fatal_error:  # fenced by a newer owner: stop, let the orchestrator restart us
+            break
     undelivered = worker.stop(delete_subscriptions=args.delete_subscriptions_on_exit)
+    if worker.fatal_error:
+        return 3
     return 0 if undelivered == 0 else 1

@@ -1,0 +1,54 @@
+"""`ingest apply -f SPECS --config WORKER.yaml`: declare the subscriptions the worker group must keep.
+
+Adds new specs, updates changed ones and (unless --no-prune) removes specs the file no longer lists;
+the owning workers react within moments: create, move or delete RingCentral subscriptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--file", type=Path, metavar="SPECS",
+                        help="spec file (accounts with their subscriptions); default: the worker config's own")
+    parser.add_argument("--config", "-c", type=Path, required=True, metavar="FILE",
+                        help="worker configuration: Kafka connection and topic prefix")
+    parser.add_argument("--no-prune", action="store_true", help="keep specs that the file does not list")
+    parser.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ingest.config import ConfigError, load_config, load_specs
+    from ingest.specs.store import apply_specs, read_specs
+
+    try:
+        config = load_config(args.config)
+        specs = load_specs(args.file) if args.file else config.specs()
+    except ConfigError as exc:
+        print(f"ingest apply: {exc}", file=sys.stderr)
+        return 2
+    topic = f"{config.topics.prefix}.specs"
+    if args.dry_run:
+        current = read_specs(config.kafka, topic)
+        wanted = {s.spec_id: s for s in specs}
+        for spec_id in sorted(set(wanted) | set(current)):
+            if spec_id not in current:
+                print(f"+ {spec_id}")
+            elif spec_id not in wanted:
+                print(f"{'=' if args.no_prune else '-'} {spec_id}")
+            elif current[spec_id] != wanted[spec_id]:
+                print(f"~ {spec_id}")
+        return 0
+    from confluent_kafka.admin import AdminClient
+
+    from ingest.topics import COMPACTED, ensure_topics
+
+    ensure_topics(AdminClient(dict(config.kafka)), [topic], partitions=config.topics.spec_partitions,
+                  replication_factor=config.topics.replication_factor, config=COMPACTED)
+    result = apply_specs(config.kafka, topic, config.topics.spec_partitions, specs, prune=not args.no_prune)
+    print(f"{topic}: {len(result.added)} added, {len(result.updated)} updated, {len(result.removed)} removed, "
+          f"{result.unchanged} unchanged")
+    return 0

@@ -1,0 +1,174 @@
+"""RingCentral faults around real renewals (20-s subscriptions, renewed 10-11 s before expiry):
+5xx storms, 429 with Retry-After, 401 on an expired access token, a revoked refresh token, a
+subscription deleted or expired server-side, key and channel rotation. Every notification lands
+and no subscription lapses while the worker owns it (the generator only publishes to live
+subscriptions, so a lapse would hide loss: it is asserted separately)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.sandbox.server import Sandbox
+from tests.faults.scenario import Scenario, sandbox_settings, scenario
+from tests.harness import wait_for
+
+pytestmark = pytest.mark.slow
+
+TTL = 20
+WORKER = {"renewal_margin_seconds": 10, "renewal_jitter_seconds": 1, "expires_in_seconds": TTL}
+
+
+def _renewals(sandbox: Sandbox) -> int:
+    return sum(s.renewals for s in sandbox.rc.subscriptions(include_dead=True))
+
+
+def _rc_scenario(tmp_path: Path, bootstrap: str, prefix: str) -> Any:
+    return scenario(tmp_path, bootstrap, prefix, settings=sandbox_settings(subscription_ttl_max=TTL),
+                    worker=WORKER)
+
+
+class FaultClock:
+    """When each RingCentral fault was served and each renewal answered (sandbox-side observation)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.fired: list[tuple[float, int]] = []  # (monotonic time, status)
+        self.renewed: list[float] = []
+        self._lock = threading.Lock()
+        take: Callable[..., Any] = sandbox.book.take
+        renew: Callable[..., Any] = sandbox.rc.renew
+
+        def recording_take(kind: str, **match: str) -> Any:
+            hit = take(kind, **match)
+            if hit is not None and kind == "rc-error":
+                with self._lock:
+                    self.fired.append((time.monotonic(), int(hit["status"])))
+            return hit
+
+        def recording_renew(*args: Any, **kwargs: Any) -> Any:
+            info = renew(*args, **kwargs)
+            with self._lock:
+                self.renewed.append(time.monotonic())
+            return info
+
+        setattr(sandbox.book, "take", recording_take)  # noqa: B010 - observe the sandbox, change nothing
+        setattr(sandbox.rc, "renew", recording_renew)  # noqa: B010
+
+
+@pytest.fixture
+def rc(kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> Iterator[Scenario]:
+    with _rc_scenario(tmp_path, kafka_bootstrap, unique_name) as s:
+        s.traffic()
+        yield s
+
+
+def _first_renewal_cycle(s: Scenario, before: int = 0) -> None:
+    wait_for(lambda: _renewals(s.sandbox) >= before + s.specs, TTL * 2, what="a renewal of every subscription")
+
+
+def test_rc_5xx_storm_on_renewal_is_retried_with_backoff(rc: Scenario) -> None:
+    clock = FaultClock(rc.sandbox)
+    # Six failures in a row on the renew endpoint: three 500s, then three 503s (CMN-201).
+    rc.sandbox.faults.rc_error("renew", 500, count=3)
+    rc.sandbox.faults.rc_error("renew", 503, count=3)
+    _first_renewal_cycle(rc)
+    assert len(clock.fired) == 6
+    took = max(clock.renewed) - clock.fired[0][0]
+    assert rc.worker.metrics.renewals.labels("error")._value.get() >= 6
+    rc.wait_traffic(40)
+    assert rc.lapsed() == []
+    rc.verify("rc 5xx storm x6 on renew")
+    print(f"all renewed {took:.1f}s after the first 5xx")
+
+
+def test_rc_429_retry_after_is_honoured(rc: Scenario) -> None:
+    clock = FaultClock(rc.sandbox)
+    rc.sandbox.faults.rc_error("renew", 429, count=1, retry_after=4)
+    _first_renewal_cycle(rc)
+    [(served, status)] = clock.fired
+    assert status == 429
+    # Both specs belong to one user: the whole Light group stays silent for the penalty.
+    after = [t - served for t in clock.renewed if t > served]
+    assert after and min(after) >= 4.0, f"a renewal was sent {min(after):.2f}s after a 429 with Retry-After: 4"
+    assert rc.worker.metrics.rate_limit_penalties.labels("light")._value.get() == 1
+    rc.wait_traffic(40)
+    assert rc.lapsed() == []
+    rc.verify("rc 429 Retry-After 4")
+    print(f"first request after the 429: {min(after):.2f}s")
+
+
+def test_rc_401_expired_token_refreshes_once_without_a_new_login(rc: Scenario) -> None:
+    account = rc.sandbox.accounts[0]
+    before = rc.sandbox.rc.stats()[account.account_id]
+    rc.sandbox.faults.expire_access_tokens(None)
+    _first_renewal_cycle(rc)
+    after = rc.sandbox.rc.stats()[account.account_id]
+    assert rc.worker.manager is not None
+    tokens = rc.worker.manager.accounts[account.name].tokens
+    assert after["refreshed"] == before["refreshed"] + 1  # one refresh for both specs' 401s
+    assert tokens.logins == 1  # and no second JWT session
+    rc.wait_traffic(40)
+    assert rc.lapsed() == []
+    rc.verify("rc 401 expired access token")
+
+
+def test_rc_revoked_refresh_token_falls_back_to_the_jwt(rc: Scenario) -> None:
+    account = rc.sandbox.accounts[0]
+    rc.sandbox.faults.revoke_refresh_tokens(None)
+    rc.sandbox.faults.expire_access_tokens(None)
+    _first_renewal_cycle(rc)
+    assert rc.worker.manager is not None
+    tokens = rc.worker.manager.accounts[account.name].tokens
+    assert tokens.logins == 2  # the refresh was refused (400 invalid_grant): one new JWT login
+    rc.wait_traffic(40)
+    assert rc.lapsed() == []
+    rc.verify("rc revoked refresh token")
+
+
+@pytest.mark.parametrize("how", ["deleted", "expired"])
+def test_rc_subscription_gone_server_side_is_recreated(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path, how: str) -> None:
+    with _rc_scenario(tmp_path, kafka_bootstrap, unique_name) as s:
+        s.traffic()
+        s.wait_traffic(20)
+        victim = s.sandbox.rc.live_subscriptions()[0]
+        created = s.sandbox.rc.created_total
+        gone_at = time.monotonic()
+        if how == "deleted":
+            s.sandbox.faults.delete_subscription(victim.id)
+        else:
+            s.sandbox.faults.expire_subscription(victim.id)
+        # RingCentral stops publishing at once; the worker learns it at the renewal (404 -> create).
+        wait_for(lambda: s.sandbox.rc.created_total > created, TTL * 2, what="re-creation")
+        assert s.worker.manager is not None
+        wait_for(lambda: all(st.state == "active" for st in s.worker.manager.snapshot())
+                 and victim.id not in {st.subscription_id for st in s.worker.manager.snapshot()}, 30,
+                 what="the spec active on a new subscription")
+        recovered = time.monotonic() - gone_at
+        recovery = s.probe()
+        s.wait_traffic(40)
+        s.verify(f"rc subscription {how} server-side")
+        assert s.worker.metrics.renewals.labels("not-found")._value.get() >= 1
+        assert len(s.sandbox.rc.live_subscriptions()) == s.specs  # no leak
+        print(f"re-created {recovered:.1f}s after the {how} subscription (renewal-bound); probe {recovery:.1f}s")
+
+
+def test_rc_key_and_channel_rotation_on_renewal(rc: Scenario) -> None:
+    before = {v.id: (v.key, v.channel) for v in rc.sandbox.rc.live_subscriptions()}
+    rc.sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
+    _first_renewal_cycle(rc)
+    after = {v.id: (v.key, v.channel) for v in rc.sandbox.rc.live_subscriptions()}
+    assert after.keys() == before.keys()
+    assert all(after[i][0] != before[i][0] and after[i][1] != before[i][1] for i in after)
+    wait_for(lambda: {c for _, c in after.values()} <= rc.worker.transport.reading(), 30,
+             what="the new channels read")
+    rc.wait_traffic(60)
+    _, duplicates = rc.verify("rc key + channel rotation")
+    dead = [r for r in rc.reader.records if r.topic == rc.reader.topics.dead_letter]
+    assert dead == [], f"{len(dead)} dead letters after the rotation: {dead[0].headers}"
+    assert rc.worker.metrics.renewals.labels("changed")._value.get() >= rc.specs

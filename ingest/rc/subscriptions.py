@@ -28,7 +28,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -194,6 +194,21 @@ class SubscriptionManager:
             live = [self._status(e) for e in self._entries.values()]
             live += [self._status(e) for e in self._removing.values()]
             return sorted(live + list(self._finished.values()), key=lambda s: s.spec_id)
+
+    def release(self, spec_ids: Collection[str]) -> None:
+        """Hand specs over to another worker: stop renewing them, but keep their subscriptions alive.
+
+        Unlike removal (set_specs without them), nothing is deleted and no `on_delivery(None)` is
+        announced: the caller drops its own state, and the new owner renews the same subscriptions.
+        """
+        with self._cond:
+            for spec_id in spec_ids:
+                entry = self._entries.get(spec_id)
+                if entry is not None:
+                    entry.delete_on_remove = False
+                    self._remove_locked(entry)
+            self._publish_states_locked()
+        log.info("subscriptions.released", specs=len(spec_ids))
 
     def report_problem(self, spec_id: str, reason: str) -> None:
         """The data plane suspects the spec's subscription (e.g. PubNub 403): verify it soon."""
@@ -517,9 +532,11 @@ class SubscriptionManager:
             entry.stale_ids.clear()
         if changed:
             deliveries.append(delivery)
-        log.info(f"subscription.{how}", spec=entry.spec.spec_id, subscription_id=sub_id,
-                 expires_in=round(expires_at - now, 1), changed=changed and previous is not None,
-                 renew_in=round(due - now, 1))
+        # A plain renewal is routine (thousands per quarter hour at scale): debug. Anything else: info.
+        emit = log.debug if how == "renewed" and not changed else log.info
+        emit(f"subscription.{how}", spec=entry.spec.spec_id, subscription_id=sub_id,
+             expires_in=round(expires_at - now, 1), changed=changed and previous is not None,
+             renew_in=round(due - now, 1))
         for old in stale:
             if old != sub_id:
                 self._delete_id(session, old)

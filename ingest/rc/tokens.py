@@ -33,7 +33,6 @@ REFRESH_AHEAD_FRACTION = 0.1  # ... or this fraction of the lifetime, whichever 
 MAX_REFRESH_AHEAD_FRACTION = 0.5  # ... but never earlier than half-way (short-lived test tokens)
 
 
-
 class TokenManager:
     """Access tokens for one user of one app. Thread-safe; share one per account."""
 
@@ -59,7 +58,6 @@ class TokenManager:
         self._refresh_at = 0.0
         self._refresh: str | None = None
         self._refresh_expires = 0.0
-        self._granted_at = -1e9
         self._not_before = 0.0
         self._failure = ""
         self._owner_id: str | None = None
@@ -165,7 +163,6 @@ class TokenManager:
         self._refresh_expires = started + float(body.get("refresh_token_expires_in") or 0) if refresh else 0.0
         if body.get("owner_id") is not None:
             self._owner_id = str(body["owner_id"])
-        self._granted_at = started
         self._not_before = 0.0
         self._failure = ""
         if grant == "jwt":

@@ -59,13 +59,18 @@ class Recorder:
 
 
 class RequestLog:
-    """Response hook on the account's requests.Session: when each API request was answered."""
+    """Response hook on the account's requests.Session: every request it sent, as answered."""
 
     def __init__(self) -> None:
         self.entries: list[tuple[float, str, str, int]] = []  # (time, method, path, status)
+        # (sent, answered, rate-limit group, status, Retry-After): "sent" = answered - elapsed
+        self.groups: list[tuple[float, float, str, int, float]] = []
 
     def hook(self, resp: requests.Response, *args: object, **kwargs: object) -> None:
-        self.entries.append((time.monotonic(), resp.request.method or "", resp.request.path_url, resp.status_code))
+        now = time.monotonic()
+        self.entries.append((now, resp.request.method or "", resp.request.path_url, resp.status_code))
+        self.groups.append((now - resp.elapsed.total_seconds(), now, resp.headers.get("X-Rate-Limit-Group", ""),
+                            resp.status_code, float(resp.headers.get("Retry-After") or 0)))
 
 
 def sessions_for(sb: Sandbox, metrics: Metrics, logs: dict[str, RequestLog] | None = None
@@ -426,3 +431,29 @@ def test_many_subscriptions_are_renewed_punctually() -> None:
         assert sample(m, "ingest_subscription_renewal_margin_seconds_bucket", le="0.0") == 0
         assert sample(m, "ingest_subscription_renewals_total", outcome="error") == 0
         assert sample(m, "ingest_subscriptions", state="failed") == 0
+
+
+def test_real_rate_limiter_penalties_are_never_interrupted() -> None:
+    """The sandbox's limiter (sliding window; any request during a penalty restarts it) with a Light
+    limit too small for the renewals: after every 429, the account sends nothing in that group until
+    Retry-After has passed, and every spec ends up active again."""
+    from ingest.sandbox.server import RateLimits
+
+    limits = RateLimits(light=4, medium=40, auth=5, window=5, penalty=2)
+    with Sandbox(SandboxSettings(subscription_ttl_max=8, rate_limits=limits)) as sb:
+        acme = sb.accounts[0].name
+        logs: dict[str, RequestLog] = {}
+        m = Metrics()
+        with manager(sb, margin=4, jitter=0.5, sessions=sessions_for(sb, m, logs), metrics=m) as (mgr, _, _m):
+            mgr.set_specs([spec(acme, f"s{i}") for i in range(6)])
+            wait_until(lambda: sample(m, "ingest_ringcentral_rate_limit_penalties_total", group="light") >= 2, 30,
+                       "two penalties")
+            wait_until(lambda: all(s.state == "active" for s in mgr.snapshot()), 30, "all active after penalties")
+            entries = list(logs[acme].groups)
+        penalties = [(answered, g, ra) for _, answered, g, status, ra in entries if status == 429]
+        assert penalties
+        for t429, group, retry_after in penalties:
+            assert retry_after == 2
+            # Requests already in flight when the 429 arrived cannot be helped; none may be *sent* after.
+            during = [e for e in entries if e[2] == group and t429 < e[0] < t429 + retry_after - 0.05]
+            assert during == [], f"sent during the {group} penalty that began at {t429}: {during}"

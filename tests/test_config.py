@@ -113,6 +113,8 @@ def test_secret_from_file_relative_to_config(tmp_path: Path) -> None:
     (BASE + "worker:\n  delete_subscriptions_on_shutdown: 'yes please'\n", {},
      "worker.delete_subscriptions_on_shutdown:", "expected a boolean"),
     (BASE + "metrics:\n  port: 70000\n", {}, "metrics.port:", "at most 65535"),
+    (BASE + "worker:\n  coordination: mesh\n", {}, "worker.coordination:", "standalone, group"),
+    (BASE + "topics:\n  spec_partitions: 0\n", {}, "topics.spec_partitions:", "at least 1"),
     (BASE + "metrics:\n  port: 1.5\n", {}, "metrics.port:", "expected an integer"),
     (BASE + "logging:\n  level: LOUD\n", {}, "logging.level:", "must be one of"),
     (BASE + "topics:\n  partitions: 0\n", {}, "topics.partitions:", "at least 1"),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from ingest.pipeline import TopicNames
 from ingest.sandbox.generator import Generated
@@ -102,7 +102,8 @@ class TopicReader:
         while time.monotonic() < deadline and not done(self.records):
             for msg in self._consumer.consume(500, 0.5):
                 if msg.error():
-                    if msg.error().code() == -191:  # partition EOF, harmless
+                    # Partition EOF is harmless; a topic the worker has not created yet will appear.
+                    if msg.error().code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                         continue
                     raise KafkaException(msg.error())
                 headers = {k: (v or b"").decode("utf-8", "replace") for k, v in msg.headers() or []}

@@ -100,7 +100,8 @@ class SubscriptionManager:
     def __init__(self, *, accounts: Mapping[str, AccountSession], metrics: Metrics,
                  on_delivery: Callable[[str, Delivery | None], None],
                  renewal_margin: float = 120, renewal_jitter: float = 15, expires_in: int = 900,
-                 clock: Callable[[], float] = time.time, api_threads: int = 8) -> None:
+                 clock: Callable[[], float] = time.time, api_threads: int = 8,
+                 adopt_matching: bool = True) -> None:
         self.accounts = dict(accounts)
         self.metrics = metrics
         self.on_delivery = on_delivery
@@ -109,6 +110,9 @@ class SubscriptionManager:
         self.expires_in = expires_in
         self.clock = clock
         self._api_threads = api_threads
+        # Adopting a live subscription whose filters match is right for a worker that owns all of a
+        # user's specs; in a group, another worker's spec may hold it, so only recorded ids are reused.
+        self.adopt_matching = adopt_matching
         self._cond = threading.Condition(threading.RLock())
         self._entries: dict[str, _Entry] = {}
         self._removing: dict[str, _Entry] = {}
@@ -385,7 +389,7 @@ class SubscriptionManager:
                 entry.stale_ids.append(candidate)  # ours, but for other filters (spec changed meanwhile)
             with self._cond:
                 self._claimed.discard(candidate)
-        for record in self._inventory(session):
+        for record in self._inventory(session) if self.adopt_matching else []:
             sub_id = str(record.get("id") or "")
             if not sub_id or record.get("status", "Active") != "Active":
                 continue

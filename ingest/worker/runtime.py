@@ -112,7 +112,7 @@ class Worker:
         self.manager = SubscriptionManager(
             accounts=build_sessions(cfg, self.metrics), metrics=self.metrics, on_delivery=self._on_delivery,
             renewal_margin=cfg.worker.renewal_margin_seconds, renewal_jitter=cfg.worker.renewal_jitter_seconds,
-            expires_in=cfg.worker.expires_in_seconds)
+            expires_in=cfg.worker.expires_in_seconds, adopt_matching=not self.grouped)
         self.manager.start()
         if self.grouped:
             if cfg.worker.apply_specs_on_start and cfg.specs():

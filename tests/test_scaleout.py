@@ -1,0 +1,257 @@
+"""Scale-out: worker processes share 200 specs through Kafka and hand them over without loss.
+
+Real broker, sandbox (real pubnub SDK in the workers), several `ingest run` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from confluent_kafka import Consumer
+
+from ingest.config import load_config
+from ingest.sandbox.kafka import free_port
+from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
+from ingest.status import collect
+from tests.harness import TopicReader, compare, good, wait_for, write_config
+
+ACCOUNTS = 10
+SPECS_PER_ACCOUNT = 20
+SPECS = ACCOUNTS * SPECS_PER_ACCOUNT
+PARTITIONS = 12
+SESSION_TIMEOUT = 6.0
+
+
+class WorkerProcess:
+    """One `ingest run` process with its own config (worker id, metrics port) and log file."""
+
+    def __init__(self, name: str, base: dict[str, Any], directory: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        config = json.loads(json.dumps(base))
+        config["worker"]["id"] = name
+        config["metrics"]["port"] = self.port
+        self.config_path = directory / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = directory / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ingest", "run", "--config", str(self.config_path)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def owned(self) -> int:
+        try:
+            return int(self.metric("ingest_owned_specs"))
+        except OSError:
+            return -1
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    settings = SandboxSettings(accounts=demo_accounts(ACCOUNTS), pubnub_hold_seconds=1.0, rate_limits=False,
+                               buffer_size=20000)
+    with Sandbox(settings) as sb:
+        yield sb
+
+
+def _base_config(tmp_path: Path, sandbox: Sandbox, bootstrap: str, prefix: str, guarantee: str) -> dict[str, Any]:
+    subs = {f"s{i:02d}": ["/restapi/v1.0/account/~/extension/~/message-store"] for i in range(SPECS_PER_ACCOUNT)}
+    path = write_config(tmp_path, sandbox, bootstrap, prefix, subscriptions=subs, worker={
+        "coordination": "group", "delivery_guarantee": guarantee, "apply_specs_on_start": False,
+        "session_timeout_seconds": SESSION_TIMEOUT, "checkpoint_interval_seconds": 0.5})
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
+    config["topics"]["spec_partitions"] = PARTITIONS
+    config["logging"]["level"] = "INFO"
+    path.write_text(yaml.safe_dump(config))
+    apply = subprocess.run([sys.executable, "-m", "ingest", "apply", "--config", str(path)], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert apply.returncode == 0, apply.stderr
+    assert f"{SPECS} added" in apply.stdout
+    for account in config["accounts"]:
+        account["subscriptions"] = []  # the workers take their specs from the spec topic
+    return config
+
+
+def _owners(config_path: Path) -> dict[int, str]:
+    status = collect(load_config(config_path))
+    return {p: m["worker"] for m in status["members"] for p in m["partitions"]}
+
+
+def _stable(workers: list[WorkerProcess], config_path: Path) -> bool:
+    """Every partition owned by one live worker, every spec owned once, every worker ready."""
+    live = [w for w in workers if w.alive]
+    owners = _owners(config_path)
+    if sorted(owners) != list(range(PARTITIONS)) or set(owners.values()) != {w.name for w in live}:
+        return False
+    return sum(w.owned() for w in live) == SPECS and all(w.ready() for w in live)
+
+
+@pytest.mark.slow
+def test_three_workers_share_200_specs_and_hand_over_exactly_once(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    base = _base_config(tmp_path, sandbox, kafka_bootstrap, unique_name, "exactly-once")
+    workers = [WorkerProcess(f"w{i}", base, tmp_path) for i in range(1, 5)]
+    w1, w2, w3, w4 = workers
+    reader = TopicReader(kafka_bootstrap, unique_name, isolation="read_committed")
+    try:
+        for w in (w1, w2, w3):
+            w.start()
+        wait_for(lambda: _stable([w1, w2, w3], w1.config_path), 120, interval=1, what="three workers, 200 specs")
+        assert sum(sandbox.rc.created_count.values()) == SPECS
+        sandbox.generator.start(100)
+
+        # A fourth worker: only the partitions it takes move.
+        before = _owners(w1.config_path)
+        w4.start()
+        wait_for(lambda: _stable(workers, w1.config_path), 90, interval=1, what="four workers")
+        after = _owners(w1.config_path)
+        moved = {p for p in before if before[p] != after[p]}
+        assert moved and all(after[p] == "w4" for p in moved), (before, after)
+        assert len(moved) == PARTITIONS // 4
+
+        # w2 stops gracefully: only its partitions move.
+        before = after
+        w2.signal(signal.SIGTERM)
+        assert w2.wait(60) == 0
+        wait_for(lambda: _stable([w1, w3, w4], w1.config_path), 90, interval=1, what="w2's specs moved")
+        after = _owners(w1.config_path)
+        assert {p for p in before if before[p] != after[p]} == {p for p in before if before[p] == "w2"}
+
+        # w1 dies (SIGKILL): its specs move after the session timeout; measure the handover.
+        before = after
+        moved_specs = _specs_of(before, "w1", w1.config_path)
+        killed_at = time.time()
+        w1.signal(signal.SIGKILL)
+        w1.wait(10)
+        handover = _first_record_after(kafka_bootstrap, reader.topics.for_family("message-store"), moved_specs,
+                                       killed_at, timeout=60)
+        wait_for(lambda: _stable([w3, w4], w3.config_path), 90, interval=1, what="w1's specs moved")
+        print(f"handover after kill -9: {handover:.1f}s (session timeout {SESSION_TIMEOUT:.0f}s)")
+        assert handover < SESSION_TIMEOUT + 10
+
+        # A zombie: w3 paused past its session timeout, then resumed, must not commit anything.
+        w3.signal(signal.SIGSTOP)
+        wait_for(lambda: set(_owners(w4.config_path).values()) == {"w4"}, 60, interval=1,
+                 what="w4 taking over from the paused w3")
+        w3.signal(signal.SIGCONT)
+        wait_for(lambda: _stable([w3, w4], w4.config_path) or not w3.alive, 90, interval=1,
+                 what="the group settling after the zombie woke up")
+
+        sandbox.generator.stop()
+        generated = good(sandbox.generator.generated)
+        records = reader.poll_until(lambda rs: len({r.headers.get("uuid") for r in rs}) >= len(generated), 120)
+        result = compare(generated, records, reader.topics)
+        assert result.ok, (len(result.missing), result.wrong[:3])
+        assert result.duplicates == {}, f"{len(result.duplicates)} notifications seen twice"
+        assert sum(sandbox.rc.created_count.values()) == SPECS  # handovers renewed, never re-created
+        assert len(sandbox.rc.live_subscriptions()) == SPECS
+        print(f"scale-out: {len(generated)} notifications exactly once across add, stop, kill -9 and zombie")
+    finally:
+        reader.close()
+        sandbox.generator.stop()
+        for w in workers:
+            if w.alive:
+                w.signal(signal.SIGCONT)
+                w.signal(signal.SIGKILL)
+                w.wait(10)
+        for w in workers:
+            if w.log_path.exists():
+                errors = [line for line in w.log_path.read_text().splitlines() if "Traceback" in line]
+                assert not errors, f"{w.name}: {errors[:3]}"
+
+
+def _specs_of(owners: dict[int, str], worker: str, config_path: Path) -> set[str]:
+    status = collect(load_config(config_path))
+    return {row["spec"] for row in status["specs"] if owners.get(row["partition"]) == worker}
+
+
+def _first_record_after(bootstrap: str, topic: str, specs: set[str], since: float, timeout: float) -> float:
+    """Seconds from `since` to the first committed record of one of `specs` produced after it."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"handover-{time.time_ns()}",
+                         "auto.offset.reset": "latest", "isolation.level": "read_committed",
+                         "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            headers = dict(msg.headers() or [])
+            _kind, created_ms = msg.timestamp()
+            if headers.get("spec-id", b"").decode() in specs and created_ms / 1000 > since:
+                return created_ms / 1000 - since
+    finally:
+        consumer.close()
+    raise AssertionError(f"no record of the moved specs within {timeout:.0f}s")
+
+
+@pytest.mark.slow
+def test_at_least_once_kill_loses_nothing(sandbox: Sandbox, kafka_bootstrap: str, unique_name: str,
+                                          tmp_path: Path) -> None:
+    base = _base_config(tmp_path, sandbox, kafka_bootstrap, unique_name, "at-least-once")
+    a, b = WorkerProcess("a1", base, tmp_path), WorkerProcess("a2", base, tmp_path)
+    reader = TopicReader(kafka_bootstrap, unique_name)
+    try:
+        a.start()
+        b.start()
+        wait_for(lambda: _stable([a, b], a.config_path), 120, interval=1, what="two workers")
+        sandbox.generator.start(100)
+        wait_for(lambda: sandbox.generator.count() > 500, 30, what="traffic")
+        a.signal(signal.SIGKILL)
+        a.wait(10)
+        wait_for(lambda: _stable([b], b.config_path), 90, interval=1, what="a1's specs moved to a2")
+        wait_for(lambda: sandbox.generator.count() > 1500, 30, what="traffic after the kill")
+        sandbox.generator.stop()
+        generated = good(sandbox.generator.generated)
+        records = reader.poll_until(lambda rs: len({r.headers.get("uuid") for r in rs}) >= len(generated), 90)
+        result = compare(generated, records, reader.topics)
+        assert result.ok, (len(result.missing), result.wrong[:3])
+        assert sum(sandbox.rc.created_count.values()) == SPECS
+        print(f"at-least-once kill -9: {len(generated)} notifications, "
+              f"{sum(n - 1 for n in result.duplicates.values())} duplicates")
+    finally:
+        reader.close()
+        sandbox.generator.stop()
+        for w in (a, b):
+            if w.alive:
+                w.signal(signal.SIGKILL)
+                w.wait(10)
+

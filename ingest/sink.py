@@ -38,6 +38,7 @@ class SpecProgress:
     acked_tt: int = 0  # every notification at or below this timetoken is in Kafka
     checkpointed_tt: int = 0  # the newest acked_tt written to the state topic
     produced_tt: int = 0  # newest timetoken handed to the producer (exactly-once commits up to here)
+    released: bool = False  # handed to another worker: nothing more may be produced for it
     pending: deque[_InFlight] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -43,8 +43,14 @@ class SpecState:
 
 
 def partition_for(spec_id: str, partitions: int) -> int:
-    """The partition of a spec in the spec topic and in the state topic (CRC-32, stable everywhere)."""
-    return zlib.crc32(spec_id.encode()) % partitions
+    """The partition of a spec in the spec topic and in the state topic (CRC-32, stable everywhere).
+
+    It hashes the account part of the spec id ("<account>/<subscription>"), so all specs of an account
+    live in one partition and are owned by one worker: one login session per RingCentral user
+    (RingCentral allows about five per user and app), and one rate-limit budget in one place. An
+    account holds at most 20-30 subscriptions (RingCentral's per-user limit), so this unit stays small.
+    """
+    return zlib.crc32(spec_id.split("/", 1)[0].encode()) % partitions
 
 
 def restore(consumer_config: dict[str, str], topic: str, partitions: Iterable[int] | None = None,

@@ -55,6 +55,8 @@ class TransactionalSink(KafkaSink):
     def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float) -> None:
         entry = _InFlight(self, progress, outcome, timetoken, received_at)
         with self.lock:
+            if progress.released:  # read just before its handover: the new owner reads it again
+                return
             self._produce(entry)
             progress.produced_tt = timetoken
 
@@ -87,6 +89,16 @@ class TransactionalSink(KafkaSink):
             self._abort(exc.args[0])
         self._committed.inc()
         producer.begin_transaction()
+
+    def abort(self) -> None:
+        """Abort the open transaction and open the next (the caller holds `lock` and rewinds)."""
+        self._aborted.inc()
+        self._failed = None
+        try:
+            self.producer.abort_transaction(self._timeout)
+            self.producer.begin_transaction()
+        except KafkaException as exc:
+            raise TransactionFailed(str(exc), fatal=True) from None
 
     def _abort(self, error: KafkaError) -> None:
         self._aborted.inc()

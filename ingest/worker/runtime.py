@@ -211,8 +211,10 @@ class Worker:
             delivery = self._deliveries.get(spec_id)
             if delivery is not None:
                 self.transport.remove_channel(delivery.channel)
-        if not lost:
-            self._final_checkpoint(released, self.membership.consumer if self.membership else None)
+        if self.exactly_once:
+            self._hand_over_transactionally(released, lost)
+        elif not lost:
+            self._final_checkpoint(released)
         assert self.manager is not None
         self.manager.release(released)  # stop renewing; the subscription lives on for the new owner
         with self._lock:
@@ -220,6 +222,29 @@ class Worker:
                 self._drop_spec(spec_id)
         self._apply_owned()
         log.info("worker.specs_released", specs=len(released), lost=lost)
+
+    def _hand_over_transactionally(self, released: list[str], lost: bool) -> None:
+        """Exactly-once handover: nothing produced for a released spec may commit after this point.
+
+        Revoked (cooperative rebalance): commit what was read so far, checkpoints included; the new
+        owner resumes right after it. Lost (our session expired, another worker may already own the
+        specs): whatever is open must not commit at all, so abort it and read the rest again.
+        """
+        sink = self.sink
+        assert isinstance(sink, TransactionalSink)
+        with sink.lock:
+            for spec_id in released:
+                progress = self._progress.get(spec_id)
+                if progress is not None:
+                    progress.released = True
+            if lost:
+                try:
+                    sink.abort()
+                except TransactionFailed as exc:
+                    self.fatal_error = f"transaction abort failed: {exc}"
+                self._rewind({})
+        if not lost:
+            self._commit(self.membership.consumer if self.membership else None, force=True)
 
     def tick(self, consumer: Consumer) -> None:
         if self.exactly_once:

@@ -199,20 +199,30 @@ class SubscriptionManager:
             live += [self._status(e) for e in self._removing.values()]
             return sorted(live + list(self._finished.values()), key=lambda s: s.spec_id)
 
-    def release(self, spec_ids: Collection[str]) -> None:
+    def release(self, spec_ids: Collection[str], timeout: float = 15.0) -> dict[str, str | None]:
         """Hand specs over to another worker: stop renewing them, but keep their subscriptions alive.
 
         Unlike removal (set_specs without them), nothing is deleted and no `on_delivery(None)` is
         announced: the caller drops its own state, and the new owner renews the same subscriptions.
+        Waits (up to `timeout`) for API calls in flight for these specs, so that a subscription being
+        created right now is not orphaned; returns spec id -> its subscription id, to record for the
+        new owner.
         """
         with self._cond:
+            entries = []
             for spec_id in spec_ids:
                 entry = self._entries.get(spec_id)
                 if entry is not None:
                     entry.delete_on_remove = False
                     self._remove_locked(entry)
+                    entries.append(entry)
             self._publish_states_locked()
-        log.info("subscriptions.released", specs=len(spec_ids))
+            deadline = time.monotonic() + timeout
+            while any(e.busy for e in entries) and time.monotonic() < deadline:
+                self._cond.wait(0.1)
+            handed = {e.spec.spec_id: e.subscription_id or e.candidate_id for e in entries}
+        log.info("subscriptions.released", specs=len(handed))
+        return handed
 
     def report_problem(self, spec_id: str, reason: str) -> None:
         """The data plane suspects the spec's subscription (e.g. PubNub 403): verify it soon."""
@@ -354,6 +364,7 @@ class SubscriptionManager:
         finally:
             with self._cond:
                 entry.busy = False
+                self._cond.notify_all()  # release() may be waiting for this task
                 if entry.removed and not was_removed and not self._stopping:
                     entry.action = "delete"  # removed while this task ran: delete what it ended with
                     self._schedule_locked(entry, self.clock())

@@ -211,17 +211,36 @@ class Worker:
             delivery = self._deliveries.get(spec_id)
             if delivery is not None:
                 self.transport.remove_channel(delivery.channel)
+        assert self.manager is not None
+        # Stop renewing (the subscriptions live on for the new owner); waits for calls in flight.
+        handed = self.manager.release(released)
+        for spec_id, subscription_id in handed.items():
+            delivery = self._deliveries.get(spec_id)
+            if subscription_id and (delivery is None or delivery.subscription_id != subscription_id):
+                self._record_subscription(spec_id, subscription_id)  # created while we were handing over
         if self.exactly_once:
             self._hand_over_transactionally(released, lost)
         elif not lost:
             self._final_checkpoint(released)
-        assert self.manager is not None
-        self.manager.release(released)  # stop renewing; the subscription lives on for the new owner
         with self._lock:
             for spec_id in released:
                 self._drop_spec(spec_id)
         self._apply_owned()
         log.info("worker.specs_released", specs=len(released), lost=lost)
+
+    def _record_subscription(self, spec_id: str, subscription_id: str) -> None:
+        """A state record naming the spec's subscription when no delivery was announced for it yet."""
+        progress = self._progress.get(spec_id)
+        state = SpecState(spec_id, "", subscription_id, "", "", progress.checkpointed_tt if progress else 0,
+                          time.time(), self.worker_id)
+        sink = self.sink
+        if isinstance(sink, TransactionalSink):
+            with sink.lock:  # into the open transaction: committed with the handover
+                sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                                 partition_for(spec_id, self.spec_partitions))
+        else:
+            sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                             partition_for(spec_id, self.spec_partitions))
 
     def _hand_over_transactionally(self, released: list[str], lost: bool) -> None:
         """Exactly-once handover: nothing produced for a released spec may commit after this point.

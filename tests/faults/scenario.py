@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,16 +18,25 @@ from typing import Any
 import yaml
 
 from ingest.config import load_config
+from ingest.pipeline import TopicNames
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.worker.runtime import Worker
-from tests.harness import Comparison, TopicReader, compare, good, wait_for, write_config
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from tests.harness import Comparison, Record, TopicReader, compare, good, wait_for, write_config
 
 FILTERS = {
     "messages": ["/restapi/v1.0/account/~/extension/~/message-store"],
     "presence": ["/restapi/v1.0/account/~/extension/~/presence"],
 }
 KINDS = ["message-store", "presence"]
-RATE = 20.0  # notifications per second during a scenario
+RATE = 20.0
+# Harmless while a fresh or restarted broker settles: end of partition, topic not created yet,
+# group coordinator moving, broker transport down.
+IGNORED_CONSUMER_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                     KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                                     KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError._TRANSPORT,
+                                     KafkaError._ALL_BROKERS_DOWN})  # notifications per second during a scenario
 
 
 def sandbox_settings(**overrides: Any) -> SandboxSettings:
@@ -48,6 +57,38 @@ def worker_config_file(directory: Path, sandbox: Sandbox, bootstrap: str, prefix
     return path
 
 
+class FaultTolerantReader(TopicReader):
+    """A `TopicReader` that rides out retriable consumer errors (NOT_COORDINATOR, transport errors):
+    the reader itself lives through the broker outages these scenarios cause. It assigns every
+    partition itself instead of joining a consumer group, so a restarted broker's group coordinator
+    cannot keep it waiting."""
+
+    def __post_init__(self) -> None:
+        self.topics = TopicNames(self.prefix)
+        self._consumer = Consumer({
+            "bootstrap.servers": self.bootstrap, "group.id": f"{self.prefix}-verifier-{time.time_ns()}",
+            "enable.auto.commit": False, "isolation.level": self.isolation,
+        })
+        names = self.topics.all_output_topics()
+        metadata = self._consumer.list_topics(timeout=30).topics
+        self._consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in names if t in metadata
+                               for p in metadata[t].partitions])
+
+    def poll_until(self, done: Callable[[list[Record]], bool], timeout: float) -> list[Record]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not done(self.records):
+            for msg in self._consumer.consume(500, 0.5):
+                err = msg.error()
+                if err is not None:
+                    if err.retriable() or err.code() in IGNORED_CONSUMER_ERRORS:
+                        continue
+                    raise KafkaException(err)
+                headers = {k: (v or b"").decode("utf-8", "replace") for k, v in msg.headers() or []}
+                self.records.append(Record(msg.topic() or "", (msg.key() or b"").decode(), msg.value() or b"",
+                                           headers))
+        return self.records
+
+
 def all_active(worker: Worker, n: int) -> bool:
     """n subscriptions active, and PubNub answering on every one of their channels."""
     if worker.manager is None:
@@ -62,7 +103,7 @@ def all_active(worker: Worker, n: int) -> bool:
 class Scenario:
     sandbox: Sandbox
     worker: Worker
-    reader: TopicReader
+    reader: FaultTolerantReader
     specs: int
 
     def traffic(self, rate: float = RATE) -> None:
@@ -114,7 +155,7 @@ def scenario(tmp_path: Path, bootstrap: str, prefix: str, *, settings: SandboxSe
         if before_start is not None:
             before_start(w)
         w.start()
-        reader = TopicReader(bootstrap, prefix)
+        reader = FaultTolerantReader(bootstrap, prefix)
         specs = len(config.specs())
         try:
             wait_for(lambda: all_active(w, specs), 30, what="active subscriptions")

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from ingest.config import load_config
 from ingest.pipeline import TopicNames
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.worker.runtime import Worker
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-
 from tests.harness import Comparison, Record, TopicReader, compare, good, wait_for, write_config
 
 FILTERS = {
@@ -57,6 +56,14 @@ def worker_config_file(directory: Path, sandbox: Sandbox, bootstrap: str, prefix
     return path
 
 
+def _bytes(value: str | bytes | None) -> bytes:
+    return value.encode() if isinstance(value, str) else value or b""
+
+
+def _text(value: str | bytes | None) -> str:
+    return _bytes(value).decode("utf-8", "replace")
+
+
 class FaultTolerantReader(TopicReader):
     """A `TopicReader` that rides out retriable consumer errors (NOT_COORDINATOR, transport errors):
     the reader itself lives through the broker outages these scenarios cause. It assigns every
@@ -83,9 +90,8 @@ class FaultTolerantReader(TopicReader):
                     if err.retriable() or err.code() in IGNORED_CONSUMER_ERRORS:
                         continue
                     raise KafkaException(err)
-                headers = {k: (v or b"").decode("utf-8", "replace") for k, v in msg.headers() or []}
-                self.records.append(Record(msg.topic() or "", (msg.key() or b"").decode(), msg.value() or b"",
-                                           headers))
+                headers = {_text(k): _text(v) for k, v in list(msg.headers() or [])}
+                self.records.append(Record(msg.topic() or "", _text(msg.key()), _bytes(msg.value()), headers))
         return self.records
 
 
@@ -100,11 +106,11 @@ def all_active(worker: Worker, n: int) -> bool:
 
 
 @dataclass
-class Scenario:
+class Traffic:
+    """Steady sandbox traffic and the verdict on what reached Kafka (whoever the worker is)."""
+
     sandbox: Sandbox
-    worker: Worker
     reader: FaultTolerantReader
-    specs: int
 
     def traffic(self, rate: float = RATE) -> None:
         self.sandbox.generator.start(rate, kinds=KINDS)
@@ -143,6 +149,14 @@ class Scenario:
         return [v.id for v in self.sandbox.rc.subscriptions(include_dead=True) if v.status == "Expired"]
 
 
+@dataclass
+class Scenario(Traffic):
+    """Traffic around an in-process worker that owns `specs` subscriptions."""
+
+    worker: Worker
+    specs: int
+
+
 @contextlib.contextmanager
 def scenario(tmp_path: Path, bootstrap: str, prefix: str, *, settings: SandboxSettings | None = None,
              kafka: dict[str, str] | None = None, worker: dict[str, Any] | None = None,
@@ -159,7 +173,7 @@ def scenario(tmp_path: Path, bootstrap: str, prefix: str, *, settings: SandboxSe
         specs = len(config.specs())
         try:
             wait_for(lambda: all_active(w, specs), 30, what="active subscriptions")
-            yield Scenario(sandbox, w, reader, specs)
+            yield Scenario(sandbox, reader, w, specs)
         finally:
             sandbox.generator.stop()
             reader.close()

@@ -48,7 +48,7 @@ def test_kafka_broker_stopped_and_restarted_mid_stream(
     with scenario(tmp_path, own_broker.bootstrap_servers, unique_name) as s:
         outage, recovery = _outage(s, own_broker, seconds_of_traffic=4)
         s.wait_traffic(40)
-        _, duplicates = s.verify("kafka broker stop/restart")
+        s.verify("kafka broker stop/restart")
         print(f"outage {outage:.1f}s, probe delivered {recovery:.1f}s after the restart")
 
 
@@ -61,6 +61,6 @@ def test_kafka_delivery_timeouts_are_reproduced(own_broker: LocalKafka, unique_n
         timed_out = s.worker.metrics.delivery_errors.labels("_MSG_TIMED_OUT")._value.get()
         assert timed_out > 0, "no delivery timed out: the fault was not exercised"
         s.wait_traffic(40)
-        _, duplicates = s.verify("kafka delivery timeouts (3 s) during an outage")
+        s.verify("kafka delivery timeouts (3 s) during an outage")
         print(f"outage {outage:.1f}s, {timed_out:.0f} delivery timeouts re-produced, "
               f"probe delivered {recovery:.1f}s after the restart")

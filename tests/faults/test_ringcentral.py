@@ -168,7 +168,7 @@ def test_rc_key_and_channel_rotation_on_renewal(rc: Scenario) -> None:
     wait_for(lambda: {c for _, c in after.values()} <= rc.worker.transport.reading(), 30,
              what="the new channels read")
     rc.wait_traffic(60)
-    _, duplicates = rc.verify("rc key + channel rotation")
+    rc.verify("rc key + channel rotation")
     dead = [r for r in rc.reader.records if r.topic == rc.reader.topics.dead_letter]
     assert dead == [], f"{len(dead)} dead letters after the rotation: {dead[0].headers}"
     assert rc.worker.metrics.renewals.labels("changed")._value.get() >= rc.specs

@@ -9,7 +9,14 @@ each one takes seconds. The sandbox buffers 5,000 messages per key: loss past Pu
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,3 +185,61 @@ def scenario(tmp_path: Path, bootstrap: str, prefix: str, *, settings: SandboxSe
             sandbox.generator.stop()
             reader.close()
             w.stop(delete_subscriptions=True)
+
+
+class WorkerProcess:
+    """`python -m ingest run --config FILE` with its JSON log lines in a file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ingest", "run", "--config", str(config)],
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def lines(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def metrics_port(self) -> int | None:
+        ports = [e["metrics_port"] for e in self.lines() if e.get("event") == "worker.started"]
+        return int(str(ports[-1])) if ports else None
+
+    def ready(self) -> bool:
+        assert self.proc.poll() is None, f"the worker exited with {self.proc.returncode}"
+        port = self.metrics_port()
+        if port is None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.proc.returncode)
+
+    def get(self, path: str) -> str:
+        """GET a path of the worker's health port (/metrics, /readyz, /healthz); the body as text."""
+        port = self.metrics_port()
+        assert port is not None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return str(resp.read().decode())
+        except urllib.error.HTTPError as exc:  # 503 from /readyz still has a body
+            return str(exc.read().decode())

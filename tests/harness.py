@@ -3,10 +3,11 @@ wrote to Kafka, compared with what the sandbox generated (by uuid, and dead lett
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,3 +192,32 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def observed_worker(directory: Path, bootstrap: str, prefix: str, *, ttl: float = 900.0,
+                    worker: dict[str, Any] | None = None) -> Iterator[tuple[Any, Sandbox]]:
+    """A sandbox and a started in-process worker (metrics on a free port) reading all event families."""
+    from ingest.config import load_config
+    from ingest.sandbox.server import SandboxSettings
+    from ingest.worker.runtime import Worker
+
+    settings = SandboxSettings(subscription_ttl_max=ttl, pubnub_hold_seconds=1.0, rate_limits=False,
+                               buffer_size=5000)
+    with Sandbox(settings) as sandbox:
+        config = load_config(write_config(directory, sandbox, bootstrap, prefix, accounts=1,
+                                          subscriptions={k: v for k, v in ALL_FILTERS.items() if k != "reminders"},
+                                          worker=worker))
+        w = Worker(config)
+        w.start()
+        try:
+            yield w, sandbox
+        finally:
+            w.stop(delete_subscriptions=True)
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())

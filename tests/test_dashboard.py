@@ -2,8 +2,8 @@
 
 - The dashboard is current-schema Grafana JSON with a Prometheus datasource variable.
 - Every PromQL expression (dashboard targets, variable queries, alert rules) parses (promql-parser).
-- Every series they reference appears in a LIVE scrape of `/metrics` from a HealthServer serving a
-  fresh `Metrics()` registry: names come from the exposition, not from a hand-written list.
+- Every series they reference appears in a LIVE scrape of `/metrics` from a running worker (sandbox +
+  real broker, traffic handled): names come from the exposition, not from a hand-written list.
 - Every exported metric family is documented in docs/observability.md.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.health import HealthServer
-from ingest.metrics import Metrics
+from tests.harness import observed_worker, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ROOT / "helm" / "ingest" / "files"
@@ -106,15 +106,16 @@ def rule_exprs() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def exported() -> dict[str, str]:
-    """Series names a worker exports -> their family, from a live scrape over HTTP."""
-    server = HealthServer(Metrics(), "127.0.0.1", 0, liveness=lambda: (True, "ok"),
-                          readiness=lambda: (True, "ok"))
-    server.start()
-    try:
-        text = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
-    finally:
-        server.stop()
+def exported(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Series names a worker exports -> their family, from a live scrape over HTTP of a running worker
+    (sandbox + real broker) that has handled good and malformed notifications."""
+    directory = tmp_path_factory.mktemp("exported")
+    with observed_worker(directory, kafka_bootstrap, f"dash-{uuid.uuid4().hex[:8]}") as (worker, sandbox):
+        wait_for(lambda: len(worker.transport.reading()) == 3, 30, what="the worker reading PubNub")
+        sandbox.generator.publish(30)
+        sandbox.generator.publish(3, malformed="bad-padding")
+        wait_for(lambda: worker.metrics.notifications_received._value.get() >= 33, 30, what="traffic handled")
+        text = requests.get(f"http://127.0.0.1:{worker.health.port}/metrics", timeout=5).text
     suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
                 "summary": ["", "_sum", "_count", "_created"], "gauge": [""], "info": ["_info"],
                 "unknown": [""], "untyped": [""]}

@@ -501,6 +501,8 @@ class SubscriptionManager:
                 self._claimed.discard(entry.subscription_id)
             entry.subscription_id = None
             entry.create_reason = reason
+            # If the creation that follows fails, the retry must create again, not renew nothing.
+            entry.action = "attach"
 
     def _activate(self, entry: _Entry, info: dict[str, Any], deliveries: list[Delivery], *, how: str,
                   started: float | None = None) -> bool:

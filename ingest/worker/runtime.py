@@ -45,7 +45,8 @@ log = get_logger(__name__)
 
 KAFKA_CHECK_INTERVAL = 5.0
 STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often (liveness, expiry)
-READY_STATES = frozenset({"active", "renewing"})
+# A subscription that is live but whose renewal is failing still delivers until it expires.
+NOT_READY_STATES = frozenset({"pending", "failed"})
 
 
 @dataclass
@@ -470,8 +471,8 @@ class Worker:
         for status in self.manager.snapshot():
             if status.state == "deleted":
                 continue
-            if status.state not in READY_STATES:
+            if status.expires_at is not None and status.expires_at <= now:
+                return False, f"subscription {status.spec_id} has expired ({status.state})"
+            if status.state in NOT_READY_STATES or status.expires_at is None:
                 return False, f"subscription {status.spec_id} is {status.state}"
-            if status.expires_at is None or status.expires_at <= now:
-                return False, f"subscription {status.spec_id} has expired"
         return True, "ok"

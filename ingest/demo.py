@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="generated notifications per second (default 50)")
     parser.add_argument("--malformed-ratio", type=float, default=0.02,
                         help="share of deliberately malformed notifications (default 0.02)")
-    parser.add_argument("--subscription-ttl", type=float, default=40.0,
-                        help="subscription lifetime in seconds, short so renewals show (default 40)")
+    parser.add_argument("--subscription-ttl", type=float, default=30.0,
+                        help="subscription lifetime in seconds, short so renewals show (default 30)")
     parser.add_argument("--prefix", default="demo", help="topic prefix (default: demo)")
     parser.add_argument("--bootstrap-servers", help="use this Kafka instead of starting a local broker")
 
@@ -132,6 +132,30 @@ class LiveView:
         sys.stdout.flush()
 
 
+def _show_first(bootstrap: str, topic: str) -> None:
+    """Print one record the way `ingest tail` does (key, headers, value), shortened."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-show-{time.time_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            headers = {k: (v or b"").decode("utf-8", "replace")[:80] for k, v in msg.headers() or []}
+            print(f"  key     {(msg.key() or b'').decode()}")
+            for name, value in headers.items():
+                print(f"  header  {name} = {value}")
+            print(f"  value   {(msg.value() or b'').decode('utf-8', 'replace')[:160]}...")
+            return
+        print("  (none)")
+    finally:
+        consumer.close()
+
+
 def _fmt(v: float | None) -> str:
     return "  -  " if v is None else f"{v:5.2f}s"
 
@@ -182,9 +206,11 @@ def main(args: argparse.Namespace) -> int:
                       f"published {_total(metrics.notifications_published):.0f}, "
                       f"dead-lettered {_total(metrics.notifications_dead_lettered):.0f}")
                 topics = worker.topics
-                print("\nread the topics (while a broker runs, e.g. `make kafka` and --bootstrap-servers):")
-                print(f"  ingest tail -b {bootstrap} {topics.for_family('message-store')} --max 5")
-                print(f"  ingest tail -b {bootstrap} {topics.dead_letter} --max 5")
+                for topic in (topics.for_family("message-store"), topics.dead_letter):
+                    print(f"\nfirst record of {topic}:")
+                    _show_first(bootstrap, topic)
+                print("\nto keep the topics after the demo, run a broker of your own (`make kafka`) and pass it:")
+                print("  ingest demo --bootstrap-servers HOST:PORT      then      ingest tail -b HOST:PORT TOPIC")
         finally:
             if broker is not None:
                 broker.close()

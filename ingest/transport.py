@@ -15,17 +15,21 @@ message is dropped here (and counted), never handed on twice.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from pubnub.callbacks import SubscribeCallback
 from pubnub.enums import PNReconnectionPolicy, PNStatusCategory
 from pubnub.pnconfiguration import PNConfiguration
 from pubnub.pubnub import PubNub
+from pubnub.request_handlers.httpx import HttpxRequestHandler
 
 from ingest.logs import get_logger
 from ingest.metrics import Metrics
@@ -308,7 +312,7 @@ class PubNubTransport:
         cfg.suppress_leave_events = True
         # Resume where the least advanced channel stopped; the others drop what they already had.
         resume = min(self._channels[name].last_tt for name in channels)
-        pubnub = PubNub(cfg)
+        pubnub = PubNub(cfg, custom_request_handler=_RequestHandler)
         listener = _Listener(self, conn)
         pubnub.add_listener(listener)
         conn.pubnub, conn.listener = pubnub, listener
@@ -324,6 +328,31 @@ class PubNubTransport:
                 conn.pubnub.stop()
             except Exception:  # the SDK's stop is best effort; a daemon poll thread ends on its own
                 log.warning("transport.stop_failed", exc_info=True, connection=conn.conn_id)
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for every connection: building one (CA bundle included) costs ~30 ms of CPU."""
+    return httpx.create_ssl_context()
+
+
+class _RequestHandler(HttpxRequestHandler):  # type: ignore[misc]
+    """The SDK's own httpx handler, except that its `httpx.Client` reuses one TLS context.
+
+    Every connection (re)start is a new PubNub instance with a new client, and the SDK builds each
+    client's TLS context from scratch (even with ssl off): with thousands of channels starting or
+    moving, that alone saturated a core and made renewals late (docs/benchmarks.md). Everything
+    else, including HTTP/2 and certificate verification, is the SDK's default.
+    """
+
+    _session: httpx.Client | None
+    _session_lock: threading.Lock
+
+    def _ensure_session(self) -> httpx.Client:
+        with self._session_lock:
+            if self._session is None or self._session.is_closed:
+                self._session = httpx.Client(http2=True, verify=_ssl_context())
+            return self._session
 
 
 def _drop_registry_listener(pubnub: PubNub) -> None:

@@ -28,6 +28,9 @@ _DECRYPT_REASONS = frozenset({BAD_BASE64, BAD_LENGTH, BAD_PADDING})
 
 REQUIRED_PRODUCER_CONFIG = {"enable.idempotence": "true", "acks": "all"}
 DEFAULT_PRODUCER_CONFIG = {"linger.ms": "5", "compression.type": "lz4", "statistics.interval.ms": "0"}
+# During an outage every queued record fails its delivery (and fails again after each re-produce):
+# one log line per failure would flood the logs. The metric counts each; the log speaks this often.
+DELIVERY_FAILURE_LOG_INTERVAL = 10.0
 
 
 @dataclass
@@ -82,6 +85,9 @@ class KafkaSink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
+        self._failure_log_lock = threading.Lock()
+        self._failure_log_due = 0.0
+        self._failures_unlogged = 0
 
     @property
     def producer(self) -> Producer:
@@ -119,13 +125,25 @@ class KafkaSink:
         if err is not None:
             self.last_error = err.name()
             self._metrics.delivery_errors.labels(err.name()).inc()
-            log.warning("kafka.delivery_failed", error=err.name(), topic=o.topic, retriable=err.retriable())
+            self._log_failure(err, o.topic)
             self._produce(entry)  # never drop: try again (idempotence keeps retries within a session clean)
             return
         self.last_error = None
         self._count_delivery(entry)
         entry.done = True
         entry.progress.advance()
+
+    def _log_failure(self, err: KafkaError, topic: str) -> None:
+        """At most one `kafka.delivery_failed` line per interval, with how many were not logged."""
+        now = time.monotonic()
+        with self._failure_log_lock:
+            if now < self._failure_log_due:
+                self._failures_unlogged += 1
+                return
+            suppressed, self._failures_unlogged = self._failures_unlogged, 0
+            self._failure_log_due = now + DELIVERY_FAILURE_LOG_INTERVAL
+        log.warning("kafka.delivery_failed", error=err.name(), topic=topic, retriable=err.retriable(),
+                    suppressed=suppressed)
 
     def _count_delivery(self, entry: _InFlight) -> None:
         o = entry.outcome

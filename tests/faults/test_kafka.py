@@ -4,6 +4,7 @@ hit its delivery timeout. The sink keeps or re-produces every record: nothing lo
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,14 +53,19 @@ def test_kafka_broker_stopped_and_restarted_mid_stream(
         print(f"outage {outage:.1f}s, probe delivered {recovery:.1f}s after the restart")
 
 
-def test_kafka_delivery_timeouts_are_reproduced(own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
+def test_kafka_delivery_timeouts_are_reproduced(own_broker: LocalKafka, unique_name: str, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     # Records time out after 3 s in the producer; the outage is longer, so every record queued in it
     # fails its delivery at least once and must be produced again by the sink.
+    caplog.set_level(logging.WARNING, logger="ingest.sink")
     with scenario(tmp_path, own_broker.bootstrap_servers, unique_name,
                   kafka={"message.timeout.ms": "3000"}) as s:
         outage, recovery = _outage(s, own_broker, seconds_of_traffic=6)
         timed_out = s.worker.metrics.delivery_errors.labels("_MSG_TIMED_OUT")._value.get()
         assert timed_out > 0, "no delivery timed out: the fault was not exercised"
+        # Each failure is counted, but the log speaks at most once per 10 s (no per-record flood).
+        logged = [r for r in caplog.records if r.getMessage() == "kafka.delivery_failed"]
+        assert 1 <= len(logged) <= outage / 10 + 2, (len(logged), timed_out)
         s.wait_traffic(40)
         s.verify("kafka delivery timeouts (3 s) during an outage")
         print(f"outage {outage:.1f}s, {timed_out:.0f} delivery timeouts re-produced, "

@@ -257,7 +257,7 @@ def versions(kafka_version: str | None) -> dict[str, Any]:
     import confluent_kafka
 
     return {"python": platform.python_version(), "librdkafka": confluent_kafka.libversion()[0],
-            "confluent_kafka": confluent_kafka.version()[0], "kafka_broker": kafka_version,
+            "confluent_kafka": version("confluent-kafka"), "kafka_broker": kafka_version,
             "pubnub": version("pubnub"), "cryptography": version("cryptography"), "orjson": version("orjson"),
             "jsonschema_rs": version("jsonschema-rs"), "jsonschema": version("jsonschema"),
             "httpx": version("httpx")}

@@ -102,6 +102,21 @@ class FaultTolerantReader(TopicReader):
         return self.records
 
 
+def record_faults(sandbox: Sandbox) -> dict[str, list[float]]:
+    """From now on, when (monotonic time) each sandbox fault was applied, by kind. Observation only."""
+    fired: dict[str, list[float]] = {}
+    take = sandbox.book.take
+
+    def recording_take(kind: str, **match: str) -> Any:
+        hit = take(kind, **match)
+        if hit is not None:
+            fired.setdefault(kind, []).append(time.monotonic())
+        return hit
+
+    setattr(sandbox.book, "take", recording_take)  # noqa: B010
+    return fired
+
+
 def all_active(worker: Worker, n: int) -> bool:
     """n subscriptions active, and PubNub answering on every one of their channels."""
     if worker.manager is None:

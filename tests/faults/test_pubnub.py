@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ingest.worker.runtime import Worker
-from tests.faults.scenario import all_active, scenario
+from tests.faults.scenario import all_active, record_faults, scenario
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.slow
@@ -52,10 +52,14 @@ def test_pubnub_stalled_polls_past_the_read_timeout_lose_nothing(
         worker.transport.settings.subscribe_request_timeout = 3
 
     with scenario(tmp_path, kafka_bootstrap, unique_name, before_start=short_read_timeout) as s:
+        fired = record_faults(s.sandbox)
         s.traffic()
         s.wait_traffic(40)
         s.sandbox.faults.pubnub_stall(5.0, count=2)
-        wait_for(lambda: s.sandbox.book.fired.get("pubnub-stall", 0) >= 2, 30, what="two stalled polls")
+        wait_for(lambda: len(fired.get("pubnub-stall", [])) >= 2, 30, what="two stalled polls")
+        # The client gave up on the first stalled poll at its read timeout and polled again.
+        first, second = fired["pubnub-stall"][:2]
+        assert 2.5 < second - first < 5.0, f"second poll {second - first:.1f}s after the first"
         recovery = s.probe()
         s.wait_traffic(60)
         s.verify("pubnub stalled polls (5 s > 3 s read timeout) x2")

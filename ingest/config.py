@@ -102,6 +102,7 @@ class WorkerConfig:
     apply_specs_on_start: bool = True  # group mode: write this config's subscriptions to the spec topic
     session_timeout_seconds: float = 10.0  # group mode: a silent worker loses its specs after this
     replay_buffer_seconds: float = 1200.0  # PubNub keeps messages this long; older checkpoints may miss some
+    replay_buffer_messages: int = 100  # ... and this many per connection; a full catch-up may have lost some
 
 
 @dataclass(frozen=True)
@@ -554,7 +555,7 @@ class _Validator:
                                   "channels_per_connection", "checkpoint_interval_seconds",
                                   "shutdown_timeout_seconds", "delete_subscriptions_on_shutdown",
                                   "delivery_guarantee", "coordination", "apply_specs_on_start",
-                                  "session_timeout_seconds", "replay_buffer_seconds"))
+                                  "session_timeout_seconds", "replay_buffer_seconds", "replay_buffer_messages"))
         worker_id = self.string(m, "id", p, None, nullable=True) or f"{socket.gethostname()}-{os.getpid()}"
         expires_in = self.integer(m, "expires_in_seconds", p, MAX_PUBNUB_EXPIRES_IN, lo=1, hi=MAX_PUBNUB_EXPIRES_IN)
         margin = self.number(m, "renewal_margin_seconds", p, 120.0, lo=0, exclusive_lo=True)
@@ -577,6 +578,7 @@ class _Validator:
             apply_specs_on_start=self.boolean(m, "apply_specs_on_start", p, True),
             session_timeout_seconds=self.number(m, "session_timeout_seconds", p, 10.0, lo=1),
             replay_buffer_seconds=self.number(m, "replay_buffer_seconds", p, 1200.0, lo=0, exclusive_lo=True),
+            replay_buffer_messages=self.integer(m, "replay_buffer_messages", p, 100, lo=1),
         )
 
     def metrics(self, raw: Any) -> MetricsConfig:

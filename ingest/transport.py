@@ -76,6 +76,10 @@ class _Connection:
     listener: _Listener | None = None
     retired: bool = False
     connected: bool = False  # PubNub answered this instance's first poll
+    resume_tt: int = 0  # where this instance started reading
+    opened_tt: int = 0  # when it started: messages at or before this are replays from PubNub's buffer
+    replayed: int = 0
+    first_replayed_tt: int = 0
 
 
 class _Listener(SubscribeCallback):  # type: ignore[misc]
@@ -86,9 +90,12 @@ class _Listener(SubscribeCallback):  # type: ignore[misc]
         self._conn = conn
 
     def message(self, pubnub: PubNub, message: Any) -> None:
-        if self._conn.retired:  # a replaced instance may still drain its queue; the new one re-reads
+        conn = self._conn
+        if conn.retired:  # a replaced instance may still drain its queue; the new one re-reads
             return
         try:
+            if message.timetoken <= conn.opened_tt:
+                self._transport._count_replay(conn, message.timetoken)
             self._transport._on_message(message.channel, message.timetoken, message.message)
         except Exception:  # pragma: no cover - the handler is meant to catch everything itself
             log.error("transport.handler_failed", exc_info=True, channel=message.channel)
@@ -112,6 +119,7 @@ class TransportSettings:
     reconnection_interval: float = 1.0
     maximum_reconnection_interval: float = 30.0
     subscribe_request_timeout: int = 310
+    replay_buffer_messages: int = 100  # PubNub's per-connection buffer (a per-key setting at PubNub)
 
 
 @dataclass
@@ -122,6 +130,8 @@ class PubNubTransport:
     handler: MessageHandler
     metrics: Metrics
     on_access_denied: Callable[[list[str]], None] | None = None
+    # (channels, from_tt, until_tt): a catch-up returned a full replay buffer; older messages may be lost
+    on_replay_gap: Callable[[list[str], int, int], None] | None = None
     _channels: dict[str, _Channel] = field(default_factory=dict)
     _connections: dict[int, _Connection] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -211,6 +221,16 @@ class PubNubTransport:
             return
         ch.last_tt = timetoken
         self.handler(channel, timetoken, payload, time.time())
+
+    def _count_replay(self, conn: _Connection, timetoken: int) -> None:
+        """A catch-up that returns as many messages as PubNub's buffer holds may have lost older ones."""
+        conn.replayed += 1
+        if conn.replayed == 1:
+            conn.first_replayed_tt = timetoken
+        if conn.replayed == self.settings.replay_buffer_messages:
+            self.metrics.replay_gaps.inc()
+            if self.on_replay_gap is not None:
+                self.on_replay_gap(sorted(conn.channels), conn.resume_tt, conn.first_replayed_tt)
 
     def _on_status(self, conn: _Connection, status: Any) -> None:
         category = status.category
@@ -312,6 +332,7 @@ class PubNubTransport:
         cfg.suppress_leave_events = True
         # Resume where the least advanced channel stopped; the others drop what they already had.
         resume = min(self._channels[name].last_tt for name in channels)
+        conn.resume_tt, conn.opened_tt = resume, timetoken_at(time.time())
         pubnub = PubNub(cfg, custom_request_handler=_RequestHandler)
         listener = _Listener(self, conn)
         pubnub.add_listener(listener)

@@ -76,8 +76,10 @@ class Worker:
             if self.exactly_once else KafkaSink(config.kafka, self.metrics))
         self.transport = PubNubTransport(
             TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
-                              ssl=config.ringcentral.pubnub_ssl, channels_per_connection=w.channels_per_connection),
-            handler=self._on_message, metrics=self.metrics, on_access_denied=self._on_access_denied)
+                              ssl=config.ringcentral.pubnub_ssl, channels_per_connection=w.channels_per_connection,
+                              replay_buffer_messages=w.replay_buffer_messages),
+            handler=self._on_message, metrics=self.metrics, on_access_denied=self._on_access_denied,
+            on_replay_gap=self._on_replay_gap)
         self.heartbeats = Heartbeats()
         self.health = HealthServer(self.metrics, config.metrics.host, config.metrics.port,
                                    liveness=self._liveness, readiness=self._readiness)
@@ -127,6 +129,7 @@ class Worker:
         else:
             self._restored = restore(dict(cfg.kafka), self.topics.state)
             log.info("worker.state_restored", specs=len(self._restored))
+            self._check_replay_gaps(self._restored)
             specs = cfg.specs()
             self.metrics.owned_specs.set(len(specs))
             self.manager.set_specs(specs, {s: st.subscription_id for s, st in self._restored.items()})
@@ -345,6 +348,14 @@ class Worker:
         with self._lock:
             if all(d.channel != channel for d in self._deliveries.values()):
                 self._routes.pop(channel, None)
+
+    def _on_replay_gap(self, channels: list[str], from_tt: int, until_tt: int) -> None:
+        wanted = set(channels)
+        for spec_id, d in list(self._deliveries.items()):
+            if d.channel in wanted:
+                log.warning("replay.gap_suspected", spec=spec_id, subscription_id=d.subscription_id,
+                            missing_from=from_tt / 1e7, missing_until=until_tt / 1e7,
+                            reason="catch-up returned a full replay buffer")
 
     def _on_access_denied(self, channels: list[str]) -> None:
         if self.manager is None:

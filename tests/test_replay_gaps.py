@@ -1,0 +1,77 @@
+"""Gaps beyond PubNub's replay buffer are reported, naming the subscription and the time window."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from ingest.config import load_config
+from ingest.sandbox.server import Sandbox, SandboxSettings
+from ingest.worker.runtime import Worker
+from tests.harness import TopicReader, wait_for, write_config
+
+FILTERS = {"messages": ["/restapi/v1.0/account/~/extension/~/message-store"]}
+
+
+def _gap_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "replay.gap_suspected"]
+
+
+def _start(config_path: Path) -> Worker:
+    worker = Worker(load_config(config_path))
+    worker.start()
+    return worker
+
+
+def _reading(worker: Worker) -> bool:
+    return len(worker.transport.reading()) == 1
+
+
+def test_catch_up_that_fills_the_buffer_is_reported(kafka_bootstrap: str, unique_name: str, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="ingest")
+    with Sandbox(SandboxSettings(buffer_size=100, pubnub_hold_seconds=0.5, rate_limits=False)) as sandbox:
+        path = write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, subscriptions=FILTERS, accounts=1)
+        first = _start(path)
+        wait_for(lambda: _reading(first), 30, what="the first worker reading")
+        first.stop()
+
+        published = sandbox.generator.publish(250)  # while no one reads: PubNub keeps the newest 100
+        assert sandbox.pubnub.stats(sandbox.subscriber_key).dropped_overflow >= 150
+
+        second = _start(path)
+        reader = TopicReader(kafka_bootstrap, unique_name)
+        try:
+            records = reader.poll_until(lambda rs: len(rs) >= 100, 30)
+            assert {r.headers["uuid"] for r in records} == {g.uuid for g in published[-100:]}
+            wait_for(lambda: bool(_gap_events(caplog)), 10, what="the gap report")
+            event = _gap_events(caplog)[0]
+            assert event["spec"] == "acme/messages" and event["reason"] == "catch-up returned a full replay buffer"
+            assert float(str(event["missing_from"])) < published[150].timetoken / 1e7
+            assert second.metrics.replay_gaps._value.get() == 1
+        finally:
+            reader.close()
+            second.stop(delete_subscriptions=True)
+
+
+def test_checkpoint_older_than_the_buffer_is_reported(kafka_bootstrap: str, unique_name: str, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="ingest")
+    with Sandbox(SandboxSettings(pubnub_hold_seconds=0.5, rate_limits=False)) as sandbox:
+        # A 0.2 s "buffer lifetime" makes any restart a gap; the real one is 20 minutes.
+        path = write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, subscriptions=FILTERS, accounts=1,
+                            worker={"replay_buffer_seconds": 0.2})
+        first = _start(path)
+        wait_for(lambda: _reading(first), 30, what="the first worker reading")
+        assert _gap_events(caplog) == []  # nothing restored yet: no gap
+        first.stop()
+        second = _start(path)
+        try:
+            events = _gap_events(caplog)
+            assert [e["spec"] for e in events] == ["acme/messages"]
+            assert events[0]["reason"] == "checkpoint older than the replay buffer"
+            assert second.metrics.replay_gaps._value.get() == 1
+        finally:
+            second.stop(delete_subscriptions=True)

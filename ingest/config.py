@@ -149,7 +149,8 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         msg = str(exc)
         key = msg.split(":", 1)[0]
         for prefix, var in sources.items():
-            if key == prefix or key.startswith((prefix + ".", prefix + "[")):
+            if key == prefix or key.startswith((prefix + ".", prefix + "[")) \
+                    or prefix.startswith((key + ".", key + "[")):
                 raise ConfigError(f"{msg} (set by environment variable {var})") from None
         raise
 

@@ -145,7 +145,8 @@ def _show_first(bootstrap: str, topic: str) -> None:
             msg = consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
-            headers = {k: (v or b"").decode("utf-8", "replace")[:80] for k, v in msg.headers() or []}
+            headers = {str(k): (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))[:80]
+                       for k, v in list(msg.headers() or [])}
             print(f"  key     {(msg.key() or b'').decode()}")
             for name, value in headers.items():
                 print(f"  header  {name} = {value}")

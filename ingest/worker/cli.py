@@ -29,13 +29,22 @@ def main(args: argparse.Namespace) -> int:
         return 2
     logs.configure(config.logging.level)
 
-    from ingest.worker.runtime import Worker
+    from ingest.worker.runtime import Worker, WorkerStopped
 
     worker = Worker(config)
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        worker.request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    worker.start()
+        signal.signal(sig, on_signal)
+    try:
+        worker.start()
+    except WorkerStopped:
+        worker.stop()
+        return 0
     while not stop.wait(1.0):
         if worker.fatal_error:  # fenced by a newer owner: stop, let the orchestrator restart us
             break

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from ingest.catalogue import default_catalogue
@@ -42,11 +43,16 @@ from ingest.transactions import TransactionalSink, TransactionFailed
 from ingest.transport import OLD_CHANNEL_GRACE_SECONDS, PubNubTransport, TransportSettings
 
 log = get_logger(__name__)
+_T = TypeVar("_T")
 
 KAFKA_CHECK_INTERVAL = 5.0
 STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often (liveness, expiry)
 # A subscription that is live but whose renewal is failing still delivers until it expires.
 NOT_READY_STATES = frozenset({"pending", "failed"})
+
+
+class WorkerStopped(Exception):
+    """A stop was requested before the worker finished starting."""
 
 
 @dataclass
@@ -102,15 +108,37 @@ class Worker:
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
+    def request_stop(self) -> None:
+        """Ask a `start()` that is still waiting for Kafka to give up (signal handlers call this)."""
+        self._stop.set()
+
+    def _until_kafka_answers(self, what: str, step: Callable[[], _T]) -> _T:
+        """Run a startup step that needs Kafka, retrying with capped backoff while Kafka is unreachable.
+
+        Meanwhile /healthz stays up and /readyz says why the worker is not ready.
+        """
+        delay = 1.0
+        while True:
+            try:
+                return step()
+            except (KafkaException, TimeoutError) as exc:
+                self._kafka_ok = False
+                self.metrics.kafka_up.set(0)
+                error = exc.args[0].name() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
+                log.warning("kafka.unreachable", step=what, error=error, retry_in=delay)
+                if self._stop.wait(delay):
+                    raise WorkerStopped(f"stopped while waiting for Kafka ({what})") from None
+                delay = min(10.0, delay * 2)
+
     def start(self) -> None:
         cfg = self.config
         log.info("worker.starting", worker=self.worker_id, coordination=cfg.worker.coordination,
                  guarantee=cfg.worker.delivery_guarantee)
         self.health.start()
-        self._ensure_topics()
+        self._until_kafka_answers("create topics", self._ensure_topics)
         self._kafka_ok = True
         self.metrics.kafka_up.set(1)
-        self.sink.start()
+        self._until_kafka_answers("start the producer", self.sink.start)
         self.transport.start()
         self.manager = SubscriptionManager(
             accounts=build_sessions(cfg, self.metrics), metrics=self.metrics, on_delivery=self._on_delivery,
@@ -127,7 +155,8 @@ class Worker:
                 owner=self)
             self.membership.start()
         else:
-            self._restored = restore(dict(cfg.kafka), self.topics.state)
+            self._restored = self._until_kafka_answers(
+                "restore state", lambda: restore(dict(cfg.kafka), self.topics.state))
             log.info("worker.state_restored", specs=len(self._restored))
             self._check_replay_gaps(self._restored)
             specs = cfg.specs()

@@ -46,6 +46,7 @@ log = get_logger(__name__)
 _T = TypeVar("_T")
 
 KAFKA_CHECK_INTERVAL = 5.0
+STARTUP_KAFKA_TIMEOUT = 10.0
 STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often (liveness, expiry)
 # A subscription that is live but whose renewal is failing still delivers until it expires.
 NOT_READY_STATES = frozenset({"pending", "failed"})
@@ -170,7 +171,9 @@ class Worker:
         cfg = self.config
         admin = AdminClient(dict(cfg.kafka))
         partitions, replication = cfg.topics.partitions, cfg.topics.replication_factor
-        ensure_topics(admin, self.topics.all_output_topics(), partitions=partitions, replication_factor=replication)
+        # A short first timeout: an unreachable Kafka is reported (and retried) within seconds.
+        ensure_topics(admin, self.topics.all_output_topics(), partitions=partitions, replication_factor=replication,
+                      timeout=STARTUP_KAFKA_TIMEOUT)
         tables = [self.topics.state, *([self.spec_topic] if self.grouped else [])]
         ensure_topics(admin, tables, partitions=self.spec_partitions, replication_factor=replication,
                       config=COMPACTED)

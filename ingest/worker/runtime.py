@@ -203,10 +203,11 @@ class Worker:
         log.info("worker.stopped", undelivered=undelivered)
         return undelivered
 
-    def _final_checkpoint(self, spec_ids: list[str], consumer: Consumer | None = None) -> None:
-        """Make everything produced for these specs durable, with its checkpoint."""
+    def _final_checkpoint(self, spec_ids: list[str]) -> None:
+        """Make everything produced for these specs durable, with its checkpoint (standalone
+        exactly-once commits without group metadata: there is no group to be fenced by)."""
         if self.exactly_once:
-            self._commit(consumer, force=True)
+            self._commit(None, force=True)
         else:
             self.sink.flush(self.config.worker.shutdown_timeout_seconds)
             for spec_id in spec_ids:

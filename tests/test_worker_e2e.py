@@ -57,9 +57,11 @@ def test_every_notification_lands_once_in_its_topic_or_dead_letter(
         worker.stop(delete_subscriptions=True)
 
 
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 def test_restart_mid_stream_loses_nothing_and_reuses_subscriptions(
-        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
-    config = load_config(write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1))
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path, guarantee: str) -> None:
+    config = load_config(write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                                      worker={"delivery_guarantee": guarantee}))
     first = Worker(config)
     first.start()
     wait_for(lambda: _all_active(first, len(ALL_FILTERS)), 30, what="active subscriptions")
@@ -82,7 +84,9 @@ def test_restart_mid_stream_loses_nothing_and_reuses_subscriptions(
         assert result.ok, (len(result.missing), result.wrong[:3])
         assert sum(sandbox.rc.created_count.values()) == created_before  # renewed, never re-created
         duplicates = sum(n - 1 for n in result.duplicates.values())
-        print(f"restart: {len(generated)} notifications, {duplicates} duplicates")
+        print(f"restart ({guarantee}): {len(generated)} notifications, {duplicates} duplicates")
+        if guarantee == "exactly-once":
+            assert duplicates == 0
     finally:
         reader.close()
         second.stop(delete_subscriptions=True)

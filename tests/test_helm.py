@@ -225,6 +225,8 @@ def test_render_time_checks_name_the_problem(helm: str) -> None:
         ("--set", "metrics.serviceMonitor.enabled=true,metrics.service.enabled=false"): "needs metrics.service",
         ("--set-json", 'accounts=[{"name":"a","subscriptions":[]},{"name":"a","subscriptions":[]}]'):
             'accounts: the name "a" appears twice',
+        ("--set", "config.worker.coordination=standalone,replicaCount=2"):
+            'config.worker.coordination must be "group" with more than one pod',
     }
     for args, message in cases.items():
         proc = run_helm(helm, "template", RELEASE, str(CHART), *args, check=False)

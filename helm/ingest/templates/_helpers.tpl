@@ -140,6 +140,10 @@ so that any librdkafka property stays overridable.
 {{- fail (printf "config.kafka.%s: a credential does not belong in the ConfigMap; use credentials.kafka, or extraEnv with valueFrom.secretKeyRef (INGEST__KAFKA__...)" $key) -}}
 {{- end -}}
 {{- end -}}
+{{- $coordination := dig "worker" "coordination" "standalone" .Values.config -}}
+{{- if and (ne $coordination "group") (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) -}}
+{{- fail "config.worker.coordination must be \"group\" with more than one pod (replicaCount > 1 or autoscaling): standalone pods would each own every spec" -}}
+{{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes through the Service" -}}
 {{- end -}}

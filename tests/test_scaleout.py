@@ -238,6 +238,13 @@ def test_at_least_once_kill_loses_nothing(sandbox: Sandbox, kafka_bootstrap: str
         a.start()
         b.start()
         wait_for(lambda: _stable([a, b], a.config_path), 120, interval=1, what="two workers")
+        status = subprocess.run([sys.executable, "-m", "ingest", "status", "--config", str(a.config_path), "--json"],
+                                capture_output=True, text=True, timeout=60, check=True)
+        group = json.loads(status.stdout)
+        assert sorted(m["worker"] for m in group["members"]) == ["a1", "a2"]
+        assert sum(m["specs"] for m in group["members"]) == SPECS
+        assert all(r["owner"] in ("a1", "a2") and r["subscription_id"] and r["expires_in"] > 0
+                   for r in group["specs"])
         sandbox.generator.start(100)
         wait_for(lambda: sandbox.generator.count() > 500, 30, what="traffic")
         a.signal(signal.SIGKILL)

@@ -206,6 +206,11 @@ class SubscriptionExpiry:
         with self._lock:
             self._expires_at.pop(spec_id, None)
 
+    def get(self, spec_id: str) -> float | None:
+        """The recorded expiration of one spec's subscription (unix time), if any."""
+        with self._lock:
+            return self._expires_at.get(spec_id)
+
     def snapshot(self) -> dict[str, float]:
         """spec id -> expires_at (unix time), a copy."""
         with self._lock:

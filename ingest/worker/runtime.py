@@ -442,8 +442,10 @@ class Worker:
             return
         tt = progress.acked_tt if timetoken is None else timetoken
         tt = max(tt, progress.checkpointed_tt)
+        # The delivery is announced only when it changes; plain renewals move the expiry recorded here.
+        expires_at = self.metrics.subscription_expiry.get(spec_id) or delivery.expires_at
         state = SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
-                          delivery.channel, tt, time.time(), self.worker_id, delivery.expires_at)
+                          delivery.channel, tt, time.time(), self.worker_id, expires_at)
         self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
                               partition_for(spec_id, self.spec_partitions))
         progress.checkpointed_tt = tt

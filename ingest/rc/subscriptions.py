@@ -120,7 +120,9 @@ class SubscriptionManager:
         self._claimed: set[str] = set()  # subscription ids held or about to be tried by some spec
         self._inventories: dict[str, _Inventory] = {name: _Inventory() for name in self.accounts}
         self._state_counts: dict[str, int] = dict.fromkeys(STATES, 0)  # over self._entries
-        self._heap: list[tuple[float, int, str, int]] = []
+        self._heap: list[tuple[float, int, str, int]] = []  # (due time, seq, spec id, gen)
+        self._ready: list[tuple[float, int, str, int]] = []  # due tasks: (deadline, seq, spec id, gen)
+        self._in_flight = 0  # tasks handed to the pool (never more than api_threads)
         self._seq = itertools.count()
         self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
@@ -336,16 +338,34 @@ class SubscriptionManager:
         with self._cond:
             while not self._stopping:
                 now = self.clock()
+                # Due tasks queue here by deadline, and only as many run as there are API threads: a
+                # backlog of creations (thousands of specs starting at once) must not delay a renewal
+                # whose subscription is about to expire. Renewals go first, nearest expiry first.
                 while self._heap and self._heap[0][0] <= now:
                     _, _, spec_id, gen = heapq.heappop(self._heap)
                     entry = self._entries.get(spec_id) or self._removing.get(spec_id)
                     if entry is None or entry.gen != gen or entry.busy:
                         continue
+                    heapq.heappush(self._ready, (self._deadline(entry), next(self._seq), spec_id, gen))
+                while self._ready and self._in_flight < self._api_threads:
+                    _, _, spec_id, gen = heapq.heappop(self._ready)
+                    entry = self._entries.get(spec_id) or self._removing.get(spec_id)
+                    if entry is None or entry.gen != gen or entry.busy:
+                        continue
                     entry.busy = True
+                    self._in_flight += 1
                     assert self._pool is not None
                     self._pool.submit(self._run, entry)
                 wait = self._heap[0][0] - now if self._heap else 1.0
-                self._cond.wait(min(max(wait, 0.0), 1.0))
+                self._cond.wait(min(max(wait, 0.0), 1.0))  # a finished task notifies too
+
+    @staticmethod
+    def _deadline(entry: _Entry) -> float:
+        """When a due task must have run: a renewal (or verification) by its subscription's expiry;
+        anything else (attach, delete) has no deadline and yields to those."""
+        if entry.action in ("renew", "verify") and not entry.removed and entry.expires_at is not None:
+            return entry.expires_at
+        return float("inf")
 
     def _run(self, entry: _Entry) -> None:
         deliveries: list[Delivery] = []
@@ -364,7 +384,8 @@ class SubscriptionManager:
         finally:
             with self._cond:
                 entry.busy = False
-                self._cond.notify_all()  # release() may be waiting for this task
+                self._in_flight -= 1
+                self._cond.notify_all()  # the scheduler (a free API thread) and release() may wait for this
                 if entry.removed and not was_removed and not self._stopping:
                     entry.action = "delete"  # removed while this task ran: delete what it ended with
                     self._schedule_locked(entry, self.clock())

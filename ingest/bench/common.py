@@ -43,6 +43,16 @@ class Prepared:
     plaintext: bytes  # the JSON RingCentral serialised
 
 
+_QUERIES: dict[str, Callable[[Sandbox], Any]] = {
+    "live": lambda sb: len(sb.rc.live_subscriptions()),
+    "subscriptions": lambda sb: [(s.id, s.status, s.expires_at, s.renewals, s.created_at)
+                                 for s in sb.rc.subscriptions(include_dead=True)],
+    "created_total": lambda sb: sb.rc.created_total,
+    # uuids of the good notifications published so far (what must reach Kafka)
+    "generated": lambda sb: [g.uuid for g in sb.generator.generated if g.malformed is None and g.uuid],
+}
+
+
 def _sandbox_main(settings: SandboxSettings, conn: Connection) -> None:
     """Child process: serve the sandbox and answer commands from the parent until "stop"."""
     with Sandbox(settings) as sb:
@@ -54,8 +64,8 @@ def _sandbox_main(settings: SandboxSettings, conn: Connection) -> None:
             if command == "stop":
                 conn.send(None)
                 return
-            if command == "live":
-                conn.send(len(sb.rc.live_subscriptions()))
+            if command in _QUERIES:
+                conn.send(_QUERIES[command](sb))
             elif command == "prepare":
                 out, ready = _prepare(sb, ciphers, *args)
                 conn.send(out)
@@ -73,11 +83,6 @@ def _sandbox_main(settings: SandboxSettings, conn: Connection) -> None:
                 else:
                     sb.generator.stop()
                 conn.send(sb.generator.count())
-            elif command == "subscriptions":
-                conn.send([(s.id, s.status, s.expires_at, s.renewals, s.created_at)
-                           for s in sb.rc.subscriptions(include_dead=True)])
-            elif command == "created_total":
-                conn.send(sb.rc.created_total)
             else:
                 conn.send(ValueError(f"unknown command {command!r}"))
 

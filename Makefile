@@ -46,5 +46,9 @@ kafka: venv
 sandbox: venv
 	$(BIN)/ingest sandbox
 
+# Three runs of every scenario against a local broker; writes bench-results/ and docs/benchmarks.md.
+bench: venv
+	$(BIN)/python -m ingest.bench.run
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist

@@ -49,7 +49,7 @@ VERIFY_MIN_INTERVAL = 5.0  # report_problem() verifies a spec at most this often
 MAX_BACKOFF = 30.0  # transient failures (5xx, timeouts)
 MAX_FAILED_BACKOFF = 300.0  # permanent-looking failures (403 limit, 400 filters) are retried slowly
 MIN_LIFETIME_FRACTION = 0.5  # a margin longer than the granted lifetime: renew half-way instead
-PER_USER_LIMIT = 20  # documented subscriptions per user per app (30 in the 2025 spec); warn beyond
+PER_USER_LIMIT = 30  # subscriptions per user per app in the current spec (20 before 2025); warn beyond
 
 
 @dataclass(frozen=True)

@@ -384,7 +384,9 @@ class Worker:
 
     def _on_replay_gap(self, channels: list[str], from_tt: int, until_tt: int) -> None:
         wanted = set(channels)
-        for spec_id, d in list(self._deliveries.items()):
+        with self._lock:
+            deliveries = list(self._deliveries.items())
+        for spec_id, d in deliveries:
             if d.channel in wanted:
                 log.warning("replay.gap_suspected", spec=spec_id, subscription_id=d.subscription_id,
                             missing_from=from_tt / 1e7, missing_until=until_tt / 1e7,
@@ -393,7 +395,9 @@ class Worker:
     def _on_access_denied(self, channels: list[str]) -> None:
         if self.manager is None:
             return
-        for spec_id, d in list(self._deliveries.items()):
+        with self._lock:
+            deliveries = list(self._deliveries.items())
+        for spec_id, d in deliveries:
             if d.channel in channels:
                 self.manager.report_problem(spec_id, "pubnub-access-denied")
 
@@ -428,9 +432,13 @@ class Worker:
             except Exception:
                 log.error("worker.checkpoint_failed", exc_info=True)
 
+    def _progress_snapshot(self) -> list[tuple[str, SpecProgress]]:
+        with self._lock:  # control-plane callbacks add and drop specs concurrently
+            return list(self._progress.items())
+
     def _write_checkpoints(self) -> None:
         now = time.monotonic()
-        for spec_id, progress in list(self._progress.items()):
+        for spec_id, progress in self._progress_snapshot():
             stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
             if progress.acked_tt > progress.checkpointed_tt or stale:
                 self._write_state(spec_id)
@@ -462,7 +470,7 @@ class Worker:
         assert isinstance(sink, TransactionalSink)
         with sink.lock:
             committed_before: dict[str, int] = {}  # checkpoints as they stood before this transaction
-            for spec_id, progress in list(self._progress.items()):
+            for spec_id, progress in self._progress_snapshot():
                 stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
                 if progress.produced_tt > progress.checkpointed_tt or stale:
                     committed_before[spec_id] = progress.checkpointed_tt

@@ -20,6 +20,7 @@ from confluent_kafka import KafkaError, Producer
 from ingest.logs import get_logger
 from ingest.metrics import FamilyMetrics, Metrics
 from ingest.pipeline import BAD_BASE64, BAD_LENGTH, BAD_PADDING, SCHEMA_VIOLATION, Outcome
+from ingest.transport import Cursor
 
 log = get_logger(__name__)
 
@@ -103,7 +104,10 @@ class KafkaSink:
             producer.poll(0.05)
             queue_gauge.set(len(producer))
 
-    def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float) -> None:
+    def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float,
+             *, cursor: Cursor | None = None, epoch: int = 0) -> None:
+        """Produce one outcome. `cursor`/`epoch`: the channel's read position when the notification was
+        read (only the exactly-once sink, which rewinds channels, looks at them)."""
         entry = _InFlight(self, progress, outcome, timetoken, received_at)
         progress.pending.append(entry)
         progress.produced_tt = timetoken

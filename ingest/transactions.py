@@ -22,6 +22,7 @@ from ingest.logs import get_logger
 from ingest.metrics import Metrics
 from ingest.pipeline import Outcome
 from ingest.sink import KafkaSink, SpecProgress, _InFlight
+from ingest.transport import Cursor
 
 log = get_logger(__name__)
 
@@ -52,16 +53,21 @@ class TransactionalSink(KafkaSink):
         self.producer.begin_transaction()
         super().start()
 
-    def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float) -> None:
+    def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float,
+             *, cursor: Cursor | None = None, epoch: int = 0) -> None:
         entry = _InFlight(self, progress, outcome, timetoken, received_at)
         with self.lock:
-            if progress.released:  # read just before its handover: the new owner reads it again
+            # Read just before a handover (the new owner reads it again) or before a rewind of its
+            # channel (it is read again here): producing it now would commit it twice.
+            if progress.released or (cursor is not None and cursor.epoch != epoch):
                 return
             self._produce(entry)
             progress.produced_tt = timetoken
 
     def _delivered(self, entry: _InFlight, err: KafkaError | None) -> None:
         if err is not None:
+            if err.code() == KafkaError._PURGE_QUEUE:
+                return  # a record of a transaction we aborted ourselves: already being read again
             # Inside a transaction a failed record dooms the transaction: it is aborted at the next
             # commit and its notifications are read again from PubNub (see Worker._rewind).
             self._failed = err.name()

@@ -48,8 +48,9 @@ APPLY_INTERVAL_SECONDS = 0.2
 # PubNub caches a 403 for about 30 s; retrying sooner only produces more 403s.
 ACCESS_DENIED_RETRY_SECONDS = 5.0
 
-# The message handler: (channel, timetoken, payload, received_at). Must not raise.
-MessageHandler = Callable[[str, int, Any, float], None]
+# The message handler: (channel, timetoken, payload, received_at, cursor, epoch). Must not raise.
+# `cursor.epoch != epoch` later means the channel was rewound since: the message will be read again.
+MessageHandler = Callable[[str, int, Any, float, "Cursor", int], None]
 
 
 def timetoken_at(unix_seconds: float) -> int:
@@ -57,11 +58,14 @@ def timetoken_at(unix_seconds: float) -> int:
 
 
 @dataclass
-class _Channel:
+class Cursor:
+    """A channel's read position (handed to the message handler; callers only read `.epoch`)."""
+
     name: str
     subscribe_key: str
     last_tt: int  # newest timetoken delivered (or the resume point before anything arrived)
     start_tt: int = 0  # where reading began (a checkpoint, or the lookback of a new channel)
+    epoch: int = 0  # bumped by rewind()
     remove_at: float | None = None  # set while an old channel drains after a move
 
 
@@ -91,12 +95,10 @@ class _Listener(SubscribeCallback):  # type: ignore[misc]
 
     def message(self, pubnub: PubNub, message: Any) -> None:
         conn = self._conn
-        if conn.retired:  # a replaced instance may still drain its queue; the new one re-reads
-            return
         try:
-            if message.timetoken <= conn.opened_tt:
+            if message.timetoken <= conn.opened_tt and not conn.retired:
                 self._transport._count_replay(conn, message.timetoken)
-            self._transport._on_message(message.channel, message.timetoken, message.message)
+            self._transport._on_message(conn, message.channel, message.timetoken, message.message)
         except Exception:  # pragma: no cover - the handler is meant to catch everything itself
             log.error("transport.handler_failed", exc_info=True, channel=message.channel)
 
@@ -132,7 +134,7 @@ class PubNubTransport:
     on_access_denied: Callable[[list[str]], None] | None = None
     # (channels, from_tt, until_tt): a catch-up returned a full replay buffer; older messages may be lost
     on_replay_gap: Callable[[list[str], int, int], None] | None = None
-    _channels: dict[str, _Channel] = field(default_factory=dict)
+    _channels: dict[str, Cursor] = field(default_factory=dict)
     _connections: dict[int, _Connection] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -152,7 +154,7 @@ class PubNubTransport:
                 existing.remove_at = None
                 return
             start = resume_tt if resume_tt is not None else timetoken_at(time.time() - NEW_CHANNEL_LOOKBACK_SECONDS)
-            self._channels[channel] = _Channel(channel, subscribe_key, start, start)
+            self._channels[channel] = Cursor(channel, subscribe_key, start, start)
             self._dirty.add(subscribe_key)
         self._wake.set()
 
@@ -164,8 +166,12 @@ class PubNubTransport:
             if ch is None:
                 return
             ch.last_tt = ch.start_tt if timetoken is None else timetoken
+            ch.epoch += 1
             for conn in self._connections.values():
                 if channel in conn.channels:
+                    # Retire it now, not at the next replan: a message it still delivers would pass
+                    # the reset cursor, and the replacement would then drop the replay as a duplicate.
+                    conn.retired = True
                     self._dirty.add(conn.conn_id)
         self._wake.set()
 
@@ -212,15 +218,20 @@ class PubNubTransport:
 
     # ---- SDK callbacks -------------------------------------------------------------------------
 
-    def _on_message(self, channel: str, timetoken: int, payload: Any) -> None:
-        ch = self._channels.get(channel)
-        if ch is None:
-            return  # a channel removed while its message was in flight: its spec is gone
-        if timetoken <= ch.last_tt:
-            self.metrics.notifications_duplicate.inc()
-            return
-        ch.last_tt = timetoken
-        self.handler(channel, timetoken, payload, time.time())
+    def _on_message(self, conn: _Connection, channel: str, timetoken: int, payload: Any) -> None:
+        # Under the lock, so that a rewind() cannot fall between the checks and the cursor update.
+        with self._lock:
+            if conn.retired:  # a replaced instance may still drain its queue; the new one re-reads
+                return
+            ch = self._channels.get(channel)
+            if ch is None:
+                return  # a channel removed while its message was in flight: its spec is gone
+            if timetoken <= ch.last_tt:
+                self.metrics.notifications_duplicate.inc()
+                return
+            ch.last_tt = timetoken
+            epoch = ch.epoch
+        self.handler(channel, timetoken, payload, time.time(), ch, epoch)
 
     def _count_replay(self, conn: _Connection, timetoken: int) -> None:
         """A catch-up that returns as many messages as PubNub's buffer holds may have lost older ones."""

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import yaml
 from confluent_kafka import Consumer
 
 from ingest.config import load_config
-from ingest.sandbox.kafka import free_port
+from ingest.sandbox.processes import WorkerProcess
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
 from ingest.status import collect
 from tests.harness import TopicReader, compare, good, wait_for, write_config
@@ -30,57 +29,6 @@ SPECS_PER_ACCOUNT = 20
 SPECS = ACCOUNTS * SPECS_PER_ACCOUNT
 PARTITIONS = 12
 SESSION_TIMEOUT = 6.0
-
-
-class WorkerProcess:
-    """One `ingest run` process with its own config (worker id, metrics port) and log file."""
-
-    def __init__(self, name: str, base: dict[str, Any], directory: Path) -> None:
-        self.name = name
-        self.port = free_port()
-        config = json.loads(json.dumps(base))
-        config["worker"]["id"] = name
-        config["metrics"]["port"] = self.port
-        self.config_path = directory / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = directory / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ingest", "run", "--config", str(self.config_path)],
-                                         stdout=log, stderr=subprocess.STDOUT)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 60) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {")
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def owned(self) -> int:
-        try:
-            return int(self.metric("ingest_owned_specs"))
-        except OSError:
-            return -1
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 @pytest.fixture
@@ -148,7 +96,7 @@ def test_three_workers_share_200_specs_and_hand_over_exactly_once(
 
         # w2 stops gracefully: only its partitions move.
         before = after
-        w2.signal(signal.SIGTERM)
+        w2.send(signal.SIGTERM)
         assert w2.wait(60) == 0
         wait_for(lambda: _stable([w1, w3, w4], w1.config_path), 90, interval=1, what="w2's specs moved")
         after = _owners(w1.config_path)
@@ -161,7 +109,7 @@ def test_three_workers_share_200_specs_and_hand_over_exactly_once(
         survivors = [w for w in live if w is not victim]
         moved_specs = _specs_of(before, victim.name, w1.config_path)
         killed_at = time.time()
-        victim.signal(signal.SIGKILL)
+        victim.send(signal.SIGKILL)
         victim.wait(10)
         handover = _first_record_after(kafka_bootstrap, reader.topics.for_family("message-store"), moved_specs,
                                        killed_at, timeout=60)
@@ -172,10 +120,10 @@ def test_three_workers_share_200_specs_and_hand_over_exactly_once(
 
         # A zombie: a worker paused past its session timeout, then resumed, must not commit anything.
         zombie, other = survivors
-        zombie.signal(signal.SIGSTOP)
+        zombie.send(signal.SIGSTOP)
         wait_for(lambda: set(_owners(other.config_path).values()) == {other.name}, 60, interval=1,
                  what="the other worker taking over from the paused one")
-        zombie.signal(signal.SIGCONT)
+        zombie.send(signal.SIGCONT)
         wait_for(lambda: _stable(survivors, other.config_path) or not zombie.alive, 90, interval=1,
                  what="the group settling after the zombie woke up")
 
@@ -192,10 +140,7 @@ def test_three_workers_share_200_specs_and_hand_over_exactly_once(
         reader.close()
         sandbox.generator.stop()
         for w in workers:
-            if w.alive:
-                w.signal(signal.SIGCONT)
-                w.signal(signal.SIGKILL)
-                w.wait(10)
+            w.stop(signal.SIGKILL)
         for w in workers:
             if w.log_path.exists():
                 errors = [line for line in w.log_path.read_text().splitlines() if "Traceback" in line]
@@ -247,7 +192,7 @@ def test_at_least_once_kill_loses_nothing(sandbox: Sandbox, kafka_bootstrap: str
                    for r in group["specs"])
         sandbox.generator.start(100)
         wait_for(lambda: sandbox.generator.count() > 500, 30, what="traffic")
-        a.signal(signal.SIGKILL)
+        a.send(signal.SIGKILL)
         a.wait(10)
         wait_for(lambda: _stable([b], b.config_path), 90, interval=1, what="a1's specs moved to a2")
         wait_for(lambda: sandbox.generator.count() > 1500, 30, what="traffic after the kill")
@@ -263,7 +208,5 @@ def test_at_least_once_kill_loses_nothing(sandbox: Sandbox, kafka_bootstrap: str
         reader.close()
         sandbox.generator.stop()
         for w in (a, b):
-            if w.alive:
-                w.signal(signal.SIGKILL)
-                w.wait(10)
+            w.stop(signal.SIGKILL)
 

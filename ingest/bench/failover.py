@@ -10,12 +10,10 @@ the worker that owns more specs is killed with SIGKILL. Measured:
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import yaml
 from confluent_kafka import Consumer
 
 from ingest.bench.common import SandboxProcess, write_worker_config
-from ingest.sandbox.kafka import free_port
+from ingest.sandbox.processes import WorkerProcess
 from ingest.sandbox.server import SandboxSettings, demo_accounts
 
 ACCOUNTS = 10
@@ -32,48 +30,6 @@ SPECS = ACCOUNTS * SPECS_PER_ACCOUNT
 PARTITIONS = 12
 SESSION_TIMEOUT = 10.0  # the product's default
 RATE = 200.0  # notifications per second during the scenario
-
-
-class _Worker:
-    def __init__(self, name: str, base: dict[str, Any], directory: Path) -> None:
-        self.name = name
-        self.port = free_port()
-        config = json.loads(json.dumps(base))
-        config["worker"]["id"] = name
-        config["metrics"]["port"] = self.port
-        self.config_path = directory / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log = (directory / f"{name}.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ingest", "run", "--config", str(self.config_path)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-
-    def _get(self, path: str) -> tuple[int, str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=3) as resp:
-            return resp.status, resp.read().decode()
-
-    def owned(self) -> int:
-        try:
-            text = self._get("/metrics")[1]
-        except OSError:
-            return -1
-        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("ingest_owned_specs") and line[len("ingest_owned_specs")] in " {"))
-
-    def ready(self) -> bool:
-        try:
-            return self._get("/readyz")[0] == 200
-        except OSError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> None:
@@ -168,13 +124,13 @@ def run(bootstrap: str, workdir: Path) -> dict[str, Any]:
             status = collect(config)
             return {p: m["worker"] for m in status["members"] for p in m["partitions"]}
 
-        def stable(live: list[_Worker]) -> bool:
+        def stable(live: list[WorkerProcess]) -> bool:
             o = owners()
             return (sorted(o) == list(range(PARTITIONS)) and set(o.values()) == {w.name for w in live}
                     and sum(w.owned() for w in live) == SPECS and all(w.ready() for w in live))
 
         started = time.monotonic()
-        workers = [_Worker(f"{prefix}-w{i}", base, directory) for i in (1, 2)]
+        workers = [WorkerProcess(f"{prefix}-w{i}", base, directory).start() for i in (1, 2)]
         reader = _Reader(bootstrap, prefix)
         try:
             _wait(lambda: stable(workers), 180, "two workers sharing the specs")
@@ -187,8 +143,7 @@ def run(bootstrap: str, workdir: Path) -> dict[str, Any]:
             victim = max(workers, key=lambda w: len(owned_by[w.name]))
             survivor = next(w for w in workers if w is not victim)
             killed_at = time.time()
-            victim.proc.send_signal(signal.SIGKILL)
-            victim.proc.wait(10)
+            victim.stop(signal.SIGKILL)
             first = reader.first_after(owned_by[victim.name], killed_at, 90)
             _wait(lambda: stable([survivor]), 120, "the killed worker's specs moved")
             reader.drain(5.0)

@@ -40,7 +40,7 @@ from ingest.specs.store import apply_specs
 from ingest.state import SpecState, partition_for, restore
 from ingest.topics import COMPACTED, ensure_topics
 from ingest.transactions import TransactionalSink, TransactionFailed
-from ingest.transport import OLD_CHANNEL_GRACE_SECONDS, PubNubTransport, TransportSettings
+from ingest.transport import OLD_CHANNEL_GRACE_SECONDS, Cursor, PubNubTransport, TransportSettings
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -403,14 +403,15 @@ class Worker:
 
     # ---- hot path ------------------------------------------------------------------------------
 
-    def _on_message(self, channel: str, timetoken: int, payload: Any, received_at: float) -> None:
+    def _on_message(self, channel: str, timetoken: int, payload: Any,  # noqa: PLR0917 - transport's callback
+                    received_at: float, cursor: Cursor, epoch: int) -> None:
         route = self._routes.get(channel)
         if route is None:
             return
         self._received.inc()
         route.spec_metrics.last_notification.set(received_at)
         outcome = self.pipeline.process(payload, route.context, timetoken)
-        self.sink.send(outcome, route.progress, timetoken, received_at)
+        self.sink.send(outcome, route.progress, timetoken, received_at, cursor=cursor, epoch=epoch)
 
     # ---- checkpoints, transactions and health --------------------------------------------------
 

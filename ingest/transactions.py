@@ -42,7 +42,9 @@ class TransactionalSink(KafkaSink):
         # the coordinator aborts it: keep that short (Kafka Streams uses 10 s for the same reason).
         super().__init__({"transaction.timeout.ms": "10000", **producer_config,
                           "transactional.id": transactional_id}, metrics)
-        self.lock = threading.Lock()  # held by the hot path per record and by the committer per commit
+        # Held by the hot path per record and by the committer per commit (re-entrant: the committer
+        # writes checkpoints through produce_raw, which takes it too).
+        self.lock = threading.RLock()
         self._timeout = timeout
         self._failed: str | None = None
         self._committed = metrics.transactions.labels("committed")
@@ -63,6 +65,11 @@ class TransactionalSink(KafkaSink):
                 return
             self._produce(entry)
             progress.produced_tt = timetoken
+
+    def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
+        """State records and tombstones go into the open transaction, never between two of them."""
+        with self.lock:
+            super().produce_raw(topic, key, value, partition)
 
     def _delivered(self, entry: _InFlight, err: KafkaError | None) -> None:
         if err is not None:

@@ -270,14 +270,9 @@ class Worker:
         progress = self._progress.get(spec_id)
         state = SpecState(spec_id, "", subscription_id, "", "", progress.checkpointed_tt if progress else 0,
                           time.time(), self.worker_id)
-        sink = self.sink
-        if isinstance(sink, TransactionalSink):
-            with sink.lock:  # into the open transaction: committed with the handover
-                sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
-                                 partition_for(spec_id, self.spec_partitions))
-        else:
-            sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
-                             partition_for(spec_id, self.spec_partitions))
+        # Exactly-once: into the open transaction, committed with the handover.
+        self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                              partition_for(spec_id, self.spec_partitions))
 
     def _hand_over_transactionally(self, released: list[str], lost: bool) -> None:
         """Exactly-once handover: nothing produced for a released spec may commit after this point.

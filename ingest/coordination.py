@@ -27,6 +27,7 @@ from ingest.specs.store import decode_spec
 log = get_logger(__name__)
 
 POLL_SECONDS = 0.05
+STABLE_OFFSETS_TIMEOUT = 60.0  # longer than any transaction may stay open (transaction.timeout.ms)
 
 
 class Owner(Protocol):
@@ -64,6 +65,8 @@ class GroupMembership:
             "max.poll.interval.ms": max(session_timeout_ms, 30000),
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            # Also makes librdkafka fetch committed offsets with RequireStable (KIP-447): the fetch
+            # waits while another member's transaction holds pending offsets (see _finish_loading).
             "isolation.level": "read_committed",
         }
 
@@ -169,6 +172,12 @@ class GroupMembership:
         loading = self._loading.pop(partition, None)
         if loading is not None:
             started = time.monotonic()
+            # The previous owner may have been paused inside a commit: its transaction already holds
+            # this partition's offsets (sent with its old, then valid, group generation) and may still
+            # commit, with checkpoints we must see. A read_committed consumer's offset fetch waits
+            # until that transaction is committed or aborted (KIP-447), so the state restored next is
+            # final.
+            self.consumer.committed([TopicPartition(self.spec_topic, partition)], timeout=STABLE_OFFSETS_TIMEOUT)
             self.owner.partition_loaded(partition, loading[1])
             log.info("group.partition_loaded", partition=partition, specs=len(loading[1]),
                      seconds=round(time.monotonic() - started, 3))

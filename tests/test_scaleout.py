@@ -133,9 +133,10 @@ def test_three_workers_share_200_specs_and_hand_over_exactly_once(
         result = compare(generated, records, reader.topics)
         assert result.ok, (len(result.missing), result.wrong[:3])
         twice = [g for g in generated if g.uuid in result.duplicates]
+        published = [g.published_at for g in twice]
         assert not twice, (f"{len(twice)} notifications seen twice, of subscriptions "
                            f"{sorted({(g.subscription_id, g.account_id) for g in twice})}, "
-                           f"published {min(g.published_at for g in twice):.3f}-{max(g.published_at for g in twice):.3f}")
+                           f"published {min(published):.3f}-{max(published):.3f}")
         assert sum(sandbox.rc.created_count.values()) == SPECS  # handovers renewed, never re-created
         assert len(sandbox.rc.live_subscriptions()) == SPECS
         print(f"scale-out: {len(generated)} notifications exactly once across add, stop, kill -9 and zombie")

@@ -185,7 +185,7 @@ def count_by_topic(records: list[Record]) -> Counter[str]:
     return Counter(r.topic for r in records)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "condition") -> None:
+def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition", interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,18 +20,11 @@ from ingest.rc.subscriptions import SubscriptionManager, normalize_filters
 from ingest.rc.tokens import TokenManager
 from ingest.sandbox.ringcentral import SubscriptionView
 from ingest.sandbox.server import Sandbox, SandboxSettings
+from tests.harness import wait_for
 
 MSG = "/restapi/v1.0/account/~/extension/~/message-store"
 PRESENCE = "/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true"
 
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def sample(m: Metrics, name: str, **labels: str) -> float:
@@ -152,7 +145,7 @@ worker: {{renewal_margin_seconds: 3, renewal_jitter_seconds: 0.3, expires_in_sec
     mgr.set_specs(cfg.specs())
     mgr.start()
     try:
-        wait_until(lambda: all(s.state == "active" for s in mgr.snapshot()), 10, "three active subscriptions")
+        wait_for(lambda: all(s.state == "active" for s in mgr.snapshot()), 10, "three active subscriptions")
         first = {s: rec.last(s) for s in ("acme/messages", "acme/presence", "globex/messages")}
         d = first["acme/presence"]
         assert d is not None and d.account_id == acme.account_id and d.encryption_key
@@ -161,7 +154,7 @@ worker: {{renewal_margin_seconds: 3, renewal_jitter_seconds: 0.3, expires_in_sec
         assert view.channel == d.channel and view.key == d.encryption_key
         assert first["globex/messages"] is not None and first["globex/messages"].account_id == globex.account_id
         # Several renewal cycles: every subscription is renewed before it expires, never re-created.
-        wait_until(lambda: all(s.renewals >= 3 for s in mgr.snapshot()), 20, "three renewals each")
+        wait_for(lambda: all(s.renewals >= 3 for s in mgr.snapshot()), 20, "three renewals each")
         assert sb.rc.created_total == 3
         assert all(v.status == "Active" for v in sb.rc.subscriptions(include_dead=True))
         assert all(len(rec.of(s)) == 1 for s in first)  # nothing changed: reported once
@@ -188,14 +181,14 @@ def test_restart_reuses_subscriptions_instead_of_creating(sb: Sandbox) -> None:
     specs = [spec(acme, "a", MSG), spec(acme, "b", PRESENCE), spec(acme, "twin", MSG)]
     with manager(sb) as (mgr, rec, _):
         mgr.set_specs(specs)
-        wait_until(lambda: all(s.state == "active" for s in mgr.snapshot()), 10, "active")
+        wait_for(lambda: all(s.state == "active" for s in mgr.snapshot()), 10, "active")
         before = {s.spec_id: s.subscription_id or "" for s in mgr.snapshot()}
     assert sb.rc.created_total == 3
     # A new process: new sessions, no state. It lists, matches the filters (with `~` expanded by the
     # server), renews and reuses each one; the two specs with equal filters get one each.
     with manager(sb) as (mgr2, rec2, m2):
         mgr2.set_specs(specs)
-        wait_until(lambda: all(s.state == "active" for s in mgr2.snapshot()), 10, "active after restart")
+        wait_for(lambda: all(s.state == "active" for s in mgr2.snapshot()), 10, "active after restart")
         after = {s.spec_id: s.subscription_id or "" for s in mgr2.snapshot()}
         assert sorted(after.values()) == sorted(before.values())
         assert after[f"{acme}/b"] == before[f"{acme}/b"]
@@ -206,7 +199,7 @@ def test_restart_reuses_subscriptions_instead_of_creating(sb: Sandbox) -> None:
     # A new owner handed the recorded ids renews them directly, without even listing.
     with manager(sb) as (mgr3, _, m3):
         mgr3.set_specs(specs, known_ids=before)
-        wait_until(lambda: all(s.state == "active" for s in mgr3.snapshot()), 10, "active with known ids")
+        wait_for(lambda: all(s.state == "active" for s in mgr3.snapshot()), 10, "active with known ids")
         assert {s.spec_id: s.subscription_id for s in mgr3.snapshot()} == before
         assert sample(m3, "ingest_ringcentral_api_calls_total", endpoint="subscription.list", status="200") == 0
         assert sb.rc.created_total == 3
@@ -217,7 +210,7 @@ def test_known_id_that_is_gone_falls_back_to_create(sb: Sandbox) -> None:
     acme = sb.accounts[0].name
     with manager(sb) as (mgr, rec, m):
         mgr.set_specs([spec(acme, "a")], known_ids={f"{acme}/a": "0b7c1e5e-dead-4bee-8f00-000000000000"})
-        wait_until(lambda: active(mgr, f"{acme}/a"), 10, "active")
+        wait_for(lambda: active(mgr, f"{acme}/a"), 10, "active")
         assert sb.rc.created_total == 1
         assert sample(m, "ingest_subscription_creations_total", reason="new") == 1
         assert sample(m, "ingest_ringcentral_api_calls_total", endpoint="subscription.renew", status="404") == 1
@@ -228,11 +221,11 @@ def test_rotation_at_renewal_is_reported(sb: Sandbox) -> None:
     acme = sb.accounts[0].name
     with manager(sb) as (mgr, rec, m):
         mgr.set_specs([spec(acme, "p", PRESENCE)])
-        wait_until(lambda: rec.last(f"{acme}/p") is not None, 10, "first delivery")
+        wait_for(lambda: rec.last(f"{acme}/p") is not None, 10, "first delivery")
         first = rec.last(f"{acme}/p")
         assert first is not None
         sb.faults.rotate_on_next_renewal(first.subscription_id, key=True, channel=True)
-        wait_until(lambda: len(rec.of(f"{acme}/p")) == 2, 10, "the rotated delivery")
+        wait_for(lambda: len(rec.of(f"{acme}/p")) == 2, 10, "the rotated delivery")
         second = rec.last(f"{acme}/p")
         assert second is not None and second.subscription_id == first.subscription_id
         assert second.channel != first.channel and second.encryption_key != first.encryption_key
@@ -241,11 +234,11 @@ def test_rotation_at_renewal_is_reported(sb: Sandbox) -> None:
         assert sample(m, "ingest_subscription_renewals_total", outcome="changed") == 1
         # Key only: reported again; a renewal without change is not.
         sb.faults.rotate_on_next_renewal(first.subscription_id, key=True, channel=False)
-        wait_until(lambda: len(rec.of(f"{acme}/p")) == 3, 10, "the re-keyed delivery")
+        wait_for(lambda: len(rec.of(f"{acme}/p")) == 3, 10, "the re-keyed delivery")
         third = rec.last(f"{acme}/p")
         assert third is not None and third.channel == second.channel and third.encryption_key != second.encryption_key
         renewed = mgr.snapshot()[0].renewals
-        wait_until(lambda: mgr.snapshot()[0].renewals >= renewed + 1, 10, "a plain renewal")
+        wait_for(lambda: mgr.snapshot()[0].renewals >= renewed + 1, 10, "a plain renewal")
         assert len(rec.of(f"{acme}/p")) == 3
 
 
@@ -253,21 +246,21 @@ def test_server_side_delete_and_expiry_are_recreated(sb: Sandbox) -> None:
     acme = sb.accounts[0].name
     with manager(sb) as (mgr, rec, m):
         mgr.set_specs([spec(acme, "a")])
-        wait_until(lambda: rec.last(f"{acme}/a") is not None, 10, "first delivery")
+        wait_for(lambda: rec.last(f"{acme}/a") is not None, 10, "first delivery")
         first = rec.last(f"{acme}/a")
         assert first is not None
         sb.faults.delete_subscription(first.subscription_id)
-        wait_until(lambda: len(rec.of(f"{acme}/a")) == 2, 10, "re-created after delete")
+        wait_for(lambda: len(rec.of(f"{acme}/a")) == 2, 10, "re-created after delete")
         second = rec.last(f"{acme}/a")
         assert second is not None and second.subscription_id != first.subscription_id
         assert sample(m, "ingest_subscription_renewals_total", outcome="not-found") == 1
         assert sample(m, "ingest_subscription_creations_total", reason="not-found") == 1
         assert sample(m, "ingest_subscription_deletions_total", outcome="not-found") == 1  # stale id dropped
         sb.faults.expire_subscription(second.subscription_id)
-        wait_until(lambda: len(rec.of(f"{acme}/a")) == 3, 10, "re-created after expiry")
+        wait_for(lambda: len(rec.of(f"{acme}/a")) == 3, 10, "re-created after expiry")
         live = sb.rc.subscriptions(include_dead=False)
         assert [v.id for v in live] == [rec.last(f"{acme}/a").subscription_id]  # type: ignore[union-attr]
-        wait_until(lambda: active(mgr, f"{acme}/a"), 5, "active again")
+        wait_for(lambda: active(mgr, f"{acme}/a"), 5, "active again")
 
 
 def test_report_problem_verifies_and_recreates_at_once() -> None:
@@ -275,11 +268,11 @@ def test_report_problem_verifies_and_recreates_at_once() -> None:
     with Sandbox(SandboxSettings(subscription_ttl_max=60)) as sb, manager(sb, margin=3) as (mgr, rec, m):
         acme = sb.accounts[0].name
         mgr.set_specs([spec(acme, "a")])
-        wait_until(lambda: rec.last(f"{acme}/a") is not None, 10, "first delivery")
+        wait_for(lambda: rec.last(f"{acme}/a") is not None, 10, "first delivery")
         first = rec.last(f"{acme}/a")
         assert first is not None
         mgr.report_problem(f"{acme}/a", "pubnub-access-denied")  # healthy: verified, nothing changes
-        wait_until(lambda: sample(m, "ingest_ringcentral_api_calls_total", endpoint="subscription.get",
+        wait_for(lambda: sample(m, "ingest_ringcentral_api_calls_total", endpoint="subscription.get",
                                   status="200") == 1, 5, "the verification")
         assert len(rec.of(f"{acme}/a")) == 1 and active(mgr, f"{acme}/a")
         sb.faults.delete_subscription(first.subscription_id)
@@ -289,7 +282,7 @@ def test_report_problem_verifies_and_recreates_at_once() -> None:
             mgr.report_problem(f"{acme}/a", "pubnub-access-denied")
             return len(rec.of(f"{acme}/a")) == 2
 
-        wait_until(reported_and_recreated, 10, "re-created after the report")
+        wait_for(reported_and_recreated, 10, "re-created after the report")
         assert rec.last(f"{acme}/a").subscription_id != first.subscription_id  # type: ignore[union-attr]
         assert sample(m, "ingest_subscription_creations_total", reason="not-found") == 1
         assert sample(m, "ingest_subscription_renewals_total", outcome="ok") == 0  # no renewal did it
@@ -302,10 +295,10 @@ def test_429_on_renewal_stays_silent_for_the_whole_penalty() -> None:
         m = Metrics()
         with manager(sb, margin=6, jitter=0.2, sessions=sessions_for(sb, m, logs), metrics=m) as (mgr, rec, _):
             mgr.set_specs([spec(acme, "a"), spec(acme, "b", PRESENCE)])
-            wait_until(lambda: all(s.state == "active" for s in mgr.snapshot()), 10, "active")
+            wait_for(lambda: all(s.state == "active" for s in mgr.snapshot()), 10, "active")
             sb.faults.rc_error(endpoint="renew", status=429, retry_after=2, count=1)
-            wait_until(lambda: any(e[3] == 429 for e in logs[acme].entries), 10, "the 429")
-            wait_until(lambda: sample(m, "ingest_subscription_renewals_total", outcome="ok") >= 2, 10,
+            wait_for(lambda: any(e[3] == 429 for e in logs[acme].entries), 10, "the 429")
+            wait_for(lambda: sample(m, "ingest_subscription_renewals_total", outcome="ok") >= 2, 10,
                        "both renewed after the penalty")
             entries = list(logs[acme].entries)
             [hit] = [i for i, e in enumerate(entries) if e[3] == 429]
@@ -316,7 +309,7 @@ def test_429_on_renewal_stays_silent_for_the_whole_penalty() -> None:
             assert sample(m, "ingest_ringcentral_rate_limit_penalties_total", group="light") == 1
             assert sample(m, "ingest_subscription_renewals_total", outcome="rate-limited") >= 1
             assert sb.rc.created_total == 2  # renewed in time, nothing re-created
-            wait_until(lambda: all(s.state == "active" for s in mgr.snapshot()), 5, "active again")
+            wait_for(lambda: all(s.state == "active" for s in mgr.snapshot()), 5, "active again")
             del rec
 
 
@@ -326,9 +319,9 @@ def test_401_on_renewal_refreshes_and_retries_once(sb: Sandbox) -> None:
     sessions = sessions_for(sb, m)
     with manager(sb, sessions=sessions, metrics=m) as (mgr, rec, _):
         mgr.set_specs([spec(acme, "a")])
-        wait_until(lambda: active(mgr, f"{acme}/a"), 10, "active")
+        wait_for(lambda: active(mgr, f"{acme}/a"), 10, "active")
         sb.faults.expire_access_tokens(acme)
-        wait_until(lambda: mgr.snapshot()[0].renewals >= 1, 10, "a renewal")
+        wait_for(lambda: mgr.snapshot()[0].renewals >= 1, 10, "a renewal")
         assert sample(m, "ingest_ringcentral_api_calls_total", endpoint="subscription.renew", status="401") == 1
         assert sample(m, "ingest_ringcentral_api_calls_total", endpoint="subscription.renew", status="200") >= 1
         assert sample(m, "ingest_subscription_renewals_total", outcome="error") == 0
@@ -337,7 +330,7 @@ def test_401_on_renewal_refreshes_and_retries_once(sb: Sandbox) -> None:
         sb.faults.revoke_refresh_tokens(acme)
         sb.faults.expire_access_tokens(acme)
         renewed = mgr.snapshot()[0].renewals
-        wait_until(lambda: mgr.snapshot()[0].renewals > renewed, 10, "a renewal after re-login")
+        wait_for(lambda: mgr.snapshot()[0].renewals > renewed, 10, "a renewal after re-login")
         assert sessions[acme].tokens.logins == 2
         assert sample(m, "ingest_subscription_renewals_total", outcome="error") == 0
         assert sb.rc.created_total == 1 and len(rec.of(f"{acme}/a")) == 1
@@ -347,13 +340,13 @@ def test_5xx_on_renewal_backs_off_and_retries(sb: Sandbox) -> None:
     acme = sb.accounts[0].name
     with manager(sb) as (mgr, rec, m):
         mgr.set_specs([spec(acme, "a")])
-        wait_until(lambda: active(mgr, f"{acme}/a"), 10, "active")
+        wait_for(lambda: active(mgr, f"{acme}/a"), 10, "active")
         sub_id = mgr.snapshot()[0].subscription_id
         sb.faults.rc_error(endpoint="renew", status=500, count=2)
-        wait_until(lambda: mgr.snapshot()[0].state == "retrying", 10, "the retrying state")
+        wait_for(lambda: mgr.snapshot()[0].state == "retrying", 10, "the retrying state")
         assert "500" in (mgr.snapshot()[0].last_error or "")
         assert sample(m, "ingest_subscription_renewals_total", outcome="error") >= 1
-        wait_until(lambda: mgr.snapshot()[0].renewals >= 1, 10, "the renewal after backoff")
+        wait_for(lambda: mgr.snapshot()[0].renewals >= 1, 10, "the renewal after backoff")
         assert sample(m, "ingest_subscription_renewals_total", outcome="error") == 2
         assert mgr.snapshot()[0].subscription_id == sub_id and sb.rc.created_total == 1
         assert server_sub(sb, sub_id).status == "Active"
@@ -364,10 +357,10 @@ def test_outage_longer_than_lifetime_recreates(sb: Sandbox) -> None:
     acme = sb.accounts[0].name
     with manager(sb) as (mgr, rec, m):
         mgr.set_specs([spec(acme, "a")])
-        wait_until(lambda: active(mgr, f"{acme}/a"), 10, "active")
+        wait_for(lambda: active(mgr, f"{acme}/a"), 10, "active")
         first = mgr.snapshot()[0].subscription_id
         sb.faults.rc_error(endpoint="renew", status=503, seconds=7)  # longer than the 5 s left: it lapses
-        wait_until(lambda: len(rec.of(f"{acme}/a")) == 2, 15, "a new subscription after the outage")
+        wait_for(lambda: len(rec.of(f"{acme}/a")) == 2, 15, "a new subscription after the outage")
         assert mgr.snapshot()[0].subscription_id != first
         assert sample(m, "ingest_subscription_creations_total", reason="expired") + sample(
             m, "ingest_subscription_creations_total", reason="not-found") == 1
@@ -377,12 +370,12 @@ def test_removing_a_spec_deletes_its_subscription(sb: Sandbox) -> None:
     acme = sb.accounts[0].name
     with manager(sb) as (mgr, rec, m):
         mgr.set_specs([spec(acme, "a"), spec(acme, "b", PRESENCE)])
-        wait_until(lambda: all(s.state == "active" for s in mgr.snapshot()), 10, "active")
+        wait_for(lambda: all(s.state == "active" for s in mgr.snapshot()), 10, "active")
         doomed = rec.last(f"{acme}/b")
         assert doomed is not None
         mgr.set_specs([spec(acme, "a")])
         assert rec.of(f"{acme}/b")[-1] is None  # the data plane hears at once
-        wait_until(lambda: server_sub(sb, doomed.subscription_id).deleted, 5, "server-side deletion")
+        wait_for(lambda: server_sub(sb, doomed.subscription_id).deleted, 5, "server-side deletion")
         assert sample(m, "ingest_subscription_deletions_total", outcome="ok") == 1
         assert {s.spec_id: s.state for s in mgr.snapshot()} == {f"{acme}/a": "active", f"{acme}/b": "deleted"}
         assert sample(m, "ingest_subscriptions", state="active") == 1
@@ -390,13 +383,13 @@ def test_removing_a_spec_deletes_its_subscription(sb: Sandbox) -> None:
         old = rec.last(f"{acme}/a")
         assert old is not None
         mgr.set_specs([spec(acme, "a", PRESENCE)])
-        wait_until(lambda: len(rec.of(f"{acme}/a")) == 2, 10, "the replacement")
+        wait_for(lambda: len(rec.of(f"{acme}/a")) == 2, 10, "the replacement")
         assert rec.last(f"{acme}/a").subscription_id != old.subscription_id  # type: ignore[union-attr]
-        wait_until(lambda: server_sub(sb, old.subscription_id).deleted, 5, "old one deleted")
+        wait_for(lambda: server_sub(sb, old.subscription_id).deleted, 5, "old one deleted")
     # stop(delete_subscriptions=True) leaves nothing behind.
     with manager(sb, delete_on_stop=True) as (mgr2, _, _m2):
         mgr2.set_specs([spec(acme, "a", PRESENCE), spec(acme, "c")])
-        wait_until(lambda: all(s.state == "active" for s in mgr2.snapshot()), 10, "active")
+        wait_for(lambda: all(s.state == "active" for s in mgr2.snapshot()), 10, "active")
     assert sb.rc.subscriptions(include_dead=False) == []
 
 
@@ -423,9 +416,9 @@ def test_many_subscriptions_are_renewed_punctually() -> None:
     with Sandbox(SandboxSettings(accounts=accounts, subscription_ttl_max=12, subscription_limit=n,
                                  rate_limits=False)) as sb, manager(sb, margin=4, jitter=2) as (mgr, rec, m):
         mgr.set_specs([spec(accounts[i % 10].name, f"s{i}") for i in range(n)])
-        wait_until(lambda: sum(s.state == "active" for s in mgr.snapshot()) == n, 60, "all active")
+        wait_for(lambda: sum(s.state == "active" for s in mgr.snapshot()) == n, 60, "all active")
         assert len({d.subscription_id for _, d in rec.calls if d is not None}) == n
-        wait_until(lambda: min(s.renewals for s in mgr.snapshot()) >= 2, 60, "two renewals each")
+        wait_for(lambda: min(s.renewals for s in mgr.snapshot()) >= 2, 60, "two renewals each")
         assert sb.rc.created_total == n
         assert all(v.status == "Active" for v in sb.rc.subscriptions(include_dead=True))
         assert sample(m, "ingest_subscription_renewal_margin_seconds_bucket", le="0.0") == 0
@@ -446,9 +439,9 @@ def test_real_rate_limiter_penalties_are_never_interrupted() -> None:
         m = Metrics()
         with manager(sb, margin=4, jitter=0.5, sessions=sessions_for(sb, m, logs), metrics=m) as (mgr, _, _m):
             mgr.set_specs([spec(acme, f"s{i}") for i in range(6)])
-            wait_until(lambda: sample(m, "ingest_ringcentral_rate_limit_penalties_total", group="light") >= 2, 30,
+            wait_for(lambda: sample(m, "ingest_ringcentral_rate_limit_penalties_total", group="light") >= 2, 30,
                        "two penalties")
-            wait_until(lambda: all(s.state == "active" for s in mgr.snapshot()), 30, "all active after penalties")
+            wait_for(lambda: all(s.state == "active" for s in mgr.snapshot()), 30, "all active after penalties")
             entries = list(logs[acme].groups)
         penalties = [(answered, g, ra) for _, answered, g, status, ra in entries if status == 429]
         assert penalties

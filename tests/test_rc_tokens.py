@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -14,15 +14,7 @@ from ingest.rc.errors import ApiError, AuthError, RateLimited, TokenUnavailable,
 from ingest.rc.http import RingCentralClient
 from ingest.rc.tokens import TokenManager
 from ingest.sandbox.server import Sandbox, SandboxSettings
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.harness import wait_for
 
 
 def sample(m: Metrics, name: str, **labels: str) -> float:
@@ -75,10 +67,10 @@ def test_proactive_refresh_uses_refresh_token_not_jwt(short_tokens_sandbox: Sand
     tokens, client = make(sandbox, m)
     first = tokens.access_token()
     # expires_in=2: refreshed half-way, i.e. before the token expires; never a second JWT login.
-    wait_until(lambda: tokens.access_token() != first, 5, "a proactive refresh")
+    wait_for(lambda: tokens.access_token() != first, 5, "a proactive refresh")
     for _ in range(3):
         current = tokens.access_token()
-        wait_until(lambda c=current: tokens.access_token() != c, 5, "another refresh")  # type: ignore[misc]
+        wait_for(lambda c=current: tokens.access_token() != c, 5, "another refresh")  # type: ignore[misc]
     client.list_subscriptions()  # the refreshed token works
     assert tokens.logins == 1 and tokens.refreshes >= 4
     s = stats(sandbox)
@@ -137,7 +129,7 @@ def test_token_429_and_503_wait_for_retry_after(sandbox: Sandbox) -> None:
         tokens.access_token()
     assert 0.5 < info.value.retry_after <= 1.0
     assert sample(m, "ingest_ringcentral_api_calls_total", endpoint="oauth.token", status="429") == 1
-    wait_until(lambda: _try(tokens), 3, "the token after Retry-After")
+    wait_for(lambda: _try(tokens), 3, "the token after Retry-After")
     assert sample(m, "ingest_ringcentral_api_calls_total", endpoint="oauth.token", status="200") == 1
 
     tokens2, _ = make(sandbox, m, retry_interval=0.5)
@@ -146,7 +138,7 @@ def test_token_429_and_503_wait_for_retry_after(sandbox: Sandbox) -> None:
         tokens2.access_token()
     with pytest.raises(TokenUnavailable):
         tokens2.access_token()
-    wait_until(lambda: _try(tokens2), 3, "the token after the retry interval")
+    wait_for(lambda: _try(tokens2), 3, "the token after the retry interval")
     assert sample(m, "ingest_ringcentral_api_calls_total", endpoint="oauth.token", status="500") == 1
 
 
@@ -180,7 +172,7 @@ def test_429_penalty_silences_the_group_only(sandbox: Sandbox) -> None:
                   status="429") == sent_before
     # Another group (Medium) is not affected.
     created = client.create_subscription(["/restapi/v1.0/account/~/extension/~/message-store"], 60)
-    wait_until(lambda: client.penalty_remaining("subscription.list") == 0, 3, "the end of the penalty")
+    wait_for(lambda: client.penalty_remaining("subscription.list") == 0, 3, "the end of the penalty")
     assert time.monotonic() - started >= 1.9
     assert [r["id"] for r in client.list_subscriptions()] == [created["id"]]
 

@@ -196,6 +196,13 @@ class KafkaSink:
         return int(self._producer.flush(timeout))
 
     def close(self) -> None:
+        """Stop serving reports and release the producer (its threads and connections).
+
+        Callers flush first; whatever is still queued then was never acknowledged, so no checkpoint
+        covers it and it is read again after a restart: purge it rather than wait on Kafka again.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)
+        self._producer.purge()
+        self._producer.close()

@@ -2,7 +2,8 @@
 
 The data plane decrypts every notification, so cipher objects are cached per key (ECB has no IV,
 so one object per key is reusable) and failures are typed, to land in the dead-letter topic with a
-precise reason. Error messages never contain the key.
+precise reason. Error messages never contain the key. Base64 is pybase64's SIMD decoder (strict, like
+`base64.b64decode(validate=True)`), ~4x faster than the stdlib's on the benchmark machine.
 
 The block cipher is OpenSSL's, through `cryptography`: an ECB context created once per key and fed
 whole blocks only (so it never buffers), which costs ~0.4 us per 1 KiB notification against ~3.3 us
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 
+import pybase64
 from cryptography.hazmat.primitives.ciphers import Cipher as _OpenSSLCipher
 from cryptography.hazmat.primitives.ciphers import algorithms, modes
 
@@ -72,7 +74,7 @@ class Cipher:
 
     def decrypt(self, payload: str | bytes) -> bytes:
         try:
-            raw = base64.b64decode(payload, validate=True)
+            raw = pybase64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise DecryptError("bad-base64", f"payload is not valid Base64: {exc}") from None
         if not raw or len(raw) % BLOCK:

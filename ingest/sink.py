@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ingest.logs import get_logger
 from ingest.metrics import FamilyMetrics, Metrics
@@ -71,7 +71,12 @@ class _InFlight:
         self.done = False
 
     def __call__(self, err: KafkaError | None, _msg: Any) -> None:
-        self.sink._delivered(self, err)
+        # Called once per record: only queue it; `KafkaSink._settle` accounts for acknowledged
+        # records a poll's worth at a time (per record, metrics cost more than the produce).
+        if err is None:
+            self.sink._acked.append(self)
+        else:
+            self.sink._delivery_failed(self, err)
 
 
 class KafkaSink:
@@ -89,6 +94,10 @@ class KafkaSink:
         self._failure_log_lock = threading.Lock()
         self._failure_log_due = 0.0
         self._failures_unlogged = 0
+        self._acked: deque[_InFlight] = deque()  # acknowledged, not yet accounted for
+        self._refused: deque[_InFlight] = deque()  # produce() refused them: retried by the delivery thread
+        self._settle_lock = threading.Lock()
+        self.acknowledged = 0  # records acknowledged and accounted for since start
 
     @property
     def producer(self) -> Producer:
@@ -101,7 +110,12 @@ class KafkaSink:
     def _serve(self) -> None:
         producer, queue_gauge = self._producer, self._metrics.producer_queue
         while not self._stop.is_set():
-            producer.poll(0.05)
+            try:
+                producer.poll(0.05)
+                self._settle()
+                self._retry_refused()
+            except Exception:  # this thread must outlive any one bad report
+                log.error("kafka.delivery_thread_error", exc_info=True)
             queue_gauge.set(len(producer))
 
     def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float,
@@ -123,19 +137,45 @@ class KafkaSink:
             except BufferError:
                 # The local queue is full (Kafka slow or down): wait for deliveries, keep the message.
                 self._producer.poll(0.1)
+            except KafkaException as exc:  # refused outright (e.g. its topic was deleted): never drop
+                self._on_refused(entry, exc.args[0])
+                return
 
-    def _delivered(self, entry: _InFlight, err: KafkaError | None) -> None:
-        o = entry.outcome
-        if err is not None:
-            self.last_error = err.name()
-            self._metrics.delivery_errors.labels(err.name()).inc()
-            self._log_failure(err, o.topic)
-            self._produce(entry)  # never drop: try again (idempotence keeps retries within a session clean)
+    def _on_refused(self, entry: _InFlight, err: KafkaError) -> None:
+        """Count and log it, and let the delivery thread try again (it stays unacknowledged until then,
+        so no checkpoint passes it)."""
+        self.last_error = err.name()
+        self._metrics.delivery_errors.labels(err.name()).inc()
+        self._log_failure(err, entry.outcome.topic)
+        self._refused.append(entry)
+
+    def _retry_refused(self) -> None:
+        refused = self._refused
+        for _ in range(len(refused)):
+            self._produce(refused.popleft())
+
+    def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
+        self.last_error = err.name()
+        self._metrics.delivery_errors.labels(err.name()).inc()
+        self._log_failure(err, entry.outcome.topic)
+        self._produce(entry)  # never drop: try again (idempotence keeps retries within a session clean)
+
+    def _settle(self) -> None:
+        """Account for the acknowledged records: metrics, then each spec's watermark."""
+        acked = self._acked
+        if not acked:
             return
-        self.last_error = None
-        self._count_delivery(entry)
-        entry.done = True
-        entry.progress.advance()
+        with self._settle_lock:  # the delivery thread and flush() both settle
+            entries = [acked.popleft() for _ in range(len(acked))]
+            self._count_deliveries(entries)
+            progresses: dict[int, SpecProgress] = {}
+            for entry in entries:
+                entry.done = True
+                progresses[id(entry.progress)] = entry.progress
+            for progress in progresses.values():
+                progress.advance()
+            self.acknowledged += len(entries)
+            self.last_error = None
 
     def _log_failure(self, err: KafkaError, topic: str) -> None:
         """At most one `kafka.delivery_failed` line per interval, with how many were not logged."""
@@ -149,23 +189,32 @@ class KafkaSink:
         log.warning("kafka.delivery_failed", error=err.name(), topic=topic, retriable=err.retriable(),
                     suppressed=suppressed)
 
-    def _count_delivery(self, entry: _InFlight) -> None:
-        o = entry.outcome
+    def _count_deliveries(self, entries: list[_InFlight]) -> None:
         now = time.time()
-        if o.error is None:
-            fam = self._families.get(o.family)
+        lags: dict[str, list[float]] = {}
+        published: dict[str, int] = {}
+        dead: dict[tuple[str, str], int] = {}
+        for entry in entries:
+            o = entry.outcome
+            if o.error is None:
+                published[o.family] = published.get(o.family, 0) + 1
+                if o.event_time is not None:
+                    lags.setdefault(o.family, []).append(now - o.event_time)
+            else:
+                dead[(o.family, o.error)] = dead.get((o.family, o.error), 0) + 1
+        for family, count in published.items():
+            fam = self._families.get(family)
             if fam is None:
-                fam = self._families[o.family] = FamilyMetrics.for_family(self._metrics, o.family)
-            fam.published.inc()
-            if o.event_time is not None:
-                fam.lag.observe(now - o.event_time)
-        else:
-            counters = self._dead_letters.get((o.family, o.error))
+                fam = self._families[family] = FamilyMetrics.for_family(self._metrics, family)
+            fam.published.inc(count)
+            fam.lag.observe_many(lags.get(family, ()))
+        for key, count in dead.items():
+            counters = self._dead_letters.get(key)
             if counters is None:
-                counters = self._dead_letters[(o.family, o.error)] = self._dead_letter_counters(o.family, o.error)
+                counters = self._dead_letters[key] = self._dead_letter_counters(*key)
             for counter in counters:
-                counter.inc()
-        self._metrics.internal_latency.observe(now - entry.received_at)
+                counter.inc(count)
+        self._metrics.internal_latency.observe_many([now - entry.received_at for entry in entries])
 
     def _dead_letter_counters(self, family: str, reason: str) -> tuple[Any, ...]:
         m = self._metrics
@@ -193,7 +242,9 @@ class KafkaSink:
 
     def flush(self, timeout: float) -> int:
         """Wait up to `timeout` s for every delivery; returns how many are still undelivered."""
-        return int(self._producer.flush(timeout))
+        left = int(self._producer.flush(timeout))
+        self._settle()
+        return left
 
     def close(self) -> None:
         """Stop serving reports and release the producer (its threads and connections).

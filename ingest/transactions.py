@@ -71,17 +71,16 @@ class TransactionalSink(KafkaSink):
         with self.lock:
             super().produce_raw(topic, key, value, partition)
 
-    def _delivered(self, entry: _InFlight, err: KafkaError | None) -> None:
-        if err is not None:
-            if err.code() == KafkaError._PURGE_QUEUE:
-                return  # a record of a transaction we aborted ourselves: already being read again
-            # Inside a transaction a failed record dooms the transaction: it is aborted at the next
-            # commit and its notifications are read again from PubNub (see Worker._rewind).
-            self._failed = err.name()
-            self._metrics.delivery_errors.labels(err.name()).inc()
-            return
-        self._count_delivery(entry)
-        entry.done = True
+    def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
+        if err.code() == KafkaError._PURGE_QUEUE:
+            return  # a record of a transaction we aborted ourselves: already being read again
+        # Inside a transaction a failed record dooms the transaction: it is aborted at the next
+        # commit and its notifications are read again from PubNub (see Worker._rewind).
+        self._failed = err.name()
+        self._metrics.delivery_errors.labels(err.name()).inc()
+
+    # A record the producer refused dooms the transaction just the same (no retry inside it).
+    _on_refused = _delivery_failed
 
     def commit(self, consumer: Consumer | None) -> None:
         """Commit the open transaction and open the next (the caller holds `lock`, checkpoints written).

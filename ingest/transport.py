@@ -48,9 +48,15 @@ APPLY_INTERVAL_SECONDS = 0.2
 # PubNub caches a 403 for about 30 s; retrying sooner only produces more 403s.
 ACCESS_DENIED_RETRY_SECONDS = 5.0
 
-# The message handler: (channel, timetoken, payload, received_at, cursor, epoch). Must not raise.
-# `cursor.epoch != epoch` later means the channel was rewound since: the message will be read again.
-MessageHandler = Callable[[str, int, Any, float, "Cursor", int], None]
+# One accepted notification: (channel, timetoken, payload, cursor, epoch). `cursor.epoch != epoch`
+# later means the channel was rewound since: the notification will be read again.
+Received = tuple[str, int, Any, "Cursor", int]
+# The message handler: every new notification of one subscribe response, in order, and when they
+# arrived (unix seconds). Must not raise.
+MessageHandler = Callable[[list[Received], float], None]
+# Subscribe-response message types (`e`) that carry a published message; signals (1), objects (2),
+# message actions (3) and files (4) are not RingCentral notifications.
+_MESSAGE_TYPES = frozenset({None, 0})
 
 
 def timetoken_at(unix_seconds: float) -> int:
@@ -87,26 +93,21 @@ class _Connection:
 
 
 class _Listener(SubscribeCallback):  # type: ignore[misc]
-    """SDK callbacks for one connection. Never raises: an exception here would kill the SDK thread."""
+    """SDK status callbacks for one connection (messages bypass the listener: `_install_batch_intake`).
+    Never raises: an exception here would kill an SDK thread."""
 
     def __init__(self, transport: PubNubTransport, conn: _Connection) -> None:
         self._transport = transport
         self._conn = conn
-
-    def message(self, pubnub: PubNub, message: Any) -> None:
-        conn = self._conn
-        try:
-            if message.timetoken <= conn.opened_tt and not conn.retired:
-                self._transport._count_replay(conn, message.timetoken)
-            self._transport._on_message(conn, message.channel, message.timetoken, message.message)
-        except Exception:  # pragma: no cover - the handler is meant to catch everything itself
-            log.error("transport.handler_failed", exc_info=True, channel=message.channel)
 
     def status(self, pubnub: PubNub, status: Any) -> None:
         try:
             self._transport._on_status(self._conn, status)
         except Exception:  # pragma: no cover
             log.error("transport.status_failed", exc_info=True)
+
+    def message(self, pubnub: PubNub, message: Any) -> None:
+        pass
 
     def presence(self, pubnub: PubNub, presence: Any) -> None:
         pass
@@ -218,20 +219,43 @@ class PubNubTransport:
 
     # ---- SDK callbacks -------------------------------------------------------------------------
 
-    def _on_message(self, conn: _Connection, channel: str, timetoken: int, payload: Any) -> None:
-        # Under the lock, so that a rewind() cannot fall between the checks and the cursor update.
+    def _on_batch(self, conn: _Connection, messages: list[dict[str, Any]]) -> None:
+        """One subscribe response: hand on, as one batch, what is new for each channel we read."""
+        accepted: list[Received] = []
+        replayed: list[int] = []
+        duplicates = malformed = 0
+        # Under the lock, so that a rewind() cannot fall between a cursor check and its update.
         with self._lock:
-            if conn.retired:  # a replaced instance may still drain its queue; the new one re-reads
+            if conn.retired:  # a replaced instance may still finish a poll; the new one re-reads
                 return
-            ch = self._channels.get(channel)
-            if ch is None:
-                return  # a channel removed while its message was in flight: its spec is gone
-            if timetoken <= ch.last_tt:
-                self.metrics.notifications_duplicate.inc()
-                return
-            ch.last_tt = timetoken
-            epoch = ch.epoch
-        self.handler(channel, timetoken, payload, time.time(), ch, epoch)
+            channels, opened_tt = self._channels, conn.opened_tt
+            for m in messages:
+                try:
+                    if m.get("e") not in _MESSAGE_TYPES:
+                        continue
+                    channel, timetoken, payload = m["c"], int(m["p"]["t"]), m["d"]
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    malformed += 1
+                    continue
+                if timetoken <= opened_tt:
+                    replayed.append(timetoken)
+                ch = channels.get(channel)
+                if ch is None:
+                    continue  # a channel removed while its message was in flight: its spec is gone
+                if timetoken <= ch.last_tt:
+                    duplicates += 1
+                    continue
+                ch.last_tt = timetoken
+                accepted.append((channel, timetoken, payload, ch, ch.epoch))
+        for timetoken in replayed:
+            self._count_replay(conn, timetoken)
+        if duplicates:
+            self.metrics.notifications_duplicate.inc(duplicates)
+        if malformed:
+            log.error("transport.malformed_messages", connection=conn.conn_id, count=malformed,
+                      reason="subscribe response entries without channel, timetoken or payload")
+        if accepted:
+            self.handler(accepted, time.time())
 
     def _count_replay(self, conn: _Connection, timetoken: int) -> None:
         """A catch-up that returns as many messages as PubNub's buffer holds may have lost older ones."""
@@ -347,6 +371,7 @@ class PubNubTransport:
         pubnub = PubNub(cfg, custom_request_handler=_RequestHandler)
         listener = _Listener(self, conn)
         pubnub.add_listener(listener)
+        _install_batch_intake(pubnub, functools.partial(self._on_batch, conn))
         conn.pubnub, conn.listener = pubnub, listener
         self._connections[conn.conn_id] = conn
         pubnub.subscribe().channels(sorted(channels)).with_timetoken(resume).execute()
@@ -395,3 +420,30 @@ def _drop_registry_listener(pubnub: PubNub) -> None:
     registry_listener = getattr(getattr(pubnub, "_subscription_registry", None), "subscription_registry_callback", None)
     if registry_listener is not None:
         pubnub.remove_listener(registry_listener)
+
+
+def _install_batch_intake(pubnub: PubNub, on_batch: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Hand each subscribe response's messages to `on_batch` as they came, in the SDK's poll thread.
+
+    The SDK's own path builds three objects per message (`SubscribeMessage`, `PublishMetadata`,
+    `PNMessageResult`), queues each to a second thread and dispatches it to every listener: about a
+    third of the worker's CPU (docs/benchmarks.md). Here the SDK still does everything else
+    (the long-poll, reconnection, the Connected status, advancing its timetoken and region), from
+    the same response with its messages taken out. Processing in the poll thread also bounds
+    memory: the next poll starts when this response is done (the SDK's own queue is unbounded).
+
+    This replaces a method of the SDK's subscription manager (pinned: pubnub>=10.8,<11); the
+    end-to-end tests fail if a new SDK version stops calling it.
+    """
+    manager = pubnub._subscription_manager
+    sdk_handle = manager._handle_endpoint_call
+
+    def handle_endpoint_call(raw_result: dict[str, Any], status: Any) -> None:
+        messages = raw_result.get("m") or []
+        sdk_handle({**raw_result, "m": []}, status)
+        try:
+            on_batch(messages)
+        except Exception:  # pragma: no cover - on_batch catches its own; a raise would stop this connection
+            log.error("transport.handler_failed", exc_info=True, messages=len(messages))
+
+    manager._handle_endpoint_call = handle_endpoint_call

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--subscriptions", type=int, default=5000)
     parser.add_argument("--notifications", type=int, default=30000)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy the worker during each throughput drain (raw stacks) into this directory")
     parser.add_argument("--render-only", action="store_true",
                         help="only regenerate the report from <out>/summary.json (no measurement)")
     args = parser.parse_args(argv)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] run {i + 1}/{args.runs}: throughput", file=sys.stderr, flush=True)
                 result["throughput"] = _guarded(lambda: throughput.run(
                     bootstrap, workdir, notifications=settings["notifications"],
-                    lag_seconds=2.0 if args.quick else 5.0, naive_budget=2.0 if args.quick else 8.0))
+                    lag_seconds=2.0 if args.quick else 5.0, naive_budget=2.0 if args.quick else 8.0,
+                    profile_dir=args.profile))
             if "subscriptions" in chosen:
                 print(f"[bench] run {i + 1}/{args.runs}: subscriptions", file=sys.stderr, flush=True)
                 result["subscriptions"] = _guarded(lambda: subscriptions.run(

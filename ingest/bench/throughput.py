@@ -21,7 +21,9 @@ replay limits.
 
 from __future__ import annotations
 
-import itertools
+import signal
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -56,35 +58,36 @@ def _filters(ext: str) -> list[str]:
 # ---- the worker in its own process ------------------------------------------------------------
 
 
-class _CountingTee:
-    """Stands in for a metric child: observes into the real one and counts (and maybe records)."""
-
-    def __init__(self, inner: Any, record: list[float] | None = None) -> None:
-        self.inner = inner
-        self._ticks = itertools.count(1)
-        self.count = 0
-        self.target = -1
-        self.reached = threading.Event()
-        self.record = record
-
-    def observe(self, value: float) -> None:
-        self.inner.observe(value)
-        self.count = next(self._ticks)  # itertools.count is atomic under the GIL
-        if self.record is not None:
-            self.record.append(value)
-        if self.count == self.target:
-            self.reached.set()
-
-
 class _LagTee:
-    """`metrics.lag` replacement: `.labels(family)` children record every observed lag."""
+    """`metrics.lag` replacement: `.labels(family)` children also record every observed lag."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.values: list[float] = []
 
-    def labels(self, *labels: str) -> _CountingTee:
-        return _CountingTee(self.inner.labels(*labels), self.values)
+    def labels(self, *labels: str) -> _LagTee:
+        return _LagChildTee(self.inner.labels(*labels), self.values)  # type: ignore[return-value]
+
+
+class _LagChildTee:
+    def __init__(self, inner: Any, record: list[float]) -> None:
+        self.inner = inner
+        self.record = record
+
+    def observe_many(self, values: Any) -> None:
+        values = list(values)
+        self.inner.observe_many(values)
+        self.record.extend(values)
+
+
+def _wait_acknowledged(sink: Any, target: int, timeout: float) -> bool:
+    """Until the sink has accounted for `target` acknowledged records (5 ms resolution)."""
+    deadline = time.monotonic() + timeout
+    while sink.acknowledged < target:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
@@ -92,9 +95,7 @@ def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
     from ingest.worker.runtime import Worker
 
     worker = Worker(load_config(Path(config_path)))
-    delivered = _CountingTee(worker.metrics.internal_latency)
     lag = _LagTee(worker.metrics.lag)
-    worker.metrics.internal_latency = delivered  # type: ignore[assignment]
     worker.metrics.lag = lag  # type: ignore[assignment]
     started = time.monotonic()
     worker.start()
@@ -117,12 +118,11 @@ def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
             if command == "stop":
                 break
             if command == "arm":  # measure the next `arg` deliveries
-                delivered.reached.clear()
-                delivered.target = delivered.count + arg
+                start = worker.sink.acknowledged
                 cpu0, t0 = cpu_seconds(), time.perf_counter()
                 conn.send("armed")
-                if not delivered.reached.wait(600):
-                    raise RuntimeError(f"only {delivered.count - (delivered.target - arg)} of {arg} acknowledged")
+                if not _wait_acknowledged(worker.sink, start + arg, 600):
+                    raise RuntimeError(f"only {worker.sink.acknowledged - start} of {arg} acknowledged")
                 seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
                 conn.send({"notifications": arg, "seconds": seconds, "cpu_seconds": cpu,
                            "threads": threading.active_count(), "peak_rss_bytes": peak_rss_bytes(),
@@ -132,11 +132,9 @@ def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
                                                 for s in m.samples if s.name.endswith("_total"))})
             elif command == "lag-start":
                 lag.values.clear()
-                conn.send(delivered.count)
+                conn.send(worker.sink.acknowledged)
             elif command == "lag-wait":  # wait until `arg` deliveries in total, then report the lags
-                deadline = time.monotonic() + 120
-                while delivered.count < arg and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                _wait_acknowledged(worker.sink, arg, 120)
                 values = list(lag.values)
                 conn.send({"observed": len(values), "p50_seconds": percentile(values, 0.5),
                            "p99_seconds": percentile(values, 0.99), "max_seconds": max(values, default=None)})
@@ -163,6 +161,11 @@ class _WorkerProcess:
         if not self.conn.poll(0):
             raise TimeoutError(f"the worker process did not answer within {timeout}s (alive: {self.proc.is_alive()})")
         return self.conn.recv()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.pid is not None
+        return self.proc.pid
 
     def send(self, command: str, arg: Any = None) -> None:
         self.conn.send((command, arg))
@@ -275,8 +278,25 @@ def _baselines(out: dict[str, Any], bootstrap: str, prefix: str, prepared: list[
     out["baseline_b_naive"] = _rates(run_in_child(baseline_naive, bootstrap, naive_topic, items, naive_budget))
 
 
+def _start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy on the worker (threads holding the GIL: what limits it), until SIGINT."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    proc = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--gil", "--rate", "250", "--format", "raw",
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches (no signal for it); the drain must not start before
+    return proc
+
+
+def _stop_profiler(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
+
+
 def run(bootstrap: str, workdir: Path, *, notifications: int = 30_000, lag_rate: float = 2000,
-        lag_seconds: float = 5.0, naive_budget: float = 10.0, kafka_admin: Any = None) -> dict[str, Any]:
+        lag_seconds: float = 5.0, naive_budget: float = 10.0, kafka_admin: Any = None,
+        profile_dir: Path | None = None) -> dict[str, Any]:
     stamp = time.strftime("%H%M%S") + f"-{time.time_ns() % 10**6}"
     prefix = f"bench-tp-{stamp}"
     accounts = demo_accounts(ACCOUNTS, extensions_per_account=SUBS_PER_ACCOUNT)
@@ -299,6 +319,7 @@ def run(bootstrap: str, workdir: Path, *, notifications: int = 30_000, lag_rate:
             prepared: list[Prepared] = sandbox.call("prepare", notifications, None)
             out["avg_plaintext_bytes"] = sum(len(p.plaintext) for p in prepared) / len(prepared)
             out["avg_payload_chars"] = sum(len(p.payload) for p in prepared) / len(prepared)
+            spy = _start_profiler(worker.pid, profile_dir / f"{prefix}.raw") if profile_dir else None
             worker.send("arm", notifications)
             if worker.recv(30) != "armed":
                 raise RuntimeError("the worker did not arm")
@@ -306,6 +327,7 @@ def run(bootstrap: str, workdir: Path, *, notifications: int = 30_000, lag_rate:
             sandbox.call("release")
             out["release_seconds"] = time.perf_counter() - released_at
             result = worker.recv(600)
+            _stop_profiler(spy)
             if result["dead_lettered"]:
                 raise RuntimeError(f"{result['dead_lettered']} notifications were dead-lettered")
             out["worker"] = _rates(result)

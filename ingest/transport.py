@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import ssl
 import threading
 import time
@@ -393,8 +394,35 @@ def _ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+class _DecodedOnce(httpx.Response):
+    """A response whose body is decoded to text once.
+
+    The SDK logs every response body at debug level, so it reads `.text` whatever the log level
+    (httpx decodes incrementally, then copies), and then parses `.json()` from the bytes, which
+    decodes them again: two decodes and a copy of every 1.5 MB subscribe response.
+    """
+
+    @property
+    def text(self) -> str:
+        text: str | None = getattr(self, "_text", None)
+        if text is None:
+            text = self._text = self.content.decode(self.encoding or "utf-8", errors="replace")
+        return text
+
+    def json(self, **kwargs: Any) -> Any:
+        return json.loads(self.text, **kwargs)
+
+
+class _Transport(httpx.HTTPTransport):
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        return _DecodedOnce(response.status_code, headers=response.headers, stream=response.stream,
+                            extensions=response.extensions)
+
+
 class _RequestHandler(HttpxRequestHandler):  # type: ignore[misc]
-    """The SDK's own httpx handler, except that its `httpx.Client` reuses one TLS context.
+    """The SDK's own httpx handler, except that its `httpx.Client` reuses one TLS context and
+    decodes each response once (`_DecodedOnce`).
 
     Every connection (re)start is a new PubNub instance with a new client, and the SDK builds each
     client's TLS context from scratch (even with ssl off): with thousands of channels starting or
@@ -408,7 +436,7 @@ class _RequestHandler(HttpxRequestHandler):  # type: ignore[misc]
     def _ensure_session(self) -> httpx.Client:
         with self._session_lock:
             if self._session is None or self._session.is_closed:
-                self._session = httpx.Client(http2=True, verify=_ssl_context())
+                self._session = httpx.Client(transport=_Transport(http2=True, verify=_ssl_context()))
             return self._session
 
 

@@ -57,13 +57,14 @@ def _os_threads() -> int:
 
 def _worker_main(config_path: str, specs: int, observe_seconds: float, conn: Connection) -> None:
     from ingest.config import load_config
-    from ingest.worker.runtime import Worker
+    from ingest.worker.runtime import Worker, tune_gc
 
     worker = Worker(load_config(Path(config_path)))
     margins = _Recorder(worker.metrics.renewal_margin)
     worker.metrics.renewal_margin = margins  # type: ignore[assignment]
     t0 = time.monotonic()
     worker.start()
+    tune_gc()  # as `ingest run` does once started
     result: dict[str, Any] = {}
     try:
         assert worker.manager is not None

@@ -92,7 +92,7 @@ def _wait_acknowledged(sink: Any, target: int, timeout: float) -> bool:
 
 def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
     from ingest.config import load_config
-    from ingest.worker.runtime import Worker
+    from ingest.worker.runtime import Worker, tune_gc
 
     worker = Worker(load_config(Path(config_path)))
     lag = _LagTee(worker.metrics.lag)
@@ -111,6 +111,7 @@ def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
             time.sleep(0.1)
         else:
             raise RuntimeError("the worker's subscriptions did not all become active and read")
+        tune_gc()  # as `ingest run` does once started
         conn.send({"startup_seconds": round(time.monotonic() - started, 2),
                    "connections": worker.transport.connection_count})
         while True:

@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     logs.configure(config.logging.level)
 
-    from ingest.worker.runtime import Worker, WorkerStopped
+    from ingest.worker.runtime import Worker, WorkerStopped, tune_gc
 
     worker = Worker(config)
     stop = threading.Event()
@@ -45,6 +45,7 @@ def main(args: argparse.Namespace) -> int:
     except WorkerStopped:
         worker.stop()
         return 0
+    tune_gc()
     while not stop.wait(1.0):
         if worker.fatal_error:  # fenced by a newer owner: stop, let the orchestrator restart us
             break

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 from pubnub.callbacks import SubscribeCallback
 from pubnub.enums import PNReconnectionPolicy, PNStatusCategory
 from pubnub.pnconfiguration import PNConfiguration
@@ -395,11 +396,14 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 class _DecodedOnce(httpx.Response):
-    """A response whose body is decoded to text once.
+    """A response whose body is decoded to text once, and parsed with orjson when that is exact.
 
     The SDK logs every response body at debug level, so it reads `.text` whatever the log level
     (httpx decodes incrementally, then copies), and then parses `.json()` from the bytes, which
-    decodes them again: two decodes and a copy of every 1.5 MB subscribe response.
+    decodes them again: two decodes and a copy of every 1.5 MB subscribe response. orjson parses
+    such a response ~1.5x as fast as the stdlib, but turns integers beyond 64 bits into floats, so
+    its result is used only when every message payload is a string (RingCentral's encrypted
+    Base64): an unencrypted payload, or any other endpoint's answer, goes to the stdlib.
     """
 
     @property
@@ -410,7 +414,18 @@ class _DecodedOnce(httpx.Response):
         return text
 
     def json(self, **kwargs: Any) -> Any:
+        try:
+            doc = orjson.loads(self.content)
+        except orjson.JSONDecodeError:
+            doc = None
+        if _only_string_payloads(doc) and not kwargs:
+            return doc
         return json.loads(self.text, **kwargs)
+
+
+def _only_string_payloads(doc: Any) -> bool:
+    messages = doc.get("m") if type(doc) is dict else None
+    return type(messages) is list and all(type(m) is dict and type(m.get("d")) is str for m in messages)
 
 
 class _Transport(httpx.HTTPTransport):

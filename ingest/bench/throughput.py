@@ -58,18 +58,9 @@ def _filters(ext: str) -> list[str]:
 # ---- the worker in its own process ------------------------------------------------------------
 
 
-class _LagTee:
-    """`metrics.lag` replacement: `.labels(family)` children also record every observed lag."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.values: list[float] = []
-
-    def labels(self, *labels: str) -> _LagTee:
-        return _LagChildTee(self.inner.labels(*labels), self.values)  # type: ignore[return-value]
-
-
 class _LagChildTee:
+    """One family's lag histogram child that also records every value it is given."""
+
     def __init__(self, inner: Any, record: list[float]) -> None:
         self.inner = inner
         self.record = record
@@ -78,6 +69,17 @@ class _LagChildTee:
         values = list(values)
         self.inner.observe_many(values)
         self.record.extend(values)
+
+
+class _LagTee:
+    """`metrics.lag` replacement: `.labels(family)` children also record every observed lag."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.values: list[float] = []
+
+    def labels(self, *labels: str) -> _LagChildTee:
+        return _LagChildTee(self.inner.labels(*labels), self.values)
 
 
 def _wait_acknowledged(sink: Any, target: int, timeout: float) -> bool:

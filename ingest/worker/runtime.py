@@ -63,7 +63,7 @@ GC_GENERATION0_THRESHOLD = 50_000
 def tune_gc() -> None:
     """For a long-running worker process, once it has started: move everything that exists now
     (modules, config, clients) out of the collector's sight and collect young objects less often.
-    The hot path creates no reference cycles; the rest is still collected, in larger batches."""
+    Garbage in reference cycles is still collected, in larger batches."""
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()

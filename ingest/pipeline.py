@@ -99,6 +99,8 @@ class TopicNames:
         self.default = f"{prefix}.events"
         self.dead_letter = f"{prefix}.dead-letter"
         self.state = f"{prefix}.state"
+        self.specs = f"{prefix}.specs"  # the compacted spec topic (group mode and `ingest apply`)
+        self.worker_group = f"{prefix}.workers"  # the workers' consumer group on the spec topic
         self._by_family = {
             name: routing.get(name) or (f"{prefix}.{fam.topic_suffix}" if fam.topic_suffix else self.default)
             for name, fam in catalogue.families.items()

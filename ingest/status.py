@@ -24,11 +24,12 @@ def collect(config: Any) -> dict[str, Any]:
     """The group's members and assignments, and every spec with its state."""
     from confluent_kafka.admin import AdminClient
 
+    from ingest.pipeline import TopicNames
     from ingest.specs.store import read_specs
     from ingest.state import partition_for, restore
 
-    prefix, partitions = config.topics.prefix, config.topics.spec_partitions
-    group = f"{prefix}.workers"
+    names, partitions = TopicNames(config.topics.prefix), config.topics.spec_partitions
+    group = names.worker_group
     admin = AdminClient(dict(config.kafka))
     described = admin.describe_consumer_groups([group])[group].result(timeout=10)
     owners: dict[int, str] = {}
@@ -38,8 +39,8 @@ def collect(config: Any) -> dict[str, Any]:
         members.append({"worker": member.client_id, "host": member.host, "partitions": assigned})
         for p in assigned:
             owners[p] = member.client_id
-    specs = read_specs(config.kafka, f"{prefix}.specs")
-    states = restore(dict(config.kafka), f"{prefix}.state")
+    specs = read_specs(config.kafka, names.specs)
+    states = restore(dict(config.kafka), names.state)
     now = time.time()
     rows = []
     for spec_id in sorted(specs):

@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ingest.config import ConfigError, load_config, load_specs
+    from ingest.pipeline import TopicNames
     from ingest.specs.store import apply_specs, read_specs
 
     try:
@@ -30,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ingest apply: {exc}", file=sys.stderr)
         return 2
-    topic = f"{config.topics.prefix}.specs"
+    topic = TopicNames(config.topics.prefix).specs
     if args.dry_run:
         current = read_specs(config.kafka, topic)
         wanted = {s.spec_id: s for s in specs}

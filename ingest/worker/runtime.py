@@ -91,7 +91,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         catalogue = default_catalogue()
         self.topics = TopicNames(config.topics.prefix, config.topics.routing, catalogue)
-        self.spec_topic = f"{config.topics.prefix}.specs"
+        self.spec_topic = self.topics.specs
         self.spec_partitions = config.topics.spec_partitions
         self.pipeline = Pipeline(catalogue, self.topics)
         self.exactly_once = w.delivery_guarantee == "exactly-once"
@@ -169,7 +169,7 @@ class Worker:
                 result = apply_specs(cfg.kafka, self.spec_topic, self.spec_partitions, cfg.specs(), prune=False)
                 log.info("specs.applied", added=len(result.added), updated=len(result.updated))
             self.membership = GroupMembership(
-                cfg.kafka, group_id=f"{cfg.topics.prefix}.workers", spec_topic=self.spec_topic,
+                cfg.kafka, group_id=self.topics.worker_group, spec_topic=self.spec_topic,
                 worker_id=self.worker_id, session_timeout_ms=int(cfg.worker.session_timeout_seconds * 1000),
                 owner=self)
             self.membership.start()

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ingest import logs
 from ingest.metrics import Metrics
+from ingest.sandbox.worker_config import write_worker_config
 
 DEMO_FILTERS = {
     "messages": ["/restapi/v1.0/account/~/extension/~/message-store",
@@ -42,33 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def write_demo_config(directory: Path, sandbox: Any, *, bootstrap: str, prefix: str, ttl: float,
                       metrics_port: int = 0) -> Path:
-    """A worker config for the sandbox's accounts, with the secrets in files as in production."""
-    secret = directory / "client_secret"
-    secret.write_text(sandbox.client_secret)
-    accounts = []
-    for account in sandbox.accounts:
-        jwt = directory / f"{account.name}.jwt"
-        jwt.write_text(account.jwt)
-        accounts.append({
-            "name": account.name, "jwt_file": str(jwt),
-            "subscriptions": [{"name": n, "event_filters": f} for n, f in DEMO_FILTERS.items()],
-        })
+    """A worker config for every sandbox account, renewing well within the short `ttl`."""
     margin = max(2.0, ttl / 3)
-    config = {
-        "kafka": {"bootstrap.servers": bootstrap},
-        "topics": {"prefix": prefix, "partitions": 3, "replication_factor": 1},
-        "ringcentral": {"server": sandbox.rc_url, "client_id": sandbox.client_id,
-                        "client_secret_file": str(secret), "pubnub_origin": sandbox.pubnub_origin,
-                        "pubnub_ssl": False},
-        "accounts": accounts,
-        "worker": {"renewal_margin_seconds": margin, "renewal_jitter_seconds": margin / 4,
-                   "expires_in_seconds": int(ttl), "shutdown_timeout_seconds": 10},
-        "metrics": {"host": "127.0.0.1", "port": metrics_port},
-        "logging": {"level": "WARNING"},
-    }
-    path = directory / "worker.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    subscriptions = {a.name: list(DEMO_FILTERS.items()) for a in sandbox.accounts}
+    return write_worker_config(directory, sandbox.describe(), bootstrap, prefix, subscriptions, partitions=3,
+                               metrics_port=metrics_port,
+                               worker={"renewal_margin_seconds": margin, "renewal_jitter_seconds": margin / 4,
+                                       "expires_in_seconds": int(ttl)})
 
 
 def _total(counter: Any) -> float:

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from ingest.pipeline import TopicNames
 from ingest.sandbox.generator import Generated
 from ingest.sandbox.server import Sandbox
+from ingest.sandbox.worker_config import write_worker_config
 
 # What the generator's kinds are, in the catalogue's words (decided here, independently of the code).
 KIND_FAMILY = {
@@ -47,29 +47,12 @@ ALL_FILTERS = {
 def write_config(directory: Path, sandbox: Sandbox, bootstrap: str, prefix: str, *,
                  subscriptions: dict[str, list[str]] | None = None, accounts: int | None = None,
                  worker: dict[str, Any] | None = None) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "client_secret").write_text(sandbox.client_secret)
-    account_entries = []
-    for account in sandbox.accounts[:accounts]:
-        (directory / f"{account.name}.jwt").write_text(account.jwt)
-        account_entries.append({
-            "name": account.name, "jwt_file": str(directory / f"{account.name}.jwt"),
-            "subscriptions": [{"name": n, "event_filters": f} for n, f in (subscriptions or ALL_FILTERS).items()],
-        })
-    config = {
-        "kafka": {"bootstrap.servers": bootstrap},
-        "topics": {"prefix": prefix, "partitions": 2, "replication_factor": 1},
-        "ringcentral": {"server": sandbox.rc_url, "client_id": sandbox.client_id,
-                        "client_secret_file": str(directory / "client_secret"),
-                        "pubnub_origin": sandbox.pubnub_origin, "pubnub_ssl": False},
-        "accounts": account_entries,
-        "worker": {"shutdown_timeout_seconds": 10, "checkpoint_interval_seconds": 0.5, **(worker or {})},
-        "metrics": {"host": "127.0.0.1", "port": 0},
-        "logging": {"level": "INFO"},
-    }
-    path = directory / "worker.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    """A worker config for the first `accounts` sandbox accounts, each with `subscriptions`
+    (name -> event filters; default: every family)."""
+    subs = list((subscriptions or ALL_FILTERS).items())
+    return write_worker_config(directory, sandbox.describe(), bootstrap, prefix,
+                               {account.name: subs for account in sandbox.accounts[:accounts]}, partitions=2,
+                               worker={"checkpoint_interval_seconds": 0.5, **(worker or {})}, log_level="INFO")
 
 
 @dataclass

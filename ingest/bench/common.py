@@ -17,10 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ingest.crypto import Cipher
 from ingest.sandbox.server import Sandbox, SandboxSettings
@@ -143,41 +140,6 @@ class SandboxProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# ---- worker configuration ---------------------------------------------------------------------
-
-
-def write_worker_config(directory: Path, sandbox: dict[str, Any], bootstrap: str, prefix: str,
-                        subscriptions: dict[str, list[tuple[str, list[str]]]], *, partitions: int = 6,
-                        worker: dict[str, Any] | None = None, log_level: str = "WARNING") -> Path:
-    """A worker config for the sandbox. `subscriptions` maps account name -> [(name, event filters)]."""
-    directory = directory.resolve()  # file paths in the config are relative to the config's directory
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "client_secret").write_text(sandbox["client_secret"])
-    accounts = []
-    for account in sandbox["accounts"]:
-        subs = subscriptions.get(account["name"])
-        if not subs:
-            continue
-        jwt = directory / f"{account['name']}.jwt"
-        jwt.write_text(account["jwt"])
-        accounts.append({"name": account["name"], "jwt_file": str(jwt),
-                         "subscriptions": [{"name": n, "event_filters": f} for n, f in subs]})
-    config = {
-        "kafka": {"bootstrap.servers": bootstrap},
-        "topics": {"prefix": prefix, "partitions": partitions, "replication_factor": 1},
-        "ringcentral": {"server": sandbox["rc_url"], "client_id": sandbox["client_id"],
-                        "client_secret_file": str(directory / "client_secret"),
-                        "pubnub_origin": sandbox["pubnub_origin"], "pubnub_ssl": False},
-        "accounts": accounts,
-        "worker": {"shutdown_timeout_seconds": 10, **(worker or {})},
-        "metrics": {"host": "127.0.0.1", "port": 0},
-        "logging": {"level": log_level},
-    }
-    path = directory / "worker.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 # ---- measuring ----------------------------------------------------------------------------------

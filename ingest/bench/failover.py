@@ -20,9 +20,10 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer
 
-from ingest.bench.common import SandboxProcess, write_worker_config
+from ingest.bench.common import SandboxProcess
 from ingest.sandbox.processes import WorkerProcess
 from ingest.sandbox.server import SandboxSettings, demo_accounts
+from ingest.sandbox.worker_config import write_worker_config
 
 ACCOUNTS = 10
 SPECS_PER_ACCOUNT = 20

@@ -29,10 +29,10 @@ from ingest.bench.common import (
     current_rss_bytes,
     peak_rss_bytes,
     percentile,
-    write_worker_config,
 )
 from ingest.sandbox.ringcentral import RateLimits
 from ingest.sandbox.server import SandboxSettings, demo_accounts
+from ingest.sandbox.worker_config import write_worker_config
 
 SUBS_PER_ACCOUNT = 25
 REAL_LIFETIME = 900.0

@@ -38,9 +38,9 @@ from ingest.bench.common import (
     peak_rss_bytes,
     percentile,
     run_in_child,
-    write_worker_config,
 )
 from ingest.sandbox.server import SandboxSettings, demo_accounts
+from ingest.sandbox.worker_config import write_worker_config
 
 ACCOUNTS = 10
 SUBS_PER_ACCOUNT = 10

@@ -1,0 +1,52 @@
+"""A worker configuration for a running sandbox, with the secrets in files as in production.
+
+The demo, the benchmarks and the tests all run real workers against the sandbox; this is the one
+place that knows how a sandbox's description maps onto the worker's configuration keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# account name -> [(subscription name, event filters)]
+Subscriptions = Mapping[str, list[tuple[str, list[str]]]]
+
+
+def write_worker_config(directory: Path, sandbox: Mapping[str, Any], bootstrap: str, prefix: str,
+                        subscriptions: Subscriptions, *, partitions: int = 6, worker: Mapping[str, Any] | None = None,
+                        metrics_port: int = 0, log_level: str = "WARNING") -> Path:
+    """Write `worker.yaml` (plus the JWT and client-secret files) into `directory`; returns its path.
+
+    `sandbox` is `Sandbox.describe()`; accounts without subscriptions are left out.
+    """
+    directory = directory.resolve()  # file paths in the config are relative to the config's directory
+    directory.mkdir(parents=True, exist_ok=True)
+    secret = directory / "client_secret"
+    secret.write_text(sandbox["client_secret"])
+    accounts = []
+    for account in sandbox["accounts"]:
+        subs = subscriptions.get(account["name"])
+        if not subs:
+            continue
+        jwt = directory / f"{account['name']}.jwt"
+        jwt.write_text(account["jwt"])
+        accounts.append({"name": account["name"], "jwt_file": str(jwt),
+                         "subscriptions": [{"name": n, "event_filters": f} for n, f in subs]})
+    config = {
+        "kafka": {"bootstrap.servers": bootstrap},
+        "topics": {"prefix": prefix, "partitions": partitions, "replication_factor": 1},
+        "ringcentral": {"server": sandbox["rc_url"], "client_id": sandbox["client_id"],
+                        "client_secret_file": str(secret), "pubnub_origin": sandbox["pubnub_origin"],
+                        "pubnub_ssl": False},
+        "accounts": accounts,
+        "worker": {"shutdown_timeout_seconds": 10, **(worker or {})},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "logging": {"level": log_level},
+    }
+    path = directory / "worker.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

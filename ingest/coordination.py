@@ -47,7 +47,6 @@ class GroupMembership:
         self.consumer = Consumer(self._config(kafka_config, group_id, worker_id, session_timeout_ms))
         self._loading: dict[int, tuple[int, dict[str, SubscriptionSpec]]] = {}  # partition -> (end, specs)
         self.assigned: set[int] = set()
-        self.rebalances = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -102,7 +101,6 @@ class GroupMembership:
     # ---- assignment callbacks (inside poll/close, on this thread) -----------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.rebalances += 1
         mine = [TopicPartition(self.spec_topic, tp.partition, OFFSET_BEGINNING) for tp in partitions]
         for tp in mine:
             _low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
@@ -118,7 +116,6 @@ class GroupMembership:
         self._give_up([tp.partition for tp in partitions], lost=True)
 
     def _give_up(self, partitions: list[int], lost: bool) -> None:
-        self.rebalances += 1
         owned = [p for p in partitions if p in self.assigned]
         for p in partitions:
             self._loading.pop(p, None)

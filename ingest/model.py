@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,7 @@ class Delivery:
     subscription_id: str
     subscriber_key: str
     channel: str
-    encryption_key: str | None
+    encryption_key: str | None = field(repr=False)  # a secret: never in a repr, log or error
     expires_at: float
 
 

@@ -41,7 +41,7 @@ class SpecProgress:
     spec_id: str
     acked_tt: int = 0  # every notification at or below this timetoken is in Kafka
     checkpointed_tt: int = 0  # the newest acked_tt written to the state topic
-    produced_tt: int = 0  # newest timetoken handed to the producer (exactly-once commits up to here)
+    produced_tt: int = 0  # exactly-once: newest timetoken produced into the open transaction
     released: bool = False  # handed to another worker: nothing more may be produced for it
     pending: deque[_InFlight] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -124,7 +124,6 @@ class KafkaSink:
         read (only the exactly-once sink, which rewinds channels, looks at them)."""
         entry = _InFlight(self, progress, outcome, timetoken, received_at)
         progress.pending.append(entry)
-        progress.produced_tt = timetoken
         self._produce(entry)
 
     def _produce(self, entry: _InFlight) -> None:

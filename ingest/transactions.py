@@ -57,13 +57,12 @@ class TransactionalSink(KafkaSink):
 
     def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float,
              *, cursor: Cursor | None = None, epoch: int = 0) -> None:
-        entry = _InFlight(self, progress, outcome, timetoken, received_at)
         with self.lock:
             # Read just before a handover (the new owner reads it again) or before a rewind of its
             # channel (it is read again here): producing it now would commit it twice.
             if progress.released or (cursor is not None and cursor.epoch != epoch):
                 return
-            self._produce(entry)
+            self._produce(_InFlight(self, progress, outcome, timetoken, received_at))
             progress.produced_tt = timetoken
 
     def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:

@@ -419,17 +419,19 @@ class Worker:
     def _on_notifications(self, batch: list[Received], received_at: float) -> None:
         routes, process, send = self._routes, self.pipeline.process, self.sink.send
         touched: set[_Route] = set()
+        received = 0
         for channel, timetoken, payload, cursor, epoch in batch:
             route = routes.get(channel)
             if route is None:
-                continue
+                continue  # its spec was dropped while the response was in flight
+            received += 1
             touched.add(route)
             outcome = process(payload, route.context, timetoken)
             send(outcome, route.progress, timetoken, received_at, cursor=cursor, epoch=epoch)
         # Metrics once per batch: per message they cost more than decryption (docs/benchmarks.md).
         for route in touched:
             route.spec_metrics.last_notification.set(received_at)
-        self._received.inc(len(batch))
+        self._received.inc(received)
 
     # ---- checkpoints, transactions and health --------------------------------------------------
 

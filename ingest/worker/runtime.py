@@ -213,7 +213,7 @@ class Worker:
             self._checkpoint_thread.join(5)
         undelivered = self.sink.flush(cfg.shutdown_timeout_seconds)
         if not self.grouped:
-            self._final_checkpoint(list(self._progress))
+            self._final_checkpoint(list(self._progress), flushed=True)
         if self.manager is not None:
             self.manager.stop(delete_subscriptions=delete)
         self.sink.close()
@@ -221,13 +221,15 @@ class Worker:
         log.info("worker.stopped", undelivered=undelivered)
         return undelivered
 
-    def _final_checkpoint(self, spec_ids: list[str]) -> None:
+    def _final_checkpoint(self, spec_ids: list[str], *, flushed: bool = False) -> None:
         """Make everything produced for these specs durable, with its checkpoint (standalone
-        exactly-once commits without group metadata: there is no group to be fenced by)."""
+        exactly-once commits without group metadata: there is no group to be fenced by).
+        `flushed`: the caller has just waited for the producer (no second shutdown timeout)."""
         if self.exactly_once:
             self._commit(None, force=True)
         else:
-            self.sink.flush(self.config.worker.shutdown_timeout_seconds)
+            if not flushed:
+                self.sink.flush(self.config.worker.shutdown_timeout_seconds)
             for spec_id in spec_ids:
                 self._write_state(spec_id)
             self.sink.flush(5.0)
@@ -395,24 +397,22 @@ class Worker:
             if all(d.channel != channel for d in self._deliveries.values()):
                 self._routes.pop(channel, None)
 
-    def _on_replay_gap(self, channels: list[str], from_tt: int, until_tt: int) -> None:
+    def _deliveries_on(self, channels: list[str]) -> list[tuple[str, Delivery]]:
         wanted = set(channels)
         with self._lock:
-            deliveries = list(self._deliveries.items())
-        for spec_id, d in deliveries:
-            if d.channel in wanted:
-                log.warning("replay.gap_suspected", spec=spec_id, subscription_id=d.subscription_id,
-                            missing_from=from_tt / 1e7, missing_until=until_tt / 1e7,
-                            reason="catch-up returned a full replay buffer")
+            return [(spec_id, d) for spec_id, d in self._deliveries.items() if d.channel in wanted]
+
+    def _on_replay_gap(self, channels: list[str], from_tt: int, until_tt: int) -> None:
+        for spec_id, d in self._deliveries_on(channels):
+            log.warning("replay.gap_suspected", spec=spec_id, subscription_id=d.subscription_id,
+                        missing_from=from_tt / 1e7, missing_until=until_tt / 1e7,
+                        reason="catch-up returned a full replay buffer")
 
     def _on_access_denied(self, channels: list[str]) -> None:
         if self.manager is None:
             return
-        with self._lock:
-            deliveries = list(self._deliveries.items())
-        for spec_id, d in deliveries:
-            if d.channel in channels:
-                self.manager.report_problem(spec_id, "pubnub-access-denied")
+        for spec_id, _ in self._deliveries_on(channels):
+            self.manager.report_problem(spec_id, "pubnub-access-denied")
 
     # ---- hot path ------------------------------------------------------------------------------
 
@@ -460,9 +460,13 @@ class Worker:
     def _write_checkpoints(self) -> None:
         now = time.monotonic()
         for spec_id, progress in self._progress_snapshot():
-            stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
-            if progress.acked_tt > progress.checkpointed_tt or stale:
+            if self._state_due(spec_id, progress.acked_tt, progress, now):
                 self._write_state(spec_id)
+
+    def _state_due(self, spec_id: str, timetoken: int, progress: SpecProgress, now: float) -> bool:
+        """A state record is due when the checkpoint would move, or to refresh the recorded expiry."""
+        stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
+        return timetoken > progress.checkpointed_tt or stale
 
     def _write_state(self, spec_id: str, timetoken: int | None = None) -> None:
         """Write the spec's state record; the checkpoint is the acked watermark unless given."""
@@ -492,8 +496,7 @@ class Worker:
         with sink.lock:
             committed_before: dict[str, int] = {}  # checkpoints as they stood before this transaction
             for spec_id, progress in self._progress_snapshot():
-                stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
-                if progress.produced_tt > progress.checkpointed_tt or stale:
+                if self._state_due(spec_id, progress.produced_tt, progress, now):
                     committed_before[spec_id] = progress.checkpointed_tt
                     self._write_state(spec_id, progress.produced_tt)
             try:

@@ -12,8 +12,8 @@ _NOT_READY = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILAB
 
 
 def read_latest(consumer_config: Mapping[str, str], topic: str, partitions: Iterable[int] | None = None,
-                timeout: float = 30.0) -> dict[str, tuple[int, bytes]]:
-    """key -> (partition, value) of the newest record per key, tombstoned keys left out.
+                timeout: float = 30.0) -> dict[str, bytes]:
+    """key -> value of the newest record per key, tombstoned keys left out.
 
     Reads with read_committed, so records of aborted or open transactions are never taken.
     """
@@ -21,7 +21,7 @@ def read_latest(consumer_config: Mapping[str, str], topic: str, partitions: Iter
                          "enable.auto.commit": "false", "isolation.level": "read_committed"})
     try:
         ends = _end_offsets(consumer, topic, partitions, timeout)
-        table: dict[str, tuple[int, bytes]] = {}
+        table: dict[str, bytes] = {}
         if not ends:
             return table
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
@@ -42,7 +42,7 @@ def read_latest(consumer_config: Mapping[str, str], topic: str, partitions: Iter
                 if value is None:
                     table.pop(key.decode(), None)
                 else:
-                    table[key.decode()] = (partition, value)
+                    table[key.decode()] = value
             if offset + 1 >= ends.get(partition, 0):
                 ends.pop(partition, None)
         if ends:

@@ -57,7 +57,7 @@ def restore(consumer_config: dict[str, str], topic: str, partitions: Iterable[in
             timeout: float = 30.0) -> dict[str, SpecState]:
     """The newest state of every spec in the given partitions (all when None)."""
     states: dict[str, SpecState] = {}
-    for key, (_partition, value) in read_latest(consumer_config, topic, partitions, timeout).items():
+    for key, value in read_latest(consumer_config, topic, partitions, timeout).items():
         try:
             states[key] = SpecState.decode(value)
         except (ValueError, TypeError):

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ingest.config import ConfigError, load_config, load_specs
     from ingest.pipeline import TopicNames
-    from ingest.specs.store import apply_specs, read_specs
+    from ingest.specs.store import apply_specs, plan_specs, read_specs
 
     try:
         config = load_config(args.config)
@@ -35,13 +35,11 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         current = read_specs(config.kafka, topic)
         wanted = {s.spec_id: s for s in specs}
-        for spec_id in sorted(set(wanted) | set(current)):
-            if spec_id not in current:
-                print(f"+ {spec_id}")
-            elif spec_id not in wanted:
-                print(f"{'=' if args.no_prune else '-'} {spec_id}")
-            elif current[spec_id] != wanted[spec_id]:
-                print(f"~ {spec_id}")
+        plan = plan_specs(current, wanted, prune=not args.no_prune)
+        marks = {**dict.fromkeys(plan.added, "+"), **dict.fromkeys(plan.updated, "~"),
+                 **dict.fromkeys(plan.removed, "-"), **{k: "=" for k in current if k not in wanted and args.no_prune}}
+        for spec_id in sorted(marks):
+            print(f"{marks[spec_id]} {spec_id}")
         return 0
     from confluent_kafka.admin import AdminClient
 

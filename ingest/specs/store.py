@@ -29,7 +29,7 @@ def decode_spec(value: bytes) -> SubscriptionSpec:
 
 def read_specs(consumer_config: Mapping[str, str], topic: str, partitions: Iterable[int] | None = None
                ) -> dict[str, SubscriptionSpec]:
-    return {key: decode_spec(value) for key, (_p, value) in read_latest(consumer_config, topic, partitions).items()}
+    return {key: decode_spec(value) for key, value in read_latest(consumer_config, topic, partitions).items()}
 
 
 @dataclass(frozen=True)
@@ -40,20 +40,26 @@ class ApplyResult:
     unchanged: int
 
 
-def apply_specs(kafka_config: Mapping[str, str], topic: str, partitions: int, desired: Iterable[SubscriptionSpec],
-                *, prune: bool = True) -> ApplyResult:
-    """Make the spec topic say `desired`: write new and changed specs, tombstone the others (if `prune`)."""
-    current = read_specs(kafka_config, topic)
-    wanted = {s.spec_id: s for s in desired}
+def plan_specs(current: Mapping[str, SubscriptionSpec], wanted: Mapping[str, SubscriptionSpec], *,
+               prune: bool) -> ApplyResult:
+    """What applying `wanted` over `current` changes (nothing is written)."""
     added = sorted(k for k in wanted if k not in current)
     updated = sorted(k for k in wanted if k in current and current[k] != wanted[k])
     removed = sorted(k for k in current if k not in wanted) if prune else []
+    return ApplyResult(added, updated, removed, len(wanted) - len(added) - len(updated))
+
+
+def apply_specs(kafka_config: Mapping[str, str], topic: str, partitions: int, desired: Iterable[SubscriptionSpec],
+                *, prune: bool = True) -> ApplyResult:
+    """Make the spec topic say `desired`: write new and changed specs, tombstone the others (if `prune`)."""
+    wanted = {s.spec_id: s for s in desired}
+    plan = plan_specs(read_specs(kafka_config, topic), wanted, prune=prune)
     producer = Producer({**kafka_config, "enable.idempotence": "true", "acks": "all"})
-    for spec_id in added + updated:
+    for spec_id in plan.added + plan.updated:
         producer.produce(topic, encode_spec(wanted[spec_id]), spec_id.encode(),
                          partition=partition_for(spec_id, partitions))
-    for spec_id in removed:
+    for spec_id in plan.removed:
         producer.produce(topic, None, spec_id.encode(), partition=partition_for(spec_id, partitions))
     if producer.flush(30) != 0:
         raise RuntimeError(f"Kafka did not acknowledge every spec record written to {topic}")
-    return ApplyResult(added, updated, removed, len(wanted) - len(added) - len(updated))
+    return plan

@@ -88,15 +88,14 @@ class TransactionalSink(KafkaSink):
         to read_committed consumers and must be produced again; if `fatal`, this producer is fenced.
         """
         producer = self.producer
+        if self._failed is not None:
+            self._abort(KafkaError(KafkaError._STATE, f"a record failed: {self._failed}"))
         try:
-            if self._failed is not None:
-                raise KafkaException(KafkaError(KafkaError._STATE, f"a record failed: {self._failed}"))
             if consumer is not None:
                 producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
                                                      consumer.consumer_group_metadata(), self._timeout)
             producer.commit_transaction(self._timeout)
         except KafkaException as exc:
-            self._failed = None
             self._abort(exc.args[0])
         self._committed.inc()
         producer.begin_transaction()
@@ -104,6 +103,9 @@ class TransactionalSink(KafkaSink):
     def abort(self) -> None:
         """Abort the open transaction and open the next (the caller holds `lock` and rewinds)."""
         self._aborted.inc()
+        self._abort_and_reopen()
+
+    def _abort_and_reopen(self) -> None:
         self._failed = None
         try:
             self.producer.abort_transaction(self._timeout)
@@ -112,14 +114,12 @@ class TransactionalSink(KafkaSink):
             raise TransactionFailed(str(exc), fatal=True) from None
 
     def _abort(self, error: KafkaError) -> None:
+        """Abort after `error`, reopen unless fenced, and raise TransactionFailed."""
         self._aborted.inc()
+        self._failed = None
         fatal = error.fatal() or error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
                                                   KafkaError.INVALID_PRODUCER_EPOCH)
         log.warning("transaction.aborted", error=error.name(), fatal=fatal, reason=error.str())
         if not fatal:
-            try:
-                self.producer.abort_transaction(self._timeout)
-                self.producer.begin_transaction()
-            except KafkaException as abort_exc:
-                raise TransactionFailed(str(abort_exc), fatal=True) from None
+            self._abort_and_reopen()
         raise TransactionFailed(error.str(), fatal=fatal)

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
@@ -166,6 +166,22 @@ def compare(generated: list[Generated], records: list[Record], topics: TopicName
 
 def count_by_topic(records: list[Record]) -> Counter[str]:
     return Counter(r.topic for r in records)
+
+
+class _Reader(Protocol):
+    topics: TopicNames
+
+    def poll_until(self, done: Callable[[list[Record]], bool], timeout: float) -> list[Record]: ...
+
+
+def drain_and_compare(sandbox: Sandbox, reader: _Reader, timeout: float) -> tuple[list[Generated], Comparison]:
+    """Stop the generator, read until every good notification it published is in Kafka (or `timeout`),
+    and compare: (the good notifications, the comparison)."""
+    sandbox.generator.stop()
+    generated = good(sandbox.generator.generated)
+    wanted = {g.uuid for g in generated}
+    records = reader.poll_until(lambda rs: wanted <= {r.headers.get("uuid") for r in rs}, timeout)
+    return generated, compare(generated, records, reader.topics)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition", interval: float = 0.1) -> None:

@@ -22,7 +22,7 @@ from ingest.config import load_config
 from ingest.sandbox.processes import WorkerProcess
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
 from ingest.status import collect
-from tests.harness import TopicReader, compare, good, wait_for, write_config
+from tests.harness import TopicReader, drain_and_compare, wait_for, write_config
 
 ACCOUNTS = 10
 SPECS_PER_ACCOUNT = 20
@@ -127,10 +127,7 @@ def test_three_workers_share_200_specs_and_hand_over_exactly_once(
         wait_for(lambda: _stable(survivors, other.config_path) or not zombie.alive, 90, interval=1,
                  what="the group settling after the zombie woke up")
 
-        sandbox.generator.stop()
-        generated = good(sandbox.generator.generated)
-        records = reader.poll_until(lambda rs: len({r.headers.get("uuid") for r in rs}) >= len(generated), 120)
-        result = compare(generated, records, reader.topics)
+        generated, result = drain_and_compare(sandbox, reader, 120)
         assert result.ok, (len(result.missing), result.wrong[:3])
         twice = [g for g in generated if g.uuid in result.duplicates]
         published = [g.published_at for g in twice]
@@ -200,10 +197,7 @@ def test_at_least_once_kill_loses_nothing(sandbox: Sandbox, kafka_bootstrap: str
         a.wait(10)
         wait_for(lambda: _stable([b], b.config_path), 90, interval=1, what="a1's specs moved to a2")
         wait_for(lambda: sandbox.generator.count() > 1500, 30, what="traffic after the kill")
-        sandbox.generator.stop()
-        generated = good(sandbox.generator.generated)
-        records = reader.poll_until(lambda rs: len({r.headers.get("uuid") for r in rs}) >= len(generated), 90)
-        result = compare(generated, records, reader.topics)
+        generated, result = drain_and_compare(sandbox, reader, 90)
         assert result.ok, (len(result.missing), result.wrong[:3])
         assert sum(sandbox.rc.created_count.values()) == SPECS
         print(f"at-least-once kill -9: {len(generated)} notifications, "

@@ -14,7 +14,15 @@ from ingest.config import load_config
 from ingest.sandbox.generator import MALFORMED
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.worker.runtime import Worker
-from tests.harness import ALL_FILTERS, KIND_FAMILY, TopicReader, compare, good, wait_for, write_config
+from tests.harness import (
+    ALL_FILTERS,
+    KIND_FAMILY,
+    TopicReader,
+    compare,
+    drain_and_compare,
+    wait_for,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -77,10 +85,7 @@ def test_restart_mid_stream_loses_nothing_and_reuses_subscriptions(
     try:
         wait_for(lambda: _all_active(second, len(ALL_FILTERS)), 30, what="subscriptions again")
         wait_for(lambda: sandbox.generator.count() > 900, 20, what="traffic after restart")
-        sandbox.generator.stop()
-        generated = good(sandbox.generator.generated)
-        records = reader.poll_until(lambda rs: len({r.headers.get("uuid") for r in rs}) >= len(generated), 60)
-        result = compare(generated, records, reader.topics)
+        generated, result = drain_and_compare(sandbox, reader, 60)
         assert result.ok, (len(result.missing), result.wrong[:3])
         assert sum(sandbox.rc.created_count.values()) == created_before  # renewed, never re-created
         duplicates = sum(n - 1 for n in result.duplicates.values())

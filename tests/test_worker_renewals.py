@@ -12,7 +12,7 @@ import pytest
 from ingest.config import load_config
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.worker.runtime import Worker
-from tests.harness import TopicReader, compare, good, wait_for, write_config
+from tests.harness import TopicReader, drain_and_compare, wait_for, write_config
 
 TTL = 20.0
 CYCLES = 5
@@ -61,12 +61,7 @@ def test_five_renewal_cycles_with_rotation_delete_429_and_401_lose_nothing(
             sandbox.faults.rc_error(endpoint="renew", status=429, count=1, retry_after=3)
             sandbox.faults.expire_access_tokens(None)
             wait_for(lambda: _renewals(sandbox) >= CYCLES * specs, TTL * CYCLES, what=f"{CYCLES} renewal cycles")
-            sandbox.generator.stop()
-
-            generated = good(sandbox.generator.generated)
-            records = reader.poll_until(
-                lambda rs: len({r.headers.get("uuid") for r in rs}) >= len(generated), timeout=60)
-            result = compare(generated, records, reader.topics)
+            generated, result = drain_and_compare(sandbox, reader, 60)
             assert result.ok, (len(result.missing), sorted({g.channel for g in result.missing}), result.wrong[:3])
 
             views = sandbox.rc.subscriptions(include_dead=True)

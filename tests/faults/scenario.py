@@ -29,7 +29,7 @@ from ingest.config import load_config
 from ingest.pipeline import TopicNames
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.worker.runtime import Worker
-from tests.harness import Comparison, Record, TopicReader, compare, good, wait_for, write_config
+from tests.harness import Comparison, Record, TopicReader, drain_and_compare, wait_for, write_config
 
 FILTERS = {
     "messages": ["/restapi/v1.0/account/~/extension/~/message-store"],
@@ -155,12 +155,7 @@ class Traffic:
 
     def verify(self, label: str, timeout: float = 90.0) -> tuple[Comparison, int]:
         """Stop traffic; every good notification must be in its topic (duplicates counted, printed)."""
-        self.sandbox.generator.stop()
-        generated = good(self.sandbox.generator.generated)
-        records = self.reader.poll_until(
-            lambda rs: len({r.headers.get("uuid") for r in rs} & {g.uuid for g in generated}) >= len(generated),
-            timeout)
-        result = compare(generated, records, self.reader.topics)
+        generated, result = drain_and_compare(self.sandbox, self.reader, timeout)
         assert result.ok, (f"{label}: {len(result.missing)} of {len(generated)} missing",
                            sorted({g.channel for g in result.missing})[:5], result.wrong[:3])
         duplicates = sum(n - 1 for n in result.duplicates.values())

@@ -211,6 +211,7 @@ class LocalKafka:
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="ingest-kafka-"))
             self._owns_dir = True
+        self.data_dir.mkdir(parents=True, exist_ok=True)  # `ingest dev kafka --data-dir` may name a new one
         config = self._write_config()
         if not (self.data_dir / "data" / "meta.properties").exists():
             fmt = subprocess.run(

@@ -50,6 +50,10 @@ ROWS: list[tuple[str, str, Callable[[float], str], str, Check]] = [
      "", None),
     ("throughput.baseline_a_raw_producer.cpu_seconds_per_10k", "baseline (a): CPU seconds per 10,000", _secs, "",
      None),
+    ("throughput.baseline_a_raw_producer.before.notifications_per_second", "baseline (a) just before the worker",
+     _rate, "", None),
+    ("throughput.baseline_a_raw_producer.after.notifications_per_second", "baseline (a) just after the worker",
+     _rate, "", None),
     ("throughput.baseline_b_naive.notifications_per_second", "baseline (b) naive pipeline: notifications/s", _rate,
      "", None),
     ("throughput.baseline_b_naive.cpu_seconds_per_10k", "baseline (b): CPU seconds per 10,000", _secs, "", None),
@@ -148,7 +152,10 @@ def render(summary: dict[str, Any]) -> str:
             "",
             "Baseline (a): a raw confluent-kafka `Producer` with the same settings sending the same decrypted "
             "values with the same keys and headers (what the worker's pipeline produced for them) to the same "
-            "broker, then `flush()`: the ceiling of the Kafka leg. Baseline (b): the naive pipeline of "
+            "broker, then `flush()`: the ceiling of the Kafka leg. It runs right before and right after the "
+            "worker's drain, and the ratio uses both together, because this machine's speed drifts by tens of "
+            "percent within minutes: a single measurement seconds away from the worker's compared different "
+            "machines. Baseline (b): the naive pipeline of "
             "`ingest/bench/pipeline_micro.py` (a new AES cipher per message, stdlib `json`, routing by regular "
             "expressions, pure-Python `jsonschema.validate` with the same schemas) producing to the same broker, "
             f"over the same encrypted payloads, for {t['naive_budget_seconds']:g} s (it is slow). Both baselines "

@@ -30,6 +30,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka.admin import AdminClient
+
 from ingest.bench.common import (
     SPAWN,
     Prepared,
@@ -39,13 +41,18 @@ from ingest.bench.common import (
     percentile,
     run_in_child,
 )
+from ingest.catalogue import default_catalogue
+from ingest.model import Delivery
+from ingest.pipeline import ChannelContext, Pipeline, TopicNames
 from ingest.sandbox.server import SandboxSettings, demo_accounts
 from ingest.sandbox.worker_config import write_worker_config
+from ingest.topics import ensure_topics
 
 ACCOUNTS = 10
 SUBS_PER_ACCOUNT = 10
 PER_RESPONSE = 1000
 PAYLOAD_SIZE = 1024
+RawRecord = tuple[str, bytes, bytes, list[tuple[str, bytes]]]  # topic, key, value, headers
 
 
 def _filters(ext: str) -> list[str]:
@@ -194,8 +201,7 @@ def _producer_config(bootstrap: str) -> dict[str, str]:
     return {**DEFAULT_PRODUCER_CONFIG, "bootstrap.servers": bootstrap, **REQUIRED_PRODUCER_CONFIG}
 
 
-def baseline_raw_producer(bootstrap: str, records: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]]
-                          ) -> dict[str, Any]:
+def baseline_raw_producer(bootstrap: str, records: list[RawRecord]) -> dict[str, Any]:
     """Baseline (a): the raw producer, same settings, same records; timed from the first produce to flush."""
     from confluent_kafka import Producer
 
@@ -251,19 +257,9 @@ def _rates(result: dict[str, Any]) -> dict[str, Any]:
     return {**result, "notifications_per_second": n / seconds, "cpu_seconds_per_10k": cpu / n * 10_000}
 
 
-def _baselines(out: dict[str, Any], bootstrap: str, prefix: str, prepared: list[Prepared], *, naive_budget: float,
-               kafka_admin: Any) -> None:
-    """Baselines (a) and (b) over exactly the notifications the worker drained."""
-    from confluent_kafka.admin import AdminClient
-
-    from ingest.catalogue import default_catalogue
-    from ingest.model import Delivery
-    from ingest.pipeline import ChannelContext, Pipeline, TopicNames
-    from ingest.topics import ensure_topics
-
-    catalogue = default_catalogue()
-    topics_a = TopicNames(f"{prefix}-raw", catalogue=catalogue)
-    pipeline = Pipeline(catalogue, topics_a)
+def _raw_records(prepared: list[Prepared], topics: TopicNames) -> list[RawRecord]:
+    """What the worker's pipeline produces for `prepared`: baseline (a)'s input."""
+    pipeline = Pipeline(default_catalogue(), topics)
     contexts: dict[str, ChannelContext] = {}
     records = []
     for i, p in enumerate(prepared):
@@ -273,12 +269,14 @@ def _baselines(out: dict[str, Any], bootstrap: str, prefix: str, prepared: list[
                 Delivery(f"bench/{p.subscription_id}", p.account_id, p.subscription_id, "", p.channel, p.key_b64, 0))
         o = pipeline.process(p.payload, ctx, i + 1)
         records.append((o.topic, o.key, o.value, o.headers))
-    admin = kafka_admin or AdminClient({"bootstrap.servers": bootstrap})
-    naive_topic = f"{prefix}-naive"
-    ensure_topics(admin, [*topics_a.all_output_topics(), naive_topic], partitions=6, replication_factor=1)
-    out["baseline_a_raw_producer"] = _rates(run_in_child(baseline_raw_producer, bootstrap, records))
-    items = [(p.payload, p.key_b64, p.account_id) for p in prepared]
-    out["baseline_b_naive"] = _rates(run_in_child(baseline_naive, bootstrap, naive_topic, items, naive_budget))
+    return records
+
+
+def _combined(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Baseline (a) measured just before and just after the worker: both together, and each one."""
+    both = {key: before[key] + after[key] for key in ("notifications", "seconds", "cpu_seconds")}
+    return {**_rates({**both, "peak_rss_bytes": max(before["peak_rss_bytes"], after["peak_rss_bytes"])}),
+            "before": _rates(before), "after": _rates(after)}
 
 
 def _start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -314,12 +312,20 @@ def run(bootstrap: str, workdir: Path, *, notifications: int = 30_000, lag_rate:
         "sandbox_buffer_size": settings.buffer_size, "topic_partitions": 6, "lag_rate_per_second": lag_rate,
         "lag_seconds": lag_seconds, "naive_budget_seconds": naive_budget, "worker": "own process (spawn)",
         "channels_per_connection": 50, "producer": _producer_config(bootstrap)}}
+    topics_a = TopicNames(f"{prefix}-raw", catalogue=default_catalogue())
+    naive_topic = f"{prefix}-naive"
+    admin = kafka_admin or AdminClient({"bootstrap.servers": bootstrap})
     with SandboxProcess(settings) as sandbox:
         config = write_worker_config(workdir / prefix, sandbox.describe, bootstrap, prefix, specs)
         worker = _WorkerProcess(config, ACCOUNTS * SUBS_PER_ACCOUNT)
         try:
             out["worker_startup"] = worker.ready
             prepared: list[Prepared] = sandbox.call("prepare", notifications, None)
+            # Baseline (a) right before and right after the worker's drain, so that the ratio compares
+            # like with like on a machine whose speed drifts (docs/benchmarks.md).
+            records = _raw_records(prepared, topics_a)
+            ensure_topics(admin, [*topics_a.all_output_topics(), naive_topic], partitions=6, replication_factor=1)
+            a_before = run_in_child(baseline_raw_producer, bootstrap, records)
             out["avg_plaintext_bytes"] = sum(len(p.plaintext) for p in prepared) / len(prepared)
             out["avg_payload_chars"] = sum(len(p.payload) for p in prepared) / len(prepared)
             spy = _start_profiler(worker.pid, profile_dir / f"{prefix}.raw") if profile_dir else None
@@ -334,6 +340,8 @@ def run(bootstrap: str, workdir: Path, *, notifications: int = 30_000, lag_rate:
             if result["dead_lettered"]:
                 raise RuntimeError(f"{result['dead_lettered']} notifications were dead-lettered")
             out["worker"] = _rates(result)
+            a_after = run_in_child(baseline_raw_producer, bootstrap, records)
+            out["baseline_a_raw_producer"] = _combined(a_before, a_after)
             # Lag under a steady stream.
             worker.send("lag-start")
             base = worker.recv(30)
@@ -345,7 +353,8 @@ def run(bootstrap: str, workdir: Path, *, notifications: int = 30_000, lag_rate:
         finally:
             worker.close()
 
-    _baselines(out, bootstrap, prefix, prepared, naive_budget=naive_budget, kafka_admin=kafka_admin)
+    items = [(p.payload, p.key_b64, p.account_id) for p in prepared]
+    out["baseline_b_naive"] = _rates(run_in_child(baseline_naive, bootstrap, naive_topic, items, naive_budget))
     w = out["worker"]["notifications_per_second"]
     out["ratios"] = {"worker_vs_raw_producer": w / out["baseline_a_raw_producer"]["notifications_per_second"],
                      "worker_vs_naive": w / out["baseline_b_naive"]["notifications_per_second"]}

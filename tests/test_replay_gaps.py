@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,9 @@ def test_checkpoint_older_than_the_buffer_is_reported(kafka_bootstrap: str, uniq
         first = _start(path)
         wait_for(lambda: _reading(first), 30, what="the first worker reading")
         assert _gap_events(caplog) == []  # nothing restored yet: no gap
-        first.stop()
+        first.stop()  # writes the final checkpoint
+        stopped = time.time()
+        wait_for(lambda: time.time() - stopped > 0.2, 5, what="the checkpoint outliving the 0.2 s buffer")
         second = _start(path)
         try:
             events = _gap_events(caplog)

@@ -174,6 +174,8 @@ def test_random_documents_are_a_config_error_naming_a_key(doc: dict[str, Any]) -
             load_config(path, ENV)
         except ConfigError as exc:
             _check(str(exc), path, doc, ENV)
+        else:  # a config needs accounts with credentials: nothing random is one
+            raise AssertionError(f"a random document was accepted as a config: {doc!r}")
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -102,6 +102,7 @@ def test_no_secret_in_logs_metrics_errors_or_records(kafka_bootstrap: str, uniqu
             tmp_path, sandbox, kafka_bootstrap, unique_name,
             worker={"renewal_margin_seconds": 10, "renewal_jitter_seconds": 1, "expires_in_seconds": TTL})
         text = config.read_text().replace("level: INFO", "level: DEBUG")  # the most talkative worker
+        assert "level: DEBUG" in text
         config.write_text(text)
         worker = WorkerProcess(config, tmp_path / "worker.log")
         reader: FaultTolerantReader | None = None

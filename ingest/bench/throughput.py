@@ -315,6 +315,8 @@ def run(bootstrap: str, workdir: Path, *, notifications: int = 30_000, lag_rate:
     topics_a = TopicNames(f"{prefix}-raw", catalogue=default_catalogue())
     naive_topic = f"{prefix}-naive"
     admin = kafka_admin or AdminClient({"bootstrap.servers": bootstrap})
+    # Created now, so that the broker has settled their partitions long before baseline (a) runs.
+    ensure_topics(admin, [*topics_a.all_output_topics(), naive_topic], partitions=6, replication_factor=1)
     with SandboxProcess(settings) as sandbox:
         config = write_worker_config(workdir / prefix, sandbox.describe, bootstrap, prefix, specs)
         worker = _WorkerProcess(config, ACCOUNTS * SUBS_PER_ACCOUNT)
@@ -324,7 +326,6 @@ def run(bootstrap: str, workdir: Path, *, notifications: int = 30_000, lag_rate:
             # Baseline (a) right before and right after the worker's drain, so that the ratio compares
             # like with like on a machine whose speed drifts (docs/benchmarks.md).
             records = _raw_records(prepared, topics_a)
-            ensure_topics(admin, [*topics_a.all_output_topics(), naive_topic], partitions=6, replication_factor=1)
             a_before = run_in_child(baseline_raw_producer, bootstrap, records)
             out["avg_plaintext_bytes"] = sum(len(p.plaintext) for p in prepared) / len(prepared)
             out["avg_payload_chars"] = sum(len(p.payload) for p in prepared) / len(prepared)

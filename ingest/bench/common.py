@@ -73,6 +73,9 @@ def _sandbox_main(settings: SandboxSettings, conn: Connection) -> None:
                     publish(sub_key, channel, data)
                 conn.send(len(ready))
                 ready = []
+            elif command == "per_response":  # messages per subscribe response from now on
+                sb.pubnub.max_per_response = args[0]
+                conn.send(None)
             elif command == "rate":
                 rate, kinds = args
                 if rate > 0:

@@ -293,7 +293,8 @@ work measured inside the worker alone (~22 us) leaves nothing for the rest. That
 core per process (a free-threaded Python, or several worker processes per pod: each owns its own
 subscriptions, so the group coordination needs no change), or a data plane in a compiled language.
 
-The machine is shared and its speed drifts: the same code measured between 14,000 and 26,000
-notifications/s on one day, and the naive baseline (b), pure Python on one core, between 56 and
-103/s. The worker's ratio to baseline (b) stayed at 195-207x across those days: compare the ratios.
+The machine is shared and its speed drifts: the same code measured between 13,000 and 26,000
+notifications/s within two days (13,800 to 19,300 in the medians of `make bench`), and the naive
+baseline (b), pure Python on one core, between 56 and 103/s. The worker's ratio to baseline (b)
+stayed at 195-207x across those days: compare the ratios.
 """

@@ -5,11 +5,14 @@
   reading, then released into PubNub's buffer in one tight loop; the clock starts just before the
   release and stops when Kafka has acknowledged all N (acks=all, idempotence). Measured in the
   worker's own process: notifications/s, CPU seconds per 10,000, peak RSS, threads.
+- the same drain again with at most 100 messages per subscribe response, as real PubNub answers
+  (after the lag phase): every poll costs the worker a fixed amount of CPU.
 - lag: afterwards a steady stream at a fixed rate (fresh timestamps) for a few seconds; lag is the
   worker's own `ingest_lag_seconds` observation (Kafka acknowledgement time minus the notification's
   timestamp), recorded exactly, p50/p99.
 - baseline (a): the raw confluent-kafka producer (same settings) sending the same decrypted values
-  with the same keys and headers to the same broker, then flush: the ceiling of the Kafka leg.
+  with the same keys and headers to the same broker, then flush: the ceiling of the Kafka leg. It
+  runs right before and right after the worker's drain (the machine's speed drifts).
 - baseline (b): the naive pipeline (new AES cipher per message, stdlib json, pure-Python
   `jsonschema.validate` with the same schemas, produce), over the same encrypted payloads, for a
   bounded time (it is slow).
@@ -319,8 +322,7 @@ def run(bootstrap: str, workdir: Path, *, notifications: int = 30_000, lag_rate:
     accounts = demo_accounts(ACCOUNTS, extensions_per_account=SUBS_PER_ACCOUNT)
     buffered = 2 * notifications + int(lag_rate * lag_seconds * 2) + 1000  # two drains and the lag phase
     settings = SandboxSettings(accounts=accounts, buffer_size=buffered, max_messages_per_response=PER_RESPONSE,
-                               payload_size=PAYLOAD_SIZE,
-                               pubnub_hold_seconds=1.0)
+                               payload_size=PAYLOAD_SIZE, pubnub_hold_seconds=1.0)
     specs = {a.name: [(f"ext{j}", _filters(ext)) for j, ext in enumerate(a.extensions[:SUBS_PER_ACCOUNT])]
              for a in accounts}
     out: dict[str, Any] = {"settings": {

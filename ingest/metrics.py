@@ -88,9 +88,6 @@ class BatchHistogram(Collector):
                 child = self._children[values] = _Buckets(self._bounds)
             return child
 
-    def observe(self, value: float) -> None:
-        self.labels().observe(value)
-
     def observe_many(self, values: Iterable[float]) -> None:
         self.labels().observe_many(values)
 

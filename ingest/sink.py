@@ -34,7 +34,7 @@ DEFAULT_PRODUCER_CONFIG = {"linger.ms": "5", "compression.type": "lz4", "statist
 DELIVERY_FAILURE_LOG_INTERVAL = 10.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: settling collects the progresses a batch of deliveries touched
 class SpecProgress:
     """Delivery progress of one spec: what is in flight and how far Kafka has acknowledged."""
 
@@ -140,12 +140,15 @@ class KafkaSink:
                 self._on_refused(entry, exc.args[0])
                 return
 
-    def _on_refused(self, entry: _InFlight, err: KafkaError) -> None:
-        """Count and log it, and let the delivery thread try again (it stays unacknowledged until then,
-        so no checkpoint passes it)."""
+    def _count_failure(self, entry: _InFlight, err: KafkaError) -> None:
         self.last_error = err.name()
         self._metrics.delivery_errors.labels(err.name()).inc()
         self._log_failure(err, entry.outcome.topic)
+
+    def _on_refused(self, entry: _InFlight, err: KafkaError) -> None:
+        """Count and log it, and let the delivery thread try again (it stays unacknowledged until then,
+        so no checkpoint passes it)."""
+        self._count_failure(entry, err)
         self._refused.append(entry)
 
     def _retry_refused(self) -> None:
@@ -154,9 +157,7 @@ class KafkaSink:
             self._produce(refused.popleft())
 
     def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
-        self.last_error = err.name()
-        self._metrics.delivery_errors.labels(err.name()).inc()
-        self._log_failure(err, entry.outcome.topic)
+        self._count_failure(entry, err)
         self._produce(entry)  # never drop: try again (idempotence keeps retries within a session clean)
 
     def _settle(self) -> None:
@@ -167,11 +168,9 @@ class KafkaSink:
         with self._settle_lock:  # the delivery thread and flush() both settle
             entries = [acked.popleft() for _ in range(len(acked))]
             self._count_deliveries(entries)
-            progresses: dict[int, SpecProgress] = {}
             for entry in entries:
                 entry.done = True
-                progresses[id(entry.progress)] = entry.progress
-            for progress in progresses.values():
+            for progress in {entry.progress for entry in entries}:
                 progress.advance()
             self.acknowledged += len(entries)
             self.last_error = None

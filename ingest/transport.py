@@ -414,12 +414,13 @@ class _DecodedOnce(httpx.Response):
         return text
 
     def json(self, **kwargs: Any) -> Any:
-        try:
-            doc = orjson.loads(self.content)
-        except orjson.JSONDecodeError:
-            doc = None
-        if _only_string_payloads(doc) and not kwargs:
-            return doc
+        if not kwargs:
+            try:
+                doc = orjson.loads(self.content)
+            except orjson.JSONDecodeError:
+                doc = None
+            if _only_string_payloads(doc):
+                return doc
         return json.loads(self.text, **kwargs)
 
 
@@ -486,7 +487,7 @@ def _install_batch_intake(pubnub: PubNub, on_batch: Callable[[list[dict[str, Any
         sdk_handle({**raw_result, "m": []}, status)
         try:
             on_batch(messages)
-        except Exception:  # pragma: no cover - on_batch catches its own; a raise would stop this connection
+        except Exception:  # pragma: no cover - the handler must not raise; a raise would stop this connection
             log.error("transport.handler_failed", exc_info=True, messages=len(messages))
 
     manager._handle_endpoint_call = handle_endpoint_call

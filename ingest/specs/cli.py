@@ -35,9 +35,9 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         current = read_specs(config.kafka, topic)
         wanted = {s.spec_id: s for s in specs}
-        plan = plan_specs(current, wanted, prune=not args.no_prune)
+        plan = plan_specs(current, wanted, prune=True)  # kept with --no-prune, but shown either way
         marks = {**dict.fromkeys(plan.added, "+"), **dict.fromkeys(plan.updated, "~"),
-                 **dict.fromkeys(plan.removed, "-"), **{k: "=" for k in current if k not in wanted and args.no_prune}}
+                 **dict.fromkeys(plan.removed, "=" if args.no_prune else "-")}
         for spec_id in sorted(marks):
             print(f"{marks[spec_id]} {spec_id}")
         return 0

@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from ingest.bench.common import (
@@ -207,8 +208,6 @@ def _producer_config(bootstrap: str) -> dict[str, str]:
 
 def baseline_raw_producer(bootstrap: str, records: list[RawRecord]) -> dict[str, Any]:
     """Baseline (a): the raw producer, same settings, same records; timed from the first produce to flush."""
-    from confluent_kafka import Producer
-
     producer = Producer(_producer_config(bootstrap))
     producer.list_topics(timeout=10)  # connected before the clock starts, as the worker is
     cpu0, t0 = cpu_seconds(), time.perf_counter()
@@ -229,8 +228,6 @@ def baseline_raw_producer(bootstrap: str, records: list[RawRecord]) -> dict[str,
 
 def baseline_naive(bootstrap: str, topic: str, items: list[tuple[str, str, str]], budget: float) -> dict[str, Any]:
     """Baseline (b): the naive pipeline + produce, for at most `budget` seconds of processing."""
-    from confluent_kafka import Producer
-
     from ingest.bench.pipeline_micro import NaivePipeline
 
     naive = NaivePipeline(compiled=False)

@@ -14,20 +14,27 @@ import threading
 import time
 from typing import Any
 
-_secrets: set[str] = set()
+# Copy-on-write: `redact` runs on every thread that logs and reads whichever tuple is current, while
+# a registration (token refresh, key rotation) on another thread swaps in a new one. Iterating a
+# shared set instead raised "Set changed size during iteration" and lost the log line.
+_secrets: tuple[str, ...] = ()
+_registered: set[str] = set()  # the same secrets, for the membership test (under the lock)
 _secrets_lock = threading.Lock()
 MIN_SECRET_LEN = 6  # shorter strings would scrub ordinary words
 
 
 def register_secret(value: str | None) -> None:
-    """Remember a secret so that it is scrubbed from every log line and error text."""
+    """Remember a secret so that it is scrubbed from every log line and error text (thread-safe)."""
+    global _secrets
     if value and len(value) >= MIN_SECRET_LEN:
         with _secrets_lock:
-            _secrets.add(value)
+            if value not in _registered:
+                _registered.add(value)
+                _secrets = (*_secrets, value)
 
 
 def redact(text: str) -> str:
-    for secret in _secrets:
+    for secret in _secrets:  # one snapshot: registrations meanwhile replace the tuple, not mutate it
         if secret in text:
             text = text.replace(secret, "***")
     return text

@@ -20,7 +20,7 @@ import gc
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
@@ -286,10 +286,21 @@ class Worker:
         log.info("worker.specs_released", specs=len(released), lost=lost)
 
     def _record_subscription(self, spec_id: str, subscription_id: str) -> None:
-        """A state record naming the spec's subscription when no delivery was announced for it yet."""
-        progress = self._progress.get(spec_id)
-        state = SpecState(spec_id, "", subscription_id, "", "", progress.checkpointed_tt if progress else 0,
-                          time.time(), self.worker_id)
+        """Name a subscription that was created or adopted for the spec while we were handing it over
+        (no delivery announced for it yet). Only the subscription id changes: the checkpoint and the
+        channel it belongs to stay as they were. A record with an empty checkpoint made the next owner
+        start from a 30-s lookback: duplicates under exactly-once, and loss where the checkpoint was
+        older than the lookback (docs/scaling.md)."""
+        delivery, progress = self._deliveries.get(spec_id), self._progress.get(spec_id)
+        if delivery is not None and progress is not None:
+            recorded: SpecState | None = self._state_record(spec_id, delivery, progress.checkpointed_tt)
+        else:
+            recorded = self._restored.get(spec_id)
+        if recorded is None:
+            recorded = SpecState(spec_id, "", subscription_id, "", "", 0, 0.0, self.worker_id)
+        elif recorded.subscription_id == subscription_id:
+            return  # the record already names it
+        state = replace(recorded, subscription_id=subscription_id, updated_at=time.time(), worker_id=self.worker_id)
         # Exactly-once: into the open transaction, committed with the handover.
         self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
                               partition_for(spec_id, self.spec_partitions))
@@ -475,15 +486,18 @@ class Worker:
             return
         tt = progress.acked_tt if timetoken is None else timetoken
         tt = max(tt, progress.checkpointed_tt)
-        # The delivery is announced only when it changes; plain renewals move the expiry recorded here.
-        expires_at = self.metrics.subscription_expiry.get(spec_id) or delivery.expires_at
-        state = SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
-                          delivery.channel, tt, time.time(), self.worker_id, expires_at)
+        state = self._state_record(spec_id, delivery, tt)
         self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
                               partition_for(spec_id, self.spec_partitions))
         progress.checkpointed_tt = tt
         self._last_state[spec_id] = time.monotonic()
         self.metrics.checkpoints.inc()
+
+    def _state_record(self, spec_id: str, delivery: Delivery, timetoken: int) -> SpecState:
+        # The delivery is announced only when it changes; plain renewals move the expiry recorded here.
+        expires_at = self.metrics.subscription_expiry.get(spec_id) or delivery.expires_at
+        return SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
+                         delivery.channel, timetoken, time.time(), self.worker_id, expires_at)
 
     def _commit(self, consumer: Consumer | None, force: bool = False) -> None:
         """Exactly-once: checkpoints into the open transaction, then commit it (every interval)."""

@@ -141,6 +141,7 @@ class PubNubTransport:
     _connections: dict[int, _Connection] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _intake: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time (`_on_batch`)
     _dirty: set[int | str] = field(default_factory=set)  # connection ids or subscribe keys to re-plan
     _wake: threading.Event = field(default_factory=threading.Event)
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -222,7 +223,19 @@ class PubNubTransport:
     # ---- SDK callbacks -------------------------------------------------------------------------
 
     def _on_batch(self, conn: _Connection, messages: list[dict[str, Any]]) -> None:
-        """One subscribe response: hand on, as one batch, what is new for each channel we read."""
+        """One subscribe response: hand on, as one batch, what is new for each channel we read.
+
+        Batches are accepted and handed on one at a time (`_intake`), so each channel's notifications
+        reach the handler in the order their cursor accepted them. When a channel moves to a new
+        connection, the old one may still be handing on a batch it accepted just before: run side by
+        side, the new connection's later notifications reached Kafka first, their acknowledgement
+        moved the spec's checkpoint past the older ones still in flight, and a SIGKILL at that moment
+        lost them (seen on a loaded machine: 1-2 of ~260). The handler holds the GIL for nearly all of
+        its work, so serialising batches costs no parallelism."""
+        with self._intake:
+            self._accept_and_hand_on(conn, messages)
+
+    def _accept_and_hand_on(self, conn: _Connection, messages: list[dict[str, Any]]) -> None:
         accepted: list[Received] = []
         replayed: list[int] = []
         duplicates = malformed = 0

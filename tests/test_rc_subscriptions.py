@@ -450,3 +450,20 @@ def test_real_rate_limiter_penalties_are_never_interrupted() -> None:
             # Requests already in flight when the 429 arrived cannot be helped; none may be *sent* after.
             during = [e for e in entries if e[2] == group and t429 < e[0] < t429 + retry_after - 0.05]
             assert during == [], f"sent during the {group} penalty that began at {t429}: {during}"
+
+
+def test_a_stop_right_after_a_handover_keeps_the_handed_subscriptions(sb: Sandbox) -> None:
+    """A group worker stopped gracefully hands its specs over, then stops its manager at once. The
+    released specs' removals were still queued then, and `stop` deleted every queued removal's
+    subscription: the new owner found them gone (8 of 40 in one run), and RingCentral published
+    nothing for them until it created new ones."""
+    specs = [spec(sb.accounts[0].name, f"s{i:02d}") for i in range(20)]
+    with manager(sb) as (mgr, _rec, _m):
+        mgr.set_specs(specs)
+        wait_for(lambda: all(active(mgr, s.spec_id) for s in specs), 60, what="every subscription active")
+        handed = mgr.release([s.spec_id for s in specs])
+        mgr.stop()
+    live = {view.id for view in sb.rc.live_subscriptions()}
+    assert len(set(handed.values())) == len(specs)
+    deleted = set(handed.values()) - live
+    assert not deleted, f"{len(deleted)} handed-over subscriptions deleted at stop"

@@ -183,9 +183,10 @@ class SubscriptionManager:
         with self._cond:
             removing = list(self._removing.values())
             entries = list(self._entries.values())
-        # Removed specs' subscriptions are deleted in any case (no one wants them); the owned ones only
-        # on request: by default they stay alive for the next start, which reuses them.
-        doomed = removing + (entries if delete_subscriptions else [])
+        # Removed specs' subscriptions are deleted in any case (no one wants them), except those handed
+        # over to another worker (`release`), whose removal may still be queued; the owned ones only on
+        # request: by default they stay alive for the next start, which reuses them.
+        doomed = [e for e in removing if e.delete_on_remove] + (entries if delete_subscriptions else [])
         with ThreadPoolExecutor(max_workers=self._api_threads, thread_name_prefix="rc-delete") as deleter:
             for entry in doomed:
                 if entry.session is not None:

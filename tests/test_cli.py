@@ -30,18 +30,27 @@ def test_dev_kafka_prints_its_address_and_stops_on_ctrl_c(tmp_path: Path) -> Non
     proc = subprocess.Popen([*INGEST, "dev", "kafka", "--data-dir", str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    bootstrap = None
-    deadline = time.monotonic() + 120
-    while bootstrap is None and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        assert line, "ingest dev kafka ended before printing its address"
-        if line.startswith("KAFKA_BOOTSTRAP_SERVERS="):
-            bootstrap = line.strip().split("=", 1)[1]
-    assert bootstrap is not None
-    assert AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).brokers
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0
-    assert "stopping the broker" in proc.stdout.read()
+    try:
+        bootstrap = None
+        deadline = time.monotonic() + 120
+        while bootstrap is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "ingest dev kafka ended before printing its address"
+            if line.startswith("KAFKA_BOOTSTRAP_SERVERS="):
+                bootstrap = line.strip().split("=", 1)[1]
+        assert bootstrap is not None
+        assert AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).brokers
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert "stopping the broker" in proc.stdout.read()
+    finally:  # a failed assertion must not leave the broker running (it outlived a failed run by 15 min)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # `ingest dev kafka` stops its broker on Ctrl-C
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def _without(tool: str) -> str:

@@ -27,6 +27,11 @@ from ingest.specs.store import decode_spec
 log = get_logger(__name__)
 
 POLL_SECONDS = 0.05
+# Consumer errors that pass: the spec topic a worker has just created is not in every broker's
+# metadata yet (seen failing a fresh group for good, with liveness down); the broker is away.
+_TRANSIENT = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._TRANSPORT,
+                        KafkaError._ALL_BROKERS_DOWN})
+TRANSIENT_LOG_INTERVAL = 10.0
 STABLE_OFFSETS_TIMEOUT = 60.0  # longer than any transaction may stay open (transaction.timeout.ms)
 
 
@@ -50,6 +55,7 @@ class GroupMembership:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self._transient_logged = -TRANSIENT_LOG_INTERVAL
 
     @staticmethod
     def _config(kafka_config: Mapping[str, str], group_id: str, worker_id: str, session_timeout_ms: int
@@ -127,10 +133,14 @@ class GroupMembership:
     # ---- the table -----------------------------------------------------------------------------
 
     def _on_record(self, msg: Any) -> None:
-        if msg.error():
-            if msg.error().code() != KafkaError._PARTITION_EOF:
-                raise KafkaException(msg.error())
-            return
+        error = msg.error()
+        if error:
+            if error.code() == KafkaError._PARTITION_EOF:
+                return
+            if error.retriable() or error.code() in _TRANSIENT:
+                self._log_transient(error)
+                return
+            raise KafkaException(error)
         partition, key = msg.partition(), msg.key()
         if key is None or partition not in self.assigned:
             return
@@ -152,6 +162,12 @@ class GroupMembership:
                 self._finish_loading(partition)
         else:
             self.owner.spec_changed(partition, spec_id, spec)
+
+    def _log_transient(self, error: KafkaError) -> None:
+        now = time.monotonic()
+        if now >= self._transient_logged + TRANSIENT_LOG_INTERVAL:
+            self._transient_logged = now
+            log.warning("group.consumer_error", error=error.name(), reason=error.str(), retrying=True)
 
     def _check_loaded(self) -> None:
         """A partition is loaded once the position reaches the end seen at assignment."""

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv tools lint typecheck test demo kafka sandbox bench clean
+.PHONY: all venv tools lint typecheck test demo kafka sandbox bench soak clean
 
 all: test
 
@@ -49,6 +49,12 @@ sandbox: venv
 # Three runs of every scenario against a local broker; writes bench-results/ and docs/benchmarks.md.
 bench: venv
 	$(BIN)/python -m ingest.bench.run
+
+# Chaos soak (not in `make test`): a worker group under random faults, 10 minutes by default;
+# SOAK_ARGS="--minutes 20 --seed N --mode exactly-once" (tests/soak.py).
+SOAK_ARGS ?=
+soak: venv
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist

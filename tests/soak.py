@@ -1,0 +1,317 @@
+"""Chaos soak (`make soak`, not part of `make test`): a worker group under a random schedule of every
+fault the sandbox and the broker launcher can inject, with steady traffic; the verdict by uuid.
+
+Three `ingest run` processes share the specs through a consumer group on a broker of the soak's own
+(it is stopped and restarted). The soak runs at-least-once, then exactly-once, each for half of
+`--minutes`. A fault is drawn every few seconds from FAULTS; each line of the schedule is printed
+as it happens, with the seed first, so `--seed N` replays the same draws. At the end of each mode the
+faults are cleared, every worker runs again, and what Kafka holds is compared with what the sandbox
+published:
+
+- lost: good notifications missing from their topic. PubNub's buffer is set larger than the whole
+  soak's traffic, so PubNub still holds everything and the verdict is 0.
+- duplicated: notifications seen twice through read_committed; 0 in exactly-once (at-least-once
+  counts them only).
+- order violations: per spec, a notification whose timetoken is below one read before it in the
+  same partition (first copies only; a replayed duplicate is not a violation). 0.
+- gaps: `replay.gap_suspected` events the workers logged, against the real gaps (missing
+  notifications). With nothing lost, every reported gap is a false alarm and is listed.
+- no worker log line holds a traceback.
+
+Exit status 0 when every verdict holds, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ingest.config import load_config
+from ingest.sandbox.generator import Generated
+from ingest.sandbox.kafka import LocalKafka
+from ingest.sandbox.processes import WorkerProcess
+from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
+from tests.harness import Record, TopicReader, drain_and_compare, wait_for, write_config
+
+ACCOUNTS = 4
+FILTERS = {
+    "messages": ["/restapi/v1.0/account/~/extension/~/message-store"],
+    "presence": ["/restapi/v1.0/account/~/extension/~/presence"],
+    "calls": ["/restapi/v1.0/account/~/telephony/sessions"],
+}
+WORKERS = 3
+RATE = 20.0  # notifications per second
+TTL = 30  # subscription lifetime (s): a renewal cycle every ~20 s, so renewal faults are exercised
+BUFFER = 200_000  # PubNub's buffer holds the whole soak (and the workers know it): every loss is the worker's
+WORKER = {"coordination": "group", "apply_specs_on_start": False, "session_timeout_seconds": 6.0,
+          "checkpoint_interval_seconds": 0.5, "renewal_margin_seconds": 10, "renewal_jitter_seconds": 2,
+          "expires_in_seconds": TTL, "replay_buffer_messages": BUFFER}
+SETTLE_SECONDS = 180.0
+
+
+@dataclass
+class Soak:
+    sandbox: Sandbox
+    broker: LocalKafka
+    workers: list[WorkerProcess]
+    rng: random.Random
+    started: float = field(default_factory=time.monotonic)
+
+    def log(self, what: str, **details: Any) -> None:
+        print(json.dumps({"t": round(time.monotonic() - self.started, 1), "fault": what, **details}), flush=True)
+
+    def live_subscription(self) -> str | None:
+        live = self.sandbox.rc.live_subscriptions()
+        return self.rng.choice(live).id if live else None
+
+    def running(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.alive]
+
+    def restart_dead(self) -> None:
+        for w in self.workers:
+            if not w.alive:
+                w.start()
+
+
+def _rc_5xx(s: Soak) -> dict[str, Any]:
+    count = s.rng.randint(2, 6)
+    s.sandbox.faults.rc_error("renew", status=s.rng.choice([500, 503]), count=count)
+    return {"count": count}
+
+
+def _rc_429(s: Soak) -> dict[str, Any]:
+    retry_after = s.rng.randint(2, 8)
+    s.sandbox.faults.rc_error("renew", status=429, count=1, retry_after=retry_after)
+    return {"retry_after": retry_after}
+
+
+def _rc_401(s: Soak) -> dict[str, Any]:
+    return {"tokens": s.sandbox.faults.expire_access_tokens()}
+
+
+def _rc_revoked_refresh(s: Soak) -> dict[str, Any]:
+    s.sandbox.faults.expire_access_tokens()
+    return {"tokens": s.sandbox.faults.revoke_refresh_tokens()}
+
+
+def _rc_subscription(action: Callable[[str], None]) -> Callable[[Soak], dict[str, Any]]:
+    def fault(s: Soak) -> dict[str, Any]:
+        subscription = s.live_subscription()
+        if subscription is not None:
+            action(subscription)
+        return {"subscription": subscription}
+    return fault
+
+
+def _rc_delete(s: Soak) -> dict[str, Any]:
+    return _rc_subscription(s.sandbox.faults.delete_subscription)(s)
+
+
+def _rc_expire(s: Soak) -> dict[str, Any]:
+    return _rc_subscription(s.sandbox.faults.expire_subscription)(s)
+
+
+def _rc_rotation(s: Soak) -> dict[str, Any]:
+    return _rc_subscription(s.sandbox.faults.rotate_on_next_renewal)(s)
+
+
+def _pn_500(s: Soak) -> dict[str, Any]:
+    seconds = round(s.rng.uniform(1, 5), 1)
+    s.sandbox.faults.pubnub_error(500, seconds=seconds)
+    return {"seconds": seconds}
+
+
+def _pn_drop(s: Soak) -> dict[str, Any]:
+    count = s.rng.randint(1, 5)
+    s.sandbox.faults.pubnub_drop_connections(count)
+    return {"count": count}
+
+
+def _pn_stall(s: Soak) -> dict[str, Any]:
+    s.sandbox.faults.pubnub_stall(5.0, count=2)
+    return {"seconds": 5.0, "count": 2}
+
+
+def _pn_403(s: Soak) -> dict[str, Any]:
+    count = s.rng.randint(1, 3)
+    s.sandbox.faults.pubnub_error(403, count=count)
+    return {"count": count}
+
+
+def _pn_time_fail(s: Soak) -> dict[str, Any]:
+    s.sandbox.faults.pubnub_error(500, count=2)  # a subscribe error makes the SDK probe /time/0
+    s.sandbox.faults.pubnub_time_fail(seconds=6)
+    return {"seconds": 6}
+
+
+def _broker_restart(s: Soak) -> dict[str, Any]:
+    down = round(s.rng.uniform(3, 20), 1)
+    s.broker.stop()
+    time.sleep(down)  # the fault is the time the broker stays down
+    s.broker.start()
+    return {"down": down}
+
+
+def _worker_signal(sig: signal.Signals) -> Callable[[Soak], dict[str, Any]]:
+    def fault(s: Soak) -> dict[str, Any]:
+        running = s.running()
+        if len(running) < 2:  # keep one worker serving while another restarts
+            return {"skipped": "fewer than two workers running"}
+        victim = s.rng.choice(running)
+        victim.stop(sig, timeout=60)
+        pause = round(s.rng.uniform(1, 10), 1)
+        time.sleep(pause)  # how long the worker stays down is part of the fault
+        victim.start()
+        return {"worker": victim.name, "down_after_exit": pause}
+    return fault
+
+
+FAULTS: dict[str, Callable[[Soak], dict[str, Any]]] = {
+    "rc-5xx": _rc_5xx, "rc-429": _rc_429, "rc-401": _rc_401, "rc-revoked-refresh": _rc_revoked_refresh,
+    "rc-delete": _rc_delete, "rc-expire": _rc_expire, "rc-rotation": _rc_rotation,
+    "pubnub-500": _pn_500, "pubnub-drop": _pn_drop, "pubnub-stall": _pn_stall, "pubnub-403": _pn_403,
+    "pubnub-time-fail": _pn_time_fail, "broker-restart": _broker_restart,
+    "worker-sigkill": _worker_signal(signal.SIGKILL), "worker-sigterm": _worker_signal(signal.SIGTERM),
+}
+
+
+def order_violations(records: list[Record]) -> list[str]:
+    """Per spec, first copies whose timetoken is below one read before them (records are in read
+    order, which within a partition is offset order, and a spec's records share a partition)."""
+    newest: dict[str, int] = {}
+    seen: set[str] = set()
+    violations = []
+    for record in records:
+        uuid, spec = record.headers.get("uuid", ""), record.headers.get("spec-id", "")
+        if not spec or uuid in seen:
+            continue
+        seen.add(uuid)
+        timetoken = int(record.headers.get("timetoken", "0"))
+        if timetoken < newest.get(spec, 0):
+            violations.append(f"{spec}: {uuid} at {timetoken} after {newest[spec]}")
+        newest[spec] = max(newest.get(spec, 0), timetoken)
+    return violations
+
+
+def _missing_by_subscription(missing: list[Generated], started: float) -> list[str]:
+    """Missing notifications per subscription, with when they were published (soak time, s)."""
+    offset = time.time() - (time.monotonic() - started)  # wall clock of the soak's start
+    groups: dict[str, list[float]] = {}
+    for g in missing:
+        groups.setdefault(g.subscription_id, []).append(g.published_at - offset)
+    return [f"{sub}: {len(ts)} published {min(ts):.1f}-{max(ts):.1f} s" for sub, ts in
+            sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+
+
+def _settled(workers: list[WorkerProcess], specs: int) -> bool:
+    return all(w.alive for w in workers) and sum(max(0, w.owned()) for w in workers) == specs \
+        and all(w.ready() for w in workers)
+
+
+def _worker_log_events(workers: list[WorkerProcess], event: str) -> list[dict[str, Any]]:
+    found = []
+    for w in workers:
+        for line in w.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and f'"{event}"' in line:
+                found.append(json.loads(line))
+    return found
+
+
+def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path) -> bool:
+    """One soak in one delivery mode; prints its schedule and verdict, returns whether it held."""
+    print(f"== {guarantee}: {seconds:.0f} s", flush=True)
+    settings = SandboxSettings(accounts=demo_accounts(ACCOUNTS), pubnub_hold_seconds=1.0, rate_limits=False,
+                               buffer_size=BUFFER, subscription_ttl_max=TTL)
+    with LocalKafka() as broker, Sandbox(settings) as sandbox:
+        prefix = f"soak-{guarantee}-{time.time_ns()}"
+        path = write_config(directory, sandbox, broker.bootstrap_servers, prefix, subscriptions=FILTERS,
+                            worker={**WORKER, "delivery_guarantee": guarantee})
+        specs = load_config(path).specs()
+        subprocess.run([sys.executable, "-m", "ingest", "apply", "--config", str(path)], check=True, timeout=120)
+        base: dict[str, Any] = yaml.safe_load(path.read_text())
+        for account in base["accounts"]:
+            account["subscriptions"] = []  # the workers take their specs from the spec topic
+        workers = [WorkerProcess(f"{guarantee[:1]}{i}", base, directory) for i in range(1, WORKERS + 1)]
+        reader: TopicReader | None = None  # made after the faults: it reads everything from the start
+        soak = Soak(sandbox, broker, workers, rng)
+        try:
+            for w in workers:
+                w.start()
+            wait_for(lambda: _settled(workers, len(specs)), SETTLE_SECONDS, interval=1, what="the group settled")
+            sandbox.generator.start(RATE)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                time.sleep(rng.uniform(2, 8))  # the schedule: a fault every few seconds
+                name = rng.choice(sorted(FAULTS))
+                soak.log(name, **FAULTS[name](soak))
+            sandbox.faults.clear()
+            soak.restart_dead()
+            wait_for(lambda: _settled(workers, len(specs)), SETTLE_SECONDS, interval=1,
+                     what="the group settled after the faults")
+            reader = TopicReader(broker.bootstrap_servers, prefix)
+            generated, result = drain_and_compare(sandbox, reader, SETTLE_SECONDS)
+        finally:
+            sandbox.generator.stop()
+            if reader is not None:
+                reader.close()
+            for w in workers:
+                w.stop(signal.SIGKILL)
+        duplicated = sum(n - 1 for n in result.duplicates.values())
+        violations = order_violations(reader.records)
+        gaps = _worker_log_events(workers, "replay.gap_suspected")
+        tracebacks = [w.name for w in workers if "Traceback" in w.log_path.read_text(errors="replace")]
+        verdict = {
+            "mode": guarantee, "published": len(generated), "lost": len(result.missing),
+            "wrong": len(result.wrong), "duplicated": duplicated, "order_violations": len(violations),
+            "gaps_reported": len(gaps), "real_gaps": len(result.missing), "tracebacks": tracebacks,
+            "lapses": len([v for v in sandbox.rc.subscriptions(include_dead=True) if v.status == "Expired"]),
+        }
+        print(json.dumps({"verdict": verdict}), flush=True)
+        for line in _missing_by_subscription(result.missing, soak.started)[:10]:
+            print(f"  lost: {line}")
+        for line in violations[:5]:
+            print(f"  order: {line}")
+        for gap in gaps[:5]:
+            print(f"  gap reported: {gap}")
+        return (not result.missing and not result.wrong and not violations and not tracebacks
+                and (guarantee == "at-least-once" or duplicated == 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="total time under faults (default: 10)")
+    parser.add_argument("--seed", type=int, default=None, help="replay a schedule (default: a new seed)")
+    parser.add_argument("--mode", choices=["at-least-once", "exactly-once", "both"], default="both",
+                        help="delivery guarantee to soak (default: both, half of the time each)")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    print(f"soak seed {seed} (replay: make soak SOAK_ARGS='--seed {seed}')", flush=True)
+    modes = ["at-least-once", "exactly-once"] if args.mode == "both" else [args.mode]
+    rng = random.Random(seed)
+    ok = True
+    tmp = Path(tempfile.mkdtemp(prefix="ingest-soak-"))
+    for mode in modes:
+        directory = tmp / mode
+        directory.mkdir()
+        ok = run_mode(mode, args.minutes * 60 / len(modes), rng, directory) and ok
+    if ok:
+        shutil.rmtree(tmp)
+    print(f"soak seed {seed}: {'PASSED' if ok else f'FAILED (worker configs and logs kept in {tmp})'}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

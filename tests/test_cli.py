@@ -64,3 +64,27 @@ def test_missing_maven_on_a_fresh_cache_is_an_actionable_error(tmp_path: Path) -
                           text=True, env=env, timeout=120, check=False)
     assert proc.returncode == 1
     assert "'mvn' was not found" in proc.stdout and "Maven" in proc.stdout
+
+
+def _ingest(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*INGEST, *args], capture_output=True, text=True, timeout=timeout, check=False,
+                          env=env)
+
+
+def test_tail_of_a_missing_topic_is_one_line_and_exit_1(kafka_bootstrap: str, unique_name: str) -> None:
+    proc = _ingest("tail", "-b", kafka_bootstrap, f"{unique_name}.message-store", "--max", "1")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"ingest tail: no topic {unique_name}.message-store on {kafka_bootstrap} "
+        "(a worker creates its topics when it starts)"]
+    assert proc.stdout == ""
+
+
+def test_tail_of_an_unreachable_broker_is_one_line_and_exit_1() -> None:
+    from ingest.sandbox.kafka import free_port
+
+    bootstrap = f"127.0.0.1:{free_port()}"
+    proc = _ingest("tail", "-b", bootstrap, "ringcentral.message-store")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"ingest tail: cannot reach Kafka at {bootstrap} (no answer within 10s)"]

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ingest {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add(sub, COMMANDS)
-    dev = sub.add_parser("dev", help="developer tools (local Kafka broker)")
+    dev_help = "developer tools (local Kafka broker)"
+    dev = sub.add_parser("dev", help=dev_help, description=dev_help)
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="TOOL", required=True)
     _add(dev_sub, DEV_COMMANDS)
     return parser

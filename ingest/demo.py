@@ -18,14 +18,7 @@ from typing import Any
 
 from ingest import logs
 from ingest.metrics import Metrics
-from ingest.sandbox.worker_config import write_worker_config
-
-DEMO_FILTERS = {
-    "messages": ["/restapi/v1.0/account/~/extension/~/message-store",
-                 "/restapi/v1.0/account/~/extension/~/message-store/instant?type=SMS"],
-    "presence": ["/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true"],
-    "calls": ["/restapi/v1.0/account/~/telephony/sessions", "/restapi/v1.0/account/~/extension"],
-}
+from ingest.sandbox.worker_config import every_account, renewal_settings, write_worker_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,12 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def write_demo_config(directory: Path, sandbox: Any, *, bootstrap: str, prefix: str, ttl: float,
                       metrics_port: int = 0) -> Path:
     """A worker config for every sandbox account, renewing well within the short `ttl`."""
-    margin = max(2.0, ttl / 3)
-    subscriptions = {a.name: list(DEMO_FILTERS.items()) for a in sandbox.accounts}
-    return write_worker_config(directory, sandbox.describe(), bootstrap, prefix, subscriptions, partitions=3,
-                               metrics_port=metrics_port,
-                               worker={"renewal_margin_seconds": margin, "renewal_jitter_seconds": margin / 4,
-                                       "expires_in_seconds": int(ttl)})
+    description = sandbox.describe()
+    return write_worker_config(directory, description, bootstrap, prefix, every_account(description), partitions=3,
+                               metrics_port=metrics_port, worker=renewal_settings(ttl))
 
 
 def _total(counter: Any) -> float:

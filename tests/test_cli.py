@@ -3,17 +3,20 @@ broker launcher's messages when its tools are missing."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
 from ingest import __version__
+from ingest.cli import build_parser
 
 INGEST = [sys.executable, "-m", "ingest"]
 
@@ -88,3 +91,61 @@ def test_tail_of_an_unreachable_broker_is_one_line_and_exit_1() -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"ingest tail: cannot reach Kafka at {bootstrap} (no answer within 10s)"]
+
+
+def _subparsers(parser: argparse.ArgumentParser, path: str = "ingest") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subparsers(sub, f"{path} {name}")
+
+
+def test_every_command_has_a_description_and_every_option_its_default() -> None:
+    undescribed, undefaulted = [], []
+    for path, parser in _subparsers(build_parser()):
+        if not parser.description:
+            undescribed.append(path)
+        for action in parser._actions:
+            takes_value = action.option_strings and action.nargs != 0 and not action.required
+            if takes_value and action.default not in (None, argparse.SUPPRESS) \
+                    and "default" not in (action.help or ""):
+                undefaulted.append(f"{path} {action.option_strings[-1]}")
+    assert (undescribed, undefaulted) == ([], [])
+    dev_help = _ingest("dev", "--help").stdout
+    assert "developer tools" in dev_help.split("positional arguments")[0].split("\n", 2)[2]
+
+
+def _worker_config(tmp_path: Path) -> Path:
+    """A worker config for account `acme` only; its secrets come from variables that are not set (apply
+    only needs the account names)."""
+    path = tmp_path / "worker.yaml"
+    path.write_text(
+        "kafka: {bootstrap.servers: 127.0.0.1:1}\n"
+        "ringcentral: {client_id: app, client_secret_env: APPLY_TEST_UNSET}\n"
+        "accounts:\n  - {name: acme, jwt_env: APPLY_TEST_UNSET}\n")
+    return path
+
+
+def test_apply_refuses_an_account_no_worker_can_log_in_to(tmp_path: Path) -> None:
+    specs = tmp_path / "specs.yaml"
+    specs.write_text("accounts:\n  - name: globex\n    subscriptions:\n"
+                     "      - {name: messages, event_filters: [/restapi/v1.0/account/~/extension/~/message-store]}\n")
+    proc = _ingest("apply", "--config", str(_worker_config(tmp_path)), "-f", str(specs))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"ingest apply: no credentials for account(s) globex in {tmp_path / 'worker.yaml'} (its accounts: acme); "
+        "add them there (name and jwt_file or jwt_env) first, so that workers can log in"]
+
+
+def test_apply_help_shows_the_spec_file_format_and_a_plain_list_points_there(tmp_path: Path) -> None:
+    help_text = _ingest("apply", "--help").stdout
+    assert "spec file (-f): the `accounts` section of a worker config, without credentials:" in help_text
+    assert "      subscriptions:\n        - name: messages          # spec id: acme/messages" in help_text
+    specs = tmp_path / "specs.yaml"
+    specs.write_text("- name: acme\n  subscriptions: []\n")
+    proc = _ingest("apply", "--config", str(_worker_config(tmp_path)), "-f", str(specs))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"ingest apply: {specs}: the top level must be a mapping of sections, got a list "
+        "(spec file format: ingest apply --help)"]

@@ -15,6 +15,28 @@ import yaml
 # account name -> [(subscription name, event filters)]
 Subscriptions = Mapping[str, list[tuple[str, list[str]]]]
 
+# What the demo and `ingest sandbox --write-config` subscribe every sandbox account to:
+# subscription name -> event filters (messages, presence and calls families).
+SANDBOX_FILTERS: dict[str, list[str]] = {
+    "messages": ["/restapi/v1.0/account/~/extension/~/message-store",
+                 "/restapi/v1.0/account/~/extension/~/message-store/instant?type=SMS"],
+    "presence": ["/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true"],
+    "calls": ["/restapi/v1.0/account/~/telephony/sessions", "/restapi/v1.0/account/~/extension"],
+}
+
+
+def every_account(sandbox: Mapping[str, Any], filters: Mapping[str, list[str]] = SANDBOX_FILTERS) -> Subscriptions:
+    """The same subscriptions (`filters`) for every account of `sandbox` (`Sandbox.describe()`)."""
+    return {account["name"]: list(filters.items()) for account in sandbox["accounts"]}
+
+
+def renewal_settings(ttl: float) -> dict[str, Any]:
+    """`worker` settings for a sandbox whose subscriptions live `ttl` seconds: renew a third of the
+    lifetime before expiry (never earlier than the worker's default 120 s)."""
+    margin = min(120.0, max(2.0, ttl / 3))
+    return {"renewal_margin_seconds": margin, "renewal_jitter_seconds": margin / 4,
+            "expires_in_seconds": min(900, int(ttl))}
+
 
 def write_worker_config(directory: Path, sandbox: Mapping[str, Any], bootstrap: str, prefix: str,
                         subscriptions: Subscriptions, *, partitions: int = 6, worker: Mapping[str, Any] | None = None,

@@ -228,11 +228,12 @@ def summary(args: argparse.Namespace, view: LiveView, generated: int, topics: To
         out += ["", "one record as a consumer sees it (headers, then key and value):"]
         out += [f"  header  {k} = {v[:80]}" for k, v in message.headers.items()]
         out += [f"  key     {message.key}", f"  value   {message.value[:160]}..."]
-    out += ["", "next: run the sandbox and a worker yourself, then tail their topics (docs/getting-started.md):",
+    out += ["", "next: run the sandbox and a worker yourself, each in its own terminal (docs/getting-started.md):",
             "  ingest dev kafka --port 9092",
+            "  export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092   # in each of the terminals below",
             "  ingest sandbox --write-config sandbox-worker --rate 20",
             "  ingest run --config sandbox-worker/worker.yaml",
-            "  ingest tail -b 127.0.0.1:9092 sandbox.message-store --max 3"]
+            "  ingest tail sandbox.message-store --max 3"]
     if args.bootstrap_servers:
         out += ["this demo's topics stay on your broker:",
                 f"  ingest tail -b {args.bootstrap_servers} {args.prefix}.message-store --max 3"]

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from ingest.config import MAX_PUBNUB_EXPIRES_IN
+
 # account name -> [(subscription name, event filters)]
 Subscriptions = Mapping[str, list[tuple[str, list[str]]]]
 
@@ -27,15 +29,18 @@ SANDBOX_FILTERS: dict[str, list[str]] = {
 
 def every_account(sandbox: Mapping[str, Any], filters: Mapping[str, list[str]] = SANDBOX_FILTERS) -> Subscriptions:
     """The same subscriptions (`filters`) for every account of `sandbox` (`Sandbox.describe()`)."""
-    return {account["name"]: list(filters.items()) for account in sandbox["accounts"]}
+    # Fresh lists per account: shared ones would be written as YAML anchors (&id001), hard to read.
+    return {account["name"]: [(name, list(f)) for name, f in filters.items()] for account in sandbox["accounts"]}
 
 
 def renewal_settings(ttl: float) -> dict[str, Any]:
-    """`worker` settings for a sandbox whose subscriptions live `ttl` seconds: renew a third of the
-    lifetime before expiry (never earlier than the worker's default 120 s)."""
-    margin = min(120.0, max(2.0, ttl / 3))
+    """`worker` settings for a sandbox whose subscriptions live `ttl` seconds: none for RingCentral's
+    15 minutes (the worker's defaults), else renew a third of the lifetime before expiry."""
+    if ttl >= MAX_PUBNUB_EXPIRES_IN:
+        return {}
+    margin = max(2.0, ttl / 3)
     return {"renewal_margin_seconds": margin, "renewal_jitter_seconds": margin / 4,
-            "expires_in_seconds": min(900, int(ttl))}
+            "expires_in_seconds": int(ttl)}
 
 
 def write_worker_config(directory: Path, sandbox: Mapping[str, Any], bootstrap: str, prefix: str,

@@ -17,7 +17,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sandbox", "ingest.sandbox.cli", "the local RingCentral + PubNub emulator"),
     ("tail", "ingest.tail", "print records of a topic with their headers"),
     ("apply", "ingest.specs.cli", "write subscription specs to the spec topic (adds, updates, removes)"),
-    ("status", "ingest.status", "show the worker group: workers, specs, expiry, checkpoint age"),
+    ("status", "ingest.status", "show the workers (group or standalone), specs, expiry, checkpoint age"),
 ]
 DEV_COMMANDS: list[tuple[str, str, str]] = [
     ("kafka", "ingest.sandbox.kafka_cli", "start a local Apache Kafka broker and print its address"),

@@ -149,3 +149,30 @@ def test_apply_help_shows_the_spec_file_format_and_a_plain_list_points_there(tmp
     assert proc.stderr.splitlines() == [
         f"ingest apply: {specs}: the top level must be a mapping of sections, got a list "
         "(spec file format: ingest apply --help)"]
+
+
+def test_tail_says_so_when_the_broker_goes_away(tmp_path: Path) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import NewTopic
+
+    from ingest.sandbox.kafka import LocalKafka
+
+    with LocalKafka(data_dir=tmp_path / "kafka") as broker:
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
+        admin.create_topics([NewTopic("tail-me", 1, 1)])["tail-me"].result(30)
+        producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+        producer.produce("tail-me", b"one", b"key")
+        assert producer.flush(30) == 0
+        proc = subprocess.Popen([*INGEST, "tail", "-b", broker.bootstrap_servers, "tail-me"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and '"value": "one"' in proc.stdout.readline()
+            broker.stop()
+            assert proc.wait(120) == 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.stderr is not None
+    lines = proc.stderr.read().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ingest tail: lost Kafka at {broker.bootstrap_servers}: "), lines

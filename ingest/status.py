@@ -15,9 +15,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ingest.config import Config
+if TYPE_CHECKING:
+    from ingest.config import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

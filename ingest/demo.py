@@ -99,6 +99,7 @@ class RecentRecords:
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the consumer thread adds topics while the view iterates
         self._thread = threading.Thread(target=self._run, name="demo-records", daemon=True)
 
     def start(self) -> None:
@@ -126,16 +127,19 @@ class RecentRecords:
     def _keep(self, msg: Any) -> None:
         topic = msg.topic() or ""
         headers = {str(k): (v or b"").decode("utf-8", "replace") for k, v in msg.headers() or []}
-        self.newest[topic] = Sample((msg.key() or b"").decode("utf-8", "replace"), headers,
-                                    (msg.value() or b"").decode("utf-8", "replace"))
-        self.counts[topic] = self.counts.get(topic, 0) + 1
+        sample = Sample((msg.key() or b"").decode("utf-8", "replace"), headers,
+                        (msg.value() or b"").decode("utf-8", "replace"))
+        with self._lock:
+            self.newest[topic] = sample
+            self.counts[topic] = self.counts.get(topic, 0) + 1
 
     def lines(self) -> list[str]:
         out = []
         width = max(map(len, self.topics))
-        for topic in sorted(self.newest):
-            sample = self.newest[topic]
-            line = f"  {topic:<{width}} {self.counts[topic]:>6}  key {sample.key:<10} {sample.value}"
+        with self._lock:
+            rows = [(topic, self.counts[topic], self.newest[topic]) for topic in sorted(self.newest)]
+        for topic, count, sample in rows:
+            line = f"  {topic:<{width}} {count:>6}  key {sample.key:<10} {sample.value}"
             out.append(line if len(line) <= SAMPLE_WIDTH else line[:SAMPLE_WIDTH - 3] + "...")
         return out or ["  (none yet)"]
 

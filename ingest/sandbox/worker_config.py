@@ -27,10 +27,11 @@ SANDBOX_FILTERS: dict[str, list[str]] = {
 }
 
 
-def every_account(sandbox: Mapping[str, Any], filters: Mapping[str, list[str]] = SANDBOX_FILTERS) -> Subscriptions:
-    """The same subscriptions (`filters`) for every account of `sandbox` (`Sandbox.describe()`)."""
+def every_account(sandbox: Mapping[str, Any]) -> Subscriptions:
+    """`SANDBOX_FILTERS` for every account of `sandbox` (`Sandbox.describe()`)."""
     # Fresh lists per account: shared ones would be written as YAML anchors (&id001), hard to read.
-    return {account["name"]: [(name, list(f)) for name, f in filters.items()] for account in sandbox["accounts"]}
+    return {account["name"]: [(name, list(f)) for name, f in SANDBOX_FILTERS.items()]
+            for account in sandbox["accounts"]}
 
 
 def renewal_settings(ttl: float) -> dict[str, Any]:

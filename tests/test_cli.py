@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from ingest import __version__
 from ingest.cli import build_parser
@@ -81,6 +81,14 @@ def test_tail_of_a_missing_topic_is_one_line_and_exit_1(kafka_bootstrap: str, un
         f"ingest tail: no topic {unique_name}.message-store on {kafka_bootstrap} "
         "(a worker creates its topics when it starts)"]
     assert proc.stdout == ""
+    # A typo next to existing topics: they are named.
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(f"{unique_name}.message-store", 1, 1)])[f"{unique_name}.message-store"].result(30)
+    proc = _ingest("tail", "-b", kafka_bootstrap, f"{unique_name}.message-stor")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"ingest tail: no topic {unique_name}.message-stor on {kafka_bootstrap} "
+        f"(topics named {unique_name}.*: {unique_name}.message-store)"]
 
 
 def test_tail_of_an_unreachable_broker_is_one_line_and_exit_1() -> None:
@@ -153,7 +161,6 @@ def test_apply_help_shows_the_spec_file_format_and_a_plain_list_points_there(tmp
 
 def test_tail_says_so_when_the_broker_goes_away(tmp_path: Path) -> None:
     from confluent_kafka import Producer
-    from confluent_kafka.admin import NewTopic
 
     from ingest.sandbox.kafka import LocalKafka
 

@@ -234,7 +234,7 @@ def summary(args: argparse.Namespace, view: LiveView, generated: int, topics: To
         out += [f"  key     {message.key}", f"  value   {message.value[:160]}..."]
     out += ["", "next: run the sandbox and a worker yourself, each in its own terminal (docs/getting-started.md):",
             "  ingest dev kafka --port 9092",
-            "  export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092   # in each of the terminals below",
+            "  export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092   # where you run ingest sandbox and ingest tail",
             "  ingest sandbox --write-config sandbox-worker --rate 20",
             "  ingest run --config sandbox-worker/worker.yaml",
             "  ingest tail sandbox.message-store --max 3"]

@@ -21,9 +21,13 @@ venv: $(STAMP)
 # Pinned command-line tools the tests use for real (promtool, helm), installed into .tools/bin.
 TOOLS := .tools/bin
 $(TOOLS)/promtool:
+	@echo "make: installing promtool into $(TOOLS) (taken from Debian's prometheus package; the alert-rule tests run it)"
 	bash .ci/tools/install-promtool.sh $(TOOLS)
 
+# Built once per machine (Go >= 1.26, ~10 min, ~1.2 GB under ~/.cache/ingest/go), then copied from
+# ~/.cache/ingest/helm/ into every checkout.
 $(TOOLS)/helm:
+	@echo "make: installing helm into $(TOOLS) (the chart tests run the real helm)"
 	bash .ci/tools/install-helm.sh $(TOOLS)
 
 tools: $(TOOLS)/promtool $(TOOLS)/helm

@@ -17,7 +17,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sandbox", "ingest.sandbox.cli", "the local RingCentral + PubNub emulator"),
     ("tail", "ingest.tail", "print records of a topic with their headers"),
     ("apply", "ingest.specs.cli", "write subscription specs to the spec topic (adds, updates, removes)"),
-    ("status", "ingest.status", "show the worker group: workers, specs, expiry, checkpoint age"),
+    ("status", "ingest.status", "show the workers (group or standalone), specs, expiry, checkpoint age"),
 ]
 DEV_COMMANDS: list[tuple[str, str, str]] = [
     ("kafka", "ingest.sandbox.kafka_cli", "start a local Apache Kafka broker and print its address"),
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ingest {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add(sub, COMMANDS)
-    dev = sub.add_parser("dev", help="developer tools (local Kafka broker)")
+    dev_help = "developer tools (local Kafka broker)"
+    dev = sub.add_parser("dev", help=dev_help, description=dev_help)
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="TOOL", required=True)
     _add(dev_sub, DEV_COMMANDS)
     return parser

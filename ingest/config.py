@@ -136,14 +136,18 @@ class Config:
 # Loading
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, override from the environment and validate. Raises `ConfigError`."""
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *, secrets: bool = True) -> Config:
+    """Read, override from the environment and validate. Raises `ConfigError`.
+
+    `secrets=False` is for tools that only read Kafka (`ingest status`): the RingCentral client
+    secret and the account JWTs are neither required nor read, and are left empty.
+    """
     env = os.environ if environ is None else environ
     path = Path(path)
     raw = _read_mapping(path)
     sources = _apply_env_overrides(raw, env)
     try:
-        return _Validator(raw, env, path.parent).config()
+        return _Validator(raw, env, path.parent, read_secrets=secrets).config()
     except ConfigError as exc:
         # Name the environment variable when the faulty value came from one.
         msg = str(exc)
@@ -289,10 +293,12 @@ def _type_name(value: Any) -> str:
 
 
 class _Validator:
-    def __init__(self, raw: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> None:
+    def __init__(self, raw: dict[str, Any], env: Mapping[str, str], base_dir: Path, *,
+                 read_secrets: bool = True) -> None:
         self.raw = raw
         self.env = env
         self.base_dir = base_dir
+        self.read_secrets = read_secrets
 
     # -- generic helpers ---------------------------------------------------------------------------
 
@@ -379,6 +385,8 @@ class _Validator:
 
     def secret(self, m: dict[str, Any], base: str, path: str) -> str:
         """Exactly one of `<base>_file` / `<base>_env`; the value is never shown anywhere."""
+        if not self.read_secrets:
+            return ""
         file_key, env_key = f"{base}_file", f"{base}_env"
         has_file = m.get(file_key) is not None
         has_env = m.get(env_key) is not None

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import threading
+from pathlib import Path
 
 from ingest.sandbox.generator import KINDS
 from ingest.sandbox.ringcentral import RateLimits
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
+from ingest.sandbox.worker_config import every_account, renewal_settings, write_worker_config
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,28 +36,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="cap and default of expiresIn, seconds (default: %(default)s)")
     rc.add_argument("--subscription-limit", type=int, default=d.subscription_limit,
                     help="subscriptions per user per app before 403 SUB-505 (default: %(default)s)")
-    rc.add_argument("--access-token-ttl", type=float, default=d.access_token_ttl)
-    rc.add_argument("--refresh-token-ttl", type=float, default=d.refresh_token_ttl)
+    rc.add_argument("--access-token-ttl", type=float, default=d.access_token_ttl,
+                    help="access token lifetime, seconds (default: %(default)s)")
+    rc.add_argument("--refresh-token-ttl", type=float, default=d.refresh_token_ttl,
+                    help="refresh token lifetime, seconds (default: %(default)s)")
     rc.add_argument("--no-rate-limits", action="store_true", help="disable the Light/Medium/Auth limits")
-    rc.add_argument("--light", type=int, default=limits.light, help="Light group requests per window")
-    rc.add_argument("--medium", type=int, default=limits.medium, help="Medium group requests per window")
-    rc.add_argument("--auth", type=int, default=limits.auth, help="Auth group requests per window")
-    rc.add_argument("--rate-window", type=float, default=limits.window, help="rate-limit window, seconds")
-    rc.add_argument("--penalty", type=float, default=limits.penalty, help="429 penalty, seconds")
+    rc.add_argument("--light", type=int, default=limits.light,
+                    help="Light group requests per window (default: %(default)s)")
+    rc.add_argument("--medium", type=int, default=limits.medium,
+                    help="Medium group requests per window (default: %(default)s)")
+    rc.add_argument("--auth", type=int, default=limits.auth,
+                    help="Auth group requests per window (default: %(default)s)")
+    rc.add_argument("--rate-window", type=float, default=limits.window,
+                    help="rate-limit window, seconds (default: %(default)s)")
+    rc.add_argument("--penalty", type=float, default=limits.penalty, help="429 penalty, seconds (default: %(default)s)")
     pn = parser.add_argument_group("PubNub")
     pn.add_argument("--hold", type=float, default=d.pubnub_hold_seconds,
                     help="long-poll hold, seconds (real PubNub: ~280; default: %(default)s)")
-    pn.add_argument("--buffer-size", type=int, default=d.buffer_size, help="replay buffer per subscribe key")
-    pn.add_argument("--buffer-ttl", type=float, default=d.buffer_ttl, help="replay buffer retention, seconds")
+    pn.add_argument("--buffer-size", type=int, default=d.buffer_size,
+                    help="replay buffer per subscribe key, messages (default: %(default)s)")
+    pn.add_argument("--buffer-ttl", type=float, default=d.buffer_ttl,
+                    help="replay buffer retention, seconds (default: %(default)s)")
     pn.add_argument("--per-response", type=int, default=d.max_messages_per_response,
-                    help="messages per subscribe response")
+                    help="messages per subscribe response (default: %(default)s)")
     gen = parser.add_argument_group("event generator")
-    gen.add_argument("--seed", type=int, default=d.seed)
+    gen.add_argument("--seed", type=int, default=d.seed,
+                     help="seed of the accounts' ids and keys and of the generated traffic (default: %(default)s)")
     gen.add_argument("--rate", type=float, default=0.0,
                      help="steady notifications per second to live subscriptions (default: 0, off)")
-    gen.add_argument("--kinds", default="", help=f"comma-separated subset of: {', '.join(KINDS)}")
-    gen.add_argument("--malformed-ratio", type=float, default=0.0, help="share of deliberately broken payloads")
-    gen.add_argument("--payload-size", type=int, default=0, help="target average notification size, bytes")
+    gen.add_argument("--kinds", default="", help=f"comma-separated subset of: {', '.join(KINDS)} (default: all)")
+    gen.add_argument("--malformed-ratio", type=float, default=0.0,
+                     help="share of deliberately broken payloads (default: %(default)s)")
+    gen.add_argument("--payload-size", type=int, default=0,
+                     help="target average notification size, bytes; 0 = natural size (default: %(default)s)")
+    wk = parser.add_argument_group("worker config")
+    wk.add_argument("--write-config", type=Path, metavar="DIR",
+                    help="write DIR/worker.yaml (secrets in files beside it) for a worker against this sandbox: "
+                         "every account subscribed to messages, presence and calls")
+    wk.add_argument("--bootstrap-servers", "-b", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_BOOTSTRAP),
+                    help="Kafka of that worker (default: $KAFKA_BOOTSTRAP_SERVERS, else %(default)s)")
+    wk.add_argument("--prefix", default="sandbox", help="topic prefix of that worker (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the URLs and credentials as one JSON line")
 
 
@@ -82,6 +105,25 @@ def _print_banner(sb: Sandbox) -> None:
         print(f"    jwt: {account['jwt']}")
 
 
+def _write_config(sb: Sandbox, args: argparse.Namespace) -> None:
+    info = sb.describe()
+    path = write_worker_config(args.write_config, info, args.bootstrap_servers, args.prefix, every_account(info),
+                               worker=renewal_settings(args.subscription_ttl_max), log_level="INFO")
+    print(f"  worker config      : {path}   (Kafka {args.bootstrap_servers}, topics {args.prefix}.*)")
+    print(f"  start a worker     : ingest run --config {args.write_config / 'worker.yaml'}", flush=True)
+
+
+def _start_traffic(sb: Sandbox, args: argparse.Namespace) -> None:
+    if args.rate > 0:
+        kinds = [k for k in args.kinds.split(",") if k] or None
+        sb.generator.start(args.rate, kinds, args.malformed_ratio)
+        print(f"  traffic            : ~{args.rate:g} notifications/s to live subscriptions", flush=True)
+        return
+    # Without this line, a worker and `ingest tail` would wait in silence.
+    print("  traffic            : none (--rate 0); start ~20 notifications/s with")
+    print(f"    curl -X POST {sb.rc_url}/sandbox/generator/start -d '{{\"rate\": 20}}'", flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -91,10 +133,9 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps(sb.describe()), flush=True)
         else:
             _print_banner(sb)
-        if args.rate > 0:
-            kinds = [k for k in args.kinds.split(",") if k] or None
-            sb.generator.start(args.rate, kinds, args.malformed_ratio)
-            print(f"  generating ~{args.rate:g} notifications/s to live subscriptions", flush=True)
+        if args.write_config:
+            _write_config(sb, args)
+        _start_traffic(sb, args)
         print("ready", flush=True)
         stop.wait()
     except KeyboardInterrupt:

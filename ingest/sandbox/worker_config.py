@@ -12,8 +12,36 @@ from typing import Any
 
 import yaml
 
+from ingest.config import MAX_PUBNUB_EXPIRES_IN
+
 # account name -> [(subscription name, event filters)]
 Subscriptions = Mapping[str, list[tuple[str, list[str]]]]
+
+# What the demo and `ingest sandbox --write-config` subscribe every sandbox account to:
+# subscription name -> event filters (messages, presence and calls families).
+SANDBOX_FILTERS: dict[str, list[str]] = {
+    "messages": ["/restapi/v1.0/account/~/extension/~/message-store",
+                 "/restapi/v1.0/account/~/extension/~/message-store/instant?type=SMS"],
+    "presence": ["/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true"],
+    "calls": ["/restapi/v1.0/account/~/telephony/sessions", "/restapi/v1.0/account/~/extension"],
+}
+
+
+def every_account(sandbox: Mapping[str, Any]) -> Subscriptions:
+    """`SANDBOX_FILTERS` for every account of `sandbox` (`Sandbox.describe()`)."""
+    # Fresh lists per account: shared ones would be written as YAML anchors (&id001), hard to read.
+    return {account["name"]: [(name, list(f)) for name, f in SANDBOX_FILTERS.items()]
+            for account in sandbox["accounts"]}
+
+
+def renewal_settings(ttl: float) -> dict[str, Any]:
+    """`worker` settings for a sandbox whose subscriptions live `ttl` seconds: none for RingCentral's
+    15 minutes (the worker's defaults), else renew a third of the lifetime before expiry."""
+    if ttl >= MAX_PUBNUB_EXPIRES_IN:
+        return {}
+    margin = max(2.0, ttl / 3)
+    return {"renewal_margin_seconds": margin, "renewal_jitter_seconds": margin / 4,
+            "expires_in_seconds": int(ttl)}
 
 
 def write_worker_config(directory: Path, sandbox: Mapping[str, Any], bootstrap: str, prefix: str,

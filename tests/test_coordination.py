@@ -56,7 +56,8 @@ def test_a_spec_topic_that_does_not_exist_yet_is_waited_for(kafka_bootstrap: str
         caplog.set_level(logging.WARNING, logger="ingest.coordination")
         wait_for(lambda: membership.error is not None or _reported(caplog, "group.consumer_error"), 30,
                  what="the consumer to look for the topic")
-        ensure_topics(AdminClient({"bootstrap.servers": kafka_bootstrap}), [topic], partitions=2, replication_factor=1, config=COMPACTED)
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        ensure_topics(admin, [topic], partitions=2, replication_factor=1, config=COMPACTED)
         spec = SubscriptionSpec(spec_id="acme/messages", account="acme",
                                 event_filters=("/restapi/v1.0/account/~/extension/~/message-store",))
         apply_specs(config, topic, 2, [spec], prune=False)

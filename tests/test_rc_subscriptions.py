@@ -405,6 +405,10 @@ def test_normalize_filters() -> None:
     assert a == b
     assert normalize_filters(["/restapi/v1.0/account/~/extension/~/presence"], "11", "22") != \
         normalize_filters(["/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true"], "11", "22")
+    assert normalize_filters(["/restapi/v2/accounts/~/sms/consents",
+                              "/ai/ringsense/v1/public/accounts/~/domains/pbx/insights"], "11", "22") == \
+        normalize_filters(["/ai/ringsense/v1/public/accounts/11/domains/pbx/insights",
+                           "/restapi/v2/accounts/11/sms/consents"], "11", "22")
 
 
 def test_many_subscriptions_are_renewed_punctually() -> None:

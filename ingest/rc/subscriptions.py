@@ -733,7 +733,7 @@ def normalize_filters(filters: Iterable[str], account_id: str, extension_id: str
             path = "/restapi/v1.0" + path
         parts = path.rstrip("/").split("/")
         for i in range(1, len(parts)):
-            if parts[i] == "~" and parts[i - 1] == "account":
+            if parts[i] == "~" and parts[i - 1] in ("account", "accounts"):  # `accounts`: v2, RingSense paths
                 parts[i] = account_id
             elif parts[i] == "~" and parts[i - 1] == "extension":
                 parts[i] = extension_id

@@ -17,9 +17,9 @@ from ingest.catalogue import default_catalogue
 from ingest.crypto import Cipher, DecryptError
 from ingest.pipeline import SCHEMA_VIOLATION, ChannelContext, Pipeline, TopicNames
 from ingest.sandbox.generator import KINDS, MALFORMED, Generated
-from ingest.sandbox.ringcentral import Account
 from ingest.sandbox.server import Sandbox
-from tests.test_catalogue import FAMILIES, documented_events
+from tests.harness import documented_subscription_filters
+from tests.test_catalogue import FAMILIES
 from tests.vectors import VECTOR_CIPHERTEXT, VECTOR_KEY, VECTOR_PLAINTEXT
 
 from .conftest import MESSAGE_STORE, PRESENCE, RC, wait_for
@@ -177,16 +177,6 @@ def test_steady_traffic_start_and_stop(sandbox: Sandbox, rc: RC) -> None:
     assert any(g.malformed for g in generated) and any(g.malformed is None for g in generated)
     assert [g.timetoken for g in generated] == sorted(g.timetoken for g in generated)
     assert sandbox.pubnub.stats(sandbox.subscriber_key).published == settled
-
-
-def documented_subscription_filters(account: Account) -> list[str]:
-    """Every filter of the catalogue reference, as a client would subscribe to it on this account."""
-    fill = {"{accountId}": "~", "{extensionId}": "~", "{batchId}": "b-3157yoo2", "{groupId}": account.extensions[-1],
-            "{deviceId}": "8021", "threshold={seconds}&interval={seconds}": "threshold=60&interval=15"}
-    filters = [event for _, event in documented_events()]
-    for placeholder, value in fill.items():
-        filters = [f.replace(placeholder, value) for f in filters]
-    return filters
 
 
 def test_every_documented_family_is_generated_valid_with_its_variations(sandbox: Sandbox, rc: RC) -> None:

@@ -365,6 +365,28 @@ def test_every_family_schema_says_where_it_comes_from() -> None:
         assert sources and set(sources) <= {"specification", "specification-1.0.46", "documentation"}, name
 
 
+def test_routing_by_path_shape_finds_what_a_scan_of_every_route_finds(cat: Catalogue) -> None:
+    """Routing tries only the routes of the path's shape; the answer must be the first route, in catalogue order."""
+    spec = json.loads((schemas_dir() / "catalogue.json").read_text())
+    routes = [(catalogue_module._compile_pattern(r["pattern"], spec["placeholders"]),
+               {k: str(v).lower() for k, v in r.get("query", {}).items()}, r["family"]) for r in spec["routes"]]
+
+    def scan(event: str) -> str:
+        path, _, query = event.partition("?")
+        params = catalogue_module._parse_query(query)
+        return next((family for pattern, wanted, family in routes
+                     if pattern.fullmatch(path) and all(params.get(k) == v for k, v in wanted.items())), "other")
+
+    events = [e for _, e in documented_events()] + [
+        "/restapi/v1.0/account/~/extension/~/presence/", "/restapi/v1.0/account/~/extension/~/",
+        "/restapi/v1.0/account/~/extension/",
+        "/restapi/v1.0/account/1/extension/2/presence?detailedTelephonyState=TRUE",
+        "/restapi/v1.0/account/~/extension/~/presence//", "/restapi/v1.0/subscription/abc-1/", "/", "", "presence",
+        "/restapi/v1.0/account/~/a2p-sms/batches/x/", "/restapi/v1.0/account/~/extension/~/unheard-of"]
+    for event in events:
+        assert cat.route(event).family.name == scan(event), event
+
+
 def test_route_cache_returns_same_answer_and_stays_bounded(cat: Catalogue) -> None:
     local = Catalogue()
     first = local.route("/restapi/v1.0/account/~/extension/~/presence")

@@ -235,7 +235,8 @@ def _other_filter(full: str, path: str, account: Account) -> EventFilter:
 
 
 def insufficient_permissions(permission: str) -> ApiError:
-    """What the platform answers when the app lacks a permission (CMN-401; seen in public bug reports)."""
+    """What the platform answers when the app lacks a permission: CMN-401 under `InsufficientPermissions`,
+    with `permissionName` (the body quoted in ringcentral/ringcentral-web-phone issue #154)."""
     message = f"In order to call this API endpoint, application needs to have [{permission}] permission"
     return ApiError(403, {"errorCode": "InsufficientPermissions", "message": message,
                           "errors": [{"errorCode": "CMN-401", "message": message, "permissionName": permission}],

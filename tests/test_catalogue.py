@@ -544,78 +544,102 @@ def test_mutated_examples_are_rejected(cat: Catalogue, name: str, what: str,
     assert not family.validator.is_valid(doc), what
 
 
-@pytest.mark.parametrize(
-    ("name", "what", "mutate"),
-    [
-        ("presence", "no uuid/timestamp/subscriptionId/ownerId",
-         lambda d: [d.pop(k) for k in ("uuid", "timestamp", "subscriptionId", "ownerId")]),
-        ("presence", "decimal uuid", _set("uuid", "1823485288313944239")),
-        ("presence", "+0000 timestamp", _set("timestamp", "2016-02-18T09:37:24.597+0000")),
-        ("presence", "+00:00 timestamp", _set("timestamp", "2016-02-18T09:37:24.597+00:00")),
-        ("presence", "timestamp without fraction", _set("timestamp", "2016-02-18T09:37:24Z")),
-        ("presence", "numeric ids", _set("body.extensionId", 6610372004)),
-        ("presence", "unknown extra fields", _set("body.somethingNew", {"x": [1]})),
-        ("presence", "unknown envelope field", _set("newEnvelopeField", "x")),
-        ("message-store", "Voicemail spelling", _set("body.changes.0.type", "Voicemail")),
-        ("voicemail", "Voicemail spelling", _set("body.type", "Voicemail")),
-        ("extension-list", "flat official shape",
-         _set("body", {"extensionId": "1", "eventType": "Update", "ownerId": "2"})),
-        ("telephony-sessions", "numeric party ids", _set("body.parties.0.extensionId", 809646016)),
-        ("a2p-batch", "numeric batch id and +0000", lambda d: d["body"].update(
-            id=3157, lastModifiedTime="2024-02-01T10:00:00.000+0000")),
-        ("a2p-batch", "specific batch path", _set("event", "/restapi/v1.0/account/~/a2p-sms/batches/b-3157yoo2")),
-        ("a2p-message", "inbound with errorCode", lambda d: d["body"].update(direction="Inbound", errorCode="")),
-        ("a2p-opt-out", "opt-in (active false)", _set("body.active", False)),
-        ("sms-consent", "numeric account in a v2 path", _set("event", "/restapi/v2/accounts/809646016/sms/consents")),
-        ("account-presence", "detailed account presence", lambda d: d.update(
-            event="/restapi/v1.0/account/~/presence?detailedTelephonyState=true",
-            body={**d["body"], "activeCalls": DETAILED_PRESENCE["body"]["activeCalls"], "totalActiveCalls": 1})),
-        ("presence-line", "numeric extension id", _set("body.extension.id", 171857008)),
-        ("dnd-status", "string extensionId and placeholder path", lambda d: d.update(
-            event="/restapi/v1.0/account/{accountId}/extension/{extensionId}/presence/dnd",
-            body={"extensionId": "6610372004", "dndStatus": "TakeDepartmentCallsOnly"})),
-        ("call-queue-presence", "the documentation page's shape",
-         _set("body", {"member": {"id": 6610372004}, "acceptCurrentQueueCalls": True})),
-        ("extension-info", "Delete without hints", _set("body", {"extensionId": 6610372004, "eventType": "Delete"})),
-        ("extension-info", "favorites list changed", lambda d: d.update(
-            event="/restapi/v1.0/account/~/extension/~/favorite", body={"extensionId": "1", "ownerId": "1"})),
-        ("extension-info", "grant list changed", lambda d: d.update(
-            event="/restapi/v1.0/account/~/extension/~/grant", body={"extensionId": 1})),
-        ("extension-info", "emergency address changed", lambda d: d.update(
-            event="/restapi/v1.0/account/~/device/8021/emergency-address",
-            body={"extensionId": "1", "deviceId": 8021})),
-        ("company-directory", "sparse change", _set("body", {"id": 809646017, "eventType": "Delete"})),
-        ("team-post", "PostRemoved: id and groupId only", _set("body", {"id": "1", "groupId": "2",
-                                                                        "eventType": "PostRemoved"})),
-        ("team-post", "legacy glip path", _set("event", "/restapi/v1.0/glip/posts")),
-        ("team-chat", "GroupLeft: id only", _set("body", {"id": "948543490", "eventType": "GroupLeft"})),
-        ("team-chat", "members as objects, groups path", lambda d: d.update(
-            event="/team-messaging/v1/groups", body={**d["body"], "members": [{"id": "1"}, {"id": 2}]})),
-        ("team-chat", "extension glip/groups path, GroupAdded", lambda d: d.update(
-            event="/restapi/v1.0/account/809646016/extension/809646016/glip/groups",
-            body={"id": "1", "eventType": "GroupAdded"})),
-        ("team-webhook", "WebhookUpdated: before and after", _set("body", {
-            "eventType": "WebhookUpdated", "before": {"status": "Active"},
-            "after": {"id": "a1", "status": "Suspended"}})),
-        ("ringsense", "another domain, numeric ids", lambda d: d.update(
-            event="/ai/ringsense/v1/public/accounts/~/domains/rcx/insights",
-            body={**d["body"], "sourceRecordId": 2813998014, "domain": "rcx"})),
-        ("webinar", "registrants, unknown fields", lambda d: d.update(
-            event="/webinar/registration/v1/company/sessions/registrants", body={"id": "r1", "email": "a@b.invalid"})),
-        ("mobile-push", "start-ring with GCM's _from", lambda d: d.update(
-            event="/restapi/v1.0/account/~/extension/~/start-ring", action="StartRing", _from="+14155550100")),
-        ("mobile-push", "inbound message badge, no timestamp", lambda d: [d.pop(k) for k in (
-            "timestamp", "sessionId", "action")] and d.update(
-            event="/restapi/v1.0/account/~/extension/~/inbound-messages?badge=true", messageId=1, conversationId="2",
-            aps={"alert": {"title": "SMS", "body": "hi"}, "badge": "1"})),
-    ],
-)
+VARIATIONS: list[tuple[str, str, Callable[[dict[str, Any]], Any]]] = [
+    ("presence", "no uuid/timestamp/subscriptionId/ownerId",
+     lambda d: [d.pop(k) for k in ("uuid", "timestamp", "subscriptionId", "ownerId")]),
+    ("presence", "decimal uuid", _set("uuid", "1823485288313944239")),
+    ("presence", "+0000 timestamp", _set("timestamp", "2016-02-18T09:37:24.597+0000")),
+    ("presence", "+00:00 timestamp", _set("timestamp", "2016-02-18T09:37:24.597+00:00")),
+    ("presence", "timestamp without fraction", _set("timestamp", "2016-02-18T09:37:24Z")),
+    ("presence", "numeric ids", _set("body.extensionId", 6610372004)),
+    ("presence", "unknown extra fields", _set("body.somethingNew", {"x": [1]})),
+    ("presence", "unknown envelope field", _set("newEnvelopeField", "x")),
+    ("message-store", "Voicemail spelling", _set("body.changes.0.type", "Voicemail")),
+    ("voicemail", "Voicemail spelling", _set("body.type", "Voicemail")),
+    ("extension-list", "flat official shape",
+     _set("body", {"extensionId": "1", "eventType": "Update", "ownerId": "2"})),
+    ("telephony-sessions", "numeric party ids", _set("body.parties.0.extensionId", 809646016)),
+    ("a2p-batch", "numeric batch id and +0000", lambda d: d["body"].update(
+        id=3157, lastModifiedTime="2024-02-01T10:00:00.000+0000")),
+    ("a2p-batch", "specific batch path", _set("event", "/restapi/v1.0/account/~/a2p-sms/batches/b-3157yoo2")),
+    ("a2p-message", "inbound with errorCode", lambda d: d["body"].update(direction="Inbound", errorCode="")),
+    ("a2p-opt-out", "opt-in (active false)", _set("body.active", False)),
+    ("sms-consent", "numeric account in a v2 path", _set("event", "/restapi/v2/accounts/809646016/sms/consents")),
+    ("account-presence", "detailed account presence", lambda d: d.update(
+        event="/restapi/v1.0/account/~/presence?detailedTelephonyState=true",
+        body={**d["body"], "activeCalls": DETAILED_PRESENCE["body"]["activeCalls"], "totalActiveCalls": 1})),
+    ("presence-line", "numeric extension id", _set("body.extension.id", 171857008)),
+    ("dnd-status", "string extensionId and placeholder path", lambda d: d.update(
+        event="/restapi/v1.0/account/{accountId}/extension/{extensionId}/presence/dnd",
+        body={"extensionId": "6610372004", "dndStatus": "TakeDepartmentCallsOnly"})),
+    ("call-queue-presence", "the documentation page's shape",
+     _set("body", {"member": {"id": 6610372004}, "acceptCurrentQueueCalls": True})),
+    ("extension-info", "Delete without hints", _set("body", {"extensionId": 6610372004, "eventType": "Delete"})),
+    ("extension-info", "favorites list changed", lambda d: d.update(
+        event="/restapi/v1.0/account/~/extension/~/favorite", body={"extensionId": "1", "ownerId": "1"})),
+    ("extension-info", "grant list changed", lambda d: d.update(
+        event="/restapi/v1.0/account/~/extension/~/grant", body={"extensionId": 1})),
+    ("extension-info", "emergency address changed", lambda d: d.update(
+        event="/restapi/v1.0/account/~/device/8021/emergency-address",
+        body={"extensionId": "1", "deviceId": 8021})),
+    ("company-directory", "sparse change", _set("body", {"id": 809646017, "eventType": "Delete"})),
+    ("team-post", "PostRemoved: id and groupId only", _set("body", {"id": "1", "groupId": "2",
+                                                                    "eventType": "PostRemoved"})),
+    ("team-post", "legacy glip path", _set("event", "/restapi/v1.0/glip/posts")),
+    ("team-chat", "GroupLeft: id only", _set("body", {"id": "948543490", "eventType": "GroupLeft"})),
+    ("team-chat", "members as objects, groups path", lambda d: d.update(
+        event="/team-messaging/v1/groups", body={**d["body"], "members": [{"id": "1"}, {"id": 2}]})),
+    ("team-chat", "extension glip/groups path, GroupAdded", lambda d: d.update(
+        event="/restapi/v1.0/account/809646016/extension/809646016/glip/groups",
+        body={"id": "1", "eventType": "GroupAdded"})),
+    ("team-webhook", "WebhookUpdated: before and after", _set("body", {
+        "eventType": "WebhookUpdated", "before": {"status": "Active"},
+        "after": {"id": "a1", "status": "Suspended"}})),
+    ("ringsense", "another domain, numeric ids", lambda d: d.update(
+        event="/ai/ringsense/v1/public/accounts/~/domains/rcx/insights",
+        body={**d["body"], "sourceRecordId": 2813998014, "domain": "rcx"})),
+    ("webinar", "registrants, unknown fields", lambda d: d.update(
+        event="/webinar/registration/v1/company/sessions/registrants", body={"id": "r1", "email": "a@b.invalid"})),
+    ("mobile-push", "start-ring with GCM's _from", lambda d: d.update(
+        event="/restapi/v1.0/account/~/extension/~/start-ring", action="StartRing", _from="+14155550100")),
+    ("mobile-push", "inbound message badge, no timestamp", lambda d: [d.pop(k) for k in (
+        "timestamp", "sessionId", "action")] and d.update(
+        event="/restapi/v1.0/account/~/extension/~/inbound-messages?badge=true", messageId=1, conversationId="2",
+        aps={"alert": {"title": "SMS", "body": "hi"}, "badge": "1"})),
+    ("instant-message", "the 2025 guide's fields, numeric attachment id", lambda d: d["body"].update(
+        eventType="Create", owner={"extensionId": "1", "extensionType": "User"}, conversation={"id": "2"},
+        attachments=[{**d["body"]["attachments"][0], "id": 606090030016}])),
+    ("detailed-presence", "with SIP data, on a monitored line", lambda d: d.update(
+        event="/restapi/v1.0/account/~/extension/~/presence/line/presence?detailedTelephonyState=true&sipData=true",
+        body={**d["body"], "activeCalls": [{**d["body"]["activeCalls"][0], "sipData": {
+            "toTag": "a", "fromTag": "b", "remoteUri": "sip:+1@x", "localUri": "sip:+2@y"}}]})),
+    ("fax", "numeric id, outbound, located parties", lambda d: d["body"].update(
+        id=11950867010, direction="Outbound", to=[{"phoneNumber": "+14155550102", "location": "SF, CA"}])),
+    ("subscription-reminder", "numeric-looking subscription id", _set(
+        "event", "/restapi/v1.0/subscription/ed329ec1-0600-4560-b6dc-c764399e9a54?threshold=120&interval=60")),
+    ("message-threads", "thread sync, +0000", lambda d: d.update(
+        event="/restapi/v1.0/account/809646016/message-threads/sync",
+        body={"lastModifiedTime": "2024-05-01T09:59:59.870+0000"})),
+    ("contact-center-numbers", "Deleted, sparse, numeric id", _set(
+        "body", {"eventType": "Deleted", "phoneNumberInfo": {"id": 1162135004}})),
+]
+
+
+@pytest.mark.parametrize(("name", "what", "mutate"), VARIATIONS, ids=[f"{n}:{w}" for n, w, _ in VARIATIONS])
 def test_real_world_variations_are_accepted(cat: Catalogue, name: str, what: str,
                                             mutate: Callable[[dict[str, Any]], Any]) -> None:
     doc = copy.deepcopy(EXAMPLES[name])
     mutate(doc)
     family = cat.resolve(doc["event"])
     assert [e.message for e in family.validator.iter_errors(doc)] == [], what
+
+
+def test_every_family_has_an_example_a_variation_and_a_violation(cat: Catalogue) -> None:
+    def families(names: list[str]) -> set[str]:
+        return {cat.resolve(EXAMPLES[name]["event"]).name for name in names}
+    assert families(list(EXAMPLES)) == FAMILIES
+    assert families([name for name, _, _ in VARIATIONS]) == FAMILIES
+    assert families([name for name, _, _ in MUTATIONS]) == FAMILIES
 
 
 def test_unknown_family_is_validated_against_the_envelope(cat: Catalogue) -> None:

@@ -503,14 +503,17 @@ MUTATIONS: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
     ("account-presence", "activeCalls an object", _set("body.activeCalls", {})),
     ("presence-line", "no extension", _drop("body.extension")),
     ("presence-line", "extension id a bool", _set("body.extension.id", True)),
+    ("presence-line", "a line without id", _set("body.extension", [{"id": "1"}, {}])),
     ("dnd-status", "unknown dndStatus", _set("body.dndStatus", "Sleeping")),
     ("dnd-status", "no dndStatus", _drop("body.dndStatus")),
     ("call-queue-presence", "acceptCalls a string", _set("body.acceptCalls", "false")),
     ("call-queue-presence", "neither extensionId nor member", _drop("body.extensionId")),
+    ("call-queue-presence", "a record without member", _set("body", {"records": [{"acceptCurrentQueueCalls": 1}]})),
     # account and directory
     ("company-directory", "no id", _drop("body.id")),
     ("company-directory", "unknown status", _set("body.status", "Sleeping")),
     ("company-directory", "phoneNumbers an object", _set("body.phoneNumbers", {"phoneNumber": "+1"})),
+    ("company-directory", "a contact without id", _set("body", {"contacts": [{"eventType": "Update"}]})),
     ("extension-info", "no extensionId", _drop("body.extensionId")),
     ("extension-info", "hints a string", _set("body.hints", "Permissions")),
     ("extension-info", "unknown eventType", _set("body.eventType", "Explode")),
@@ -622,6 +625,15 @@ VARIATIONS: list[tuple[str, str, Callable[[dict[str, Any]], Any]]] = [
         body={"lastModifiedTime": "2024-05-01T09:59:59.870+0000"})),
     ("contact-center-numbers", "Deleted, sparse, numeric id", _set(
         "body", {"eventType": "Deleted", "phoneNumberInfo": {"id": 1162135004}})),
+    # The shapes of the documentation's own examples, where they differ from its tables and the specification.
+    ("company-directory", "a contacts array (the guide's example)", lambda d: d.update(
+        body={"contacts": [COMPANY_DIRECTORY["body"], {"id": "8798797945", "eventType": "Delete"}]})),
+    ("presence-line", "monitored lines as an array (the guide's example)",
+     _set("body.extension", [{"id": "677628004765"}, {"id": 3}])),
+    ("call-queue-presence", "records of members (the guide's example)", lambda d: d.update(
+        event="/restapi/v1.0/account/{accountId}/call-queues/{groupId}/presence",
+        body={"records": [{"member": {"id": "411753183004"}, "acceptCurrentQueueCalls": True},
+                          {"member": {"id": 411753646416541}, "acceptCurrentQueueCalls": False}]})),
 ]
 
 

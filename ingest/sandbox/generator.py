@@ -235,7 +235,9 @@ def _reminder(c: _Ctx) -> dict[str, Any]:
 
 
 def _presence_line(c: _Ctx) -> dict[str, Any]:
-    return {"extension": {"id": c.id(c.rng.choice(c.extensions))}, "sequence": c.rng.randrange(1, 100000)}
+    lines = [{"id": c.id(ext)} for ext in c.rng.sample(c.extensions, min(2, len(c.extensions)))]
+    # The page's table shows one `extension{id}`, its example an array of the monitored lines.
+    return {"extension": lines if c.rng.random() < 0.5 else lines[0], "sequence": c.rng.randrange(1, 100000)}
 
 
 def _dnd(c: _Ctx) -> dict[str, Any]:
@@ -244,10 +246,15 @@ def _dnd(c: _Ctx) -> dict[str, Any]:
 
 
 def _call_queue_presence(c: _Ctx) -> dict[str, Any]:
-    if c.rng.random() < 0.5:  # the specification's shape and the documentation page's (they disagree)
+    """The specification's shape, the page's table's and the page's example's (they all disagree)."""
+    roll = c.rng.random()
+    if roll < 0.4:
         return {"extensionId": c.id(c.extension_id), "callQueueId": c.id(c.big_id()),
                 "acceptCalls": c.rng.random() < 0.5}
-    return {"member": {"id": c.id(c.extension_id)}, "acceptCurrentQueueCalls": c.rng.random() < 0.5}
+    if roll < 0.7:
+        return {"member": {"id": c.id(c.extension_id)}, "acceptCurrentQueueCalls": c.rng.random() < 0.5}
+    return {"records": [{"member": {"id": c.id(ext)}, "acceptCurrentQueueCalls": c.rng.random() < 0.5}
+                        for ext in c.extensions]}
 
 
 def _extension_signal(c: _Ctx) -> dict[str, Any]:
@@ -268,7 +275,8 @@ def _company_directory(c: _Ctx) -> dict[str, Any]:
         "phoneNumbers": [{"phoneNumber": c.phone(), "usageType": "DirectNumber", "type": "VoiceFax"}]}
     if body["eventType"] == "Delete":  # a deletion names the entry only
         body = {"id": body["id"], "eventType": "Delete"}
-    return body
+    # The specification's body is one entry; the guide's example wraps the entries in `contacts`.
+    return {"contacts": [body]} if c.rng.random() < 0.5 else body
 
 
 def _contact_center_number(c: _Ctx) -> dict[str, Any]:

@@ -204,6 +204,11 @@ def test_every_documented_family_is_generated_valid_with_its_variations(sandbox:
     assert seen("team-messaging", lambda n: set(n["body"]) == {"id", "eventType"})  # GroupLeft
     assert seen("call-queue-presence", lambda n: "member" in n["body"])
     assert seen("call-queue-presence", lambda n: "callQueueId" in n["body"])
+    assert seen("call-queue-presence", lambda n: "records" in n["body"])
+    assert seen("company-directory", lambda n: "contacts" in n["body"])
+    assert seen("company-directory", lambda n: "id" in n["body"])
+    assert seen("presence-line", lambda n: isinstance(n["body"]["extension"], list))
+    assert seen("presence-line", lambda n: isinstance(n["body"]["extension"], dict))
     assert seen("extension-info", lambda n: "deviceId" in n["body"])
     for family, family_notes in notes.items():
         if family not in ("subscription-reminder", "mobile-push"):

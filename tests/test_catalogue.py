@@ -765,6 +765,20 @@ def test_every_schema_is_draft_2020_12_with_an_id() -> None:
         assert doc["$id"].endswith("/" + path.name)
 
 
+def test_a_family_without_schema_is_checked_against_the_envelope_and_goes_to_the_default_topic(
+        tmp_path: Path) -> None:
+    """The catalogue format still allows `schema: null` (no packaged family uses it any more)."""
+    shutil.copytree(schemas_dir(), tmp_path / "s")
+    spec = json.loads((tmp_path / "s" / "catalogue.json").read_text())
+    spec["families"]["experimental"] = {"schema": None, "topic": None}
+    spec["routes"].append({"pattern": "/restapi/v1.0/account/{account}/brand-new", "family": "experimental"})
+    (tmp_path / "s" / "catalogue.json").write_text(json.dumps(spec))
+    local = Catalogue(tmp_path / "s")
+    family = local.resolve("/restapi/v1.0/account/~/brand-new")
+    assert (family.name, family.schema_id, family.topic_suffix) == ("experimental", local.envelope.schema_id, None)
+    assert family.validator.is_valid({"event": "/restapi/v1.0/account/~/brand-new", "body": {"x": 1}})
+
+
 def test_broken_catalogue_is_reported(tmp_path: Path) -> None:
     shutil.copytree(schemas_dir(), tmp_path / "s")
     spec = json.loads((tmp_path / "s" / "catalogue.json").read_text())

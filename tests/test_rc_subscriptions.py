@@ -482,6 +482,23 @@ def test_missing_app_permission_fails_the_spec_once_naming_it(sb: Sandbox, caplo
         assert rec.of(f"{acme}/presence") == []
 
 
+def test_missing_read_accounts_fails_the_account_id_lookup_once_naming_it(sb: Sandbox) -> None:
+    """Without ReadAccounts the worker cannot learn the account id (the record key): no spec can start."""
+    acme = sb.accounts[0].name
+    sb.faults.revoke_permission("ReadAccounts", account=acme)
+    metrics, logs = Metrics(), {}
+    with manager(sb, metrics=metrics, sessions=sessions_for(sb, metrics, logs)) as (mgr, _, _):
+        mgr.set_specs([spec(acme, "messages")])
+        wait_for(lambda: mgr.snapshot()[0].state == "failed", 10, "failed")
+        assert "lacks the permission ReadAccounts" in (mgr.snapshot()[0].last_error or "")
+
+        def refused_lookups() -> int:
+            return sum(1 for _, method, path, code in logs[acme].entries
+                       if (method, path, code) == ("GET", "/restapi/v1.0/account/~/extension/~", 403))
+        assert holds(lambda: refused_lookups() == 1, 12)  # a retry would come after 8-10 s
+        assert sb.rc.created_total == 0
+
+
 @pytest.mark.parametrize(("status", "message", "permission"), [
     (403, "In order to call this API endpoint, application needs to have [ReadPresence] permission", "ReadPresence"),
     (403, "Required application permission [TelephonySessions] is missing.", "TelephonySessions"),

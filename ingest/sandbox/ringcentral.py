@@ -373,8 +373,15 @@ class RingCentralEmulator:
             for a in accounts}
         self._missing_permissions: dict[str, set[str]] = {}  # account id -> app permissions it lacks
 
+    def _require_permission(self, account: Account, permission: str) -> None:
+        with self._lock:
+            lacking = permission in self._missing_permissions.get(account.account_id, set())
+        if lacking:
+            raise insufficient_permissions(permission)
+
     def revoke_permission(self, permission: str, account: str | None = None) -> None:
-        """From now on, subscriptions asking for events that need `permission` are refused (403 CMN-401)."""
+        """From now on, subscriptions asking for events that need `permission` are refused (403 CMN-401), and
+        so is `GET .../extension/{id}` when it is `ReadAccounts`."""
         with self._lock:
             for account_id in self._accounts_matching(account):
                 self._missing_permissions.setdefault(account_id, set()).add(permission)
@@ -502,11 +509,8 @@ class RingCentralEmulator:
             raise _bad_filters(raw if isinstance(raw, list) else [raw])
         filters = [parse_filter(f, session.account, session.account.extension_id, self.subscription_ttl_max)
                    for f in raw]
-        with self._lock:
-            lacking = self._missing_permissions.get(session.account.account_id, set())
-            needed = next((PERMISSIONS[f.kind] for f in filters if PERMISSIONS.get(f.kind) in lacking), None)
-        if needed is not None:
-            raise insufficient_permissions(needed)
+        for needed in dict.fromkeys(PERMISSIONS[f.kind] for f in filters if f.kind in PERMISSIONS):
+            self._require_permission(session.account, needed)
         seen: dict[str, EventFilter] = {}
         for f in filters:  # duplicates collapse, as the effective filter list has each once
             seen.setdefault(f.expanded, f)
@@ -675,6 +679,7 @@ class RingCentralEmulator:
 
     def extension_info(self, session: _Session, acct_ref: str, ext_ref: str) -> dict[str, Any]:
         account = session.account
+        self._require_permission(account, "ReadAccounts")
         ext = account.extension_id if ext_ref == "~" else ext_ref
         if acct_ref not in ("~", account.account_id) or ext not in account.all_extensions():
             raise api_error(404, "CMN-102", "Resource for parameter [extensionId] is not found",

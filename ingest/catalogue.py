@@ -6,7 +6,9 @@ the JSON Schemas (Draft 2020-12) are registered by their `$id` so that family sc
 the envelope, and each family gets one compiled `jsonschema_rs` validator.
 
 Routing sits on the hot path but the same few event paths repeat (one per subscribed filter), so
-`route()` caches its answer per distinct event string in a bounded dict.
+`route()` caches its answer per distinct event string in a bounded dict. A path seen for the first time
+is tried only against the routes that can match it (same number of segments, same last segment), a
+handful whatever the size of the catalogue.
 """
 
 from __future__ import annotations
@@ -91,6 +93,19 @@ def _compile_pattern(pattern: str, placeholders: Mapping[str, str]) -> re.Patter
     return re.compile("/" + "/".join(parts) + "/?")
 
 
+def _shape(pattern: str) -> tuple[int, str | None]:
+    """Segment count of a route pattern and its last segment (None when that is a placeholder)."""
+    segments = pattern.strip("/").split("/")
+    last = segments[-1]
+    return len(segments), None if last.startswith("{") else last
+
+
+def _path_shape(path: str) -> tuple[int, str]:
+    """Segment count and last segment of an event path (a trailing slash ignored, as the patterns do)."""
+    trimmed = path.rstrip("/")
+    return trimmed.count("/"), trimmed.rpartition("/")[2]
+
+
 def _parse_query(query: str) -> dict[str, str]:
     """Names -> lower-cased values; cheap and tolerant (no percent-decoding: filters do not need it)."""
     params: dict[str, str] = {}
@@ -150,13 +165,22 @@ class Catalogue:
         self.families: Mapping[str, Family] = families
         self.default: Family = families[default_name]
 
-        rules = []
+        by_shape: dict[tuple[int, str | None], list[_Rule]] = {}
+        order: dict[int, int] = {}  # id(rule) -> position in the catalogue
         for route in route_specs:
             if route["family"] not in families:
                 raise CatalogueError(f"route {route['pattern']!r}: unknown family {route['family']!r}")
             query = tuple((k, str(v).lower()) for k, v in route.get("query", {}).items())
-            rules.append(_Rule(_compile_pattern(route["pattern"], placeholders), query, families[route["family"]]))
-        self._rules = tuple(rules)
+            rule = _Rule(_compile_pattern(route["pattern"], placeholders), query, families[route["family"]])
+            order[id(rule)] = len(order)
+            by_shape.setdefault(_shape(route["pattern"]), []).append(rule)
+        # Candidates per (segments, last segment): the routes with that last segment and those ending in a
+        # placeholder, in catalogue order, so that the first match is the one a scan of every route finds.
+        open_ended = {n: rules for (n, last), rules in by_shape.items() if last is None}
+        self._candidates: dict[tuple[int, str], tuple[_Rule, ...]] = {
+            (n, last): tuple(sorted([*rules, *open_ended.get(n, [])], key=lambda r: order[id(r)]))
+            for (n, last), rules in by_shape.items() if last is not None}
+        self._open_ended: dict[int, tuple[_Rule, ...]] = {n: tuple(rules) for n, rules in open_ended.items()}
         self._cache: dict[str, Route] = {}
 
     def resolve(self, event: str) -> Family:
@@ -180,7 +204,9 @@ class Catalogue:
         match = ACCOUNT_PATH.match(event)
         account = match.group(1) if match else None
         params = _parse_query(query) if query else {}
-        for rule in self._rules:
+        segments, last = _path_shape(path)
+        candidates = self._candidates.get((segments, last)) or self._open_ended.get(segments, ())
+        for rule in candidates:
             if rule.path.fullmatch(path) and all(params.get(k) == v for k, v in rule.query):
                 return Route(rule.family, account)
         return Route(self.default, account)

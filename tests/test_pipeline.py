@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from test_catalogue import EXAMPLE_FAMILY, EXAMPLES, PRESENCE, TELEPHONY
+from test_catalogue import EXAMPLE_FAMILY, EXAMPLES, FAMILIES, PRESENCE, TELEPHONY
 
 from ingest.catalogue import Catalogue, default_catalogue
 from ingest.crypto import Cipher
@@ -129,12 +129,11 @@ def test_minimal_envelope_has_no_uuid_or_timestamp_headers(pipeline: Pipeline, c
 
 @pytest.mark.parametrize(
     ("event", "family"),
-    [("/restapi/v1.0/account/~/extension/~/missed-calls", "missed-calls"),
-     ("/restapi/v1.0/account/~/extension/~", "extension-info"),
+    [("/restapi/v1.0/account/~/extension/~/unheard-of", "other"),
      ("/restapi/v1.0/something/new", "other")],
 )
-def test_families_without_schema_go_to_the_default_topic(pipeline: Pipeline, ctx: ChannelContext, event: str,
-                                                         family: str) -> None:
+def test_unknown_paths_go_to_the_default_topic(pipeline: Pipeline, ctx: ChannelContext, event: str,
+                                               family: str) -> None:
     doc = {"uuid": "1823485288313944239", "event": event, "body": {"anything": [1, "x"]}}
     out = pipeline.process(Cipher(VECTOR_KEY).encrypt(compact(doc)), ctx, TIMETOKEN)
     assert (out.error, out.topic, out.family) == (None, "rc.events", family)
@@ -146,14 +145,14 @@ def test_routing_overrides_and_topic_list() -> None:
     topics = TopicNames("acme", {"presence": "acme-presence-v2", "other": "acme.misc"}, catalogue=cat)
     assert topics.for_family("presence") == "acme-presence-v2"
     assert topics.for_family("detailed-presence") == "acme.detailed-presence"
-    assert topics.for_family("missed-calls") == "acme.events"
+    assert topics.for_family("mobile-push") == "acme.mobile-push"
     assert topics.for_family("other") == "acme.misc"
     assert topics.for_family("never-heard-of") == "acme.events"
     assert (topics.default, topics.dead_letter, topics.state) == ("acme.events", "acme.dead-letter", "acme.state")
     assert topics.all_output_topics() == sorted([
-        "acme-presence-v2", "acme.detailed-presence", "acme.message-store", "acme.instant-message",
-        "acme.telephony-sessions", "acme.extension-list", "acme.voicemail", "acme.fax",
-        "acme.subscription-reminder", "acme.misc", "acme.events", "acme.dead-letter"])
+        "acme-presence-v2", *(f"acme.{family}" for family in FAMILIES - {"presence"}),
+        "acme.misc", "acme.events", "acme.dead-letter"])
+    assert len(topics.all_output_topics()) == 25  # 22 families, `other`, events, dead letters
     assert "acme.state" not in topics.all_output_topics()
     ctx = ChannelContext.from_delivery(delivery())
     out = Pipeline(cat, topics).process(VECTOR_CIPHERTEXT, ctx, 1)

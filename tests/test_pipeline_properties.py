@@ -124,6 +124,15 @@ EXT_CHANGE = st.fixed_dictionaries({"extensionId": IDS, "eventType": st.sampled_
                                    optional={"hints": st.lists(SAFE_TEXT, max_size=3)})
 EXT_LIST_BODY = st.fixed_dictionaries({"extensions": st.lists(EXT_CHANGE, max_size=4)})
 REMINDER_BODY = st.fixed_dictionaries({"expiresIn": st.integers(0, 900)})
+EXT_INFO_BODY = st.fixed_dictionaries({"extensionId": IDS}, optional={
+    "eventType": st.sampled_from(["Update", "Delete"]), "hints": st.lists(SAFE_TEXT, max_size=3), "deviceId": IDS})
+DND_BODY = st.fixed_dictionaries({"extensionId": IDS, "dndStatus": st.sampled_from(
+    ["TakeAllCalls", "DoNotAcceptAnyCalls", "DoNotAcceptDepartmentCalls", "TakeDepartmentCallsOnly", "Unknown"])})
+LINE_BODY = st.fixed_dictionaries({"extension": st.fixed_dictionaries({"id": IDS})},
+                                  optional={"sequence": st.integers(0, 10**6)})
+THREADS_BODY = st.fixed_dictionaries({"lastModifiedTime": STAMPS})
+E164 = st.from_regex(r"\+1[0-9]{10}", fullmatch=True)
+OPT_OUT_BODY = st.fixed_dictionaries({"from": E164, "to": E164}, optional={"active": st.booleans()})
 ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**53), 2**53) | SAFE_TEXT,
                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(SAFE_TEXT, inner, max_size=3),
                         max_leaves=10)
@@ -144,7 +153,13 @@ FAMILIES: dict[str, tuple[list[str], st.SearchStrategy[dict[str, Any]]]] = {
     "extension-list": ([ACCT + "/extension"], EXT_LIST_BODY),
     "subscription-reminder": (["/restapi/v1.0/subscription/~?threshold=120&interval=60"], REMINDER_BODY),
     "other": (["/restapi/v1.0/account/{a}/unheard-of/{e}", "/brand-new/v2/thing"], OTHER_BODY),
-    "missed-calls": ([EXT + "/missed-calls"], OTHER_BODY),
+    "mobile-push": ([EXT + "/missed-calls"], OTHER_BODY),  # flat payloads; a `body`, when there, is any object
+    "extension-info": ([EXT, EXT + "/favorite", EXT + "/grant", ACCT + "/device/8021/emergency-address"],
+                       EXT_INFO_BODY),
+    "dnd-status": ([EXT + "/presence/dnd"], DND_BODY),
+    "presence-line": ([EXT + "/presence/line"], LINE_BODY),
+    "message-threads": ([ACCT + "/message-threads/sync", ACCT + "/message-threads/entries/sync"], THREADS_BODY),
+    "a2p-sms": ([ACCT + "/a2p-sms/opt-outs"], OPT_OUT_BODY),
 }
 
 
@@ -282,19 +297,22 @@ WRONG_TYPES = st.sampled_from([[], "text", 1.5, True, None, {"nested": 1}])
 @st.composite
 def mutated(draw: st.DrawFn) -> dict[str, Any]:
     """A valid notification (of a family with a schema) broken in one known way."""
-    _, doc = draw(notifications(draw(st.sampled_from([f for f in FAMILIES if f not in ("other", "missed-calls")]))))
+    _, doc = draw(notifications(draw(st.sampled_from([f for f in FAMILIES if f not in ("other", "mobile-push")]))))
     doc = copy.deepcopy(doc)
     body = doc["body"]
     required = {"presence": "extensionId", "detailed-presence": "extensionId", "message-store": "changes",
                 "instant-message": "from", "voicemail": "id", "fax": "type", "telephony-sessions": "parties",
-                "extension-list": "extensions", "subscription-reminder": "expiresIn"}[CAT.resolve(doc["event"]).name]
+                "extension-list": "extensions", "subscription-reminder": "expiresIn", "extension-info": "extensionId",
+                "dnd-status": "dndStatus", "presence-line": "extension", "message-threads": "lastModifiedTime",
+                "a2p-sms": "to"}[CAT.resolve(doc["event"]).name]
     how = draw(st.sampled_from(["drop-required", "retype-required", "body-not-object", "drop-event", "bad-stamp",
                                 "bad-uuid"]))
     if how == "drop-required":
         del body[required]
     elif how == "retype-required":
         wrong = draw(WRONG_TYPES)
-        allowed = {"changes": list, "parties": list, "extensions": list, "from": dict, "extensionId": str, "id": str}
+        allowed = {"changes": list, "parties": list, "extensions": list, "from": dict, "extensionId": str, "id": str,
+                   "extension": dict, "to": str}
         assume(not isinstance(wrong, allowed.get(required, ())))
         body[required] = wrong
     elif how == "body-not-object":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -15,12 +16,14 @@ from ingest.config import load_config
 from ingest.metrics import Metrics
 from ingest.model import Delivery, SubscriptionSpec
 from ingest.rc.accounts import AccountSession, build_sessions
+from ingest.rc.errors import ApiError, missing_permission
 from ingest.rc.http import RingCentralClient
 from ingest.rc.subscriptions import SubscriptionManager, normalize_filters
 from ingest.rc.tokens import TokenManager
 from ingest.sandbox.ringcentral import SubscriptionView
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from tests.harness import wait_for
+from tests.sandbox.conftest import holds
 
 MSG = "/restapi/v1.0/account/~/extension/~/message-store"
 PRESENCE = "/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true"
@@ -402,6 +405,10 @@ def test_normalize_filters() -> None:
     assert a == b
     assert normalize_filters(["/restapi/v1.0/account/~/extension/~/presence"], "11", "22") != \
         normalize_filters(["/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true"], "11", "22")
+    assert normalize_filters(["/restapi/v2/accounts/~/sms/consents",
+                              "/ai/ringsense/v1/public/accounts/~/domains/pbx/insights"], "11", "22") == \
+        normalize_filters(["/ai/ringsense/v1/public/accounts/11/domains/pbx/insights",
+                           "/restapi/v2/accounts/11/sms/consents"], "11", "22")
 
 
 def test_many_subscriptions_are_renewed_punctually() -> None:
@@ -467,3 +474,56 @@ def test_a_stop_right_after_a_handover_keeps_the_handed_subscriptions(sb: Sandbo
     assert len(set(handed.values())) == len(specs)
     deleted = set(handed.values()) - live
     assert not deleted, f"{len(deleted)} handed-over subscriptions deleted at stop"
+
+
+def test_missing_app_permission_fails_the_spec_once_naming_it(sb: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+    """403 CMN-401 for a filter's permission: one clear error, the spec `failed`, no retry loop."""
+    caplog.set_level(logging.WARNING, logger="ingest")
+    acme = sb.accounts[0].name
+    sb.faults.revoke_permission("ReadPresence", account=acme)
+    metrics, logs = Metrics(), {}
+    with manager(sb, metrics=metrics, sessions=sessions_for(sb, metrics, logs)) as (mgr, rec, _):
+        mgr.set_specs([spec(acme, "presence", PRESENCE), spec(acme, "messages")])
+        wait_for(lambda: active(mgr, f"{acme}/messages"), 10, "the spec whose permissions are all granted")
+        wait_for(lambda: {s.spec_id: s.state for s in mgr.snapshot()}[f"{acme}/presence"] == "failed", 10, "failed")
+        [status] = [s for s in mgr.snapshot() if s.spec_id == f"{acme}/presence"]
+        assert "lacks the permission ReadPresence" in (status.last_error or "")
+
+        def refused_creates() -> int:
+            return sum(1 for _, method, path, code in logs[acme].entries
+                       if (method, path, code) == ("POST", "/restapi/v1.0/subscription", 403))
+        assert holds(lambda: refused_creates() == 1, 12)  # a retry would come after 8-10 s
+        reports = [getattr(r, "fields", {}) for r in caplog.records
+                   if r.getMessage() == "subscription.permission_missing"]
+        assert [(r["spec"], r["permission"]) for r in reports] == [(f"{acme}/presence", "ReadPresence")]
+        assert rec.of(f"{acme}/presence") == []
+
+
+def test_missing_read_accounts_fails_the_account_id_lookup_once_naming_it(sb: Sandbox) -> None:
+    """Without ReadAccounts the worker cannot learn the account id (the record key): no spec can start."""
+    acme = sb.accounts[0].name
+    sb.faults.revoke_permission("ReadAccounts", account=acme)
+    metrics, logs = Metrics(), {}
+    with manager(sb, metrics=metrics, sessions=sessions_for(sb, metrics, logs)) as (mgr, _, _):
+        mgr.set_specs([spec(acme, "messages")])
+        wait_for(lambda: mgr.snapshot()[0].state == "failed", 10, "failed")
+        assert "lacks the permission ReadAccounts" in (mgr.snapshot()[0].last_error or "")
+
+        def refused_lookups() -> int:
+            return sum(1 for _, method, path, code in logs[acme].entries
+                       if (method, path, code) == ("GET", "/restapi/v1.0/account/~/extension/~", 403))
+        assert holds(lambda: refused_lookups() == 1, 12)  # a retry would come after 8-10 s
+        assert sb.rc.created_total == 0
+
+
+@pytest.mark.parametrize(("status", "message", "permission"), [
+    (403, "In order to call this API endpoint, application needs to have [ReadPresence] permission", "ReadPresence"),
+    (403, "Required application permission [TelephonySessions] is missing.", "TelephonySessions"),
+    (403, "In order to call this API endpoint, user needs to have [ReadCallLog] permission for requested resource.",
+     "ReadCallLog"),
+    (403, "Subscriptions limit exceeded", None),
+    (403, "Not allowed subscribe for events to extensions of other account", None),
+    (401, "Required application permission [X] is missing.", None),
+])
+def test_missing_permission_is_read_from_the_error(status: int, message: str, permission: str | None) -> None:
+    assert missing_permission(ApiError(status, "CMN-401", message)) == permission

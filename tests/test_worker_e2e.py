@@ -16,13 +16,16 @@ from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.worker.runtime import Worker
 from tests.harness import (
     ALL_FILTERS,
+    EVERY_KIND_FAMILY,
     KIND_FAMILY,
     TopicReader,
     compare,
+    documented_subscription_filters,
     drain_and_compare,
     wait_for,
     write_config,
 )
+from tests.test_catalogue import FAMILIES
 
 
 @pytest.fixture
@@ -60,6 +63,30 @@ def test_every_notification_lands_once_in_its_topic_or_dead_letter(
         assert result.ok, (len(result.missing), missing_kinds, result.wrong[:3], result.dead_missing[:3])
         assert result.duplicates == {}
         assert len(records) == len(generated)  # nothing extra either
+    finally:
+        reader.close()
+        worker.stop(delete_subscriptions=True)
+
+
+def test_every_documented_event_reaches_its_family_topic(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """One subscription to every filter RingCentral documents: each event in its own family's topic."""
+    filters = documented_subscription_filters(sandbox.accounts[0])
+    config = load_config(write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                                      subscriptions={"everything": filters}))
+    worker = Worker(config)
+    worker.start()
+    reader = TopicReader(kafka_bootstrap, unique_name)
+    try:
+        wait_for(lambda: _all_active(worker, 1), 30, what="the subscription active")
+        generated = sandbox.generator.publish(3 * len(filters))
+        assert {g.kind for g in generated} == set(EVERY_KIND_FAMILY)
+        records = reader.poll_until(lambda rs: len(rs) >= len(generated), timeout=60)
+        result = compare(generated, records, reader.topics)
+        assert result.ok, (len(result.missing), result.wrong[:3])
+        assert {r.headers["family"] for r in records} == FAMILIES
+        assert {r.topic for r in records} == {f"{unique_name}.{family}" for family in FAMILIES}
+        assert len(records) == len(generated)
     finally:
         reader.close()
         worker.stop(delete_subscriptions=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -52,6 +53,23 @@ class RateLimited(ApiError):
 
 class AuthError(ApiError):
     """A token request was refused (400/401 on /restapi/oauth/token): credentials are wrong or revoked."""
+
+
+_BRACKETED_PERMISSION = re.compile(r"\[([A-Za-z][A-Za-z0-9]*)\]")
+
+
+def missing_permission(exc: BaseException) -> str | None:
+    """The app permission a 403 says is missing, else None.
+
+    RingCentral names it in brackets: `In order to call this API endpoint, application needs to have
+    [ReadPresence] permission` (CMN-401, also CMN-408 for a user permission) or `Required application
+    permission [TelephonySessions] is missing` on subscription creation. No retry can fix that: the app
+    (or the user's role) must be given the permission first.
+    """
+    if not isinstance(exc, ApiError) or exc.status != 403 or "permission" not in exc.message.lower():
+        return None
+    match = _BRACKETED_PERMISSION.search(exc.message)
+    return match.group(1) if match else None
 
 
 def parse_error_body(body: Any) -> tuple[str | None, str]:

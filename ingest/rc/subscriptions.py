@@ -39,7 +39,7 @@ from ingest.logs import get_logger, register_secret
 from ingest.metrics import Metrics
 from ingest.model import Delivery, SubscriptionSpec
 from ingest.rc.accounts import AccountSession
-from ingest.rc.errors import ApiError, NetworkError, RateLimited, TokenUnavailable
+from ingest.rc.errors import ApiError, NetworkError, RateLimited, TokenUnavailable, missing_permission
 
 log = get_logger(__name__)
 
@@ -644,6 +644,10 @@ class SubscriptionManager:
             failures = entry.failures
         if action == "renew" and not isinstance(exc, RateLimited):
             self.metrics.renewals.labels("error").inc()
+        permission = missing_permission(exc)
+        if permission is not None and not entry.removed and action != "delete":
+            self._stop_for_missing_permission(entry, exc, permission)
+            return
         if isinstance(exc, RateLimited):
             if action == "renew":
                 self.metrics.renewals.labels("rate-limited").inc()
@@ -678,6 +682,19 @@ class SubscriptionManager:
                 entry.action = "renew"
             self._schedule_locked(entry, now + delay)
             self._publish_states_locked()
+
+    def _stop_for_missing_permission(self, entry: _Entry, exc: Exception, permission: str) -> None:
+        """Retrying cannot help until the app is granted `permission`: say so once and stop trying.
+
+        The spec stays `failed` without a retry; changing its filters (or restarting) tries again."""
+        error = (f"the RingCentral app lacks the permission {permission} needed by the event filters "
+                 f"(grant it to the app, then re-apply the spec): {exc}")
+        log.error("subscription.permission_missing", spec=entry.spec.spec_id, account=entry.spec.account,
+                  permission=permission, action=entry.action, error=str(exc))
+        with self._cond:
+            self._to_state_locked(entry, "failed")
+            entry.last_error = error
+            entry.gen += 1  # cancels a renewal still in the heap
 
     # ---- inventory -------------------------------------------------------------------------------
 
@@ -717,7 +734,7 @@ def normalize_filters(filters: Iterable[str], account_id: str, extension_id: str
             path = "/restapi/v1.0" + path
         parts = path.rstrip("/").split("/")
         for i in range(1, len(parts)):
-            if parts[i] == "~" and parts[i - 1] == "account":
+            if parts[i] == "~" and parts[i - 1] in ("account", "accounts"):  # `accounts`: v2, RingSense paths
                 parts[i] = account_id
             elif parts[i] == "~" and parts[i - 1] == "extension":
                 parts[i] = extension_id

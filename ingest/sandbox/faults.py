@@ -137,6 +137,11 @@ class Faults:
         """Expire every access token of an account (name or numeric id; None: all). Returns how many."""
         return self._rc.expire_access_tokens(account)
 
+    def revoke_permission(self, permission: str, account: str | None = None) -> None:
+        """The app loses an app permission (e.g. `ReadPresence`) for an account (name or id; None: all): new
+        subscriptions whose filters need it are refused with 403 CMN-401 naming it."""
+        self._rc.revoke_permission(permission, account)
+
     # ---- PubNub ------------------------------------------------------------------------------
     def pubnub_error(self, status: int = 500, count: int | None = None, seconds: float | None = None,
                      channel: str | None = None) -> None:

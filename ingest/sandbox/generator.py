@@ -33,7 +33,12 @@ from ingest.sandbox.pubnub import PubNubEmulator
 from ingest.sandbox.ringcentral import EventFilter, RingCentralEmulator, SubscriptionView
 
 KINDS = ("message-store", "instant-sms", "presence", "detailed-presence", "telephony-sessions", "extension-list",
-         "voicemail", "fax", "extension-info", "missed-calls", "subscription-reminder")
+         "voicemail", "fax", "extension-info", "missed-calls", "subscription-reminder", "account-presence",
+         "presence-line", "dnd-status", "call-queue-presence", "favorites", "grant-list", "emergency-address",
+         "company-directory", "contact-center-numbers", "a2p-batches", "a2p-messages", "a2p-opt-outs", "sms-consents",
+         "message-threads", "team-posts", "team-chats", "team-webhooks", "ringsense", "webinar", "start-ring",
+         "stop-ring", "inbound-messages")
+FLAT_KINDS = frozenset({"missed-calls", "start-ring", "stop-ring", "inbound-messages"})  # mobile push: no `body`
 MALFORMED = ("bad-base64", "wrong-key", "bad-padding", "invalid-json", "schema-violation")
 _COMPACT = (",", ":")
 
@@ -208,13 +213,162 @@ def _extension_info(c: _Ctx) -> dict[str, Any]:
             "hints": [c.rng.choice(("ExtensionInfo", "Permissions", "AnsweringRules"))]}
 
 
-def _missed_calls(c: _Ctx) -> dict[str, Any]:
-    return {"extensionId": c.id(c.extension_id), "sessionId": c.big_id(),
-            "from": {"phoneNumber": c.phone()}, "to": {"phoneNumber": c.phone()}, "startTime": c.ts(-20, True)}
+def _ring(c: _Ctx, action: str) -> dict[str, Any]:
+    """The flat call fields of a mobile-push call event (IncomingCallEvent / MissedCallEvent)."""
+    fields: dict[str, Any] = {
+        "extensionId": c.id(c.extension_id), "action": action, "sessionId": c.big_id(),
+        "serverId": "10.13.22.28.TAM", "from": c.phone(), "fromName": c.rng.choice(_NAMES), "to": c.phone(),
+        "toName": c.rng.choice(_NAMES), "sid": c.big_id(), "pn_ttl": 30, "pn_apns": {"aps": {"content-available": 1}}}
+    if c.rng.random() < 0.3:  # GCM sends `from` as `_from`
+        fields["_from"] = fields.pop("from")
+    return fields
+
+
+def _inbound_message(c: _Ctx) -> dict[str, Any]:
+    return {"aps": {"alert": {"title": c.rng.choice(_NAMES), "body": _text(c.rng, 30)}, "badge": "1",
+                    "sound": "default"},
+            "messageId": c.big_id(), "conversationId": c.big_id(), "from": c.phone(), "to": c.phone()}
 
 
 def _reminder(c: _Ctx) -> dict[str, Any]:
     return {"expiresIn": c.expires_in}
+
+
+def _presence_line(c: _Ctx) -> dict[str, Any]:
+    lines = [{"id": c.id(ext)} for ext in c.rng.sample(c.extensions, min(2, len(c.extensions)))]
+    # The page's table shows one `extension{id}`, its example an array of the monitored lines.
+    return {"extension": lines if c.rng.random() < 0.5 else lines[0], "sequence": c.rng.randrange(1, 100000)}
+
+
+def _dnd(c: _Ctx) -> dict[str, Any]:
+    return {"extensionId": c.id(c.extension_id), "dndStatus": c.rng.choice(
+        ("TakeAllCalls", "DoNotAcceptAnyCalls", "DoNotAcceptDepartmentCalls", "TakeDepartmentCallsOnly"))}
+
+
+def _call_queue_presence(c: _Ctx) -> dict[str, Any]:
+    """The specification's shape, the page's table's and the page's example's (they all disagree)."""
+    roll = c.rng.random()
+    if roll < 0.4:
+        return {"extensionId": c.id(c.extension_id), "callQueueId": c.id(c.big_id()),
+                "acceptCalls": c.rng.random() < 0.5}
+    if roll < 0.7:
+        return {"member": {"id": c.id(c.extension_id)}, "acceptCurrentQueueCalls": c.rng.random() < 0.5}
+    return {"records": [{"member": {"id": c.id(ext)}, "acceptCurrentQueueCalls": c.rng.random() < 0.5}
+                        for ext in c.extensions]}
+
+
+def _extension_signal(c: _Ctx) -> dict[str, Any]:
+    """Favorites and grant lists: only which extension changed (re-read it through the API)."""
+    body: dict[str, Any] = {"extensionId": c.id(c.extension_id)}
+    if c.rng.random() < 0.5:
+        body["ownerId"] = c.id(c.extension_id)
+    return body
+
+
+def _company_directory(c: _Ctx) -> dict[str, Any]:
+    name = c.rng.choice(_NAMES)
+    body: dict[str, Any] = {
+        "id": c.id(c.rng.choice(c.extensions)), "eventType": c.rng.choice(("Create", "Update", "Delete")),
+        "type": "User", "status": c.rng.choice(("Enabled", "Disabled", "NotActivated")),
+        "firstName": name.split()[0], "lastName": name.split()[1], "name": name, "extensionNumber": "101",
+        "account": {"id": c.id(c.account_id)}, "site": {"id": "main-site", "name": "Main"},
+        "phoneNumbers": [{"phoneNumber": c.phone(), "usageType": "DirectNumber", "type": "VoiceFax"}]}
+    if body["eventType"] == "Delete":  # a deletion names the entry only
+        body = {"id": body["id"], "eventType": "Delete"}
+    # The specification's body is one entry; the guide's example wraps the entries in `contacts`.
+    return {"contacts": [body]} if c.rng.random() < 0.5 else body
+
+
+def _contact_center_number(c: _Ctx) -> dict[str, Any]:
+    return {"eventType": c.rng.choice(("Created", "Updated", "Deleted")), "phoneNumberInfo": {
+        "id": c.id(c.big_id()), "phoneNumber": c.phone(), "paymentType": "Local", "type": "VoiceFax",
+        "usageType": "ContactCenterNumber", "status": "Normal", "contactCenterProvider": {"id": "1", "name": "RingCX"}}}
+
+
+def _a2p_batch(c: _Ctx) -> dict[str, Any]:
+    size = c.rng.randrange(1, 500)
+    return {"id": f"{c.rng.getrandbits(40):010x}", "from": c.phone(), "batchSize": size,
+            "processedCount": c.rng.randrange(0, size + 1), "status": c.rng.choice(("Processing", "Completed")),
+            "creationTime": c.ts(-5), "lastModifiedTime": c.ts(-0.1)}
+
+
+def _a2p_message(c: _Ctx) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": c.big_id(), "from": c.phone(), "to": c.phone(), "text": _text(c.rng, c.rng.randrange(5, 120)),
+        "creationTime": c.ts(-2), "lastModifiedTime": c.ts(-0.1), "segmentCount": 1, "cost": 0.007,
+        "messageStatus": c.rng.choice(("Queued", "Delivered", "Sent", "SendingFailed", "DeliveryFailed")),
+        "batchId": f"{c.rng.getrandbits(40):010x}", "direction": c.rng.choice(("Inbound", "Outbound"))}
+    if body["messageStatus"].endswith("Failed"):
+        body["errorCode"] = "SMS-RC-410"
+    return body
+
+
+def _a2p_opt_out(c: _Ctx) -> dict[str, Any]:
+    return {"from": c.phone(), "to": c.phone(), "active": c.rng.random() < 0.7}  # false: an opt-in
+
+
+def _sms_consents(c: _Ctx) -> dict[str, Any]:
+    nanos = f"{c.rng.randrange(10**9):09d}"  # consent records carry 9 fractional digits
+    stamp = c.ts(-1, True)[:-4] + f"{nanos}Z"
+    return {"records": [{"from": c.phone(), "to": c.phone(), "optStatus": c.rng.choice(("OptOut", "OptIn")),
+                         "source": "Recipient", "lastModifiedTime": stamp} for _ in range(c.rng.randrange(1, 3))]}
+
+
+def _message_threads(c: _Ctx) -> dict[str, Any]:
+    return {"lastModifiedTime": c.ts(-0.3)}
+
+
+def _nullable(c: _Ctx, body: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    """Team-messaging examples carry `null` for absent fields; sometimes they are left out instead."""
+    for name in fields:
+        if c.rng.random() < 0.5:
+            body[name] = None
+    return body
+
+
+def _team_post(c: _Ctx) -> dict[str, Any]:
+    event_type = c.rng.choice(("PostAdded", "PostChanged", "PostRemoved"))
+    body: dict[str, Any] = {"id": c.big_id(), "groupId": c.big_id(), "eventType": event_type}
+    if event_type == "PostRemoved":  # only the ids
+        return body
+    body.update({"type": "TextMessage", "text": _text(c.rng, 40), "creatorId": c.id(c.extension_id),
+                 "creationTime": c.ts(-1, True), "lastModifiedTime": c.ts(-0.5, True)})
+    return _nullable(c, body, ("addedPersonIds", "attachments", "activity", "title", "iconUri", "mentions"))
+
+
+def _team_chat(c: _Ctx) -> dict[str, Any]:
+    event_type = c.rng.choice(("GroupRenamed", "GroupJoined", "GroupLeft", "GroupChanged"))
+    body: dict[str, Any] = {"id": c.big_id(), "eventType": event_type}
+    if event_type == "GroupLeft":  # only the leaver is told, with the id alone
+        return body
+    members = [str(e) for e in c.extensions]
+    body.update({"name": _text(c.rng, 12), "type": c.rng.choice(("PrivateChat", "Group", "Team", "PersonalChat")),
+                 "isPublic": c.rng.random() < 0.5, "creationTime": c.ts(-100, True), "lastModifiedTime": c.ts(-1, True),
+                 "members": members if c.rng.random() < 0.5 else [{"id": m} for m in members]})
+    return _nullable(c, body, ("description",))
+
+
+def _team_webhook(c: _Ctx) -> dict[str, Any]:
+    hook: dict[str, Any] = {
+        "id": f"{c.rng.getrandbits(64):016x}", "creatorId": c.id(c.extension_id), "groupIds": [c.big_id()],
+        "creationTime": c.ts(-100, True), "lastModifiedTime": c.ts(-1, True),
+        "uri": f"https://hooks.ringcentral.com/webhook/{c.rng.getrandbits(64):016x}", "status": "Active"}
+    event_type = c.rng.choice(("WebhookCreated", "WebhookUpdated", "WebhookDeleted"))
+    if event_type == "WebhookUpdated":  # the change as before/after
+        return {"eventType": event_type, "before": {"status": "Active"}, "after": {**hook, "status": "Suspended"}}
+    return {"eventType": event_type, **hook}
+
+
+def _ringsense(c: _Ctx) -> dict[str, Any]:
+    return {"sourceRecordId": c.id(c.big_id()), "sourceSessionId": c.big_id(), "domain": "pbx", "title": "Call",
+            "recordingDurationMs": c.rng.randrange(1000, 3_600_000), "recordingStartTime": c.ts(-600, True),
+            "creationTime": c.ts(-1, True), "lastModifiedTime": c.ts(-1, True),
+            "insights": {"Summary": [{"value": _text(c.rng, 60)}]}}
+
+
+def _webinar(c: _Ctx) -> dict[str, Any]:
+    return {"id": c.big_id(), "webinarId": c.id(c.big_id()), "sessionId": c.big_id(),
+            "status": c.rng.choice(("Scheduled", "Active", "Finished")), "lastModifiedTime": c.ts(-1, True)}
 
 
 _BODIES: dict[str, Callable[[_Ctx], dict[str, Any]]] = {
@@ -227,8 +381,30 @@ _BODIES: dict[str, Callable[[_Ctx], dict[str, Any]]] = {
     "telephony-sessions": _telephony,
     "extension-list": _extension_list,
     "extension-info": _extension_info,
-    "missed-calls": _missed_calls,
+    "missed-calls": lambda c: _ring(c, "Missed"),
+    "start-ring": lambda c: _ring(c, "StartRing"),
+    "stop-ring": lambda c: _ring(c, "StopRing"),
+    "inbound-messages": _inbound_message,
     "subscription-reminder": _reminder,
+    "account-presence": _presence,
+    "presence-line": _presence_line,
+    "dnd-status": _dnd,
+    "call-queue-presence": _call_queue_presence,
+    "favorites": _extension_signal,
+    "grant-list": _extension_signal,
+    "emergency-address": lambda c: {"extensionId": c.id(c.extension_id), "deviceId": c.id(c.big_id())},
+    "company-directory": _company_directory,
+    "contact-center-numbers": _contact_center_number,
+    "a2p-batches": _a2p_batch,
+    "a2p-messages": _a2p_message,
+    "a2p-opt-outs": _a2p_opt_out,
+    "sms-consents": _sms_consents,
+    "message-threads": _message_threads,
+    "team-posts": _team_post,
+    "team-chats": _team_chat,
+    "team-webhooks": _team_webhook,
+    "ringsense": _ringsense,
+    "webinar": _webinar,
 }
 
 
@@ -340,14 +516,17 @@ class Generator:
         account = self._rc.account(sub.account_id)
         ctx = _Ctx(rng, sub.account_id, ext, account.all_extensions(), now, max(0, int(sub.expires_at - now)))
         body = _BODIES[flt.kind](ctx)
-        if flt.kind == "subscription-reminder":
-            event = flt.requested  # the filter string exactly as subscribed (§3.6)
-        else:
-            event = flt.tilde if rng.random() < 0.3 else flt.expanded  # older events keep `account/~`
+        event = self._event_path(flt, sub)
         note_id = str(uuidlib.UUID(int=rng.getrandbits(128), version=4)) if rng.random() < 0.5 \
             else str(rng.randrange(10**18, 9 * 10**18))
         envelope: dict[str, Any] = {"uuid": note_id, "event": event, "timestamp": ctx.ts(),
-                                    "subscriptionId": sub.id, "ownerId": sub.extension_id, "body": body}
+                                    "subscriptionId": sub.id, "ownerId": sub.extension_id}
+        if flt.kind in FLAT_KINDS:
+            envelope.update(body)  # mobile push is flat: the fields sit beside the envelope's
+            if flt.kind == "inbound-messages":
+                del envelope["timestamp"]  # InboundMessageEvent has none
+        else:
+            envelope["body"] = body
         if rng.random() < self.missing_ratio:
             del envelope[rng.choice(("subscriptionId", "ownerId"))]
         if self.payload_size > 0:
@@ -356,6 +535,17 @@ class Generator:
                 if deficit <= 16 or not _pad(ctx, flt.kind, body, deficit):
                     break
         return envelope
+
+    def _event_path(self, flt: EventFilter, sub: SubscriptionView) -> str:
+        """The `event` of a notification: the filter, with the documented variations of its account part."""
+        roll = self._rng.random()
+        if flt.kind == "subscription-reminder":
+            return flt.requested  # the filter string exactly as subscribed (§3.6)
+        if flt.kind == "sms-consents" and roll < 0.3:  # the guide's example keeps the placeholder
+            return flt.expanded.replace(f"/accounts/{sub.account_id}/", "/accounts/{accountId}/")
+        if flt.kind == "team-chats" and roll < 0.2:  # an outgoing-webhook example reports this path (G2)
+            return f"/restapi/v1.0/account/{sub.account_id}/extension/{sub.extension_id}/glip/groups"
+        return flt.tilde if roll < 0.3 else flt.expanded  # older events keep `account/~`
 
     def _one(self, sub: SubscriptionView, flt: EventFilter, malformed: str | None) -> Generated:
         envelope = self.notification(sub, flt)

@@ -106,16 +106,58 @@ _EXT_KINDS = {
     "/message-store": "message-store",
     "/message-store/instant": "instant-sms",
     "/presence": "presence",
-    "/presence/line": "presence",
+    "/presence/line": "presence-line",
     "/presence/line/presence": "presence",
     "/favorite/presence": "presence",
+    "/presence/dnd": "dnd-status",
+    "/favorite": "favorites",
+    "/grant": "grant-list",
     "/telephony/sessions": "telephony-sessions",
     "/voicemail": "voicemail",
     "/fax": "fax",
     "/missed-calls": "missed-calls",
+    "/start-ring": "start-ring",
+    "/stop-ring": "stop-ring",
+    "/inbound-messages": "inbound-messages",
     "": "extension-info",
 }
-_ACCOUNT_KINDS = {"/extension": "extension-list", "/presence": "presence", "/telephony/sessions": "telephony-sessions"}
+_ACCOUNT_KINDS = {
+    "/extension": "extension-list", "/presence": "account-presence", "/telephony/sessions": "telephony-sessions",
+    "/a2p-sms/batches": "a2p-batches", "/a2p-sms/messages": "a2p-messages", "/a2p-sms/opt-outs": "a2p-opt-outs",
+    "/message-threads/sync": "message-threads", "/message-threads/entries/sync": "message-threads",
+    "/directory/entries": "company-directory", "/phone-number": "contact-center-numbers",
+}
+_ACCOUNT_PATTERNS = (
+    (re.compile(r"^/a2p-sms/batches/[0-9A-Za-z-]+$"), "a2p-batches"),
+    (re.compile(r"^/call-queues/\d+/presence$"), "call-queue-presence"),
+    (re.compile(r"^/device/\d+/emergency-address$"), "emergency-address"),
+)
+# Filters outside /restapi/v1.0/account/...: (pattern, kind); group 1, when the pattern has one, is the account.
+_OTHER_FILTERS = (
+    (re.compile(r"^/restapi/v2/accounts/(~|\d+)/sms/consents$"), "sms-consents"),
+    (re.compile(r"^/ai/ringsense/v1/public/accounts/(~|\d+)/domains/(?:pbx|rcv|rcx|ms-teams|nice-incontact)/insights$"),
+     "ringsense"),
+    (re.compile(r"^(?:/team-messaging/v1|/restapi/v1\.0/glip)/posts$"), "team-posts"),
+    (re.compile(r"^(?:/team-messaging/v1/(?:chats|groups)|/restapi/v1\.0/glip/groups)$"), "team-chats"),
+    (re.compile(r"^/restapi/v1\.0/glip/webhooks$"), "team-webhooks"),
+    (re.compile(r"^/webinar/(?:configuration/v1/company/sessions|runtime/v1/company/sessions/state"
+                r"|registration/v1/company/sessions/(?:state|registrants))$"), "webinar"),
+)
+PRESENCE_KINDS = frozenset({"presence", "detailed-presence", "account-presence", "presence-line", "dnd-status",
+                            "call-queue-presence"})  # encryption is forced for these (§3.5)
+# The app permission RingCentral checks for each kind of filter (ringcentral-event-catalogue.md §1; where the
+# sources disagree, the event-filter page). Kinds not listed need none beyond the subscription itself.
+PERMISSIONS = {
+    "message-store": "ReadMessages", "instant-sms": "ReadMessages", "voicemail": "ReadMessages", "fax": "ReadMessages",
+    "presence": "ReadPresence", "detailed-presence": "ReadPresence", "presence-line": "ReadPresence",
+    "call-queue-presence": "ReadPresence", "account-presence": "ReadAccounts", "dnd-status": "ReadAccounts",
+    "telephony-sessions": "CallControl", "extension-list": "ReadAccounts", "extension-info": "ReadAccounts",
+    "grant-list": "ReadAccounts", "emergency-address": "ReadAccounts", "company-directory": "ReadAccounts",
+    "contact-center-numbers": "ReadAccounts", "favorites": "ReadContacts", "a2p-batches": "ReadAccounts",
+    "a2p-messages": "ReadAccounts", "a2p-opt-outs": "ReadAccounts", "sms-consents": "SMS", "message-threads": "SMS",
+    "team-posts": "TeamMessaging", "team-chats": "TeamMessaging", "team-webhooks": "TeamMessaging",
+    "ringsense": "RingSense", "webinar": "ReadWebinars",
+}
 
 
 @dataclass(frozen=True)
@@ -147,10 +189,9 @@ def parse_filter(raw: str, account: Account, caller_ext: str, ttl_max: float) ->
         return EventFilter(full, full, full, "subscription-reminder", None)
     m = _ACCOUNT_RE.match(path)
     if not m:
-        raise _bad_filters([raw])
+        return _other_filter(full, path, account)
     acct, rest = m.group(1), m.group(2) or ""
-    if acct not in ("~", account.account_id):
-        raise api_error(403, "SUB-406", "Not allowed subscribe for events to extensions of other account")
+    _check_account(acct, account)
     ext: str | None = None
     em = _EXT_RE.match(rest)
     if em:
@@ -159,13 +200,13 @@ def parse_filter(raw: str, account: Account, caller_ext: str, ttl_max: float) ->
             raise _bad_filters([raw])
         sub = em.group(2) or ""
         kind = _EXT_KINDS.get(sub)
-        if kind == "presence" and sub == "/presence" and params.get("detailedTelephonyState") == ["true"]:
+        if kind == "presence" and params.get("detailedTelephonyState") == ["true"]:
             kind = "detailed-presence"
         if kind == "instant-sms" and params.get("type") != ["SMS"]:
             kind = None
         tail = f"/extension/{ext}{sub}"
     else:
-        kind = _ACCOUNT_KINDS.get(rest)
+        kind = _ACCOUNT_KINDS.get(rest) or next((k for pattern, k in _ACCOUNT_PATTERNS if pattern.match(rest)), None)
         tail = rest
     if kind is None:
         raise _bad_filters([raw])
@@ -173,6 +214,33 @@ def parse_filter(raw: str, account: Account, caller_ext: str, ttl_max: float) ->
     expanded = f"{API}/account/{account.account_id}{tail}{q}"
     tilde = f"{API}/account/~{tail}{q}"
     return EventFilter(full, expanded, tilde, kind, ext)
+
+
+def _check_account(acct: str, account: Account) -> None:
+    if acct not in ("~", account.account_id):
+        raise api_error(403, "SUB-406", "Not allowed subscribe for events to extensions of other account")
+
+
+def _other_filter(full: str, path: str, account: Account) -> EventFilter:
+    """A filter outside /restapi/v1.0/account/: A2P consents, RingSense, team messaging, webinars."""
+    for pattern, kind in _OTHER_FILTERS:
+        match = pattern.match(path)
+        if match:
+            if pattern.groups:
+                _check_account(match.group(1), account)
+                start, end = match.span(1)
+                return EventFilter(full, full[:start] + account.account_id + full[end:], full, kind, None)
+            return EventFilter(full, full, full, kind, None)
+    raise _bad_filters([full])
+
+
+def insufficient_permissions(permission: str) -> ApiError:
+    """What the platform answers when the app lacks a permission: CMN-401 under `InsufficientPermissions`,
+    with `permissionName` (the body quoted in ringcentral/ringcentral-web-phone issue #154)."""
+    message = f"In order to call this API endpoint, application needs to have [{permission}] permission"
+    return ApiError(403, {"errorCode": "InsufficientPermissions", "message": message,
+                          "errors": [{"errorCode": "CMN-401", "message": message, "permissionName": permission}],
+                          "permissionName": permission})
 
 
 def _bad_filters(filters: list[Any]) -> ApiError:
@@ -303,6 +371,20 @@ class RingCentralEmulator:
         self._counts: dict[str, dict[str, int]] = {
             a.account_id: {"created": 0, "renewed": 0, "deleted": 0, "tokens_issued": 0, "refreshed": 0}
             for a in accounts}
+        self._missing_permissions: dict[str, set[str]] = {}  # account id -> app permissions it lacks
+
+    def _require_permission(self, account: Account, permission: str) -> None:
+        with self._lock:
+            lacking = permission in self._missing_permissions.get(account.account_id, set())
+        if lacking:
+            raise insufficient_permissions(permission)
+
+    def revoke_permission(self, permission: str, account: str | None = None) -> None:
+        """From now on, subscriptions asking for events that need `permission` are refused (403 CMN-401), and
+        so is `GET .../extension/{id}` when it is `ReadAccounts`."""
+        with self._lock:
+            for account_id in self._accounts_matching(account):
+                self._missing_permissions.setdefault(account_id, set()).add(permission)
 
     # ---- lookup ------------------------------------------------------------------------------
     def account(self, ref: str) -> Account:
@@ -427,6 +509,8 @@ class RingCentralEmulator:
             raise _bad_filters(raw if isinstance(raw, list) else [raw])
         filters = [parse_filter(f, session.account, session.account.extension_id, self.subscription_ttl_max)
                    for f in raw]
+        for needed in dict.fromkeys(PERMISSIONS[f.kind] for f in filters if f.kind in PERMISSIONS):
+            self._require_permission(session.account, needed)
         seen: dict[str, EventFilter] = {}
         for f in filters:  # duplicates collapse, as the effective filter list has each once
             seen.setdefault(f.expanded, f)
@@ -448,7 +532,7 @@ class RingCentralEmulator:
         filters = self._parse_filters(body.get("eventFilters"), session)
         ttl = self._expires_in(body)
         encryption = mode.get("encryption") in (True, "true", "True")
-        if any(f.kind in ("presence", "detailed-presence") for f in filters):
+        if any(f.kind in PRESENCE_KINDS for f in filters):
             encryption = True  # forced for presence, whatever the client asked (§3.5)
         now = time.time()
         account = session.account
@@ -495,7 +579,7 @@ class RingCentralEmulator:
             if body:
                 if "eventFilters" in body:
                     sub.filters = self._parse_filters(body["eventFilters"], session)
-                    if any(f.kind in ("presence", "detailed-presence") for f in sub.filters) and not sub.encryption:
+                    if any(f.kind in PRESENCE_KINDS for f in sub.filters) and not sub.encryption:
                         sub.encryption, sub.key = True, self._new_key()
                 ttl = self._expires_in(body)
             sub.expires_at = now + ttl
@@ -595,6 +679,7 @@ class RingCentralEmulator:
 
     def extension_info(self, session: _Session, acct_ref: str, ext_ref: str) -> dict[str, Any]:
         account = session.account
+        self._require_permission(account, "ReadAccounts")
         ext = account.extension_id if ext_ref == "~" else ext_ref
         if acct_ref not in ("~", account.account_id) or ext not in account.all_extensions():
             raise api_error(404, "CMN-102", "Resource for parameter [extensionId] is not found",

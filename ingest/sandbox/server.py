@@ -221,8 +221,8 @@ class Sandbox:
 
     # ---- admin API (JSON over HTTP on the RingCentral port, under /sandbox) ------------------
     _FAULTS = ("rc_error", "expire_subscription", "delete_subscription", "rotate_on_next_renewal",
-               "revoke_refresh_tokens", "expire_access_tokens", "pubnub_error", "pubnub_drop_connections",
-               "pubnub_stall", "pubnub_time_fail", "pubnub_overflow", "clear")
+               "revoke_refresh_tokens", "expire_access_tokens", "revoke_permission", "pubnub_error",
+               "pubnub_drop_connections", "pubnub_stall", "pubnub_time_fail", "pubnub_overflow", "clear")
 
     def _admin(self, method: str, path: str, body: Any) -> tuple[int, Any]:  # noqa: PLR0911 - a routing table
         args: dict[str, Any] = body if isinstance(body, dict) else {}

@@ -13,9 +13,13 @@ from typing import Any
 
 import pytest
 
+from ingest.catalogue import default_catalogue
 from ingest.crypto import Cipher, DecryptError
-from ingest.sandbox.generator import MALFORMED, Generated
+from ingest.pipeline import SCHEMA_VIOLATION, ChannelContext, Pipeline, TopicNames
+from ingest.sandbox.generator import KINDS, MALFORMED, Generated
 from ingest.sandbox.server import Sandbox
+from tests.harness import documented_subscription_filters
+from tests.test_catalogue import FAMILIES
 from tests.vectors import VECTOR_CIPHERTEXT, VECTOR_KEY, VECTOR_PLAINTEXT
 
 from .conftest import MESSAGE_STORE, PRESENCE, RC, wait_for
@@ -173,3 +177,49 @@ def test_steady_traffic_start_and_stop(sandbox: Sandbox, rc: RC) -> None:
     assert any(g.malformed for g in generated) and any(g.malformed is None for g in generated)
     assert [g.timetoken for g in generated] == sorted(g.timetoken for g in generated)
     assert sandbox.pubnub.stats(sandbox.subscriber_key).published == settled
+
+
+def test_every_documented_family_is_generated_valid_with_its_variations(sandbox: Sandbox, rc: RC) -> None:
+    """Subscribed to every documented filter, the generator emits every family, each valid for the pipeline."""
+    info = rc.subscribe(documented_subscription_filters(rc.account))
+    pipeline = Pipeline(default_catalogue(), TopicNames("rc"))
+    ctx = ChannelContext("acme/all", info["id"], rc.account.account_id, Cipher(info["deliveryMode"]["encryptionKey"]))
+    generated = sandbox.generator.publish(len(info["eventFilters"]) * 12)
+    notes: dict[str, list[dict[str, Any]]] = {}
+    for g in generated:
+        out = pipeline.process(g.payload, ctx, g.timetoken)
+        assert (out.error, out.header("error-message")) == (None, None), g.event
+        notes.setdefault(out.family, []).append(_decode(sandbox, g))
+    assert set(notes) == FAMILIES
+    assert {g.kind for g in generated} == set(KINDS)
+
+    def seen(family: str, predicate: Callable[[dict[str, Any]], bool]) -> bool:
+        return any(predicate(n) for n in notes[family])
+    # The documented variations, family by family.
+    assert all("body" not in n for n in notes["mobile-push"]) and seen("mobile-push", lambda n: "_from" in n)
+    assert seen("a2p-sms", lambda n: "/accounts/{accountId}/" in n["event"])  # the consent example's placeholder
+    assert seen("a2p-sms", lambda n: n["body"].get("active") is False)  # an opt-in
+    assert seen("team-messaging", lambda n: n["event"].endswith("/glip/groups"))
+    assert seen("team-messaging", lambda n: None in n["body"].values())
+    assert seen("team-messaging", lambda n: set(n["body"]) == {"id", "eventType"})  # GroupLeft
+    assert seen("call-queue-presence", lambda n: "member" in n["body"])
+    assert seen("call-queue-presence", lambda n: "callQueueId" in n["body"])
+    assert seen("call-queue-presence", lambda n: "records" in n["body"])
+    assert seen("company-directory", lambda n: "contacts" in n["body"])
+    assert seen("company-directory", lambda n: "id" in n["body"])
+    assert seen("presence-line", lambda n: isinstance(n["body"]["extension"], list))
+    assert seen("presence-line", lambda n: isinstance(n["body"]["extension"], dict))
+    assert seen("extension-info", lambda n: "deviceId" in n["body"])
+    for family, family_notes in notes.items():
+        if family not in ("subscription-reminder", "mobile-push"):
+            assert {n["timestamp"][-1] for n in family_notes} == {"Z", "0"}, family  # ...Z and ...+0000
+
+
+def test_every_documented_family_has_a_schema_violation(sandbox: Sandbox, rc: RC) -> None:
+    info = rc.subscribe(documented_subscription_filters(rc.account))
+    pipeline = Pipeline(default_catalogue(), TopicNames("rc"))
+    ctx = ChannelContext("acme/all", info["id"], rc.account.account_id, Cipher(info["deliveryMode"]["encryptionKey"]))
+    outs = [pipeline.process(g.payload, ctx, g.timetoken)
+            for g in sandbox.generator.publish(len(info["eventFilters"]), malformed="schema-violation")]
+    assert {o.error for o in outs} == {SCHEMA_VIOLATION}
+    assert {o.family for o in outs} == FAMILIES

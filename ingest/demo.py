@@ -115,8 +115,10 @@ def _show_first(bootstrap: str, topic: str) -> None:
     """Print one record the way `ingest tail` does (key, headers, value), shortened."""
     from confluent_kafka import Consumer
 
+    from ingest.kafka_logs import kafka_log_config
+
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-show-{time.time_ns()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False, **kafka_log_config()})
     consumer.subscribe([topic])
     try:
         deadline = time.monotonic() + 10

@@ -24,13 +24,14 @@ def collect(config: Any) -> dict[str, Any]:
     """The group's members and assignments, and every spec with its state."""
     from confluent_kafka.admin import AdminClient
 
+    from ingest.kafka_logs import kafka_log_config, serve_logs
     from ingest.pipeline import TopicNames
     from ingest.specs.store import read_specs
     from ingest.state import partition_for, restore
 
     names, partitions = TopicNames(config.topics.prefix), config.topics.spec_partitions
     group = names.worker_group
-    admin = AdminClient(dict(config.kafka))
+    admin = serve_logs(AdminClient({**config.kafka, **kafka_log_config()}))
     described = admin.describe_consumer_groups([group])[group].result(timeout=10)
     owners: dict[int, str] = {}
     members = []

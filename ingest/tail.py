@@ -10,6 +10,8 @@ import time
 
 from confluent_kafka import Consumer, KafkaException
 
+from ingest.kafka_logs import kafka_log_config
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("topic", nargs="+", help="topic name(s)")
@@ -28,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
     consumer = Consumer({
         "bootstrap.servers": args.bootstrap_servers, "group.id": f"ingest-tail-{os.getpid()}",
         "auto.offset.reset": "latest" if args.latest else "earliest", "enable.auto.commit": False,
-        "isolation.level": "read_committed",
+        "isolation.level": "read_committed", **kafka_log_config(),
     })
     consumer.subscribe(args.topic)
     shown, last = 0, time.monotonic()

@@ -54,6 +54,9 @@ class _RateLimitedJson(logging.Filter):
         suppressed = 0 if debug else self._admit((client, facility, _NUMBERS.sub("#", text)))
         if suppressed is None:
             return False
+        if not logging.getLogger().handlers:  # a command that configured no JSON log (tail, status): plain text
+            record.args = (facility, client, redact(text))
+            return True
         record.msg, record.args = "kafka.client_log", ()
         record.fields = {"client": client, "facility": facility, "message": redact(text),
                          **({"suppressed": suppressed} if suppressed else {})}

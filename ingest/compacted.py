@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from ingest.kafka_logs import kafka_log_config
+
 _NOT_READY = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
               KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT)
 
@@ -17,7 +19,7 @@ def read_latest(consumer_config: Mapping[str, str], topic: str, partitions: Iter
 
     Reads with read_committed, so records of aborted or open transactions are never taken.
     """
-    consumer = Consumer({**consumer_config, "group.id": f"ingest-table-reader-{topic}",
+    consumer = Consumer({**consumer_config, "group.id": f"ingest-table-reader-{topic}", **kafka_log_config(),
                          "enable.auto.commit": "false", "isolation.level": "read_committed"})
     try:
         ends = _end_offsets(consumer, topic, partitions, timeout)

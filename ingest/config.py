@@ -14,9 +14,12 @@ parsed as YAML, so numbers, booleans, `null` and flow lists (`[a, b]`) work.
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +27,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+from confluent_kafka import KafkaException, Producer
 
-from ingest.logs import register_secret
+from ingest.logs import redact, register_secret
 from ingest.model import SubscriptionSpec
 
 ENV_PREFIX = "INGEST__"
@@ -36,6 +40,14 @@ DELIVERY_GUARANTEES = ("at-least-once", "exactly-once")
 COORDINATION_MODES = ("standalone", "group")
 # librdkafka properties whose values are credentials: scrubbed from logs and hidden from repr.
 _KAFKA_SECRET_MARKERS = ("password", "secret", "ssl.key.pem", "sasl.oauthbearer.config", "sasl.jaas.config")
+# A worker config is a few KiB and a secret a few hundred bytes: the caps keep a device such as
+# /dev/zero, given by mistake, from filling the memory.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_SECRET_BYTES = 64 << 10
+MAX_LIST_INDEX_DIGITS = 6  # an override's list index (`INGEST__ACCOUNTS__0__...`): ASCII digits only
+MAX_SECONDS = 3600.0  # upper bound of the timers and timeouts below (librdkafka's session.timeout.ms too)
+MAX_PARTITIONS = 2**31 - 1  # Kafka's INT32 partition count
+MAX_REPLICATION_FACTOR = 2**15 - 1  # Kafka's INT16 replication factor
 
 
 class ConfigError(Exception):
@@ -187,9 +199,9 @@ def load_specs(path: str | Path) -> list[SubscriptionSpec]:
 
 def _read_mapping(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+        text = _read_text_file(path, MAX_CONFIG_BYTES)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -197,11 +209,56 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "syntax error"
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    except (RecursionError, ValueError) as exc:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_value_problem(exc)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {_type_name(raw)}")
     return raw
+
+
+def _read_text_file(file: Path, limit: int) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; `ValueError` says why not.
+
+    Opened non-blocking and checked on the open descriptor: a FIFO is refused at once instead of
+    waiting forever for a writer, a device (/dev/zero) instead of being read until memory runs out.
+    """
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ValueError(f"not a regular file ({_file_kind(mode)})")
+    with os.fdopen(fd, "rb") as stream:
+        try:
+            data = stream.read(limit + 1)
+        except OSError as exc:
+            raise ValueError(exc.strerror or str(exc)) from None
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _yaml_value_problem(exc: RecursionError | ValueError) -> str:
+    """Why PyYAML's constructors gave up: nesting past the recursion limit, an integer past Python's
+    4300-digit conversion limit, an impossible date."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(";", 1)[0]
 
 
 def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
@@ -217,6 +274,8 @@ def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[st
             value = yaml.safe_load(env[var]) if env[var].strip() else ""
         except yaml.YAMLError:
             value = env[var]  # not YAML: take the text as a string
+        except (RecursionError, ValueError) as exc:
+            raise ConfigError(f"{var}: invalid value: {_yaml_value_problem(exc)}") from None
         section = parts[0]
         if section == "kafka" and len(parts) >= 2:
             # librdkafka takes text; a password must not be reinterpreted as YAML.
@@ -234,7 +293,11 @@ def _set_path(raw: dict[str, Any], parts: list[str], value: Any, env: Mapping[st
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            if not part.isdigit() or int(part) > len(node):
+            if not _is_list_index(part):
+                shown = part if len(part) <= 10 else part[:10] + "..."
+                raise ConfigError(f"{_path(walked)}: {var} addresses item {shown!r}, which is not a list index "
+                                  f"(at most {MAX_LIST_INDEX_DIGITS} digits 0-9)")
+            if int(part) > len(node):
                 raise ConfigError(f"{_path(walked)}: {var} addresses item {part}, but the list has "
                                   f"{len(node)} item(s)")
             idx = int(part)
@@ -257,10 +320,15 @@ def _set_path(raw: dict[str, Any], parts: list[str], value: Any, env: Mapping[st
         else:
             child = node.get(part)
             if not isinstance(child, dict | list):
-                child = [] if parts[i + 1].isdigit() else {}
+                child = [] if _is_list_index(parts[i + 1]) else {}
                 node[part] = child
             node = child
     return _path(walked)
+
+
+def _is_list_index(part: str) -> bool:
+    """ASCII digits, a few of them: `str.isdigit` also accepts '²' (which `int` refuses) and 5,000 digits."""
+    return re.fullmatch(f"[0-9]{{1,{MAX_LIST_INDEX_DIGITS}}}", part) is not None
 
 
 def _drop_secret_sibling(node: dict[str, Any], key: str, env: Mapping[str, str], var: str) -> None:
@@ -357,16 +425,23 @@ class _Validator:
             v = default
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise self.fail(p, f"expected a number, got {_type_name(v)}")
-        if exclusive_lo and lo is not None and v <= lo:
-            raise self.fail(p, f"must be greater than {lo:g}, got {v:g}")
-        self._range(p, v, lo, hi)
-        return float(v)
+        # NaN passes every comparison below (a NaN renewal margin never renewed); inf is no duration.
+        try:
+            number = float(v)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise self.fail(p, f"must be a finite number, got {_shown(v)}")
+        if exclusive_lo and lo is not None and number <= lo:
+            raise self.fail(p, f"must be greater than {lo:g}, got {_shown(v)}")
+        self._range(p, number, lo, hi)
+        return number
 
     def _range(self, p: str, v: float, lo: float | None, hi: float | None) -> None:
         if lo is not None and v < lo:
-            raise self.fail(p, f"must be at least {lo:g}, got {v:g}")
+            raise self.fail(p, f"must be at least {_shown(lo)}, got {_shown(v)}")
         if hi is not None and v > hi:
-            raise self.fail(p, f"must be at most {hi:g}, got {v:g}")
+            raise self.fail(p, f"must be at most {_shown(hi)}, got {_shown(v)}")
 
     def boolean(self, m: dict[str, Any], key: str, path: str, default: bool) -> bool:
         v = m.get(key, default)
@@ -401,11 +476,9 @@ class _Validator:
             if not file.is_absolute():
                 file = self.base_dir / file
             try:
-                value = file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise self.fail(_join(path, file_key), f"cannot read {str(file)!r}: {exc.strerror or exc}") from None
-            except UnicodeDecodeError:
-                raise self.fail(_join(path, file_key), f"{str(file)!r} is not UTF-8 text") from None
+                value = _read_text_file(file, MAX_SECRET_BYTES).strip()
+            except ValueError as exc:
+                raise self.fail(_join(path, file_key), f"cannot read {str(file)!r}: {exc}") from None
             if not value:
                 raise self.fail(_join(path, file_key), f"{str(file)!r} is empty")
         else:
@@ -445,6 +518,8 @@ class _Validator:
             p = f"kafka.{key}"
             if isinstance(value, bool):
                 text = "true" if value else "false"
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise self.fail(p, f"must be a finite number, got {value:g}")
             elif isinstance(value, int | float | str):
                 text = str(value)
             else:
@@ -454,7 +529,28 @@ class _Validator:
             props[key] = text
         if not props.get("bootstrap.servers", "").strip():
             raise self.fail("kafka.bootstrap.servers", "required property is missing or empty")
+        self.librdkafka_accepts(props)
         return props
+
+    def librdkafka_accepts(self, props: dict[str, str]) -> None:
+        """librdkafka's own checks (names, types, ranges, combinations), now rather than as a
+        `KafkaException` traceback when the worker builds its first client.
+
+        Certificates and keys are checked by name only: alone, with the default plaintext protocol,
+        librdkafka reads no file; their content is read when the worker builds its clients.
+        """
+        material = {key: value for key, value in props.items() if _KAFKA_TLS_MATERIAL.fullmatch(key)}
+        for key, value in material.items():
+            if (problem := _librdkafka_problem({key: value})) is not None:
+                raise self.fail(f"kafka.{key}", problem)
+        rest = {key: value for key, value in props.items() if key not in material}
+        problem = _librdkafka_problem(rest)
+        if problem is None:
+            return
+        for key, value in rest.items():  # name the property that fails on its own the same way
+            if _librdkafka_problem({key: value}) == problem:
+                raise self.fail(f"kafka.{key}", problem)
+        raise self.fail("kafka", problem)  # only this combination fails (e.g. PLAIN without sasl.username)
 
     def topics(self, raw: Any) -> TopicsConfig:
         p = "topics"
@@ -471,9 +567,10 @@ class _Validator:
             if not re.fullmatch(r"[A-Za-z0-9._-]+", topic):
                 raise self.fail(f"{p}.routing.{family}", f"{topic!r} is not a valid Kafka topic name")
             routing[str(family)] = topic
-        return TopicsConfig(prefix=prefix, partitions=self.integer(m, "partitions", p, 6, lo=1),
-                            replication_factor=self.integer(m, "replication_factor", p, 1, lo=1), routing=routing,
-                            spec_partitions=self.integer(m, "spec_partitions", p, 12, lo=1))
+        return TopicsConfig(prefix=prefix, partitions=self.integer(m, "partitions", p, 6, lo=1, hi=MAX_PARTITIONS),
+                            replication_factor=self.integer(m, "replication_factor", p, 1, lo=1,
+                                                            hi=MAX_REPLICATION_FACTOR), routing=routing,
+                            spec_partitions=self.integer(m, "spec_partitions", p, 12, lo=1, hi=MAX_PARTITIONS))
 
     def ringcentral(self, raw: Any) -> RingCentralConfig:
         p = "ringcentral"
@@ -574,18 +671,19 @@ class _Validator:
         return WorkerConfig(
             id=worker_id,
             renewal_margin_seconds=margin,
-            renewal_jitter_seconds=self.number(m, "renewal_jitter_seconds", p, 15.0, lo=0),
+            renewal_jitter_seconds=self.number(m, "renewal_jitter_seconds", p, 15.0, lo=0, hi=MAX_SECONDS),
             expires_in_seconds=expires_in,
             channels_per_connection=self.integer(m, "channels_per_connection", p, 50, lo=1),
-            checkpoint_interval_seconds=self.number(m, "checkpoint_interval_seconds", p, 1.0, lo=0, exclusive_lo=True),
-            shutdown_timeout_seconds=self.number(m, "shutdown_timeout_seconds", p, 10.0, lo=0),
+            checkpoint_interval_seconds=self.number(m, "checkpoint_interval_seconds", p, 1.0, lo=0,
+                                                    hi=MAX_SECONDS, exclusive_lo=True),
+            shutdown_timeout_seconds=self.number(m, "shutdown_timeout_seconds", p, 10.0, lo=0, hi=MAX_SECONDS),
             delete_subscriptions_on_shutdown=self.boolean(m, "delete_subscriptions_on_shutdown", p, False),
             delivery_guarantee=self.choice(m, "delivery_guarantee", p, "at-least-once",
                                            options=DELIVERY_GUARANTEES, normalize=str.lower),
             coordination=self.choice(m, "coordination", p, "standalone", options=COORDINATION_MODES,
                                      normalize=str.lower),
             apply_specs_on_start=self.boolean(m, "apply_specs_on_start", p, True),
-            session_timeout_seconds=self.number(m, "session_timeout_seconds", p, 10.0, lo=1),
+            session_timeout_seconds=self.number(m, "session_timeout_seconds", p, 10.0, lo=1, hi=MAX_SECONDS),
             replay_buffer_seconds=self.number(m, "replay_buffer_seconds", p, 1200.0, lo=0, exclusive_lo=True),
             replay_buffer_messages=self.integer(m, "replay_buffer_messages", p, 100, lo=1),
         )
@@ -600,6 +698,46 @@ class _Validator:
         p = "logging"
         m = self.mapping(raw, p, ("level",))
         return LoggingConfig(level=self.choice(m, "level", p, "INFO", options=LOG_LEVELS, normalize=str.upper))
+
+
+# Properties whose files or PEM text librdkafka loads when a client is created with TLS on.
+_KAFKA_TLS_MATERIAL = re.compile(r"ssl\.(.+\.location|.+\.pem|keystore\..+)")
+_SILENT = logging.getLogger("ingest.config.librdkafka-check")  # the trial clients' logs go nowhere
+_SILENT.addHandler(logging.NullHandler())
+_SILENT.propagate = False
+
+
+def _librdkafka_problem(props: Mapping[str, str]) -> str | None:
+    """What librdkafka says of these properties, or None if it takes them.
+
+    A producer built with them (librdkafka validates every property when a client is created; a
+    consumer property is ignored with a warning) and destroyed at once, in under a millisecond.
+    Without `bootstrap.servers` it connects nowhere; its log lines are queued for a poll that never
+    comes. A literal NaN/inf is refused for a numeric property: librdkafka parses "nan" as a number
+    and every range check passes it.
+    """
+    trial = {k: v for k, v in props.items() if k != "bootstrap.servers"}
+    try:
+        Producer({**trial, "logger": _SILENT})
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else exc
+        text = error.str() if hasattr(error, "str") else str(error)
+        return redact(" ".join(text.split()).removeprefix("Failed to create producer: "))
+    except (TypeError, ValueError) as exc:  # confluent-kafka's own keys: error_cb, on_delivery, ...
+        return redact(str(exc))
+    for key, value in trial.items():
+        if value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity") and not _is_kafka_secret(key) \
+                and _librdkafka_problem({key: "not-a-number"}) is not None:
+            return f"must be a finite number, got {value.strip()}"
+    return None
+
+
+def _shown(value: float) -> str:
+    """A number for an error message: `{:g}` for floats; integers as digits, a long one by its length."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    digits = str(abs(value))
+    return str(value) if len(digits) <= 20 else f"an integer of {len(digits)} digits"
 
 
 def _join(path: str, key: str) -> str:

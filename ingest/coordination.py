@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from ingest.kafka_logs import kafka_log_config
 from ingest.logs import get_logger
 from ingest.model import SubscriptionSpec
 from ingest.specs.store import decode_spec
@@ -49,7 +50,8 @@ class GroupMembership:
                  session_timeout_ms: int, owner: Owner) -> None:
         self.spec_topic = spec_topic
         self.owner = owner
-        self.consumer = Consumer(self._config(kafka_config, group_id, worker_id, session_timeout_ms))
+        self.consumer = Consumer({**self._config(kafka_config, group_id, worker_id, session_timeout_ms),
+                                  **kafka_log_config()})
         self._loading: dict[int, tuple[int, dict[str, SubscriptionSpec]]] = {}  # partition -> (end, specs)
         self.assigned: set[int] = set()
         self._stop = threading.Event()

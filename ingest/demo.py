@@ -112,9 +112,12 @@ class RecentRecords:
     def _run(self) -> None:
         from confluent_kafka import Consumer
 
+        from ingest.kafka_logs import kafka_log_config
+
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"demo-view-{time.time_ns()}",
                              "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                             "isolation.level": "read_committed", "topic.metadata.refresh.interval.ms": 2000})
+                             "isolation.level": "read_committed", "topic.metadata.refresh.interval.ms": 2000,
+                             **kafka_log_config()})
         consumer.subscribe(self.topics)
         try:
             while not self._stop.is_set():

@@ -16,7 +16,10 @@ HTTP thread at every probe, so they must be cheap: they read state that the loop
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -185,13 +188,55 @@ class KafkaProbe:
             self._stop.wait(self._interval)
 
 
+REQUEST_DEADLINE_SECONDS = 10.0  # a client has this long, in total, to send its request and read the answer
+LISTEN_BACKLOG = 1024  # connections the kernel holds while the accept loop catches up (capped by somaxconn)
+
+
+class ListenError(Exception):
+    """The HTTP port cannot be opened; `setting` names what is at fault: "host" or "port"."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client connection must never keep the process alive
+    # The default backlog of 5 overflowed under a burst of 500 connections (kernel ListenOverflows,
+    # clients timing out), although each answer takes well under a millisecond.
+    request_queue_size = LISTEN_BACKLOG
     health: HealthServer
+    request_deadline: float
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's receiving side, with one deadline for all reads together.
+
+    A per-read timeout never cut off a client that sends one byte every few seconds; here every read
+    may only wait for what is left of the deadline, so a trickling client is dropped when it passes.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request deadline passed")
+        self._sock.settimeout(remaining)  # also bounds the answer's writes to a client that does not read
+        return self._sock.recv_into(buffer)
 
 
 class _Handler(BaseHTTPRequestHandler):
-    timeout = 10  # seconds a client may take to send its request
+    def setup(self) -> None:
+        super().setup()
+        deadline = time.monotonic() + cast(_Server, self.server).request_deadline
+        # A timeout on a read that passes the deadline ends the request (handle_one_request closes).
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
 
     def do_GET(self) -> None:
         health = cast(_Server, self.server).health
@@ -232,15 +277,18 @@ class _Handler(BaseHTTPRequestHandler):
 class HealthServer:
     """HTTP server for `/metrics`, `/healthz` and `/readyz`, in a daemon thread.
 
-    `port=0` binds a free port; `port` tells the actual one after `start()`.
+    `port=0` binds a free port; `port` tells the actual one after `start()`. Each connection is
+    served on its own thread and gets `request_deadline` seconds in total, then it is closed.
     """
 
-    def __init__(self, metrics: Metrics, host: str, port: int, *, liveness: Check, readiness: Check) -> None:
+    def __init__(self, metrics: Metrics, host: str, port: int, *, liveness: Check, readiness: Check,
+                 request_deadline: float = REQUEST_DEADLINE_SECONDS) -> None:
         self.metrics = metrics
         self.liveness = liveness
         self.readiness = readiness
         self._host = host
         self._port = port
+        self._request_deadline = request_deadline
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -251,13 +299,28 @@ class HealthServer:
     def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("HealthServer already started")
-        server = _Server((self._host, self._port), _Handler)
+        server = self._listen()
         server.health = self
+        server.request_deadline = self._request_deadline
         self._server = server
         self._port = server.server_address[1]
         self._thread = threading.Thread(target=server.serve_forever, name="health-http", daemon=True)
         self._thread.start()
         log.info("health.listening", host=self._host, port=self._port)
+
+    def _listen(self) -> _Server:
+        """Bind and listen; `ListenError` names the host or the port at fault, in one line."""
+        where = f"{self._host}:{self._port}"
+        try:
+            return _Server((self._host, self._port), _Handler)
+        except socket.gaierror as exc:
+            raise ListenError("host", f"cannot listen on {where}: {self._host!r} does not resolve "
+                                      f"({exc.strerror})") from None
+        except OSError as exc:
+            setting = "host" if exc.errno == errno.EADDRNOTAVAIL else "port"  # not an address of this machine
+            hint = " (another process listens there: a second worker needs its own port)" \
+                if exc.errno == errno.EADDRINUSE else ""
+            raise ListenError(setting, f"cannot listen on {where}: {exc.strerror or exc}{hint}") from None
 
     def stop(self) -> None:
         server, self._server = self._server, None

@@ -17,6 +17,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from ingest.kafka_logs import kafka_log_config
 from ingest.logs import get_logger
 from ingest.metrics import FamilyMetrics, Metrics
 from ingest.pipeline import BAD_BASE64, BAD_LENGTH, BAD_PADDING, SCHEMA_VIOLATION, Outcome
@@ -84,7 +85,7 @@ class KafkaSink:
 
     def __init__(self, producer_config: Mapping[str, str], metrics: Metrics) -> None:
         config = {**DEFAULT_PRODUCER_CONFIG, **producer_config, **REQUIRED_PRODUCER_CONFIG}
-        self._producer = Producer(config)
+        self._producer = Producer({**config, **kafka_log_config()})
         self._metrics = metrics
         self._families: dict[str, FamilyMetrics] = {}
         self._dead_letters: dict[tuple[str, str], tuple[Any, ...]] = {}

@@ -32,7 +32,9 @@ def _group_owners(config: Config, group: str) -> tuple[str, list[dict[str, Any]]
     """The group's state, its members and partition -> member."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient(dict(config.kafka))
+    from ingest.kafka_logs import kafka_log_config, serve_logs
+
+    admin = serve_logs(AdminClient({**config.kafka, **kafka_log_config()}))
     described = admin.describe_consumer_groups([group])[group].result(timeout=10)
     owners: dict[int, str] = {}
     members = []

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import textwrap
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -174,6 +178,9 @@ def test_env_overrides(tmp_path: Path) -> None:
         "INGEST__WORKER__ID": "w-7",
         "INGEST__KAFKA__SASL_PASSWORD": "123: not yaml",
         "INGEST__KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        # librdkafka refuses SASL_SSL with its default mechanism (GSSAPI), and PLAIN without a user name.
+        "INGEST__KAFKA__SASL_MECHANISMS": "PLAIN",
+        "INGEST__KAFKA__SASL_USERNAME": "ingest",
         "INGEST__TOPICS__ROUTING__MESSAGE_STORE": "rc.sms",
         "INGEST__RINGCENTRAL__PUBNUB_ORIGIN": "127.0.0.1:9999",
         "INGEST__RINGCENTRAL__PUBNUB_SSL": "false",
@@ -224,3 +231,104 @@ def test_ingest_run_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.Captur
     err = capsys.readouterr().err
     assert "worker.expires_in_seconds: must be at most 900" in err
     assert CLIENT_SECRET not in err and JWT not in err
+
+
+@pytest.mark.parametrize(("env", "key", "fragment"), [
+    # NaN passed every range check: the worker never renewed and its subscriptions expired.
+    ({"INGEST__WORKER__RENEWAL_MARGIN_SECONDS": ".nan"}, "worker.renewal_margin_seconds:", "finite number, got nan"),
+    ({"INGEST__WORKER__CHECKPOINT_INTERVAL_SECONDS": ".inf"}, "worker.checkpoint_interval_seconds:",
+     "finite number, got inf"),
+    ({"INGEST__WORKER__RENEWAL_JITTER_SECONDS": "1" + "0" * 400}, "worker.renewal_jitter_seconds:",
+     "an integer of 401 digits"),
+    ({"INGEST__WORKER__SHUTDOWN_TIMEOUT_SECONDS": "1.0e+300"}, "worker.shutdown_timeout_seconds:", "at most 3600"),
+    ({"INGEST__WORKER__SESSION_TIMEOUT_SECONDS": "86400"}, "worker.session_timeout_seconds:", "at most 3600"),
+    ({"INGEST__TOPICS__PARTITIONS": str(2**31)}, "topics.partitions:", "at most 2147483647"),
+    ({"INGEST__METRICS__PORT": "1" + "0" * 400}, "metrics.port:", "an integer of 401 digits"),
+    # librdkafka's own validation, at load time instead of a KafkaException traceback at start.
+    ({"INGEST__KAFKA__LINGER_MSX": "5"}, "kafka.linger.msx:", 'No such configuration property: "linger.msx"'),
+    ({"INGEST__KAFKA__LINGER_MS": "soon"}, "kafka.linger.ms:", "Invalid value"),
+    ({"INGEST__KAFKA__LINGER_MS": "nan"}, "kafka.linger.ms:", "finite number, got nan"),
+    ({"INGEST__KAFKA__ACKS": "some"}, "kafka.acks:", "Invalid value"),
+    ({"INGEST__KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "INGEST__KAFKA__SASL_MECHANISMS": "PLAIN"}, "kafka:",
+     "sasl.username and sasl.password must be set"),
+    ({"INGEST__KAFKA__SSL_CA_LOCATON": "/etc/ca.pem"}, "kafka.ssl.ca.locaton:", "No such configuration property"),
+    # Values and names that made Python itself raise.
+    ({"INGEST__METRICS__PORT": "1" * 5000}, "INGEST__METRICS__PORT:", "4300 digits"),
+    ({"INGEST__WORKER__ID": "[" * 5000 + "]" * 5000}, "INGEST__WORKER__ID:", "nested too deeply"),
+    ({"INGEST__ACCOUNTS__\u00b2__NAME": "x"}, "accounts:", "not a list index"),
+    ({"INGEST__ACCOUNTS__" + "1" * 5000 + "__NAME": "x"}, "accounts:", "not a list index"),
+])
+def test_bad_override_is_a_config_error_naming_the_key(tmp_path: Path, env: dict[str, str], key: str,
+                                                      fragment: str) -> None:
+    msg = error(tmp_path, env=env)
+    assert msg.startswith(key), msg
+    assert fragment in msg, msg
+    assert "\n" not in msg.strip() and len(msg) < 12_000
+
+
+def test_librdkafka_accepts_what_it_accepts(tmp_path: Path) -> None:
+    """The check refuses nothing librdkafka takes: a consumer property, a client id that reads "nan"."""
+    cfg = load(tmp_path, env={"INGEST__KAFKA__LINGER_MS": "5", "INGEST__KAFKA__GROUP_ID": "g",
+                              "INGEST__KAFKA__CLIENT_ID": "nan", "INGEST__KAFKA__SASL_PASSWORD": "Infinity"})
+    assert cfg.kafka["linger.ms"] == "5" and cfg.kafka["client.id"] == "nan"
+
+
+def _in_thread(call: Callable[[], object], seconds: float) -> BaseException | None:
+    """Run `call` in a daemon thread; the exception it raised, or fail if it is still running."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+@pytest.mark.parametrize("where", ["config", "secret"])
+def test_special_files_are_refused_at_once(tmp_path: Path, kind: str, where: str) -> None:
+    """A FIFO hung forever on open; /dev/zero was read until memory ran out."""
+    special = {"fifo": tmp_path / "fifo", "dev-zero": Path("/dev/zero"), "directory": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(special)
+    config = write(tmp_path, BASE.replace("client_secret_env: RC_SECRET", f"client_secret_file: {special}"))
+    try:
+        raised = _in_thread(lambda: load_config(special if where == "config" else config, ENV), 20)
+    finally:
+        if kind == "fifo":  # let a reader blocked in open() go
+            with contextlib.suppress(OSError):
+                os.close(os.open(special, os.O_WRONLY | os.O_NONBLOCK))
+    assert isinstance(raised, ConfigError), raised
+    expected = {"fifo": "a FIFO", "dev-zero": "a character device", "directory": "a directory"}[kind]
+    msg = str(raised)
+    assert msg.startswith(f"{special}: " if where == "config" else "ringcentral.client_secret_file:"), msg
+    assert f"not a regular file ({expected})" in msg
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (BASE.encode() + b"# caf\xe9\n", "not UTF-8 text (byte 0xe9"),
+    (BASE.encode() + b"x: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    (BASE.encode() + b"metrics:\n  port: " + b"1" * 5000 + b"\n", "4300 digits"),
+    (BASE.encode() + b"#" * (2 << 20), "larger than 1048576 bytes"),
+])
+def test_unreadable_config_file_is_a_config_error_naming_the_file(tmp_path: Path, content: bytes,
+                                                                  fragment: str) -> None:
+    path = tmp_path / "worker.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV)
+    assert str(info.value).startswith(f"{path}: "), info.value
+    assert fragment in str(info.value)
+
+
+def test_oversized_secret_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("s" * (65 << 10))
+    msg = error(tmp_path, BASE.replace("client_secret_env: RC_SECRET", "client_secret_file: secret.txt"))
+    assert msg.startswith("ringcentral.client_secret_file:") and "larger than 65536 bytes" in msg

@@ -5,9 +5,11 @@ Kafka reachability is checked against the real broker (and a closed port for "un
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -29,8 +31,9 @@ def serve() -> Iterator[Callable[..., HealthServer]]:
     """Start HealthServers on free ports; stop them all at the end of the test."""
     started: list[HealthServer] = []
 
-    def start(metrics: Metrics | None = None, **checks: Callable[[], tuple[bool, str]]) -> HealthServer:
-        server = HealthServer(metrics or Metrics(), "127.0.0.1", 0,
+    def start(metrics: Metrics | None = None, request_deadline: float = 10.0,
+              **checks: Callable[[], tuple[bool, str]]) -> HealthServer:
+        server = HealthServer(metrics or Metrics(), "127.0.0.1", 0, request_deadline=request_deadline,
                               liveness=checks.get("liveness", ok), readiness=checks.get("readiness", ok))
         server.start()
         started.append(server)
@@ -268,3 +271,71 @@ def test_kafka_probe_against_the_real_broker_and_a_dead_address(
         assert samples(get(server, "/metrics").text)[("ingest_kafka_up", frozenset())] == 0
     finally:
         dead.stop()
+
+
+BURST = 1_000  # concurrent connections: probes of every pod of a node plus scrapes, after a network blip
+
+
+async def _request(port: int, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await writer.drain()
+        return await reader.read()  # HTTP/1.0: the server closes after the answer
+    finally:
+        writer.close()
+
+
+async def _burst(port: int, count: int, timeout: float) -> list[bytes | BaseException]:
+    """`count` connections at once (a /metrics scrape among every ten /healthz probes)."""
+    async def one(i: int) -> bytes:
+        return await asyncio.wait_for(_request(port, "/metrics" if i % 10 == 0 else "/healthz"), timeout)
+    return await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+
+
+def _listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen backlog was full (TcpExt)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=True))["ListenOverflows"])
+    return 0
+
+
+def test_a_burst_of_1000_concurrent_connections_is_answered(serve: Callable[..., HealthServer]) -> None:
+    server = serve()
+    overflows = _listen_overflows()
+    started = time.monotonic()
+    answers = asyncio.run(_burst(server.port, BURST, timeout=15.0))
+    took = time.monotonic() - started
+    failed = [a for a in answers if not (isinstance(a, bytes) and a.startswith(b"HTTP/1.0 200 "))]
+    print(f"\n[health] {BURST} concurrent connections: {BURST - len(failed)} answered in {took:.1f} s, "
+          f"listen overflows +{_listen_overflows() - overflows} (machine-wide)")
+    assert failed == [], f"{len(failed)} of {BURST} not answered, e.g. {failed[:3]!r}"
+
+
+def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(serve: Callable[..., HealthServer]) -> None:
+    """One byte every 0.2 s: each read is quick, only a deadline for the whole request ends it."""
+    deadline = 1.0
+    server = serve(request_deadline=deadline)
+    request = b"GET /healthz HTTP/1.0\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"  # 45 s at this pace
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
+        started = time.monotonic()
+        closed_after = None
+        for byte in request:
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:  # reset: the server closed
+                closed_after = time.monotonic() - started
+                break
+            slow.settimeout(0.2)
+            try:
+                if slow.recv(1) == b"":  # orderly close
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                pass
+            assert time.monotonic() - started < deadline + 5.0, "the slow client is still connected"
+            assert get(server, "/healthz").status_code == 200  # others are served meanwhile
+        assert closed_after is not None and deadline <= closed_after < deadline + 5.0, closed_after
+        print(f"\n[health] trickling client cut off after {closed_after:.2f} s (deadline {deadline:g} s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -124,23 +125,46 @@ def test_restart_mid_stream_loses_nothing_and_reuses_subscriptions(
         second.stop(delete_subscriptions=True)
 
 
-@pytest.mark.parametrize(("mistake", "key"), [
-    ("worker:\n  renewal_margin_secnds: 10\n", "worker.renewal_margin_secnds"),  # wrong key
-    ("worker:\n  renewal_margin_seconds: soon\n", "worker.renewal_margin_seconds"),  # wrong type
-    ("topics:\n  partitions: [3]\n", "topics.partitions"),
-])
-def test_bad_config_exits_2_naming_the_key(tmp_path: Path, mistake: str, key: str) -> None:
+def _ingest_run(tmp_path: Path, extra: str) -> subprocess.CompletedProcess[str]:
+    """`ingest run` with a config whose Kafka and RingCentral are closed ports, plus `extra` YAML."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "kafka: {bootstrap.servers: 127.0.0.1:1}\n"
         "ringcentral: {server: http://127.0.0.1:1, client_id: app, client_secret_env: TEST_SECRET}\n"
         "accounts: [{name: acme, jwt_env: TEST_JWT,\n"
         "            subscriptions: [{name: m, event_filters: [/restapi/v1.0/account/~/extension/~/message-store]}]}]\n"
-        + mistake)
+        + extra)
     env = {**os.environ, "TEST_SECRET": "s3cr3t-value", "TEST_JWT": "jwt-value-123"}
-    proc = subprocess.run([sys.executable, "-m", "ingest", "run", "--config", str(bad)],
+    return subprocess.run([sys.executable, "-m", "ingest", "run", "--config", str(bad)],
                           capture_output=True, text=True, timeout=60, check=False, env=env)
+
+
+@pytest.mark.parametrize(("mistake", "key"), [
+    ("worker:\n  renewal_margin_secnds: 10\n", "worker.renewal_margin_secnds"),  # wrong key
+    ("worker:\n  renewal_margin_seconds: soon\n", "worker.renewal_margin_seconds"),  # wrong type
+    ("topics:\n  partitions: [3]\n", "topics.partitions"),
+    ("worker:\n  renewal_margin_seconds: .nan\n", "worker.renewal_margin_seconds"),  # was accepted: never renewed
+    ("kafka: {bootstrap.servers: 127.0.0.1:1, linger.msx: 5}\n", "kafka.linger.msx"),  # was a KafkaException
+])
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, mistake: str, key: str) -> None:
+    proc = _ingest_run(tmp_path, mistake)
     assert proc.returncode == 2, proc.stderr
     assert key in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "s3cr3t-value" not in proc.stderr and "jwt-value-123" not in proc.stderr
+
+
+@pytest.mark.parametrize(("metrics", "key", "reason"), [
+    ("{host: 127.0.0.1, port: TAKEN}", "metrics.port", "Address already in use"),  # a second worker on the host
+    ("{host: no-such-host.invalid, port: 0}", "metrics.host", "'no-such-host.invalid' does not resolve"),
+])
+def test_metrics_address_unusable_exits_2_naming_the_key(tmp_path: Path, metrics: str, key: str,
+                                                         reason: str) -> None:
+    with socket.socket() as taken:  # the first worker's port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = _ingest_run(tmp_path, "metrics: " + metrics.replace("TAKEN", str(taken.getsockname()[1])) + "\n")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("ingest: ")]
+    assert f"{key}: cannot listen on" in line and reason in line, line

@@ -86,10 +86,12 @@ def main(args: argparse.Namespace) -> int:
         return 0
     from confluent_kafka.admin import AdminClient
 
+    from ingest.kafka_logs import kafka_log_config, serve_logs
     from ingest.topics import COMPACTED, ensure_topics
 
-    ensure_topics(AdminClient(dict(config.kafka)), [topic], partitions=config.topics.spec_partitions,
-                  replication_factor=config.topics.replication_factor, config=COMPACTED)
+    ensure_topics(serve_logs(AdminClient({**config.kafka, **kafka_log_config()})), [topic],
+                  partitions=config.topics.spec_partitions, replication_factor=config.topics.replication_factor,
+                  config=COMPACTED)
     result = apply_specs(config.kafka, topic, config.topics.spec_partitions, specs, prune=not args.no_prune)
     print(f"{topic}: {len(result.added)} added, {len(result.updated)} updated, {len(result.removed)} removed, "
           f"{result.unchanged} unchanged")

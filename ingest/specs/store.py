@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from confluent_kafka import Producer
 
 from ingest.compacted import read_latest
+from ingest.kafka_logs import kafka_log_config
 from ingest.model import SubscriptionSpec
 from ingest.state import partition_for
 
@@ -54,7 +55,7 @@ def apply_specs(kafka_config: Mapping[str, str], topic: str, partitions: int, de
     """Make the spec topic say `desired`: write new and changed specs, tombstone the others (if `prune`)."""
     wanted = {s.spec_id: s for s in desired}
     plan = plan_specs(read_specs(kafka_config, topic), wanted, prune=prune)
-    producer = Producer({**kafka_config, "enable.idempotence": "true", "acks": "all"})
+    producer = Producer({**kafka_config, "enable.idempotence": "true", "acks": "all", **kafka_log_config()})
     for spec_id in plan.added + plan.updated:
         producer.produce(topic, encode_spec(wanted[spec_id]), spec_id.encode(),
                          partition=partition_for(spec_id, partitions))

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from ingest import logs
+from ingest.logs import redact
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +26,18 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"ingest: invalid configuration {args.config}: {exc}", file=sys.stderr)
-        return 2
+        return _invalid(args.config, str(exc))
     logs.configure(config.logging.level)
 
+    from confluent_kafka import KafkaException
+
+    from ingest.health import ListenError
     from ingest.worker.runtime import Worker, WorkerStopped, tune_gc
 
-    worker = Worker(config)
+    try:
+        worker = Worker(config)
+    except KafkaException as exc:  # librdkafka read a certificate or key it cannot use (config check: names only)
+        return _invalid(args.config, f"kafka: {exc.args[0].str() if exc.args else exc}")
     stop = threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -45,6 +51,8 @@ def main(args: argparse.Namespace) -> int:
     except WorkerStopped:
         worker.stop()
         return 0
+    except ListenError as exc:  # the first thing start() does: nothing else runs yet
+        return _invalid(args.config, f"metrics.{exc.setting}: {exc}")
     tune_gc()
     while not stop.wait(1.0):
         if worker.fatal_error:  # fenced by a newer owner: stop, let the orchestrator restart us
@@ -53,3 +61,9 @@ def main(args: argparse.Namespace) -> int:
     if worker.fatal_error:
         return 3
     return 0 if undelivered == 0 else 1
+
+
+def _invalid(path: Path, problem: str) -> int:
+    """One line naming the key at fault, exit status 2."""
+    print(f"ingest: invalid configuration {path}: {redact(problem)}", file=sys.stderr)
+    return 2

@@ -30,6 +30,7 @@ from ingest.catalogue import default_catalogue
 from ingest.config import Config
 from ingest.coordination import GroupMembership
 from ingest.health import HealthServer, Heartbeats
+from ingest.kafka_logs import kafka_log_config, serve_logs
 from ingest.logs import get_logger
 from ingest.metrics import Metrics, SpecMetrics
 from ingest.model import Delivery, SubscriptionSpec
@@ -187,7 +188,7 @@ class Worker:
 
     def _ensure_topics(self) -> None:
         cfg = self.config
-        admin = AdminClient(dict(cfg.kafka))
+        admin = serve_logs(AdminClient({**cfg.kafka, **kafka_log_config()}))
         partitions, replication = cfg.topics.partitions, cfg.topics.replication_factor
         # A short first timeout: an unreachable Kafka is reported (and retried) within seconds.
         ensure_topics(admin, self.topics.all_output_topics(), partitions=partitions, replication_factor=replication,

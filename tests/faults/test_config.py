@@ -6,6 +6,7 @@ never a secret); `ingest run --config BAD` exits 2 with that message and no trac
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 import tempfile
@@ -84,7 +85,9 @@ def mutated(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, str], list[str]]
             section = draw(st.sampled_from(["worker", "topics", "metrics", "logging", "kafka", "ringcentral"]))
             key = draw(st.one_of(key_names, st.sampled_from(sorted(VALID.get(section) or {"x": 0}))))
             var = f"INGEST__{section.upper()}__{key.upper().replace('.', '_')}"
-            env[var] = draw(st.one_of(st.text(max_size=10), st.sampled_from(["1", "-5", "true", "[a]", "{}", ""])))
+            env[var] = draw(st.one_of(st.text(max_size=10), st.sampled_from(["1", "-5", "true", "[a]", "{}", "",
+                                                                            ".nan", ".inf", "-.inf", "nan", "inf",
+                                                                            "1" * 5000, "[" * 3000 + "]" * 3000])))
             touched.append(section)
             continue
         path = draw(st.sampled_from(candidates))
@@ -158,11 +161,15 @@ def test_mutated_config_is_accepted_or_a_config_error_naming_a_key(
     with tempfile.TemporaryDirectory() as tmp:
         path = _write(Path(tmp), doc)
         try:
-            load_config(path, env)
+            config = load_config(path, env)
             event("accepted")
         except ConfigError as exc:
             event("ConfigError")
             _check(str(exc), path, doc, env)
+        else:  # every accepted number is a finite one (a NaN renewal margin never renewed)
+            numbers = [v for section in (config.worker, config.topics, config.metrics)
+                       for v in vars(section).values() if isinstance(v, int | float) and not isinstance(v, bool)]
+            assert all(math.isfinite(v) for v in numbers), config
 
 
 @settings(max_examples=400, deadline=None)

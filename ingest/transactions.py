@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 from ingest.logs import get_logger
 from ingest.metrics import Metrics
 from ingest.pipeline import Outcome
-from ingest.sink import KafkaSink, SpecProgress, _InFlight
+from ingest.sink import REQUIRED_PRODUCER_CONFIG, KafkaSink, SpecProgress, _InFlight
 from ingest.transport import Cursor
 
 log = get_logger(__name__)
@@ -36,6 +36,11 @@ class TransactionFailed(Exception):
 
 
 class TransactionalSink(KafkaSink):
+    # librdkafka bounds a transactional record's life by `transaction.timeout.ms` (its default
+    # `message.timeout.ms`); a record that fails dooms its transaction, which is aborted and read
+    # again from PubNub, so read_committed consumers see each partition in order regardless.
+    required_config = REQUIRED_PRODUCER_CONFIG
+
     def __init__(self, producer_config: Mapping[str, str], metrics: Metrics, transactional_id: str,
                  timeout: float = 30.0) -> None:
         # A crashed worker's open transaction blocks read_committed consumers of its partitions until
@@ -65,21 +70,20 @@ class TransactionalSink(KafkaSink):
             self._produce(_InFlight(self, progress, outcome, timetoken, received_at))
             progress.produced_tt = timetoken
 
-    def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
+    def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None,
+                    *, wait: float | None = None) -> bool:
         """State records and tombstones go into the open transaction, never between two of them."""
         with self.lock:
-            super().produce_raw(topic, key, value, partition)
+            return super().produce_raw(topic, key, value, partition, wait=wait)
 
     def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
+        # Inside a delivery callback (or produce): only record, never call the producer.
         if err.code() == KafkaError._PURGE_QUEUE:
             return  # a record of a transaction we aborted ourselves: already being read again
         # Inside a transaction a failed record dooms the transaction: it is aborted at the next
         # commit and its notifications are read again from PubNub (see Worker._rewind).
         self._failed = err.name()
         self._metrics.delivery_errors.labels(err.name()).inc()
-
-    # A record the producer refused dooms the transaction just the same (no retry inside it).
-    _on_refused = _delivery_failed
 
     def commit(self, consumer: Consumer | None) -> None:
         """Commit the open transaction and open the next (the caller holds `lock`, checkpoints written).

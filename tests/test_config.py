@@ -224,3 +224,15 @@ def test_ingest_run_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.Captur
     err = capsys.readouterr().err
     assert "worker.expires_in_seconds: must be at most 900" in err
     assert CLIENT_SECRET not in err and JWT not in err
+
+
+@pytest.mark.parametrize("key", ["message.timeout.ms", "delivery.timeout.ms"])
+def test_a_message_timeout_is_refused_for_at_least_once(tmp_path: Path, key: str) -> None:
+    # A record that times out could only be produced again behind newer records (order lost).
+    with_timeout = BASE.replace("  bootstrap.servers: 127.0.0.1:9092", f"  bootstrap.servers: 127.0.0.1:9092\n"
+                                f"  {key}: 300000")
+    msg = error(tmp_path, with_timeout)
+    assert msg.startswith(f"kafka.{key}: must not be set with worker.delivery_guarantee at-least-once"), msg
+    assert load(tmp_path, with_timeout.replace("300000", "0")).kafka[key] == "0"  # infinite: what is enforced
+    exactly_once = load(tmp_path, with_timeout + "worker:\n  delivery_guarantee: exactly-once\n")
+    assert exactly_once.kafka[key] == "300000"  # bounded by transaction.timeout.ms, librdkafka checks it

@@ -49,6 +49,9 @@ _T = TypeVar("_T")
 KAFKA_CHECK_INTERVAL = 5.0
 STARTUP_KAFKA_TIMEOUT = 10.0
 STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often (liveness, expiry)
+# The longest one pass of the checkpoint loop waits for room in a full producer queue (Kafka down or
+# slow): the loop feeds the liveness heartbeat, so checkpoints that cannot be queued wait for the next pass.
+CHECKPOINT_QUEUE_WAIT = 1.0
 # A subscription that is live but whose renewal is failing still delivers until it expires.
 NOT_READY_STATES = frozenset({"pending", "failed"})
 
@@ -459,31 +462,39 @@ class Worker:
 
     def _write_checkpoints(self) -> None:
         now = time.monotonic()
-        for spec_id, progress in self._progress_snapshot():
-            if self._state_due(spec_id, progress.acked_tt, progress, now):
-                self._write_state(spec_id)
+        due = [spec_id for spec_id, progress in self._progress_snapshot()
+               if self._state_due(spec_id, progress.acked_tt, progress, now)]
+        deadline = now + CHECKPOINT_QUEUE_WAIT
+        for written, spec_id in enumerate(due):
+            if not self._write_state(spec_id, wait=max(0.0, deadline - time.monotonic())):
+                # The producer's queue is full: these stay due (their checkpoints did not move).
+                self.metrics.checkpoints_deferred.inc(len(due) - written)
+                return
 
     def _state_due(self, spec_id: str, timetoken: int, progress: SpecProgress, now: float) -> bool:
         """A state record is due when the checkpoint would move, or to refresh the recorded expiry."""
         stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
         return timetoken > progress.checkpointed_tt or stale
 
-    def _write_state(self, spec_id: str, timetoken: int | None = None) -> None:
-        """Write the spec's state record; the checkpoint is the acked watermark unless given."""
+    def _write_state(self, spec_id: str, timetoken: int | None = None, *, wait: float | None = None) -> bool:
+        """Write the spec's state record; the checkpoint is the acked watermark unless given.
+        False if the producer's queue stayed full for `wait` seconds (None: wait for room)."""
         delivery, progress = self._deliveries.get(spec_id), self._progress.get(spec_id)
         if delivery is None or progress is None:
-            return
+            return True
         tt = progress.acked_tt if timetoken is None else timetoken
         tt = max(tt, progress.checkpointed_tt)
         # The delivery is announced only when it changes; plain renewals move the expiry recorded here.
         expires_at = self.metrics.subscription_expiry.get(spec_id) or delivery.expires_at
         state = SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
                           delivery.channel, tt, time.time(), self.worker_id, expires_at)
-        self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
-                              partition_for(spec_id, self.spec_partitions))
+        if not self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                                     partition_for(spec_id, self.spec_partitions), wait=wait):
+            return False
         progress.checkpointed_tt = tt
         self._last_state[spec_id] = time.monotonic()
         self.metrics.checkpoints.inc()
+        return True
 
     def _commit(self, consumer: Consumer | None, force: bool = False) -> None:
         """Exactly-once: checkpoints into the open transaction, then commit it (every interval)."""

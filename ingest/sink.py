@@ -165,17 +165,8 @@ class KafkaSink:
 
     def _produce(self, entry: _InFlight) -> None:
         """Intake: produce, waiting while the local queue is full (Kafka slow or down: back-pressure)."""
-        o = entry.outcome
-        while True:
-            try:
-                self._producer.produce(o.topic, o.value, o.key, headers=o.headers,  # type: ignore[arg-type]
-                                       on_delivery=entry)
-                return
-            except BufferError:
-                self._producer.poll(0.1)  # callbacks only record, so serving them here is safe
-            except KafkaException as exc:  # refused outright (e.g. its topic was deleted): never drop
-                self._delivery_failed(entry, exc.args[0])
-                return
+        while self._try_produce(entry) is None:
+            self._producer.poll(0.1)  # callbacks only record, so serving them here is safe
 
     def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
         """Record a failed or refused record (possibly inside a delivery callback: nothing more)."""
@@ -235,8 +226,8 @@ class KafkaSink:
         return True
 
     def _try_produce(self, entry: _InFlight) -> bool | None:
-        """Delivery thread: produce once, never wait. True: queued; None: the queue is full (it stays
-        waiting); False: refused (recorded as failed)."""
+        """Produce once, never wait. True: queued; None: the queue is full (it stays waiting); False:
+        refused outright, e.g. its topic was deleted (recorded as failed: never dropped)."""
         o = entry.outcome
         try:
             self._producer.produce(o.topic, o.value, o.key, headers=o.headers,  # type: ignore[arg-type]

@@ -497,27 +497,57 @@ class Worker:
         return True
 
     def _commit(self, consumer: Consumer | None, force: bool = False) -> None:
-        """Exactly-once: checkpoints into the open transaction, then commit it (every interval)."""
+        """Exactly-once: checkpoints into the open transaction, then commit it (every interval).
+
+        On the checkpoint loop (standalone, not forced) nothing waits on Kafka for long, as the loop
+        feeds the liveness heartbeat: when a checkpoint cannot be queued within CHECKPOINT_QUEUE_WAIT
+        the commit waits for the next pass, and a commit Kafka does not answer is made again every few
+        seconds, the heartbeat beating in between (`_waiting_on_kafka`)."""
         now = time.monotonic()
         if not force and (now < self._next_commit or self.fatal_error):
             return
         self._next_commit = now + self.config.worker.checkpoint_interval_seconds
         sink = self.sink
         assert isinstance(sink, TransactionalSink)
+        on_loop = consumer is None and not force
+        deadline = now + CHECKPOINT_QUEUE_WAIT
         with sink.lock:
             committed_before: dict[str, int] = {}  # checkpoints as they stood before this transaction
             for spec_id, progress in self._progress_snapshot():
                 if self._state_due(spec_id, progress.produced_tt, progress, now):
-                    committed_before[spec_id] = progress.checkpointed_tt
-                    self._write_state(spec_id, progress.produced_tt)
+                    before = progress.checkpointed_tt
+                    wait = max(0.0, deadline - time.monotonic()) if on_loop else None
+                    if not self._write_state(spec_id, progress.produced_tt, wait=wait):
+                        self._defer_commit(committed_before)
+                        return
+                    committed_before[spec_id] = before
             try:
-                sink.commit(consumer)
+                sink.commit(consumer, self._waiting_on_kafka if on_loop else None)
             except TransactionFailed as exc:
                 self._rewind(committed_before)
                 if exc.fatal:
                     self.fatal_error = f"transaction fenced: {exc}"
                     log.error("worker.fenced", error=str(exc))
                     self.transport.stop()
+
+    def _defer_commit(self, written: dict[str, int]) -> None:
+        """The producer's queue is full: commit at the next pass. The checkpoints written into the
+        transaction in this pass count as unwritten, so the next pass writes them again (newer)."""
+        self.metrics.checkpoints_deferred.inc()
+        self._next_commit = 0.0
+        for spec_id, before in written.items():
+            progress = self._progress.get(spec_id)
+            if progress is not None:
+                progress.checkpointed_tt = before
+            self._last_state.pop(spec_id, None)
+
+    def _waiting_on_kafka(self) -> bool:
+        """A transaction call on the checkpoint loop timed out (Kafka down or slow): the loop is alive,
+        so it beats its heartbeat; it calls again unless the worker is stopping. Kafka counts as
+        unreachable meanwhile (the loop's own check waits for the commit)."""
+        self.heartbeats.beat("checkpoint")
+        self._kafka_reachable(False)
+        return not self._stop.is_set()
 
     def _rewind(self, committed_before: dict[str, int]) -> None:
         """An aborted transaction hid what it held: read those notifications again from PubNub."""
@@ -539,6 +569,9 @@ class Worker:
             ok = True
         except Exception:
             ok = False
+        self._kafka_reachable(ok)
+
+    def _kafka_reachable(self, ok: bool) -> None:
         if ok != self._kafka_ok:
             log.warning("kafka.reachability_changed", reachable=ok)
         self._kafka_ok = ok

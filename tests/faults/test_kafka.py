@@ -6,6 +6,7 @@ lost, timetokens of each spec strictly increasing in each partition, `/healthz` 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,18 @@ def own_broker() -> Iterator[LocalKafka]:
         yield broker
 
 
+@contextlib.contextmanager
+def _broker_down(broker: LocalKafka) -> Iterator[float]:
+    """The broker stopped for the block (yields when); started again at its end, also when the block
+    fails, so that the worker stops with Kafka up and the next test finds its broker."""
+    stopped = time.monotonic()
+    broker.stop()
+    try:
+        yield stopped
+    finally:
+        broker.start()
+
+
 def _kafka_up(s: Scenario) -> float:
     return float(s.worker.metrics.kafka_up._value.get())
 
@@ -50,12 +63,10 @@ def _outage(s: Scenario, broker: LocalKafka, seconds_of_traffic: int) -> tuple[f
     """Stop the broker under steady traffic, keep publishing, restart it; returns (outage s, recovery s)."""
     s.traffic()
     s.wait_traffic(40)
-    stopped = time.monotonic()
-    broker.stop()
-    # The worker notices (readiness) while PubNub keeps delivering into the producer's queue.
-    wait_for(lambda: _kafka_up(s) == 0, 20, what="the worker to see Kafka down")
-    s.wait_traffic(int(seconds_of_traffic * 20))
-    broker.start()
+    with _broker_down(broker) as stopped:
+        # The worker notices (readiness) while PubNub keeps delivering into the producer's queue.
+        wait_for(lambda: _kafka_up(s) == 0, 20, what="the worker to see Kafka down")
+        s.wait_traffic(int(seconds_of_traffic * 20))
     outage = time.monotonic() - stopped
     recovery = s.probe(timeout=90)
     wait_for(lambda: _kafka_up(s) == 1, 20, what="the worker to see Kafka back")
@@ -104,17 +115,15 @@ def test_kafka_outage_with_a_full_producer_queue_keeps_liveness(
             LivenessWatch(lambda: s.worker.health.port) as liveness:
         s.traffic()
         s.wait_traffic(40)
-        stopped = time.monotonic()
-        own_broker.stop()
-        queue = s.worker.metrics.producer_queue
-        wait_for(lambda: queue._value.get() >= SMALL_QUEUE, 60, what="the producer queue to fill up")
-        full = time.monotonic()
-        # Long enough for every spec's state record to fall due (refreshed every STATE_REFRESH_SECONDS
-        # even when its checkpoint stands still), then the loop's allowed silence (10 s) and more.
-        seconds = STATE_REFRESH_SECONDS + 15
-        s.wait_traffic(int(seconds * RATE), timeout=seconds * 3)
-        held = time.monotonic() - full
-        own_broker.start()
+        with _broker_down(own_broker) as stopped:
+            queue = s.worker.metrics.producer_queue
+            wait_for(lambda: queue._value.get() >= SMALL_QUEUE, 60, what="the producer queue to fill up")
+            full = time.monotonic()
+            # Long enough for every spec's state record to fall due (refreshed every STATE_REFRESH_SECONDS
+            # even when its checkpoint stands still), then the loop's allowed silence (10 s) and more.
+            seconds = STATE_REFRESH_SECONDS + 15
+            s.wait_traffic(int(seconds * RATE), timeout=seconds * 3)
+            held = time.monotonic() - full
         outage = time.monotonic() - stopped
         recovery = s.probe(timeout=90)
         deferred = s.worker.metrics.registry.get_sample_value("ingest_checkpoints_deferred_total")
@@ -186,3 +195,31 @@ def test_permanent_delivery_errors_hold_the_spec_in_order_without_crashing(
                 reader.close()
             if worker.proc.poll() is None:
                 worker.kill()
+
+
+def test_exactly_once_outage_keeps_liveness_and_order(
+        own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
+    # The standalone exactly-once worker commits on its checkpoint loop, which feeds the liveness
+    # heartbeat; commits wait on Kafka (up to 30 s each) for as long as it is down. The outage outlasts
+    # the commit timeout: the worker must neither fail liveness nor give up (fenced) nor lose order.
+    with scenario(tmp_path, own_broker.bootstrap_servers, unique_name,
+                  worker={"delivery_guarantee": "exactly-once"}) as s, \
+            LivenessWatch(lambda: s.worker.health.port) as liveness:
+        s.traffic()
+        s.wait_traffic(40)
+        with _broker_down(own_broker) as stopped:
+            seconds = 45  # longer than a commit's 30-s timeout plus the loop's allowed silence (10 s)
+            s.wait_traffic(int(seconds * RATE), timeout=seconds * 3)
+            assert not liveness.failures, liveness.failures[:3]
+            assert s.worker.fatal_error is None, s.worker.fatal_error
+            assert _kafka_up(s) == 0, "the worker did not see Kafka down"
+        outage = time.monotonic() - stopped
+        recovery = s.probe(timeout=120)
+        s.wait_traffic(40)
+        s.verify("exactly-once, kafka outage past the commit timeout")
+        wrong = s.out_of_order()
+        assert not wrong, (len(wrong), wrong[:5])
+        assert s.worker.fatal_error is None, s.worker.fatal_error
+        assert not liveness.failures, liveness.failures[:3]
+        print(f"outage {outage:.1f}s, /healthz 200 in {liveness.polls} polls, 0 out of order, "
+              f"probe delivered {recovery:.1f}s after the restart")

@@ -43,6 +43,7 @@ REQUIRED_PRODUCER_CONFIG = {"enable.idempotence": "true", "acks": "all"}
 # `delivery.timeout.ms` is the same property under another name.
 NEVER_TIME_OUT = {"message.timeout.ms": "0"}
 DEFAULT_PRODUCER_CONFIG = {"linger.ms": "5", "compression.type": "lz4", "statistics.interval.ms": "0"}
+DEFAULT_QUEUE_MESSAGES = 100_000  # librdkafka's queue.buffering.max.messages
 # During an outage every queued record fails its delivery (and fails again after each re-produce):
 # one log line per failure would flood the logs. The metric counts each; the log speaks this often.
 DELIVERY_FAILURE_LOG_INTERVAL = 10.0
@@ -121,6 +122,10 @@ class KafkaSink:
         self._acked: deque[_InFlight] = deque()  # acknowledged, not yet accounted for
         self._failures: deque[tuple[_InFlight, KafkaError]] = deque()  # failed or refused, not yet held
         self._held: set[SpecProgress] = set()  # specs with waiting records (delivery thread only)
+        # Records waiting in held specs, bounded like the producer's own queue: past it, intake waits.
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+        self._max_waiting = int(config.get("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES))
         self._settle_lock = threading.Lock()
         self.acknowledged = 0  # records acknowledged and accounted for since start
 
@@ -155,13 +160,24 @@ class KafkaSink:
         self._produce(entry)
 
     def _wait_behind_held(self, entry: _InFlight, progress: SpecProgress) -> bool:
-        """Queue the entry behind its spec's held records; False if the hold was just lifted."""
+        """Queue the entry behind its spec's held records; False if the hold was just lifted. While
+        as many records wait as the producer's queue holds, intake waits (back-pressure, as on a full
+        queue) instead of growing memory without bound."""
+        while progress.held and self._waiting >= self._max_waiting:
+            if self._stop.wait(0.05):
+                break
         with progress._lock:  # the delivery thread lifts a hold under this lock
             if not progress.held:
                 return False
-            entry.waiting = True
+            self._mark_waiting(entry, True)
             progress.pending.append(entry)
             return True
+
+    def _mark_waiting(self, entry: _InFlight, waiting: bool) -> None:
+        if entry.waiting != waiting:
+            entry.waiting = waiting
+            with self._waiting_lock:
+                self._waiting += 1 if waiting else -1
 
     def _produce(self, entry: _InFlight) -> None:
         """Intake: produce, waiting while the local queue is full (Kafka slow or down: back-pressure)."""
@@ -188,7 +204,7 @@ class KafkaSink:
         for _ in range(len(failed)):
             entry, err = failed.popleft()
             self._count_failure(entry, err)
-            entry.waiting = True
+            self._mark_waiting(entry, True)
             touched.add(entry.progress)
         for progress in touched:
             with progress._lock:
@@ -236,9 +252,9 @@ class KafkaSink:
             return None
         except KafkaException as exc:
             self._delivery_failed(entry, exc.args[0])
-            entry.waiting = False
+            self._mark_waiting(entry, False)
             return False
-        entry.waiting = False
+        self._mark_waiting(entry, False)
         return True
 
     def _settle(self) -> None:

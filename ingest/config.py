@@ -496,7 +496,7 @@ class _Validator:
     def config(self) -> Config:
         top = self.mapping(self.raw, "<top>", ("kafka", "topics", "ringcentral", "accounts", "worker", "metrics",
                                                "logging"))
-        return Config(
+        config = Config(
             kafka=self.kafka(top.get("kafka")),
             topics=self.topics(top.get("topics")),
             ringcentral=self.ringcentral(top.get("ringcentral")),
@@ -505,6 +505,18 @@ class _Validator:
             metrics=self.metrics(top.get("metrics")),
             logging=self.logging(top.get("logging")),
         )
+        if config.worker.delivery_guarantee == "at-least-once":
+            self.no_message_timeout(config.kafka)
+        return config
+
+    def no_message_timeout(self, kafka: dict[str, str]) -> None:
+        """At-least-once records never time out (ingest/sink.py: a record produced again after a
+        timeout lands behind newer ones), so a timeout other than 0 (infinite) is refused."""
+        for key in ("message.timeout.ms", "delivery.timeout.ms"):
+            if key in kafka and kafka[key].strip() != "0":
+                raise self.fail(f"kafka.{key}", "must not be set with worker.delivery_guarantee at-least-once: "
+                                "records never time out, so that order per spec holds through any Kafka outage "
+                                "(docs/records.md)")
 
     def kafka(self, raw: Any) -> dict[str, str]:
         if raw is None:

@@ -152,6 +152,9 @@ class Metrics:
             registry=r)
         self.checkpoints = Counter(
             "ingest_checkpoints_total", "Checkpoint records written to the state topic.", registry=r)
+        self.checkpoints_deferred = Counter(
+            "ingest_checkpoints_deferred_total",
+            "Checkpoints left for the next pass because the producer's queue was full.", registry=r)
         self.kafka_up = Gauge("ingest_kafka_up", "1 when the Kafka cluster answered the last check.", registry=r)
 
         # Control plane

@@ -2,8 +2,18 @@
 
 At-least-once hinges on one rule: a spec's checkpoint only moves over timetokens whose records Kafka
 has acknowledged. Each produced record carries its own in-flight entry (the delivery callback), kept
-in arrival order per spec; the watermark advances over the acknowledged prefix. A record whose
-delivery fails is produced again, never dropped.
+in arrival order per spec; the watermark advances over the acknowledged prefix.
+
+Order per spec: the producer never times a record out (`message.timeout.ms=0`), so through an outage
+of any length the idempotent producer delivers each partition in the order it was given, while a
+full local queue makes intake wait. What still fails is permanent (record too large, authorization,
+topic gone): the spec is then held. Its failed records and every newer one wait in the sink, in
+order; the delivery thread retries the oldest alone every `RETRY_INTERVAL`, and once Kafka takes it,
+produces the rest in order. Nothing is dropped, and no checkpoint passes a held record.
+
+Delivery callbacks run inside librdkafka's poll: they only record the outcome. Producing or polling
+from inside one re-enters the client (RecursionError, then librdkafka's CallState assertion aborts
+the process), so all re-producing happens on the delivery thread.
 """
 
 from __future__ import annotations
@@ -29,10 +39,17 @@ log = get_logger(__name__)
 _DECRYPT_REASONS = frozenset({BAD_BASE64, BAD_LENGTH, BAD_PADDING})
 
 REQUIRED_PRODUCER_CONFIG = {"enable.idempotence": "true", "acks": "all"}
+# At-least-once: a record that timed out could only be produced again behind newer records (order
+# lost), so records never time out; intake waits on the full queue instead (back-pressure).
+# `delivery.timeout.ms` is the same property under another name.
+NEVER_TIME_OUT = {"message.timeout.ms": "0"}
 DEFAULT_PRODUCER_CONFIG = {"linger.ms": "5", "compression.type": "lz4", "statistics.interval.ms": "0"}
+DEFAULT_QUEUE_MESSAGES = 100_000  # librdkafka's queue.buffering.max.messages
 # During an outage every queued record fails its delivery (and fails again after each re-produce):
 # one log line per failure would flood the logs. The metric counts each; the log speaks this often.
 DELIVERY_FAILURE_LOG_INTERVAL = 10.0
+# A held spec's oldest record is tried again this often (a permanent error would otherwise spin).
+RETRY_INTERVAL = 1.0
 
 
 @dataclass(eq=False)  # identity: settling collects the progresses a batch of deliveries touched
@@ -45,12 +62,16 @@ class SpecProgress:
     produced_tt: int = 0  # exactly-once: newest timetoken produced into the open transaction
     released: bool = False  # handed to another worker: nothing more may be produced for it
     pending: deque[_InFlight] = field(default_factory=deque)
+    # A record failed for good: newer records wait behind it (entry.waiting) until the delivery
+    # thread has produced them all again, in order. Set and cleared under `_lock`.
+    held: bool = False
+    probe: _InFlight | None = None  # the oldest waiting record, tried alone while Kafka refuses it
+    retry_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def advance(self) -> None:
-        # Delivery reports are served by whichever thread polls the producer (the delivery thread,
-        # or the intake thread while it waits on a full queue), so popping is serialised. Appends
-        # need no lock: deque ends are thread-safe.
+        # The delivery thread pops while the worker's final flush settles too, so popping is
+        # serialised. Appends need no lock: deque ends are thread-safe.
         with self._lock:
             pending = self.pending
             while pending and pending[0].done:
@@ -60,7 +81,7 @@ class SpecProgress:
 class _InFlight:
     """One produced record, and its own delivery callback (so no lookup on acknowledgement)."""
 
-    __slots__ = ("done", "outcome", "progress", "received_at", "sink", "timetoken")
+    __slots__ = ("done", "outcome", "progress", "received_at", "sink", "timetoken", "waiting")
 
     def __init__(self, sink: KafkaSink, progress: SpecProgress, outcome: Outcome, timetoken: int,
                  received_at: float) -> None:
@@ -70,10 +91,12 @@ class _InFlight:
         self.timetoken = timetoken
         self.received_at = received_at
         self.done = False
+        self.waiting = False  # held in the sink, not in the producer: the delivery thread produces it
 
     def __call__(self, err: KafkaError | None, _msg: Any) -> None:
-        # Called once per record: only queue it; `KafkaSink._settle` accounts for acknowledged
-        # records a poll's worth at a time (per record, metrics cost more than the produce).
+        # Called once per record, inside librdkafka's poll: only record the outcome. `_settle`
+        # accounts for acknowledged records a poll's worth at a time (per record, metrics cost more
+        # than the produce); the delivery thread deals with failures.
         if err is None:
             self.sink._acked.append(self)
         else:
@@ -81,10 +104,12 @@ class _InFlight:
 
 
 class KafkaSink:
-    """Produces pipeline outcomes; a background thread serves delivery reports."""
+    """Produces pipeline outcomes; a background thread serves delivery reports and retries."""
+
+    required_config = {**REQUIRED_PRODUCER_CONFIG, **NEVER_TIME_OUT}
 
     def __init__(self, producer_config: Mapping[str, str], metrics: Metrics) -> None:
-        config = {**DEFAULT_PRODUCER_CONFIG, **producer_config, **REQUIRED_PRODUCER_CONFIG}
+        config = {**DEFAULT_PRODUCER_CONFIG, **producer_config, **self.required_config}
         self._producer = Producer({**config, **kafka_log_config()})
         self._metrics = metrics
         self._families: dict[str, FamilyMetrics] = {}
@@ -96,7 +121,12 @@ class KafkaSink:
         self._failure_log_due = 0.0
         self._failures_unlogged = 0
         self._acked: deque[_InFlight] = deque()  # acknowledged, not yet accounted for
-        self._refused: deque[_InFlight] = deque()  # produce() refused them: retried by the delivery thread
+        self._failures: deque[tuple[_InFlight, KafkaError]] = deque()  # failed or refused, not yet held
+        self._held: set[SpecProgress] = set()  # specs with waiting records (delivery thread only)
+        # Records waiting in held specs, bounded like the producer's own queue: past it, intake waits.
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+        self._max_waiting = int(config.get("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES))
         self._settle_lock = threading.Lock()
         self.acknowledged = 0  # records acknowledged and accounted for since start
 
@@ -114,7 +144,8 @@ class KafkaSink:
             try:
                 producer.poll(0.05)
                 self._settle()
-                self._retry_refused()
+                self._hold_failed()
+                self._retry_held()
             except Exception:  # this thread must outlive any one bad report
                 log.error("kafka.delivery_thread_error", exc_info=True)
             queue_gauge.set(len(producer))
@@ -124,42 +155,108 @@ class KafkaSink:
         """Produce one outcome. `cursor`/`epoch`: the channel's read position when the notification was
         read (only the exactly-once sink, which rewinds channels, looks at them)."""
         entry = _InFlight(self, progress, outcome, timetoken, received_at)
+        if progress.held and self._wait_behind_held(entry, progress):
+            return
         progress.pending.append(entry)
         self._produce(entry)
 
+    def _wait_behind_held(self, entry: _InFlight, progress: SpecProgress) -> bool:
+        """Queue the entry behind its spec's held records; False if the hold was just lifted. While
+        as many records wait as the producer's queue holds, intake waits (back-pressure, as on a full
+        queue) instead of growing memory without bound."""
+        while progress.held and self._waiting >= self._max_waiting:
+            if self._stop.wait(0.05):
+                break
+        with progress._lock:  # the delivery thread lifts a hold under this lock
+            if not progress.held:
+                return False
+            self._mark_waiting(entry, True)
+            progress.pending.append(entry)
+            return True
+
+    def _mark_waiting(self, entry: _InFlight, waiting: bool) -> None:
+        if entry.waiting != waiting:
+            entry.waiting = waiting
+            with self._waiting_lock:
+                self._waiting += 1 if waiting else -1
+
     def _produce(self, entry: _InFlight) -> None:
-        o = entry.outcome
-        while True:
-            try:
-                self._producer.produce(o.topic, o.value, o.key, headers=o.headers,  # type: ignore[arg-type]
-                                       on_delivery=entry)
-                return
-            except BufferError:
-                # The local queue is full (Kafka slow or down): wait for deliveries, keep the message.
-                self._producer.poll(0.1)
-            except KafkaException as exc:  # refused outright (e.g. its topic was deleted): never drop
-                self._on_refused(entry, exc.args[0])
-                return
+        """Intake: produce, waiting while the local queue is full (Kafka slow or down: back-pressure)."""
+        while self._try_produce(entry) is None:
+            self._producer.poll(0.1)  # callbacks only record, so serving them here is safe
+
+    def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
+        """Record a failed or refused record (possibly inside a delivery callback: nothing more)."""
+        self._failures.append((entry, err))
 
     def _count_failure(self, entry: _InFlight, err: KafkaError) -> None:
         self.last_error = err.name()
         self._metrics.delivery_errors.labels(err.name()).inc()
         self._log_failure(err, entry.outcome.topic)
 
-    def _on_refused(self, entry: _InFlight, err: KafkaError) -> None:
-        """Count and log it, and let the delivery thread try again (it stays unacknowledged until then,
-        so no checkpoint passes it)."""
-        self._count_failure(entry, err)
-        self._refused.append(entry)
+    def _hold_failed(self) -> None:
+        """Delivery thread: hold the specs of the records that failed; they wait in the sink, in
+        order, unacknowledged (so no checkpoint passes them), and are retried by `_retry_held`."""
+        failed = self._failures
+        if not failed:
+            return
+        touched: set[SpecProgress] = set()
+        retry_at = time.monotonic() + RETRY_INTERVAL
+        for _ in range(len(failed)):
+            entry, err = failed.popleft()
+            self._count_failure(entry, err)
+            self._mark_waiting(entry, True)
+            touched.add(entry.progress)
+        for progress in touched:
+            with progress._lock:
+                progress.held = True
+                progress.retry_at = retry_at
+                if progress.probe is None or progress.probe.done:
+                    progress.probe = next(e for e in list(progress.pending) if e.waiting)
+            self._held.add(progress)
 
-    def _retry_refused(self) -> None:
-        refused = self._refused
-        for _ in range(len(refused)):
-            self._produce(refused.popleft())
+    def _retry_held(self) -> None:
+        now = time.monotonic()
+        for progress in list(self._held):
+            released = self._retry_spec(progress, now)
+            if released is None:
+                return  # the local queue is full: try again after the next poll
+            if released:
+                self._held.discard(progress)
 
-    def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
-        self._count_failure(entry, err)
-        self._produce(entry)  # never drop: try again (idempotence keeps retries within a session clean)
+    def _retry_spec(self, progress: SpecProgress, now: float) -> bool | None:
+        """One step for a held spec: its oldest waiting record alone until Kafka has taken it, then
+        all the waiting ones in order. True: the hold is lifted; None: the local queue is full."""
+        probe = progress.probe
+        if probe is not None and not probe.done:
+            if probe.waiting and now >= progress.retry_at:
+                return None if self._try_produce(probe) is None else False
+            return False  # in flight, or failed again and not yet due
+        with progress._lock:  # intake queues behind the hold under this lock: none slips past
+            for entry in list(progress.pending):
+                if entry.waiting:
+                    sent = self._try_produce(entry)
+                    if not sent:
+                        return sent  # full (None), or refused (False: held again by `_hold_failed`)
+            progress.held = False
+            progress.probe = None
+        return True
+
+    def _try_produce(self, entry: _InFlight) -> bool | None:
+        """Produce once, never wait. True: queued; None: the queue is full (it stays waiting); False:
+        refused outright, e.g. its topic was deleted (recorded as failed: never dropped)."""
+        o = entry.outcome
+        try:
+            self._producer.produce(o.topic, o.value, o.key, headers=o.headers,  # type: ignore[arg-type]
+                                   on_delivery=entry)
+        except BufferError:
+            return None
+        except KafkaException as exc:
+            self._delivery_failed(entry, exc.args[0])
+            self._mark_waiting(entry, False)
+            return False
+        self._mark_waiting(entry, False)
+        return True
 
     def _settle(self) -> None:
         """Account for the acknowledged records: metrics, then each spec's watermark."""
@@ -224,19 +321,26 @@ class KafkaSink:
             counters.append(m.validation_failures.labels(family))
         return tuple(counters)
 
-    def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
-        """A record outside the notification flow (checkpoints); delivery errors are only counted."""
+    def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None,
+                    *, wait: float | None = None) -> bool:
+        """A record outside the notification flow (checkpoints); delivery errors are only counted.
+
+        While the local queue is full, waits at most `wait` seconds (None: until there is room) and
+        returns False if the record could not be queued."""
         def on_delivery(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
                 self._metrics.delivery_errors.labels(err.name()).inc()
+        deadline = None if wait is None else time.monotonic() + wait
         while True:
             try:
                 if partition is None:
                     self._producer.produce(topic, value, key, on_delivery=on_delivery)
                 else:
                     self._producer.produce(topic, value, key, partition=partition, on_delivery=on_delivery)
-                return
+                return True
             except BufferError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
                 self._producer.poll(0.1)
 
     def flush(self, timeout: float) -> int:

@@ -332,3 +332,15 @@ def test_oversized_secret_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "secret.txt").write_text("s" * (65 << 10))
     msg = error(tmp_path, BASE.replace("client_secret_env: RC_SECRET", "client_secret_file: secret.txt"))
     assert msg.startswith("ringcentral.client_secret_file:") and "larger than 65536 bytes" in msg
+
+
+@pytest.mark.parametrize("key", ["message.timeout.ms", "delivery.timeout.ms"])
+def test_a_message_timeout_is_refused_for_at_least_once(tmp_path: Path, key: str) -> None:
+    # A record that times out could only be produced again behind newer records (order lost).
+    with_timeout = BASE.replace("  bootstrap.servers: 127.0.0.1:9092", f"  bootstrap.servers: 127.0.0.1:9092\n"
+                                f"  {key}: 300000")
+    msg = error(tmp_path, with_timeout)
+    assert msg.startswith(f"kafka.{key}: must not be set with worker.delivery_guarantee at-least-once"), msg
+    assert load(tmp_path, with_timeout.replace("300000", "0")).kafka[key] == "0"  # infinite: what is enforced
+    exactly_once = load(tmp_path, with_timeout + "worker:\n  delivery_guarantee: exactly-once\n")
+    assert exactly_once.kafka[key] == "300000"  # bounded by transaction.timeout.ms, librdkafka checks it

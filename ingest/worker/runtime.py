@@ -50,6 +50,9 @@ _T = TypeVar("_T")
 KAFKA_CHECK_INTERVAL = 5.0
 STARTUP_KAFKA_TIMEOUT = 10.0
 STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often (liveness, expiry)
+# The longest one pass of the checkpoint loop waits for room in a full producer queue (Kafka down or
+# slow): the loop feeds the liveness heartbeat, so checkpoints that cannot be queued wait for the next pass.
+CHECKPOINT_QUEUE_WAIT = 1.0
 # A subscription that is live but whose renewal is failing still delivers until it expires.
 NOT_READY_STATES = frozenset({"pending", "failed"})
 
@@ -471,28 +474,36 @@ class Worker:
 
     def _write_checkpoints(self) -> None:
         now = time.monotonic()
-        for spec_id, progress in self._progress_snapshot():
-            if self._state_due(spec_id, progress.acked_tt, progress, now):
-                self._write_state(spec_id)
+        due = [spec_id for spec_id, progress in self._progress_snapshot()
+               if self._state_due(spec_id, progress.acked_tt, progress, now)]
+        deadline = now + CHECKPOINT_QUEUE_WAIT
+        for written, spec_id in enumerate(due):
+            if not self._write_state(spec_id, wait=max(0.0, deadline - time.monotonic())):
+                # The producer's queue is full: these stay due (their checkpoints did not move).
+                self.metrics.checkpoints_deferred.inc(len(due) - written)
+                return
 
     def _state_due(self, spec_id: str, timetoken: int, progress: SpecProgress, now: float) -> bool:
         """A state record is due when the checkpoint would move, or to refresh the recorded expiry."""
         stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
         return timetoken > progress.checkpointed_tt or stale
 
-    def _write_state(self, spec_id: str, timetoken: int | None = None) -> None:
-        """Write the spec's state record; the checkpoint is the acked watermark unless given."""
+    def _write_state(self, spec_id: str, timetoken: int | None = None, *, wait: float | None = None) -> bool:
+        """Write the spec's state record; the checkpoint is the acked watermark unless given.
+        False if the producer's queue stayed full for `wait` seconds (None: wait for room)."""
         delivery, progress = self._deliveries.get(spec_id), self._progress.get(spec_id)
         if delivery is None or progress is None:
-            return
+            return True
         tt = progress.acked_tt if timetoken is None else timetoken
         tt = max(tt, progress.checkpointed_tt)
         state = self._state_record(spec_id, delivery, tt)
-        self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
-                              partition_for(spec_id, self.spec_partitions))
+        if not self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                                     partition_for(spec_id, self.spec_partitions), wait=wait):
+            return False
         progress.checkpointed_tt = tt
         self._last_state[spec_id] = time.monotonic()
         self.metrics.checkpoints.inc()
+        return True
 
     def _state_record(self, spec_id: str, delivery: Delivery, timetoken: int) -> SpecState:
         # The delivery is announced only when it changes; plain renewals move the expiry recorded here.
@@ -501,27 +512,57 @@ class Worker:
                          delivery.channel, timetoken, time.time(), self.worker_id, expires_at)
 
     def _commit(self, consumer: Consumer | None, force: bool = False) -> None:
-        """Exactly-once: checkpoints into the open transaction, then commit it (every interval)."""
+        """Exactly-once: checkpoints into the open transaction, then commit it (every interval).
+
+        On the checkpoint loop (standalone, not forced) nothing waits on Kafka for long, as the loop
+        feeds the liveness heartbeat: when a checkpoint cannot be queued within CHECKPOINT_QUEUE_WAIT
+        the commit waits for the next pass, and a commit Kafka does not answer is made again every few
+        seconds, the heartbeat beating in between (`_waiting_on_kafka`)."""
         now = time.monotonic()
         if not force and (now < self._next_commit or self.fatal_error):
             return
         self._next_commit = now + self.config.worker.checkpoint_interval_seconds
         sink = self.sink
         assert isinstance(sink, TransactionalSink)
+        on_loop = consumer is None and not force
+        deadline = now + CHECKPOINT_QUEUE_WAIT
         with sink.lock:
             committed_before: dict[str, int] = {}  # checkpoints as they stood before this transaction
             for spec_id, progress in self._progress_snapshot():
                 if self._state_due(spec_id, progress.produced_tt, progress, now):
-                    committed_before[spec_id] = progress.checkpointed_tt
-                    self._write_state(spec_id, progress.produced_tt)
+                    before = progress.checkpointed_tt
+                    wait = max(0.0, deadline - time.monotonic()) if on_loop else None
+                    if not self._write_state(spec_id, progress.produced_tt, wait=wait):
+                        self._defer_commit(committed_before)
+                        return
+                    committed_before[spec_id] = before
             try:
-                sink.commit(consumer)
+                sink.commit(consumer, self._waiting_on_kafka if on_loop else None)
             except TransactionFailed as exc:
                 self._rewind(committed_before)
                 if exc.fatal:
                     self.fatal_error = f"transaction fenced: {exc}"
                     log.error("worker.fenced", error=str(exc))
                     self.transport.stop()
+
+    def _defer_commit(self, written: dict[str, int]) -> None:
+        """The producer's queue is full: commit at the next pass. The checkpoints written into the
+        transaction in this pass count as unwritten, so the next pass writes them again (newer)."""
+        self.metrics.checkpoints_deferred.inc()
+        self._next_commit = 0.0
+        for spec_id, before in written.items():
+            progress = self._progress.get(spec_id)
+            if progress is not None:
+                progress.checkpointed_tt = before
+            self._last_state.pop(spec_id, None)
+
+    def _waiting_on_kafka(self) -> bool:
+        """A transaction call on the checkpoint loop timed out (Kafka down or slow): the loop is alive,
+        so it beats its heartbeat; it calls again unless the worker is stopping. Kafka counts as
+        unreachable meanwhile (the loop's own check waits for the commit)."""
+        self.heartbeats.beat("checkpoint")
+        self._kafka_reachable(False)
+        return not self._stop.is_set()
 
     def _rewind(self, committed_before: dict[str, int]) -> None:
         """An aborted transaction hid what it held: read those notifications again from PubNub."""
@@ -543,6 +584,9 @@ class Worker:
             ok = True
         except Exception:
             ok = False
+        self._kafka_reachable(ok)
+
+    def _kafka_reachable(self, ok: bool) -> None:
         if ok != self._kafka_ok:
             log.warning("kafka.reachability_changed", reachable=ok)
         self._kafka_ok = ok

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -162,6 +163,22 @@ class Traffic:
         print(f"\n[{label}] {len(generated)} notifications, 0 lost, {duplicates} duplicates")
         return result, duplicates
 
+    def out_of_order(self) -> list[str]:
+        """Records whose PubNub timetoken is not above the previous record of the same spec in the same
+        partition (same topic and key), in the order the consumer read them: empty when order held."""
+        last: dict[tuple[str, str, str], int] = {}
+        wrong = []
+        for r in self.reader.records:
+            spec, tt = r.headers.get("spec-id"), r.headers.get("timetoken")
+            if spec is None or tt is None:
+                continue
+            where = (r.topic, r.key, spec)
+            previous = last.get(where, 0)
+            if int(tt) <= previous:
+                wrong.append(f"{r.topic} key {r.key} {spec}: {tt} after {previous}")
+            last[where] = max(previous, int(tt))
+        return wrong
+
     def lapsed(self) -> list[str]:
         return [v.id for v in self.sandbox.rc.subscriptions(include_dead=True) if v.status == "Expired"]
 
@@ -195,6 +212,40 @@ def scenario(tmp_path: Path, bootstrap: str, prefix: str, *, settings: SandboxSe
             sandbox.generator.stop()
             reader.close()
             w.stop(delete_subscriptions=True)
+
+
+class LivenessWatch:
+    """Polls a worker's `/healthz` (on the port `port()` names, once known) every 0.2 s in a thread of
+    its own, and keeps every answer that was not 200 (with its body), from `with` until the block ends."""
+
+    def __init__(self, port: Callable[[], int | None]) -> None:
+        self._port = port
+        self.polls = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="liveness-watch", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            port = self._port()
+            if port is None:
+                continue
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+                    resp.read()
+            except urllib.error.HTTPError as exc:
+                self.failures.append(f"{exc.code}: {exc.read().decode(errors='replace')}")
+            except OSError as exc:
+                self.failures.append(f"no answer: {exc}")
+            self.polls += 1
+
+    def __enter__(self) -> LivenessWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 class WorkerProcess:

@@ -78,3 +78,38 @@ def test_checkpoint_older_than_the_buffer_is_reported(kafka_bootstrap: str, uniq
             assert second.metrics.replay_gaps._value.get() == 1
         finally:
             second.stop(delete_subscriptions=True)
+
+
+def test_a_recorded_channel_beyond_the_buffer_is_drained_and_its_gap_accounted(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Stopped; 250 notifications on the subscription's channel, which rotates at the restarted
+    worker's first renewal. PubNub keeps the newest 100: those are read from the old channel with the
+    recorded key, and the 150 older ones are exactly the reported window."""
+    caplog.set_level(logging.WARNING, logger="ingest")
+    with Sandbox(SandboxSettings(buffer_size=100, pubnub_hold_seconds=0.5, rate_limits=False)) as sandbox:
+        path = write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, subscriptions=FILTERS, accounts=1)
+        first = _start(path)
+        wait_for(lambda: _reading(first), 30, what="the first worker reading")
+        first.stop()
+        [old] = sandbox.rc.live_subscriptions()
+        published = sandbox.generator.publish(250)
+        sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
+
+        second = _start(path)
+        reader = TopicReader(kafka_bootstrap, unique_name)
+        try:
+            records = reader.poll_until(lambda rs: len(rs) >= 100, 30)
+            [new] = sandbox.rc.live_subscriptions()
+            assert (new.id, new.channel != old.channel, new.key != old.key) == (old.id, True, True)
+            assert {r.headers["uuid"] for r in records} == {g.uuid for g in published[-100:]}
+            wait_for(lambda: bool(_gap_events(caplog)), 10, what="the gap report")
+            [event] = _gap_events(caplog)
+            assert (event["spec"], event["subscription_id"]) == ("acme/messages", old.id)
+            assert event["reason"] == "catch-up returned a full replay buffer"
+            window = (float(str(event["missing_from"])), float(str(event["missing_until"])))
+            lost = {g.uuid for g in published if window[0] < g.timetoken / 1e7 < window[1]}
+            assert lost == {g.uuid for g in published[:150]}
+            assert second.metrics.replay_gaps._value.get() == 1
+        finally:
+            reader.close()
+            second.stop(delete_subscriptions=True)

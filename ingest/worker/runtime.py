@@ -139,7 +139,8 @@ class Worker:
         self._keys = KeyWrapper(config.ringcentral.client_secret)
         self._wrapped_keys: dict[str, str] = {}  # spec id -> the current delivery's key, wrapped
         self._drains: dict[str, dict[str, _Drain]] = {}  # spec id -> former channel -> its drain
-        self._lapses: dict[str, tuple[float, Delivery]] = {}  # spec id -> (expired at, the replacement)
+        # spec id -> (when its subscription expired, that subscription's id, the replacement's delivery)
+        self._lapses: dict[str, tuple[float, str, Delivery]] = {}
         self._restart_windows_thread: threading.Thread | None = None
         self._owned: dict[int, dict[str, SubscriptionSpec]] = {}  # partition -> specs (group mode)
         self._handovers: dict[int, tuple[float, set[str]]] = {}  # partition -> (assigned at, specs not active)
@@ -394,14 +395,15 @@ class Worker:
             progress = self._progress.get(spec_id)
             old_route = self._routes.get(previous.channel) if previous else None
             old_context = old_route.context if old_route else None
-            lapsed_since = delivery.lapsed_since
+            lapse = (delivery.lapsed_since, previous.subscription_id) if previous else (None, "")
             if progress is None:
                 restored = self._restored.get(spec_id)
                 progress, old_context = self._resume(spec_id, restored, delivery)
                 self._progress[spec_id] = progress
-                lapsed_since = lapsed_since or _expired_before(restored, delivery)
-            if lapsed_since is not None:
-                self._lapses[spec_id] = (lapsed_since, delivery)
+                if restored is not None:
+                    lapse = (delivery.lapsed_since or _expired_before(restored, delivery), restored.subscription_id)
+            if lapse[0] is not None:
+                self._lapses[spec_id] = (lapse[0], lapse[1], delivery)
             # The previous context keeps the key before a rotation, for notifications still in flight
             # (or, after a restart, still unread since the checkpoint).
             context = ChannelContext.from_delivery(delivery, previous=old_context)
@@ -510,7 +512,7 @@ class Worker:
     def _on_replay_gap(self, channels: list[str], from_tt: int, until_tt: int) -> None:
         reading = [(spec_id, d.subscription_id) for spec_id, d in self._deliveries_on(channels)]
         reading += [(spec_id, d.recorded.subscription_id) for spec_id, d in self._drains_on(channels)]
-        for spec_id, subscription_id in reading:
+        for spec_id, subscription_id in dict.fromkeys(reading):  # a rotated channel keeps its subscription id
             self._report_gap(spec_id, subscription_id, from_tt / 1e7, until_tt / 1e7,
                              "catch-up returned a full replay buffer", counted=True)
 
@@ -539,15 +541,16 @@ class Worker:
     def _close_lapses(self, reading: set[str]) -> None:
         """A lapse ends when the replacement subscription's channel is read: report its true length."""
         with self._lock:
-            closed = [(spec_id, since, d) for spec_id, (since, d) in self._lapses.items() if d.channel in reading]
-            for spec_id, _, _ in closed:
+            closed = [(spec_id, lapse) for spec_id, lapse in self._lapses.items() if lapse[2].channel in reading]
+            for spec_id, _ in closed:
                 del self._lapses[spec_id]
         now = time.time()
-        for spec_id, since, delivery in closed:
+        for spec_id, (since, expired_id, replacement) in closed:
             self.metrics.lapses.observe(now - since)
-            self._report_gap(spec_id, delivery.subscription_id, since, now,
+            self._report_gap(spec_id, expired_id, since, now,
                              "subscription lapsed: RingCentral published nothing from its expiry until a new "
-                             "subscription was created", lapse_seconds=round(now - since, 2))
+                             "subscription was created", lapse_seconds=round(now - since, 2),
+                             replaced_by=replacement.subscription_id)
 
     def _finish_drains(self, reading: set[str]) -> None:
         quiet_for = max(DRAIN_QUIET_SECONDS, 2 * self.config.worker.checkpoint_interval_seconds)
@@ -748,8 +751,8 @@ class Worker:
         return True, "ok"
 
 
-def _expired_before(restored: SpecState | None, delivery: Delivery) -> float | None:
+def _expired_before(restored: SpecState, delivery: Delivery) -> float | None:
     """The recorded subscription's expiry when it lapsed before this (another) one replaced it."""
-    if restored is None or not restored.subscription_id or restored.subscription_id == delivery.subscription_id:
+    if not restored.subscription_id or restored.subscription_id == delivery.subscription_id:
         return None
     return restored.expires_at if 0 < restored.expires_at <= time.time() else None

@@ -43,7 +43,7 @@ from ingest.specs.store import apply_specs
 from ingest.state import RecordedChannel, SpecState, partition_for, restore
 from ingest.topics import COMPACTED, ensure_topics
 from ingest.transactions import TransactionalSink, TransactionFailed
-from ingest.transport import OLD_CHANNEL_GRACE_SECONDS, PubNubTransport, Received, TransportSettings
+from ingest.transport import OLD_CHANNEL_GRACE_SECONDS, PubNubTransport, Received, TransportSettings, timetoken_at
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -463,11 +463,12 @@ class Worker:
             self._report_gap(spec_id, former.subscription_id, former.timetoken / 1e7, ended,
                              f"recorded channel not readable: {exc}")
             return
-        tt = former.timetoken
+        # Nothing of it checkpointed yet: from as far back as PubNub holds.
+        tt = former.timetoken or timetoken_at(time.time() - self.config.worker.replay_buffer_seconds)
         progress = SpecProgress(spec_id, tt, tt, tt)
         self._drains.setdefault(spec_id, {})[former.channel] = _Drain(former, progress, (tt, tt), time.monotonic())
         self._routes[former.channel] = _Route(context, progress, self.metrics.spec(spec_id))
-        self.transport.add_channel(former.subscriber_key, former.channel, tt or None)
+        self.transport.add_channel(former.subscriber_key, former.channel, tt)
         log.info("replay.draining", spec=spec_id, subscription_id=former.subscription_id, since=tt / 1e7)
 
     def _note_handover(self, spec_id: str) -> None:

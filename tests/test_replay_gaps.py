@@ -137,7 +137,7 @@ def test_a_recorded_key_that_no_longer_unwraps_is_a_gap(kafka_bootstrap: str, un
         previous_secret = KeyWrapper("the previous client secret")
         rotated = replace(state, wrapped_key=previous_secret.wrap(old.key, state.spec_id, old.channel))
         producer = Producer({"bootstrap.servers": kafka_bootstrap})
-        producer.produce(state_topic, state.spec_id.encode(), rotated.encode(),
+        producer.produce(state_topic, key=state.spec_id.encode(), value=rotated.encode(),
                          partition=partition_for(state.spec_id, load_config(path).topics.spec_partitions))
         assert producer.flush(10) == 0
         sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)

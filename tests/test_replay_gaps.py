@@ -152,3 +152,35 @@ def test_a_recorded_key_that_no_longer_unwraps_is_a_gap(kafka_bootstrap: str, un
             assert second.metrics.replay_gaps._value.get() == 1
         finally:
             second.stop(delete_subscriptions=True)
+
+
+def test_a_recorded_channel_pubnub_refuses_is_a_gap_and_the_new_channel_is_read(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """PubNub answers 403 for the former channel (Access Manager): it is given up with a gap report,
+    and the new channel, which may share its connection, is read."""
+    caplog.set_level(logging.WARNING, logger="ingest")
+    with Sandbox(SandboxSettings(pubnub_hold_seconds=0.5, rate_limits=False)) as sandbox:
+        path = write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, subscriptions=FILTERS, accounts=1)
+        first = _start(path)
+        wait_for(lambda: _reading(first), 30, what="the first worker reading")
+        first.stop()
+        [old] = sandbox.rc.live_subscriptions()
+        sandbox.generator.publish(20)
+        sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
+        sandbox.faults.pubnub_error(403, seconds=120, channel=old.channel)
+
+        second = _start(path)
+        reader = TopicReader(kafka_bootstrap, unique_name)
+        try:
+            wait_for(lambda: bool(_gap_events(caplog)), 30, what="the gap report")
+            [event] = _gap_events(caplog)
+            assert (event["spec"], event["subscription_id"]) == ("acme/messages", old.id)
+            assert event["reason"] == "PubNub denied access to the recorded channel"
+            wait_for(lambda: old.channel not in second.transport.reading() and _reading(second), 30,
+                     what="the new channel read without the refused one")
+            [probe] = sandbox.generator.publish(1)
+            reader.poll_until(lambda rs: any(r.headers.get("uuid") == probe.uuid for r in rs), 30)
+            assert any(r.headers.get("uuid") == probe.uuid for r in reader.records)
+        finally:
+            reader.close()
+            second.stop(delete_subscriptions=True)

@@ -49,6 +49,9 @@ OLD_CHANNEL_GRACE_SECONDS = 15.0
 APPLY_INTERVAL_SECONDS = 0.2
 # PubNub caches a 403 for about 30 s; retrying sooner only produces more 403s.
 ACCESS_DENIED_RETRY_SECONDS = 5.0
+# PubNub answers a subscribe poll with at most this many messages; fewer means that it held nothing
+# more for the connection's channels at that moment.
+MAX_MESSAGES_PER_RESPONSE = 100
 
 # One accepted notification: (channel, timetoken, payload, cursor, epoch). `cursor.epoch != epoch`
 # later means the channel was rewound since: the notification will be read again.
@@ -92,6 +95,7 @@ class _Connection:
     opened_tt: int = 0  # when it started: messages at or before this are replays from PubNub's buffer
     replayed: int = 0
     first_replayed_tt: int = 0
+    caught_up_at: float = 0.0  # monotonic: its last response that was not full (0: none yet)
 
 
 class _Listener(SubscribeCallback):  # type: ignore[misc]
@@ -195,6 +199,14 @@ class PubNubTransport:
         ch = self._channels.get(channel)
         return ch.last_tt if ch else None
 
+    def caught_up_at(self, channel: str) -> float | None:
+        """When (monotonic) the connection now reading `channel` last had a response that was not
+        full: PubNub then held nothing newer for it. None until that connection has had one."""
+        with self._lock:
+            times = [c.caught_up_at for c in self._connections.values()
+                     if channel in c.channels and not c.retired and c.caught_up_at]
+        return max(times, default=None)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pubnub-transport", daemon=True)
         self._thread.start()
@@ -230,6 +242,8 @@ class PubNubTransport:
         with self._lock:
             if conn.retired:  # a replaced instance may still finish a poll; the new one re-reads
                 return
+            if len(messages) < MAX_MESSAGES_PER_RESPONSE:
+                conn.caught_up_at = time.monotonic()
             channels, opened_tt = self._channels, conn.opened_tt
             for m in messages:
                 try:

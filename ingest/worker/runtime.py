@@ -53,9 +53,9 @@ STARTUP_KAFKA_TIMEOUT = 10.0
 STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often (liveness, expiry)
 # A subscription that is live but whose renewal is failing still delivers until it expires.
 NOT_READY_STATES = frozenset({"pending", "failed"})
-# A former channel (read again after a restart) is drained once it has been read and nothing new has
-# come from it, nor moved its checkpoint, for this long (and at least two checkpoint intervals):
-# PubNub answers a catch-up at once, 100 messages per response, so a quiet channel is an empty one.
+# A former channel (read again after a restart) is drained once PubNub has said it holds nothing more
+# for it (a response that was not full), everything read is checkpointed, and neither has moved for
+# this long (and at least two checkpoint intervals, so that an exactly-once checkpoint is committed).
 DRAIN_QUIET_SECONDS = 5.0
 RESTART_WINDOWS_CHECK_SECONDS = 0.5  # how often drains and lapses are looked at
 
@@ -563,7 +563,8 @@ class Worker:
                     observed = (self.transport.last_timetoken(channel) or 0, drain.progress.checkpointed_tt)
                     if channel not in reading or observed != drain.observed:
                         drain.observed, drain.quiet_since = observed, now
-                    elif observed[1] >= observed[0] and now - drain.quiet_since >= quiet_for:
+                    elif (observed[1] >= observed[0] and now - drain.quiet_since >= quiet_for
+                          and self.transport.caught_up_at(channel) is not None):
                         done.append((spec_id, channel))  # read to its end, and all of it checkpointed
         for spec_id, channel in done:
             self._end_drain(spec_id, channel)

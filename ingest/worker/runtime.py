@@ -43,7 +43,7 @@ from ingest.specs.store import apply_specs
 from ingest.state import RecordedChannel, SpecState, partition_for, restore
 from ingest.topics import COMPACTED, ensure_topics
 from ingest.transactions import TransactionalSink, TransactionFailed
-from ingest.transport import OLD_CHANNEL_GRACE_SECONDS, PubNubTransport, Received, TransportSettings, timetoken_at
+from ingest.transport import PubNubTransport, Received, TransportSettings, timetoken_at
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -53,7 +53,7 @@ STARTUP_KAFKA_TIMEOUT = 10.0
 STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often (liveness, expiry)
 # A subscription that is live but whose renewal is failing still delivers until it expires.
 NOT_READY_STATES = frozenset({"pending", "failed"})
-# A former channel (read again after a restart) is drained once PubNub has said it holds nothing more
+# A former channel (after a restart, or a move at renewal) is drained once PubNub has said it holds nothing more
 # for it (a response that was not full), everything read is checkpointed, and neither has moved for
 # this long (and at least two checkpoint intervals, so that an exactly-once checkpoint is committed).
 DRAIN_QUIET_SECONDS = 5.0
@@ -92,15 +92,18 @@ class _Route:
 
 @dataclass(eq=False)
 class _Drain:
-    """A spec's former channel, read again from its recorded checkpoint until nothing is left on it.
+    """A spec's former channel, read until nothing is left on it, and recorded in the state record's
+    `draining` meanwhile, so that a restart reads it on from its checkpoint.
 
-    It has its own progress: its checkpoint is recorded apart from the current channel's (in the state
-    record's `draining`), so no checkpoint moves past what the former channel still holds unread."""
+    After a restart it is read from its recorded checkpoint with a progress of its own, recorded apart
+    from the current channel's, so no checkpoint moves past what it still holds unread. After a move at
+    renewal it shares the spec's progress (`shared`): the spec's checkpoint already waits for it."""
 
     recorded: RecordedChannel
     progress: SpecProgress
-    observed: tuple[int, int]  # (read up to, checkpointed) when last looked at
+    observed: tuple[int, int]  # (read up to, checkpointed up to that) when last looked at
     quiet_since: float  # monotonic: since when `observed` has not changed
+    shared: bool = False
     checkpoint_before: int = 0  # exactly-once: the checkpoint before the open transaction wrote one
 
 
@@ -391,7 +394,9 @@ class Worker:
                                       partition_for(spec_id, self.spec_partitions))  # tombstone: spec removed
                 return
             self._deliveries[spec_id] = delivery
+            previous_key = self._wrapped_keys.get(spec_id)
             self._wrapped_keys[spec_id] = self._wrap(spec_id, delivery)
+            self._drains.get(spec_id, {}).pop(delivery.channel, None)  # moved back: no longer a former channel
             progress = self._progress.get(spec_id)
             old_route = self._routes.get(previous.channel) if previous else None
             old_context = old_route.context if old_route else None
@@ -414,9 +419,12 @@ class Worker:
                 resume = progress.checkpointed_tt or None
                 self.transport.add_channel(delivery.subscriber_key, delivery.channel, resume)
             if moved and previous is not None:
-                # The old channel may still hold notifications published before the renewal.
-                self.transport.remove_channel(previous.channel, grace=OLD_CHANNEL_GRACE_SECONDS)
-                threading.Timer(OLD_CHANNEL_GRACE_SECONDS + 1, self._drop_route, (previous.channel,)).start()
+                # The old channel may still hold notifications published before the renewal: read on
+                # (its route stays) until drained, however long PubNub takes to hand them over.
+                former = RecordedChannel(previous.subscription_id, previous.subscriber_key, previous.channel,
+                                         progress.checkpointed_tt, previous_key)
+                self._drains.setdefault(spec_id, {})[previous.channel] = _Drain(
+                    former, progress, (0, 0), time.monotonic(), shared=True)
             self._note_handover(spec_id)
         log.info("worker.delivery", spec=spec_id, subscription=delivery.subscription_id, moved=bool(moved),
                  rekeyed=bool(previous and previous.encryption_key != delivery.encryption_key))
@@ -494,11 +502,6 @@ class Worker:
             self._routes.pop(previous.channel, None)
         self.metrics.forget_spec(spec_id)
 
-    def _drop_route(self, channel: str) -> None:
-        with self._lock:
-            if all(d.channel != channel for d in self._deliveries.values()):
-                self._routes.pop(channel, None)
-
     def _deliveries_on(self, channels: list[str]) -> list[tuple[str, Delivery]]:
         wanted = set(channels)
         with self._lock:
@@ -560,10 +563,11 @@ class Worker:
         with self._lock:
             for spec_id, drains in self._drains.items():
                 for channel, drain in drains.items():
-                    observed = (self.transport.last_timetoken(channel) or 0, drain.progress.checkpointed_tt)
+                    read_tt = self.transport.last_timetoken(channel) or 0
+                    observed = (read_tt, min(read_tt, drain.progress.checkpointed_tt))
                     if channel not in reading or observed != drain.observed:
                         drain.observed, drain.quiet_since = observed, now
-                    elif (observed[1] >= observed[0] and now - drain.quiet_since >= quiet_for
+                    elif (observed[1] == read_tt and now - drain.quiet_since >= quiet_for
                           and self.transport.caught_up_at(channel) is not None):
                         done.append((spec_id, channel))  # read to its end, and all of it checkpointed
         for spec_id, channel in done:
@@ -638,7 +642,8 @@ class Worker:
         """A state record is due when the checkpoint would move, or to refresh the recorded expiry."""
         stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
         return timetoken > progress.checkpointed_tt or stale or any(
-            self._drain_tt(d) > d.progress.checkpointed_tt for d in list(self._drains.get(spec_id, {}).values()))
+            self._drain_tt(d) > d.progress.checkpointed_tt for d in list(self._drains.get(spec_id, {}).values())
+            if not d.shared)
 
     def _drain_tt(self, drain: _Drain) -> int:
         """Where a former channel's checkpoint may move: acknowledged, or produced into the transaction."""
@@ -655,23 +660,26 @@ class Worker:
         expires_at = self.metrics.subscription_expiry.get(spec_id) or delivery.expires_at
         state = SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
                           delivery.channel, tt, time.time(), self.worker_id, expires_at,
-                          self._wrapped_keys.get(spec_id), self._draining(spec_id))
+                          self._wrapped_keys.get(spec_id), self._draining(spec_id, tt))
         self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
                               partition_for(spec_id, self.spec_partitions))
         progress.checkpointed_tt = tt
         self._last_state[spec_id] = time.monotonic()
         self.metrics.checkpoints.inc()
 
-    def _draining(self, spec_id: str) -> tuple[RecordedChannel, ...]:
-        """The spec's former channels still draining, each with its own checkpoint (moved here)."""
+    def _draining(self, spec_id: str, spec_tt: int) -> tuple[RecordedChannel, ...]:
+        """The spec's former channels still draining, each with its checkpoint: the spec's own
+        (`spec_tt`) for a shared progress, else its own, moved here."""
         recorded = []
         for drain in list(self._drains.get(spec_id, {}).values()):
             progress = drain.progress
-            drain.checkpoint_before = progress.checkpointed_tt
-            progress.checkpointed_tt = max(self._drain_tt(drain), progress.checkpointed_tt)
+            tt = spec_tt
+            if not drain.shared:
+                drain.checkpoint_before = progress.checkpointed_tt
+                tt = progress.checkpointed_tt = max(self._drain_tt(drain), progress.checkpointed_tt)
             former = drain.recorded
-            recorded.append(RecordedChannel(former.subscription_id, former.subscriber_key, former.channel,
-                                            progress.checkpointed_tt, former.wrapped_key))
+            recorded.append(RecordedChannel(former.subscription_id, former.subscriber_key, former.channel, tt,
+                                            former.wrapped_key))
         return tuple(recorded)
 
     def _commit(self, consumer: Consumer | None, force: bool = False) -> None:
@@ -700,18 +708,24 @@ class Worker:
     def _rewind(self, committed_before: dict[str, int]) -> None:
         """An aborted transaction hid what it held: read those notifications again from PubNub."""
         with self._lock:
+            rewound: set[str] = set()
             for spec_id, progress in self._progress.items():
                 if spec_id in committed_before:
                     progress.checkpointed_tt = committed_before[spec_id]
                     self._last_state.pop(spec_id, None)
                 if progress.produced_tt > progress.checkpointed_tt:
                     progress.produced_tt = progress.checkpointed_tt
+                    rewound.add(spec_id)
                     delivery = self._deliveries.get(spec_id)
                     if delivery is not None:
                         self.transport.rewind(delivery.channel, progress.checkpointed_tt or None)
             for spec_id, drains in self._drains.items():
                 for channel, drain in drains.items():
                     progress = drain.progress
+                    if drain.shared:  # the spec's progress, rewound above: its old channel goes with it
+                        if spec_id in rewound:
+                            self.transport.rewind(channel, progress.checkpointed_tt or None)
+                        continue
                     if spec_id in committed_before:
                         progress.checkpointed_tt = drain.checkpoint_before
                     if progress.produced_tt > progress.checkpointed_tt:

@@ -211,3 +211,18 @@ def test_rc_down_longer_than_a_lifetime_reports_the_lapse_with_its_length(
 def _lapse_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
     events = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "replay.gap_suspected"]
     return [e for e in events if str(e.get("reason", "")).startswith("subscription lapsed")]
+
+
+def test_rc_rotation_while_pubnub_fails_on_the_old_channels_loses_nothing(rc: Scenario) -> None:
+    """Channels rotate while PubNub answers 500 to every poll of the old ones for 30 s: the old
+    channels are read until PubNub has answered that it holds nothing more for them, however long the
+    catch-up takes (a fixed grace period after the move lost what they still held)."""
+    old = {v.id: v.channel for v in rc.sandbox.rc.live_subscriptions()}
+    for channel in old.values():
+        rc.sandbox.faults.pubnub_error(500, seconds=30, channel=channel)
+    rc.sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
+    wait_for(lambda: not {v.channel for v in rc.sandbox.rc.live_subscriptions()} & set(old.values()), TTL * 2,
+             what="the channels rotated")
+    wait_for(lambda: not rc.sandbox.book.armed(), 60, what="the PubNub errors over")
+    rc.wait_traffic(40)
+    rc.verify("rc rotation while PubNub fails on the old channels")

@@ -48,7 +48,7 @@ class SpecState:
     worker_id: str
     expires_at: float = 0.0  # of the RingCentral subscription, as last known (for `ingest status`)
     wrapped_key: str | None = None  # the channel's AES key, wrapped; "" unencrypted; None: not recorded
-    draining: tuple[RecordedChannel, ...] = ()  # former channels still being read after a restart
+    draining: tuple[RecordedChannel, ...] = ()  # former channels still being read (restart, rotation)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -203,6 +203,11 @@ class Metrics:
         self.transactions = Counter(
             "ingest_transactions_total", "Kafka transactions (exactly-once mode), by outcome.", ["outcome"],
             registry=r)
+        self.lapses = Histogram(
+            "ingest_subscription_lapse_seconds",
+            "Subscription lapses: from the expiry of a subscription to its replacement being read (RingCentral "
+            "published nothing meanwhile).",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
         self.replay_gaps = Counter(
             "ingest_replay_gap_suspected_total",
             "Resumes where the gap may exceed PubNub's replay buffer (messages may be missing).", registry=r)

@@ -16,6 +16,9 @@ class Delivery:
     channel: str
     encryption_key: str | None = field(repr=False)  # a secret: never in a repr, log or error
     expires_at: float
+    # Set when this subscription replaces one that expired first (e.g. RingCentral was down through
+    # the renewals): that expiry, the start of a window in which RingCentral published nothing.
+    lapsed_since: float | None = None
 
 
 @dataclass(frozen=True)

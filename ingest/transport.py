@@ -42,13 +42,13 @@ TT_PER_SECOND = 10_000_000
 # A brand-new channel starts this far in the past, so a notification published between the
 # subscription's creation and our first poll is replayed from PubNub's buffer rather than missed.
 NEW_CHANNEL_LOOKBACK_SECONDS = 30.0
-# After a channel moves (rotation at renewal), the old one is still read this long: notifications
-# published on it before the renewal may not have been polled yet.
-OLD_CHANNEL_GRACE_SECONDS = 15.0
 # Channel-set changes are applied in batches, so 200 specs starting at once cost a few restarts.
 APPLY_INTERVAL_SECONDS = 0.2
 # PubNub caches a 403 for about 30 s; retrying sooner only produces more 403s.
 ACCESS_DENIED_RETRY_SECONDS = 5.0
+# PubNub answers a subscribe poll with at most this many messages; fewer means that it held nothing
+# more for the connection's channels at that moment.
+MAX_MESSAGES_PER_RESPONSE = 100
 
 # One accepted notification: (channel, timetoken, payload, cursor, epoch). `cursor.epoch != epoch`
 # later means the channel was rewound since: the notification will be read again.
@@ -74,7 +74,6 @@ class Cursor:
     last_tt: int  # newest timetoken delivered (or the resume point before anything arrived)
     start_tt: int = 0  # where reading began (a checkpoint, or the lookback of a new channel)
     epoch: int = 0  # bumped by rewind()
-    remove_at: float | None = None  # set while an old channel drains after a move
 
 
 @dataclass
@@ -92,6 +91,7 @@ class _Connection:
     opened_tt: int = 0  # when it started: messages at or before this are replays from PubNub's buffer
     replayed: int = 0
     first_replayed_tt: int = 0
+    caught_up_at: float = 0.0  # monotonic: its last response that was not full (0: none yet)
 
 
 class _Listener(SubscribeCallback):  # type: ignore[misc]
@@ -155,7 +155,6 @@ class PubNubTransport:
         with self._lock:
             existing = self._channels.get(channel)
             if existing is not None and existing.subscribe_key == subscribe_key:
-                existing.remove_at = None
                 return
             start = resume_tt if resume_tt is not None else timetoken_at(time.time() - NEW_CHANNEL_LOOKBACK_SECONDS)
             self._channels[channel] = Cursor(channel, subscribe_key, start, start)
@@ -179,22 +178,26 @@ class PubNubTransport:
                     self._dirty.add(conn.conn_id)
         self._wake.set()
 
-    def remove_channel(self, channel: str, grace: float = 0.0) -> None:
-        """Stop reading `channel`, after `grace` seconds (lets a moved channel drain)."""
+    def remove_channel(self, channel: str) -> None:
+        """Stop reading `channel` (a moved one only once drained: the worker decides when)."""
         with self._lock:
-            ch = self._channels.get(channel)
+            ch = self._channels.pop(channel, None)
             if ch is None:
                 return
-            if grace > 0:
-                ch.remove_at = time.monotonic() + grace
-            else:
-                del self._channels[channel]
-                self._dirty.add(ch.subscribe_key)
+            self._dirty.add(ch.subscribe_key)
         self._wake.set()
 
     def last_timetoken(self, channel: str) -> int | None:
         ch = self._channels.get(channel)
         return ch.last_tt if ch else None
+
+    def caught_up_at(self, channel: str) -> float | None:
+        """When (monotonic) the connection now reading `channel` last had a response that was not
+        full: PubNub then held nothing newer for it. None until that connection has had one."""
+        with self._lock:
+            times = [c.caught_up_at for c in self._connections.values()
+                     if channel in c.channels and not c.retired and c.caught_up_at]
+        return max(times, default=None)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pubnub-transport", daemon=True)
@@ -243,6 +246,8 @@ class PubNubTransport:
         with self._lock:
             if conn.retired:  # a replaced instance may still finish a poll; the new one re-reads
                 return
+            if len(messages) < MAX_MESSAGES_PER_RESPONSE:
+                conn.caught_up_at = time.monotonic()
             channels, opened_tt = self._channels, conn.opened_tt
             for m in messages:
                 try:
@@ -318,9 +323,6 @@ class PubNubTransport:
     def _apply(self) -> None:
         now = time.monotonic()
         with self._lock:
-            for ch in [c for c in self._channels.values() if c.remove_at is not None and c.remove_at <= now]:
-                del self._channels[ch.name]
-                self._dirty.add(ch.subscribe_key)
             due_retries = [cid for cid, at in self._retry_at.items() if at <= now]
             if not self._dirty and not due_retries:
                 return

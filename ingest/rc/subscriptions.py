@@ -546,9 +546,12 @@ class SubscriptionManager:
             register_secret(str(key))
         expires_at = _expires_at(info, now if started is None else started)
         account_id = session.account_id or ""
+        # A creation after the previous subscription's expiry: the window between them is a lapse.
+        lapsed = how in ("created", "reused") and entry.expires_at is not None and entry.expires_at <= (started or now)
         delivery = Delivery(spec_id=entry.spec.spec_id, account_id=account_id, subscription_id=sub_id,
                             subscriber_key=str(sub_key), channel=str(channel),
-                            encryption_key=str(key) if key else None, expires_at=expires_at)
+                            encryption_key=str(key) if key else None, expires_at=expires_at,
+                            lapsed_since=entry.expires_at if lapsed else None)
         changed = previous is None or (previous.subscription_id, previous.subscriber_key, previous.channel,
                                        previous.encryption_key) != (sub_id, delivery.subscriber_key,
                                                                     delivery.channel, delivery.encryption_key)

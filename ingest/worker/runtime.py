@@ -16,6 +16,7 @@ Two ways to own specs:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -31,6 +32,7 @@ from ingest.config import Config
 from ingest.coordination import GroupMembership
 from ingest.health import HealthServer, Heartbeats
 from ingest.kafka_logs import kafka_log_config, serve_logs
+from ingest.keywrap import KeyWrapper, UnwrapError
 from ingest.logs import get_logger
 from ingest.metrics import Metrics, SpecMetrics
 from ingest.model import Delivery, SubscriptionSpec
@@ -39,10 +41,10 @@ from ingest.rc.accounts import build_sessions
 from ingest.rc.subscriptions import SubscriptionManager
 from ingest.sink import KafkaSink, SpecProgress
 from ingest.specs.store import apply_specs
-from ingest.state import SpecState, partition_for, restore
+from ingest.state import RecordedChannel, SpecState, partition_for, restore
 from ingest.topics import COMPACTED, ensure_topics
 from ingest.transactions import TransactionalSink, TransactionFailed
-from ingest.transport import OLD_CHANNEL_GRACE_SECONDS, PubNubTransport, Received, TransportSettings
+from ingest.transport import PubNubTransport, Received, TransportSettings, timetoken_at
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -55,6 +57,11 @@ STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often 
 CHECKPOINT_QUEUE_WAIT = 1.0
 # A subscription that is live but whose renewal is failing still delivers until it expires.
 NOT_READY_STATES = frozenset({"pending", "failed"})
+# A former channel (after a restart, or a move at renewal) is drained once PubNub has said it holds nothing more
+# for it (a response that was not full), everything read is checkpointed, and neither has moved for
+# this long (and at least two checkpoint intervals, so that an exactly-once checkpoint is committed).
+DRAIN_QUIET_SECONDS = 5.0
+RESTART_WINDOWS_CHECK_SECONDS = 0.5  # how often drains and lapses are looked at
 
 
 # Python's cyclic GC, with its defaults, took ~10% of the worker's time at full throughput: every
@@ -85,6 +92,23 @@ class _Route:
     context: ChannelContext
     progress: SpecProgress
     spec_metrics: SpecMetrics
+
+
+@dataclass(eq=False)
+class _Drain:
+    """A spec's former channel, read until nothing is left on it, and recorded in the state record's
+    `draining` meanwhile, so that a restart reads it on from its checkpoint.
+
+    After a restart it is read from its recorded checkpoint with a progress of its own, recorded apart
+    from the current channel's, so no checkpoint moves past what it still holds unread. After a move at
+    renewal it shares the spec's progress (`shared`): the spec's checkpoint already waits for it."""
+
+    recorded: RecordedChannel
+    progress: SpecProgress
+    observed: tuple[int, int]  # (read up to, checkpointed up to that) when last looked at
+    quiet_since: float  # monotonic: since when `observed` has not changed
+    shared: bool = False
+    checkpoint_before: int = 0  # exactly-once: the checkpoint before the open transaction wrote one
 
 
 class Worker:
@@ -119,6 +143,12 @@ class Worker:
         self._deliveries: dict[str, Delivery] = {}  # spec id -> current delivery
         self._progress: dict[str, SpecProgress] = {}
         self._restored: dict[str, SpecState] = {}
+        self._keys = KeyWrapper(config.ringcentral.client_secret)
+        self._wrapped_keys: dict[str, str] = {}  # spec id -> the current delivery's key, wrapped
+        self._drains: dict[str, dict[str, _Drain]] = {}  # spec id -> former channel -> its drain
+        # spec id -> (when its subscription expired, that subscription's id, the replacement's delivery)
+        self._lapses: dict[str, tuple[float, str, Delivery]] = {}
+        self._restart_windows_thread: threading.Thread | None = None
         self._owned: dict[int, dict[str, SubscriptionSpec]] = {}  # partition -> specs (group mode)
         self._handovers: dict[int, tuple[float, set[str]]] = {}  # partition -> (assigned at, specs not active)
         self._lock = threading.RLock()
@@ -187,6 +217,9 @@ class Worker:
             self.manager.set_specs(specs, {s: st.subscription_id for s, st in self._restored.items()})
         self._checkpoint_thread = threading.Thread(target=self._checkpoint_loop, name="checkpoint", daemon=True)
         self._checkpoint_thread.start()
+        self._restart_windows_thread = threading.Thread(target=self._restart_windows_loop, name="drains",
+                                                        daemon=True)
+        self._restart_windows_thread.start()
         log.info("worker.started", worker=self.worker_id, metrics_port=self.health.port)
 
     def _ensure_topics(self) -> None:
@@ -215,6 +248,8 @@ class Worker:
         self._stop.set()
         if self._checkpoint_thread is not None:
             self._checkpoint_thread.join(5)
+        if self._restart_windows_thread is not None:
+            self._restart_windows_thread.join(5)
         undelivered = self.sink.flush(cfg.shutdown_timeout_seconds)
         if not self.grouped:
             self._final_checkpoint(list(self._progress), flushed=True)
@@ -272,6 +307,8 @@ class Worker:
             delivery = self._deliveries.get(spec_id)
             if delivery is not None:
                 self.transport.remove_channel(delivery.channel)
+            for channel in self._drains.get(spec_id, {}):
+                self.transport.remove_channel(channel)
         assert self.manager is not None
         # Stop renewing (the subscriptions live on for the new owner); waits for calls in flight.
         handed = self.manager.release(released)
@@ -349,10 +386,17 @@ class Worker:
         now = time.time()
         for spec_id, state in restored.items():
             if now - state.updated_at > self.config.worker.replay_buffer_seconds:
-                self.metrics.replay_gaps.inc()
-                log.warning("replay.gap_suspected", spec=spec_id, subscription_id=state.subscription_id,
-                            missing_from=state.timetoken / 1e7, missing_until=now,
-                            reason="checkpoint older than the replay buffer")
+                oldest = min((c.timetoken for c in state.recorded_channels() if c.timetoken), default=state.timetoken)
+                self._report_gap(spec_id, state.subscription_id, oldest / 1e7, now,
+                                 "checkpoint older than the replay buffer")
+
+    def _report_gap(self, spec_id: str, subscription_id: str, missing_from: float, missing_until: float,
+                    reason: str, *, counted: bool = False, **extra: object) -> None:
+        """A window (unix seconds) whose notifications may be missing; `counted`: the metric already is."""
+        if not counted:
+            self.metrics.replay_gaps.inc()
+        log.warning("replay.gap_suspected", spec=spec_id, subscription_id=subscription_id,
+                    missing_from=missing_from, missing_until=missing_until, reason=reason, **extra)
 
     # ---- control plane -> data plane -----------------------------------------------------------
 
@@ -365,14 +409,24 @@ class Worker:
                                       partition_for(spec_id, self.spec_partitions))  # tombstone: spec removed
                 return
             self._deliveries[spec_id] = delivery
+            previous_key = self._wrapped_keys.get(spec_id)
+            self._wrapped_keys[spec_id] = self._wrap(spec_id, delivery)
+            self._drains.get(spec_id, {}).pop(delivery.channel, None)  # moved back: no longer a former channel
             progress = self._progress.get(spec_id)
-            restored = self._restored.get(spec_id)
-            if progress is None:
-                start_tt = restored.timetoken if restored and restored.channel == delivery.channel else 0
-                progress = self._progress[spec_id] = SpecProgress(spec_id, start_tt, start_tt, start_tt)
             old_route = self._routes.get(previous.channel) if previous else None
-            # The previous context keeps the key before a rotation, for notifications still in flight.
-            context = ChannelContext.from_delivery(delivery, previous=old_route.context if old_route else None)
+            old_context = old_route.context if old_route else None
+            lapse = (delivery.lapsed_since, previous.subscription_id) if previous else (None, "")
+            if progress is None:
+                restored = self._restored.get(spec_id)
+                progress, old_context = self._resume(spec_id, restored, delivery)
+                self._progress[spec_id] = progress
+                if restored is not None:
+                    lapse = (delivery.lapsed_since or _expired_before(restored, delivery), restored.subscription_id)
+            if lapse[0] is not None:
+                self._lapses[spec_id] = (lapse[0], lapse[1], delivery)
+            # The previous context keeps the key before a rotation, for notifications still in flight
+            # (or, after a restart, still unread since the checkpoint).
+            context = ChannelContext.from_delivery(delivery, previous=old_context)
             self._routes[delivery.channel] = _Route(context, progress, self.metrics.spec(spec_id))
             moved = previous is not None and (previous.channel, previous.subscriber_key) != (
                 delivery.channel, delivery.subscriber_key)
@@ -380,14 +434,65 @@ class Worker:
                 resume = progress.checkpointed_tt or None
                 self.transport.add_channel(delivery.subscriber_key, delivery.channel, resume)
             if moved and previous is not None:
-                # The old channel may still hold notifications published before the renewal.
-                self.transport.remove_channel(previous.channel, grace=OLD_CHANNEL_GRACE_SECONDS)
-                threading.Timer(OLD_CHANNEL_GRACE_SECONDS + 1, self._drop_route, (previous.channel,)).start()
+                # The old channel may still hold notifications published before the renewal: read on
+                # (its route stays) until drained, however long PubNub takes to hand them over.
+                former = RecordedChannel(previous.subscription_id, previous.subscriber_key, previous.channel,
+                                         progress.checkpointed_tt, previous_key)
+                self._drains.setdefault(spec_id, {})[previous.channel] = _Drain(
+                    former, progress, (0, 0), time.monotonic(), shared=True)
             self._note_handover(spec_id)
         log.info("worker.delivery", spec=spec_id, subscription=delivery.subscription_id, moved=bool(moved),
                  rekeyed=bool(previous and previous.encryption_key != delivery.encryption_key))
         if not self.exactly_once:
             self._write_state(spec_id)
+
+    def _wrap(self, spec_id: str, delivery: Delivery) -> str:
+        key = delivery.encryption_key
+        return self._keys.wrap(key, spec_id, delivery.channel) if key else ""
+
+    def _resume(self, spec_id: str, restored: SpecState | None,
+                delivery: Delivery) -> tuple[SpecProgress, ChannelContext | None]:
+        """The first delivery of a spec here: resume its channel from the recorded checkpoint, and
+        drain every other recorded channel (its subscription gone, or rotated away) from its own.
+        Returns the progress, and the recorded context of the same channel (its key may have rotated
+        at the first renewal: what is unread since the checkpoint was encrypted with the recorded one)."""
+        start_tt, recorded_context = 0, None
+        for former in restored.recorded_channels() if restored else []:
+            assert restored is not None
+            if former.channel == delivery.channel:
+                start_tt = former.timetoken
+                # Only a fallback: the current key reads the channel too, unless it rotated.
+                with contextlib.suppress(UnwrapError):
+                    recorded_context = self._recorded_context(spec_id, restored, former)
+            else:
+                self._start_drain(spec_id, restored, former)
+        return SpecProgress(spec_id, start_tt, start_tt, start_tt), recorded_context
+
+    def _recorded_context(self, spec_id: str, restored: SpecState, former: RecordedChannel) -> ChannelContext:
+        """The context to read a recorded channel with (UnwrapError: its key cannot be unwrapped)."""
+        if former.wrapped_key is None:
+            raise UnwrapError("the state record does not hold its key (written by an older version)")
+        key = self._keys.unwrap(former.wrapped_key, spec_id, former.channel) if former.wrapped_key else None
+        return ChannelContext.from_delivery(Delivery(spec_id, restored.account_id, former.subscription_id,
+                                                     former.subscriber_key, former.channel, key, restored.expires_at))
+
+    def _start_drain(self, spec_id: str, restored: SpecState, former: RecordedChannel) -> None:
+        """Read a former channel from its checkpoint, with its own progress (lock held); a channel
+        whose key cannot be unwrapped is a gap: from its checkpoint until its subscription ended."""
+        try:
+            context = self._recorded_context(spec_id, restored, former)
+        except UnwrapError as exc:
+            ended = min(restored.expires_at, time.time()) if restored.expires_at else time.time()
+            self._report_gap(spec_id, former.subscription_id, former.timetoken / 1e7, ended,
+                             f"recorded channel not readable: {exc}")
+            return
+        # Nothing of it checkpointed yet: from as far back as PubNub holds.
+        tt = former.timetoken or timetoken_at(time.time() - self.config.worker.replay_buffer_seconds)
+        progress = SpecProgress(spec_id, tt, tt, tt)
+        self._drains.setdefault(spec_id, {})[former.channel] = _Drain(former, progress, (tt, tt), time.monotonic())
+        self._routes[former.channel] = _Route(context, progress, self.metrics.spec(spec_id))
+        self.transport.add_channel(former.subscriber_key, former.channel, tt)
+        log.info("replay.draining", spec=spec_id, subscription_id=former.subscription_id, since=tt / 1e7)
 
     def _note_handover(self, spec_id: str) -> None:
         for partition, (started, waiting) in list(self._handovers.items()):
@@ -402,32 +507,102 @@ class Worker:
         self._progress.pop(spec_id, None)
         self._restored.pop(spec_id, None)
         self._last_state.pop(spec_id, None)
+        self._wrapped_keys.pop(spec_id, None)
+        self._lapses.pop(spec_id, None)
+        for channel in self._drains.pop(spec_id, {}):
+            self.transport.remove_channel(channel)
+            self._routes.pop(channel, None)
         if previous is not None:
             self.transport.remove_channel(previous.channel)
             self._routes.pop(previous.channel, None)
         self.metrics.forget_spec(spec_id)
-
-    def _drop_route(self, channel: str) -> None:
-        with self._lock:
-            if all(d.channel != channel for d in self._deliveries.values()):
-                self._routes.pop(channel, None)
 
     def _deliveries_on(self, channels: list[str]) -> list[tuple[str, Delivery]]:
         wanted = set(channels)
         with self._lock:
             return [(spec_id, d) for spec_id, d in self._deliveries.items() if d.channel in wanted]
 
+    def _drains_on(self, channels: list[str]) -> list[tuple[str, _Drain]]:
+        wanted = set(channels)
+        with self._lock:
+            return [(spec_id, d) for spec_id, drains in self._drains.items() for channel, d in drains.items()
+                    if channel in wanted]
+
     def _on_replay_gap(self, channels: list[str], from_tt: int, until_tt: int) -> None:
-        for spec_id, d in self._deliveries_on(channels):
-            log.warning("replay.gap_suspected", spec=spec_id, subscription_id=d.subscription_id,
-                        missing_from=from_tt / 1e7, missing_until=until_tt / 1e7,
-                        reason="catch-up returned a full replay buffer")
+        reading = [(spec_id, d.subscription_id) for spec_id, d in self._deliveries_on(channels)]
+        reading += [(spec_id, d.recorded.subscription_id) for spec_id, d in self._drains_on(channels)]
+        for spec_id, subscription_id in dict.fromkeys(reading):  # a rotated channel keeps its subscription id
+            self._report_gap(spec_id, subscription_id, from_tt / 1e7, until_tt / 1e7,
+                             "catch-up returned a full replay buffer", counted=True)
 
     def _on_access_denied(self, channels: list[str]) -> None:
+        for spec_id, drain in self._drains_on(channels):
+            # A former channel PubNub no longer lets us read: what it still holds is lost.
+            self._report_gap(spec_id, drain.recorded.subscription_id, drain.progress.acked_tt / 1e7, time.time(),
+                             "PubNub denied access to the recorded channel")
+            self._end_drain(spec_id, drain.recorded.channel)
         if self.manager is None:
             return
         for spec_id, _ in self._deliveries_on(channels):
             self.manager.report_problem(spec_id, "pubnub-access-denied")
+
+    # ---- after a restart: former channels drained, lapses measured ------------------------------
+
+    def _restart_windows_loop(self) -> None:
+        while not self._stop.wait(RESTART_WINDOWS_CHECK_SECONDS):
+            try:
+                reading = self.transport.reading()
+                self._close_lapses(reading)
+                self._finish_drains(reading)
+            except Exception:
+                log.error("worker.drain_check_failed", exc_info=True)
+
+    def _close_lapses(self, reading: set[str]) -> None:
+        """A lapse ends when the replacement subscription's channel is read: report its true length."""
+        with self._lock:
+            closed = [(spec_id, lapse) for spec_id, lapse in self._lapses.items() if lapse[2].channel in reading]
+            for spec_id, _ in closed:
+                del self._lapses[spec_id]
+        now = time.time()
+        for spec_id, (since, expired_id, replacement) in closed:
+            self.metrics.lapses.observe(now - since)
+            self._report_gap(spec_id, expired_id, since, now,
+                             "subscription lapsed: RingCentral published nothing from its expiry until a new "
+                             "subscription was created", lapse_seconds=round(now - since, 2),
+                             replaced_by=replacement.subscription_id)
+
+    def _finish_drains(self, reading: set[str]) -> None:
+        quiet_for = max(DRAIN_QUIET_SECONDS, 2 * self.config.worker.checkpoint_interval_seconds)
+        now = time.monotonic()
+        done: list[tuple[str, str]] = []
+        with self._lock:
+            for spec_id, drains in self._drains.items():
+                for channel, drain in drains.items():
+                    read_tt = self.transport.last_timetoken(channel) or 0
+                    observed = (read_tt, min(read_tt, drain.progress.checkpointed_tt))
+                    if channel not in reading or observed != drain.observed:
+                        drain.observed, drain.quiet_since = observed, now
+                    elif (observed[1] == read_tt and now - drain.quiet_since >= quiet_for
+                          and self.transport.caught_up_at(channel) is not None):
+                        done.append((spec_id, channel))  # read to its end, and all of it checkpointed
+        for spec_id, channel in done:
+            self._end_drain(spec_id, channel)
+
+    def _end_drain(self, spec_id: str, channel: str) -> None:
+        """Stop reading a former channel and drop it from the spec's state record."""
+        with self._lock:
+            drain = self._drains.get(spec_id, {}).pop(channel, None)
+            if drain is None:
+                return
+            if not self._drains[spec_id]:
+                del self._drains[spec_id]
+            self.transport.remove_channel(channel)
+            self._routes.pop(channel, None)
+            self._last_state.pop(spec_id, None)  # due now: the record must no longer name it
+        log.info("replay.drained", spec=spec_id, subscription_id=drain.recorded.subscription_id,
+                 until=drain.progress.checkpointed_tt / 1e7)
+        if not self.exactly_once:
+            self._write_state(spec_id)
 
     # ---- hot path ------------------------------------------------------------------------------
 
@@ -486,7 +661,13 @@ class Worker:
     def _state_due(self, spec_id: str, timetoken: int, progress: SpecProgress, now: float) -> bool:
         """A state record is due when the checkpoint would move, or to refresh the recorded expiry."""
         stale = now - self._last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
-        return timetoken > progress.checkpointed_tt or stale
+        return timetoken > progress.checkpointed_tt or stale or any(
+            self._drain_tt(d) > d.progress.checkpointed_tt for d in list(self._drains.get(spec_id, {}).values())
+            if not d.shared)
+
+    def _drain_tt(self, drain: _Drain) -> int:
+        """Where a former channel's checkpoint may move: acknowledged, or produced into the transaction."""
+        return drain.progress.produced_tt if self.exactly_once else drain.progress.acked_tt
 
     def _write_state(self, spec_id: str, timetoken: int | None = None, *, wait: float | None = None) -> bool:
         """Write the spec's state record; the checkpoint is the acked watermark unless given.
@@ -509,7 +690,23 @@ class Worker:
         # The delivery is announced only when it changes; plain renewals move the expiry recorded here.
         expires_at = self.metrics.subscription_expiry.get(spec_id) or delivery.expires_at
         return SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
-                         delivery.channel, timetoken, time.time(), self.worker_id, expires_at)
+                         delivery.channel, timetoken, time.time(), self.worker_id, expires_at,
+                         self._wrapped_keys.get(spec_id), self._draining(spec_id, timetoken))
+
+    def _draining(self, spec_id: str, spec_tt: int) -> tuple[RecordedChannel, ...]:
+        """The spec's former channels still draining, each with its checkpoint: the spec's own
+        (`spec_tt`) for a shared progress, else its own, moved here."""
+        recorded = []
+        for drain in list(self._drains.get(spec_id, {}).values()):
+            progress = drain.progress
+            tt = spec_tt
+            if not drain.shared:
+                drain.checkpoint_before = progress.checkpointed_tt
+                tt = progress.checkpointed_tt = max(self._drain_tt(drain), progress.checkpointed_tt)
+            former = drain.recorded
+            recorded.append(RecordedChannel(former.subscription_id, former.subscriber_key, former.channel, tt,
+                                            former.wrapped_key))
+        return tuple(recorded)
 
     def _commit(self, consumer: Consumer | None, force: bool = False) -> None:
         """Exactly-once: checkpoints into the open transaction, then commit it (every interval).
@@ -567,15 +764,29 @@ class Worker:
     def _rewind(self, committed_before: dict[str, int]) -> None:
         """An aborted transaction hid what it held: read those notifications again from PubNub."""
         with self._lock:
+            rewound: set[str] = set()
             for spec_id, progress in self._progress.items():
                 if spec_id in committed_before:
                     progress.checkpointed_tt = committed_before[spec_id]
                     self._last_state.pop(spec_id, None)
                 if progress.produced_tt > progress.checkpointed_tt:
                     progress.produced_tt = progress.checkpointed_tt
+                    rewound.add(spec_id)
                     delivery = self._deliveries.get(spec_id)
                     if delivery is not None:
                         self.transport.rewind(delivery.channel, progress.checkpointed_tt or None)
+            for spec_id, drains in self._drains.items():
+                for channel, drain in drains.items():
+                    progress = drain.progress
+                    if drain.shared:  # the spec's progress, rewound above: its old channel goes with it
+                        if spec_id in rewound:
+                            self.transport.rewind(channel, progress.checkpointed_tt or None)
+                        continue
+                    if spec_id in committed_before:
+                        progress.checkpointed_tt = drain.checkpoint_before
+                    if progress.produced_tt > progress.checkpointed_tt:
+                        progress.produced_tt = progress.checkpointed_tt
+                        self.transport.rewind(channel, progress.checkpointed_tt or None)
         log.warning("worker.rewound", specs=len(self._progress))
 
     def _check_kafka(self) -> None:
@@ -613,3 +824,10 @@ class Worker:
             if status.state in NOT_READY_STATES or status.expires_at is None:
                 return False, f"subscription {status.spec_id} is {status.state}"
         return True, "ok"
+
+
+def _expired_before(restored: SpecState, delivery: Delivery) -> float | None:
+    """The recorded subscription's expiry when it lapsed before this (another) one replaced it."""
+    if not restored.subscription_id or restored.subscription_id == delivery.subscription_id:
+        return None
+    return restored.expires_at if 0 < restored.expires_at <= time.time() else None

@@ -6,6 +6,7 @@ subscriptions, so a lapse would hide loss: it is asserted separately)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -174,3 +175,54 @@ def test_rc_key_and_channel_rotation_on_renewal(rc: Scenario) -> None:
     dead = [r for r in rc.reader.records if r.topic == rc.reader.topics.dead_letter]
     assert dead == [], f"{len(dead)} dead letters after the rotation: {dead[0].headers}"
     assert rc.worker.metrics.renewals.labels("changed")._value.get() >= rc.specs
+
+
+def test_rc_down_longer_than_a_lifetime_reports_the_lapse_with_its_length(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """RingCentral answers 503 to everything for longer than a renewal margin: the subscriptions
+    lapse. Each lapse is reported with its true window, from the expiry to the new subscription
+    being read (not by how late the first renewal attempt after the expiry was)."""
+    caplog.set_level(logging.WARNING, logger="ingest")
+    with _rc_scenario(tmp_path, kafka_bootstrap, unique_name) as s:
+        s.traffic()
+        old = {v.id: v for v in s.sandbox.rc.live_subscriptions()}
+        down_for = max(v.expires_at for v in old.values()) - time.time() + 5  # every one of them expires
+        s.sandbox.faults.rc_error("*", 503, seconds=down_for)
+        wait_for(lambda: len(_lapse_events(caplog)) == s.specs, down_for + 60, what="every lapse reported")
+        assert not {v.id for v in s.sandbox.rc.live_subscriptions()} & old.keys()
+        for event in _lapse_events(caplog):
+            expired = old[str(event["subscription_id"])]
+            since, until = float(str(event["missing_from"])), float(str(event["missing_until"]))
+            created = next(v.created_at for v in s.sandbox.rc.live_subscriptions() if v.id == event["replaced_by"])
+            assert abs(since - expired.expires_at) < 1.5, (since, expired.expires_at)
+            assert until >= created and float(str(event["lapse_seconds"])) == pytest.approx(until - since, abs=0.01)
+        lapses = s.worker.metrics.lapses
+        assert lapses._sum.get() == pytest.approx(sum(float(str(e["lapse_seconds"])) for e in _lapse_events(caplog)),
+                                                   abs=0.1)
+        assert s.worker.metrics.replay_gaps._value.get() == s.specs
+        s.wait_traffic(20)
+        s.verify("rc down through the expiry")
+        late_by = [getattr(r, "fields", {}).get("late_by") for r in caplog.records
+                   if r.getMessage() == "subscription.lapsed"]
+        print("lapses (s):", sorted(float(str(e["lapse_seconds"])) for e in _lapse_events(caplog)),
+              f"with RingCentral down {down_for:.1f}s; first renewal attempt after the expiry late by {late_by}")
+
+
+def _lapse_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    events = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "replay.gap_suspected"]
+    return [e for e in events if str(e.get("reason", "")).startswith("subscription lapsed")]
+
+
+def test_rc_rotation_while_pubnub_fails_on_the_old_channels_loses_nothing(rc: Scenario) -> None:
+    """Channels rotate while PubNub answers 500 to every poll of the old ones for 30 s: the old
+    channels are read until PubNub has answered that it holds nothing more for them, however long the
+    catch-up takes (a fixed grace period after the move lost what they still held)."""
+    old = {v.id: v.channel for v in rc.sandbox.rc.live_subscriptions()}
+    for channel in old.values():
+        rc.sandbox.faults.pubnub_error(500, seconds=30, channel=channel)
+    rc.sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
+    wait_for(lambda: not {v.channel for v in rc.sandbox.rc.live_subscriptions()} & set(old.values()), TTL * 2,
+             what="the channels rotated")
+    wait_for(lambda: not rc.sandbox.book.armed(), 60, what="the PubNub errors over")
+    rc.wait_traffic(40)
+    rc.verify("rc rotation while PubNub fails on the old channels")

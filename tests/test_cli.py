@@ -44,13 +44,13 @@ def test_dev_kafka_prints_its_address_and_stops_on_ctrl_c(tmp_path: Path) -> Non
         assert bootstrap is not None
         assert AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).brokers
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        assert proc.wait(120) == 0
         assert "stopping the broker" in proc.stdout.read()
     finally:  # a failed assertion must not leave the broker running (it outlived a failed run by 15 min)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # `ingest dev kafka` stops its broker on Ctrl-C
             try:
-                proc.wait(60)
+                proc.wait(120)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)

@@ -49,7 +49,7 @@ def background(command: str, cwd: Path, env: dict[str, str], log: Path) -> Itera
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
             try:
-                proc.wait(60)
+                proc.wait(120)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)

@@ -36,7 +36,7 @@ def test_sandbox_command_serves_until_interrupted() -> None:
         state = requests.get(f"{info['rc_url']}/sandbox/state", timeout=10).json()
         assert state["generator_running"] is True
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(timeout=120) == 0  # generous: a loaded 2-core machine
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -70,4 +70,4 @@ def test_write_config_gives_a_ready_worker_config_and_says_how_to_start_traffic(
         assert requests.get(f"{rc_url}/sandbox/state", timeout=10).json()["generator_running"] is True
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(timeout=120) == 0  # generous: a loaded 2-core machine

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Ctrl-C (SIGINT) stops every command, however it was started: a shell script that starts a
+    # command in the background passes SIGINT on as ignored, and the command then could not be
+    # stopped the way its help says (seen: `ingest sandbox` and `ingest dev kafka` ignoring it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)

@@ -192,3 +192,24 @@ def test_tail_says_so_when_the_broker_goes_away(tmp_path: Path) -> None:
     assert proc.stderr is not None
     lines = proc.stderr.read().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ingest tail: lost Kafka at {broker.bootstrap_servers}: "), lines
+
+
+def test_ctrl_c_stops_a_command_started_with_sigint_ignored() -> None:
+    """A script that starts a command in the background hands SIGINT on as ignored (POSIX); `ingest
+    sandbox` and `ingest dev kafka` then ignored Ctrl-C and had to be killed."""
+    command = " ".join([*INGEST, "sandbox", "--accounts", "1", "--hold", "0.2"])
+    proc = subprocess.Popen(["sh", "-c", f"trap '' INT; exec {command}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                break
+        else:
+            raise AssertionError("ingest sandbox ended before it was ready")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0  # generous: a loaded 2-core machine
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

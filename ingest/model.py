@@ -19,6 +19,9 @@ class Delivery:
     # Set when this subscription replaces one that expired first (e.g. RingCentral was down through
     # the renewals): that expiry, the start of a window in which RingCentral published nothing.
     lapsed_since: float | None = None
+    # "expired" (lapsed_since is its expiry), or "gone": found deleted or expired server-side before
+    # its expiry (lapsed_since is when RingCentral last answered for it).
+    lapse_reason: str | None = None
 
 
 @dataclass(frozen=True)

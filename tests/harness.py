@@ -72,11 +72,15 @@ def write_config(directory: Path, sandbox: Sandbox, bootstrap: str, prefix: str,
                  subscriptions: dict[str, list[str]] | None = None, accounts: int | None = None,
                  worker: dict[str, Any] | None = None) -> Path:
     """A worker config for the first `accounts` sandbox accounts, each with `subscriptions`
-    (name -> event filters; default: every family)."""
+    (name -> event filters; default: every family), told the sandbox's replay buffer size."""
     subs = list((subscriptions or ALL_FILTERS).items())
     return write_worker_config(directory, sandbox.describe(), bootstrap, prefix,
                                {account.name: subs for account in sandbox.accounts[:accounts]}, partitions=2,
-                               worker={"checkpoint_interval_seconds": 0.5, **(worker or {})}, log_level="INFO")
+                               # The worker is told the sandbox's real replay buffer, so that a gap it
+                               # reports is a gap (a smaller figure made every long catch-up a false alarm).
+                               worker={"checkpoint_interval_seconds": 0.5,
+                                       "replay_buffer_messages": sandbox.settings.buffer_size, **(worker or {})},
+                               log_level="INFO")
 
 
 @dataclass

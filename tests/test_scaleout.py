@@ -31,7 +31,7 @@ SPECS_PER_ACCOUNT = 20
 SPECS = ACCOUNTS * SPECS_PER_ACCOUNT
 PARTITIONS = 12
 SESSION_TIMEOUT = 6.0
-BUFFER = 20000  # PubNub's replay buffer in the sandbox, and as the workers are told (no false gap reports)
+BUFFER = 20000  # PubNub's replay buffer in the sandbox (write_config tells the workers)
 
 
 @pytest.fixture
@@ -47,8 +47,7 @@ def _base_config(tmp_path: Path, sandbox: Sandbox, bootstrap: str, prefix: str, 
     subs = {f"s{i:02d}": ["/restapi/v1.0/account/~/extension/~/message-store"] for i in range(specs_per_account)}
     path = write_config(tmp_path, sandbox, bootstrap, prefix, subscriptions=subs, worker={
         "coordination": "group", "delivery_guarantee": guarantee, "apply_specs_on_start": False,
-        "session_timeout_seconds": SESSION_TIMEOUT, "checkpoint_interval_seconds": 0.5,
-        "replay_buffer_messages": BUFFER})
+        "session_timeout_seconds": SESSION_TIMEOUT, "checkpoint_interval_seconds": 0.5})
     config: dict[str, Any] = yaml.safe_load(path.read_text())
     config["topics"]["spec_partitions"] = PARTITIONS
     config["logging"]["level"] = "INFO"

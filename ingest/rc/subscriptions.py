@@ -73,6 +73,8 @@ class _Entry:
     candidate_id: str | None = None  # known id to try first (restored state / cancelled removal)
     create_reason: str = "new"
     expires_at: float | None = None
+    confirmed_at: float | None = None  # when RingCentral last answered for the current subscription
+    gone_since: float | None = None  # it was found gone (404) before its expiry: alive until at least here
     delivery: Delivery | None = None
     renewals: int = 0
     failures: int = 0
@@ -518,6 +520,10 @@ class SubscriptionManager:
 
     def _drop_subscription(self, entry: _Entry, reason: str) -> None:
         with self._cond:
+            if reason == "not-found" or (reason == "expired" and (entry.expires_at or 0) > self.clock()):
+                # Deleted or expired server-side before its time: nothing says since when, only that it
+                # was alive when RingCentral last answered for it. A replacement reports that window.
+                entry.gone_since = entry.confirmed_at
             if entry.subscription_id:
                 entry.stale_ids.append(entry.subscription_id)
                 self._claimed.discard(entry.subscription_id)
@@ -546,12 +552,17 @@ class SubscriptionManager:
             register_secret(str(key))
         expires_at = _expires_at(info, now if started is None else started)
         account_id = session.account_id or ""
-        # A creation after the previous subscription's expiry: the window between them is a lapse.
-        lapsed = how in ("created", "reused") and entry.expires_at is not None and entry.expires_at <= (started or now)
+        # A creation after the previous subscription's expiry: the window between them is a lapse. One
+        # that replaces a subscription found gone before its expiry: the window since it was last
+        # confirmed alive may be one (RingCentral does not say when it deleted or expired it).
+        replacing = how in ("created", "reused")
+        lapsed = replacing and entry.expires_at is not None and entry.expires_at <= (started or now)
+        gone = replacing and not lapsed and entry.gone_since is not None
         delivery = Delivery(spec_id=entry.spec.spec_id, account_id=account_id, subscription_id=sub_id,
                             subscriber_key=str(sub_key), channel=str(channel),
                             encryption_key=str(key) if key else None, expires_at=expires_at,
-                            lapsed_since=entry.expires_at if lapsed else None)
+                            lapsed_since=entry.expires_at if lapsed else entry.gone_since if gone else None,
+                            lapse_reason="expired" if lapsed else "gone" if gone else None)
         changed = previous is None or (previous.subscription_id, previous.subscriber_key, previous.channel,
                                        previous.encryption_key) != (sub_id, delivery.subscriber_key,
                                                                     delivery.channel, delivery.encryption_key)
@@ -560,6 +571,8 @@ class SubscriptionManager:
             entry.subscription_id = sub_id
             self._claimed.add(sub_id)
             entry.expires_at = expires_at
+            entry.confirmed_at = now
+            entry.gone_since = None
             entry.delivery = delivery
             entry.failures = 0
             entry.last_error = None

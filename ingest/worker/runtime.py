@@ -565,6 +565,12 @@ class Worker:
                 del self._lapses[spec_id]
         now = time.time()
         for spec_id, (since, expired_id, replacement) in closed:
+            if replacement.lapse_reason == "gone":  # since: when it was last known alive, not its end
+                self._report_gap(spec_id, expired_id, since, now,
+                                 "subscription gone: deleted or expired server-side before its expiry; RingCentral "
+                                 "may have published nothing from when it last answered for it until a new "
+                                 "subscription was created", replaced_by=replacement.subscription_id)
+                continue
             self.metrics.lapses.observe(now - since)
             self._report_gap(spec_id, expired_id, since, now,
                              "subscription lapsed: RingCentral published nothing from its expiry until a new "

@@ -135,7 +135,8 @@ def test_rc_revoked_refresh_token_falls_back_to_the_jwt(rc: Scenario) -> None:
 
 @pytest.mark.parametrize("how", ["deleted", "expired"])
 def test_rc_subscription_gone_server_side_is_recreated(
-        kafka_bootstrap: str, unique_name: str, tmp_path: Path, how: str) -> None:
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="ingest")
     with _rc_scenario(tmp_path, kafka_bootstrap, unique_name) as s:
         s.traffic()
         s.wait_traffic(20)
@@ -158,7 +159,17 @@ def test_rc_subscription_gone_server_side_is_recreated(
         s.verify(f"rc subscription {how} server-side")
         assert s.worker.metrics.renewals.labels("not-found")._value.get() >= 1
         assert len(s.sandbox.rc.live_subscriptions()) == s.specs  # no leak
-        print(f"re-created {recovered:.1f}s after the {how} subscription (renewal-bound); probe {recovery:.1f}s")
+        # RingCentral published nothing for the spec from the delete/expiry until the new subscription:
+        # a gap, reported with a window that covers it (from when RingCentral last answered for it).
+        wait_for(lambda: any(r.getMessage() == "replay.gap_suspected" and r.fields["subscription_id"] == victim.id
+                             for r in caplog.records), 30, what="the gone subscription's gap report")
+        gaps = [r.fields for r in caplog.records if r.getMessage() == "replay.gap_suspected"
+                 and r.fields["subscription_id"] == victim.id]
+        [gap] = gaps
+        assert str(gap["reason"]).startswith("subscription gone")
+        assert float(str(gap["missing_from"])) <= time.time() - (time.monotonic() - gone_at)
+        print(f"re-created {recovered:.1f}s after the {how} subscription (renewal-bound); probe {recovery:.1f}s; "
+              f"gap reported over {float(str(gap['missing_until'])) - float(str(gap['missing_from'])):.1f}s")
 
 
 def test_rc_key_and_channel_rotation_on_renewal(rc: Scenario) -> None:

@@ -84,8 +84,11 @@ class Soak:
         return [w for w in self.workers if w.alive]
 
     def restart_dead(self) -> None:
+        """What an orchestrator does (Kubernetes restarts a pod whose process exited)."""
         for w in self.workers:
             if not w.alive:
+                assert w.proc is not None
+                self.log("worker-exited", worker=w.name, exit_status=w.proc.returncode, restarted=True)
                 w.start()
 
 
@@ -260,6 +263,7 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
                 time.sleep(rng.uniform(2, 8))  # the schedule: a fault every few seconds
                 name = rng.choice(sorted(FAULTS))
                 soak.log(name, **FAULTS[name](soak))
+                soak.restart_dead()
             sandbox.faults.clear()
             soak.restart_dead()
             wait_for(lambda: _settled(workers, len(specs)), SETTLE_SECONDS, interval=1,

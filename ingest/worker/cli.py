@@ -55,10 +55,15 @@ def main(args: argparse.Namespace) -> int:
         return _invalid(args.config, f"metrics.{exc.setting}: {exc}")
     tune_gc()
     while not stop.wait(1.0):
-        if worker.fatal_error:  # fenced by a newer owner: stop, let the orchestrator restart us
+        # Fenced by a newer owner, or the group membership thread died (it then left the group and
+        # owns nothing): stop, and let the orchestrator start us again. A process that lingered
+        # failing its liveness probe served nothing until someone restarted it.
+        if worker.failed:
             break
+    failed = worker.failed
     undelivered = worker.stop(delete_subscriptions=args.delete_subscriptions_on_exit)
-    if worker.fatal_error:
+    if failed:
+        logs.get_logger(__name__).error("worker.exiting", reason=failed, exit_status=3)
         return 3
     return 0 if undelivered == 0 else 1
 

@@ -809,12 +809,19 @@ class Worker:
         self._kafka_ok = ok
         self.metrics.kafka_up.set(1 if ok else 0)
 
-    def _liveness(self) -> tuple[bool, str]:
+    @property
+    def failed(self) -> str | None:
+        """Why the worker cannot go on (fenced, or its group membership thread died), or None: the
+        process should stop and be started again (`ingest run` exits 3)."""
         if self.fatal_error:
-            return False, self.fatal_error
+            return self.fatal_error
         if self.membership is not None and self.membership.error is not None:
-            return False, f"group membership failed: {self.membership.error}"
-        return self.heartbeats.check()
+            return f"group membership failed: {self.membership.error}"
+        return None
+
+    def _liveness(self) -> tuple[bool, str]:
+        failed = self.failed
+        return (False, failed) if failed else self.heartbeats.check()
 
     def _readiness(self) -> tuple[bool, str]:
         if not self._kafka_ok:

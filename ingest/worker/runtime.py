@@ -728,13 +728,15 @@ class Worker:
         sink = self.sink
         assert isinstance(sink, TransactionalSink)
         on_loop = consumer is None and not force
+        # Not forced (the checkpoint loop, or the group's membership thread, which must go on polling
+        # its consumer): a full producer queue defers the commit rather than waiting for room.
         deadline = now + CHECKPOINT_QUEUE_WAIT
         with sink.lock:
             committed_before: dict[str, int] = {}  # checkpoints as they stood before this transaction
             for spec_id, progress in self._progress_snapshot():
                 if self._state_due(spec_id, progress.produced_tt, progress, now):
                     before = progress.checkpointed_tt
-                    wait = max(0.0, deadline - time.monotonic()) if on_loop else None
+                    wait = None if force else max(0.0, deadline - time.monotonic())
                     if not self._write_state(spec_id, progress.produced_tt, wait=wait):
                         self._defer_commit(committed_before)
                         return

@@ -248,6 +248,15 @@ class LivenessWatch:
         self._thread.join(10)
 
 
+def close_all(reader: TopicReader | None, *workers: WorkerProcess | None) -> None:
+    """A test's `finally`: close the reader and kill every worker process still running."""
+    if reader is not None:
+        reader.close()
+    for worker in workers:
+        if worker is not None and worker.proc.poll() is None:
+            worker.kill()
+
+
 class WorkerProcess:
     """`python -m ingest run --config FILE` with its JSON log lines in a file."""
 

@@ -26,6 +26,7 @@ from tests.faults.scenario import (
     Scenario,
     Traffic,
     WorkerProcess,
+    close_all,
     sandbox_settings,
     scenario,
     worker_config_file,
@@ -191,10 +192,7 @@ def test_permanent_delivery_errors_hold_the_spec_in_order_without_crashing(
             print(f"{errors:.0f} delivery errors, 0 out of order, probe {recovery:.1f}s after the topic "
                   f"took records again")
         finally:
-            if reader is not None:
-                reader.close()
-            if worker.proc.poll() is None:
-                worker.kill()
+            close_all(reader, worker)
 
 
 def test_exactly_once_outage_keeps_liveness_and_order(

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from ingest.sandbox.server import Sandbox
-from tests.faults.scenario import FaultTolerantReader, Traffic, WorkerProcess, sandbox_settings, worker_config_file
+from tests.faults.scenario import (
+    FaultTolerantReader,
+    Traffic,
+    WorkerProcess,
+    close_all,
+    sandbox_settings,
+    worker_config_file,
+)
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.slow
@@ -46,11 +53,7 @@ def test_sigkill_mid_stream_and_restart_lose_nothing(kafka_bootstrap: str, uniqu
             print(f"down {restart:.1f}s (kill -> ready), probe {recovery:.1f}s, duplicates {duplicates} "
                   f"(produced after the last checkpoint of the killed process)")
         finally:
-            if reader is not None:
-                reader.close()
-            for proc in (first, second):
-                if proc is not None and proc.proc.poll() is None:
-                    proc.kill()
+            close_all(reader, first, second)
 
 
 # Short lifetimes, so that a recorded subscription expires while no worker runs; long enough, for the
@@ -116,8 +119,4 @@ def test_restart_reads_the_recorded_channels_to_their_end(kafka_bootstrap: str, 
             print(f"down {down:.1f}s, {unread} published on the old channels meanwhile, 0 lost, "
                   f"{duplicates} duplicates")
         finally:
-            if reader is not None:
-                reader.close()
-            for proc in (first, second):
-                if proc is not None and proc.proc.poll() is None:
-                    proc.kill()
+            close_all(reader, first, second)

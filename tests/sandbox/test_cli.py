@@ -68,6 +68,9 @@ def test_write_config_gives_a_ready_worker_config_and_says_how_to_start_traffic(
         assert {s.name for s in config.accounts[0].subscriptions} == {"messages", "presence", "calls"}
         assert requests.post(f"{rc_url}/sandbox/generator/start", data=json.dumps({"rate": 20}), timeout=10).ok
         assert requests.get(f"{rc_url}/sandbox/state", timeout=10).json()["generator_running"] is True
-    finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0  # generous: a loaded 2-core machine
+    finally:  # whatever failed, nothing is left running (a failed run left this sandbox up for hours)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

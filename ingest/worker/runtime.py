@@ -821,6 +821,16 @@ class Worker:
             return f"group membership failed: {self.membership.error}"
         return None
 
+    def subscriptions_serving(self) -> int:
+        """How many owned subscriptions are active with their channel read by the transport: the one
+        public "is it serving" check (tests and operators wait on it; nothing reads `_deliveries`)."""
+        if self.manager is None:
+            return 0
+        active = {s.spec_id for s in self.manager.snapshot() if s.state == "active"}
+        reading = self.transport.reading()
+        with self._lock:
+            return sum(1 for spec_id, d in self._deliveries.items() if spec_id in active and d.channel in reading)
+
     def _liveness(self) -> tuple[bool, str]:
         failed = self.failed
         return (False, failed) if failed else self.heartbeats.check()

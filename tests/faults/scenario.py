@@ -122,10 +122,7 @@ def all_active(worker: Worker, n: int) -> bool:
     """n subscriptions active, and PubNub answering on every one of their channels."""
     if worker.manager is None:
         return False
-    states = worker.manager.snapshot()
-    channels = {d.channel for d in worker._deliveries.values()}
-    return (len(states) == n and all(s.state == "active" for s in states)
-            and len(channels) == n and channels <= worker.transport.reading())
+    return len(worker.manager.snapshot()) == n and worker.subscriptions_serving() == n
 
 
 @dataclass

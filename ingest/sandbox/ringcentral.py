@@ -31,6 +31,8 @@ from urllib.parse import parse_qs, urlsplit
 from ingest.sandbox.faults import FaultBook
 
 API = "/restapi/v1.0"
+# A WebSocket subscription has no expiry of its own: its WebSocket session ends it (deleting it).
+WEBSOCKET_LIFETIME = 10 * 365 * 86400.0
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 SCOPE = "ReadAccounts ReadMessages ReadPresence CallControl SubscriptionPubNub"
 
@@ -278,6 +280,7 @@ class _Subscription:
     rotate_key: bool = False
     rotate_channel: bool = False
     renewals: int = 0
+    transport: str = "PubNub"  # "WebSocket": created over a socket, lives as long as its session
 
     def live(self, now: float) -> bool:
         return not self.deleted and now < self.expires_at
@@ -302,6 +305,7 @@ class SubscriptionView:
     event_filters: tuple[str, ...]  # expanded, as the API returns them
     filters: tuple[EventFilter, ...] = field(repr=False, default=())
     renewals: int = 0
+    transport: str = "PubNub"
 
     @property
     def live(self) -> bool:
@@ -372,6 +376,8 @@ class RingCentralEmulator:
             a.account_id: {"created": 0, "renewed": 0, "deleted": 0, "tokens_issued": 0, "refreshed": 0}
             for a in accounts}
         self._missing_permissions: dict[str, set[str]] = {}  # account id -> app permissions it lacks
+        # POST /restapi/oauth/wstoken: set by the WebSocket emulator (ingest/sandbox/websocket.py)
+        self.ws_tokens: Callable[[_Session], dict[str, Any]] | None = None
 
     def _require_permission(self, account: Account, permission: str) -> None:
         with self._lock:
@@ -524,16 +530,19 @@ class RingCentralEmulator:
             raise api_error(400, "CMN-101", "Parameter [expiresIn] value is invalid", parameterName="expiresIn")
         return min(float(value), self.subscription_ttl_max)
 
-    def create(self, session: _Session, body: dict[str, Any]) -> dict[str, Any]:
+    def create(self, session: _Session, body: dict[str, Any], transport: str = "PubNub") -> dict[str, Any]:
+        """POST /subscription over REST (PubNub) or over a WebSocket session (`transport="WebSocket"`)."""
         mode = body.get("deliveryMode")
-        if not isinstance(mode, dict) or mode.get("transportType") != "PubNub":
+        if not isinstance(mode, dict) or mode.get("transportType") != transport:
             raise api_error(400, "CMN-101", "Parameter [deliveryMode.transportType] value is invalid",
                             parameterName="deliveryMode.transportType")
         filters = self._parse_filters(body.get("eventFilters"), session)
-        ttl = self._expires_in(body)
+        plaintext = transport != "PubNub"  # WebSocket delivers unencrypted and ignores expiresIn
+        ttl = WEBSOCKET_LIFETIME if plaintext else self._expires_in(body)
         encryption = mode.get("encryption") in (True, "true", "True")
         if any(f.kind in PRESENCE_KINDS for f in filters):
             encryption = True  # forced for presence, whatever the client asked (§3.5)
+        encryption = encryption and not plaintext
         now = time.time()
         account = session.account
         with self._lock:
@@ -543,8 +552,9 @@ class RingCentralEmulator:
                 raise api_error(403, "SUB-505", "Subscriptions limit exceeded")
             sub = _Subscription(str(uuid.UUID(int=self._rng.getrandbits(128), version=4)), account,
                                 account.extension_id, session.client_id, filters, encryption,
-                                self._new_key() if encryption else None, self._new_channel(account),
-                                self.subscriber_key, now, now + ttl)
+                                self._new_key() if encryption else None,
+                                "" if plaintext else self._new_channel(account),
+                                "" if plaintext else self.subscriber_key, now, now + ttl, transport=transport)
             self._subs[sub.id] = sub
             self.created_count[account.account_id] += 1
             self._counts[account.account_id]["created"] += 1
@@ -579,10 +589,11 @@ class RingCentralEmulator:
             if body:
                 if "eventFilters" in body:
                     sub.filters = self._parse_filters(body["eventFilters"], session)
-                    if any(f.kind in PRESENCE_KINDS for f in sub.filters) and not sub.encryption:
+                    if (any(f.kind in PRESENCE_KINDS for f in sub.filters) and not sub.encryption
+                            and sub.transport == "PubNub"):
                         sub.encryption, sub.key = True, self._new_key()
                 ttl = self._expires_in(body)
-            sub.expires_at = now + ttl
+            sub.expires_at = now + (WEBSOCKET_LIFETIME if sub.transport != "PubNub" else ttl)
             self._apply_rotation(sub)
             sub.renewals += 1
             self._counts[sub.account.account_id]["renewed"] += 1
@@ -605,7 +616,9 @@ class RingCentralEmulator:
     def _info(self, sub: _Subscription, now: float) -> dict[str, Any]:
         mode: dict[str, Any] = {"transportType": "PubNub", "encryption": sub.encryption, "address": sub.channel,
                                 "subscriberKey": sub.subscriber_key}
-        if sub.encryption:
+        if sub.transport != "PubNub":
+            mode = {"transportType": sub.transport, "encryption": False}
+        elif sub.encryption:
             mode["encryptionAlgorithm"] = "AES"
             mode["encryptionKey"] = sub.key
         return {"uri": f"{self.base_url}{API}/subscription/{sub.id}", "id": sub.id,
@@ -642,7 +655,7 @@ class RingCentralEmulator:
             views.append(SubscriptionView(
                 s.id, s.account.name, s.account.account_id, s.extension_id, status, s.created_at, s.expires_at,
                 s.deleted, s.channel, s.subscriber_key, s.key, s.encryption,
-                tuple(f.expanded for f in s.filters), tuple(s.filters), s.renewals))
+                tuple(f.expanded for f in s.filters), tuple(s.filters), s.renewals, s.transport))
         return views
 
     def is_live(self, subscription_id: str) -> bool:
@@ -814,7 +827,7 @@ class RingCentralHandler(BaseHTTPRequestHandler):
         if hit is not None:
             raise _injected(int(hit["status"]), endpoint, hit.get("retry_after"))
 
-    def _dispatch(  # noqa: PLR0911, PLR0912 - one flat routing table reads best
+    def _dispatch(  # noqa: PLR0911, PLR0912, PLR0915 - one flat routing table reads best
         self, method: str, path: str, raw: bytes, headers: dict[str, str]) -> tuple[int, Any]:
         em = self.emulator
         if path == "/restapi/oauth/token" and method == "POST":
@@ -829,6 +842,11 @@ class RingCentralHandler(BaseHTTPRequestHandler):
             form = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
             em.revoke(form.get("token", ""))
             return 200, None
+        if path == "/restapi/oauth/wstoken" and method == "POST" and em.ws_tokens is not None:
+            session = em.authenticate(self.headers.get("Authorization"))
+            self._limit(session.account.extension_id, "auth", headers)
+            self._fault("wstoken")
+            return 200, em.ws_tokens(session)
         if not path.startswith(API + "/"):
             raise api_error(404, "CMN-120", "Invalid URI")
         session = em.authenticate(self.headers.get("Authorization"))

@@ -191,6 +191,17 @@ class Metrics:
             "ingest_pubnub_status_total", "PubNub status events, by category.", ["category"], registry=r)
         self.pubnub_connections = Gauge(
             "ingest_pubnub_connections", "Open PubNub subscribe connections.", registry=r)
+        self.websocket_connections = Gauge(
+            "ingest_websocket_connections", "Open RingCentral WebSocket connections (one per user session).",
+            registry=r)
+        self.websocket_reconnects = Counter(
+            "ingest_websocket_reconnects_total",
+            "WebSocket connections ended, by reason (drop, idle, absolute, pong-timeout, unauthorized, error).",
+            ["reason"], registry=r)
+        self.websocket_recoveries = Counter(
+            "ingest_websocket_recoveries_total",
+            "Session recoveries, by outcome: Successful, Failed (a gap), expired (beyond recoveryTimeout: a gap).",
+            ["outcome"], registry=r)
         # Scale-out
         self.owned_specs = Gauge("ingest_owned_specs", "Specs this worker owns (assigned spec partitions).",
                                  registry=r)

@@ -38,6 +38,7 @@ DEFAULT_GROUPS = {
     "subscription.renew": "light",
     "subscription.delete": "medium",
     "extension.get": "light",
+    "oauth.wstoken": "auth",
 }
 
 
@@ -86,6 +87,18 @@ class RingCentralClient:
                 return max([0.0, *(until - now for until in self._silent_until.values())])
             return max(0.0, self._silent_until.get(self._groups.get(endpoint, "light"), 0.0) - now)
 
+    def rate_limited(self, endpoint: str, retry_after: float | None, group: str | None = None,
+                     error_code: str | None = None, message: str = "") -> RateLimited:
+        """Record a 429 (from `request`, or over a WebSocket): silence for its group until `retry_after`
+        (default: the documented penalty), counted. Returns the error to raise."""
+        group = (group or self._groups.get(endpoint, "light")).lower()
+        wait = DEFAULT_PENALTY_SECONDS if retry_after is None else retry_after
+        self._penalize(group, wait)
+        self.metrics.rate_limit_penalties.labels(group).inc()
+        log.warning("rc.rate_limited", user=self.user, endpoint=endpoint, group=group, retry_after=wait)
+        return RateLimited(wait, group, sent=True, endpoint=endpoint, error_code=error_code or "CMN-301",
+                           message=message or "Request rate exceeded")
+
     def _penalize(self, group: str, seconds: float) -> None:
         with self._lock:
             until = self._clock() + seconds
@@ -116,14 +129,8 @@ class RingCentralClient:
                 self.tokens.invalidate(token)
                 continue
             if resp.status_code == 429:
-                wait = retry_after_seconds(resp)
-                wait = DEFAULT_PENALTY_SECONDS if wait is None else wait
-                self._penalize(group, wait)
-                self.metrics.rate_limit_penalties.labels(group).inc()
                 code, message = _error_of(resp)
-                log.warning("rc.rate_limited", user=self.user, endpoint=endpoint, group=group, retry_after=wait)
-                raise RateLimited(wait, group, sent=True, endpoint=endpoint, error_code=code or "CMN-301",
-                                  message=message or "Request rate exceeded")
+                raise self.rate_limited(endpoint, retry_after_seconds(resp), group, code, message)
             if resp.status_code >= 400:
                 code, message = _error_of(resp)
                 raise ApiError(resp.status_code, code, message, retry_after_seconds(resp), endpoint)
@@ -169,6 +176,13 @@ class RingCentralClient:
     def renew_subscription(self, subscription_id: str) -> dict[str, Any]:
         body: dict[str, Any] = self.request("POST", f"{API}/subscription/{subscription_id}/renew",
                                             "subscription.renew")
+        return body
+
+    def ws_token(self) -> dict[str, Any]:
+        """A single-use WebSocket token: `{"ws_access_token", "uri", "expires_in"}` (Auth group)."""
+        body = self.request("POST", "/restapi/oauth/wstoken", "oauth.wstoken")
+        if not isinstance(body, dict) or not body.get("ws_access_token") or not body.get("uri"):
+            raise ApiError(200, None, "wstoken answer without ws_access_token or uri", None, "oauth.wstoken")
         return body
 
     def delete_subscription(self, subscription_id: str) -> None:

@@ -38,6 +38,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DELIVERY_GUARANTEES = ("at-least-once", "exactly-once")
 COORDINATION_MODES = ("standalone", "group")
+TRANSPORTS = ("pubnub", "websocket")  # per account; pubnub by default (what existing apps use)
 # librdkafka properties whose values are credentials: scrubbed from logs and hidden from repr.
 _KAFKA_SECRET_MARKERS = ("password", "secret", "ssl.key.pem", "sasl.oauthbearer.config", "sasl.jaas.config")
 # A worker config is a few KiB and a secret a few hundred bytes: the caps keep a device such as
@@ -97,6 +98,7 @@ class AccountConfig:
     name: str
     jwt: str = field(repr=False)
     subscriptions: list[SubscriptionConfig] = field(default_factory=list)
+    transport: str = "pubnub"  # or "websocket": one connection for the user, carrying its one subscription
 
 
 @dataclass(frozen=True)
@@ -614,14 +616,18 @@ class _Validator:
             p = f"accounts[{i}]"
             if item is None:
                 raise self.fail(p, "expected a mapping, got null")
-            m = self.mapping(item, p, ("name", "jwt_file", "jwt_env", "subscriptions"))
+            m = self.mapping(item, p, ("name", "jwt_file", "jwt_env", "subscriptions", "transport"))
             name = self.name(m, p)
             if name in seen:
                 raise self.fail(f"{p}.name", f"duplicate account name {name!r}")
             seen.add(name)
             jwt = self.secret(m, "jwt", p)
-            out.append(AccountConfig(name=name, jwt=jwt, subscriptions=self.subscriptions(m.get("subscriptions"),
-                                                                                       f"{p}.subscriptions")))
+            transport = self.choice(m, "transport", p, "pubnub", options=TRANSPORTS, normalize=str.lower)
+            subscriptions = self.subscriptions(m.get("subscriptions"), f"{p}.subscriptions")
+            if transport == "websocket" and len(subscriptions) > 1:
+                raise self.fail(f"{p}.subscriptions", "transport websocket carries one subscription per account "
+                                "(one connection per user session): put all its event_filters in one subscription")
+            out.append(AccountConfig(name=name, jwt=jwt, subscriptions=subscriptions, transport=transport))
         return out
 
     def name(self, m: dict[str, Any], p: str) -> str:

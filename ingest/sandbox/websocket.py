@@ -13,8 +13,11 @@ The server is `websockets`' threaded server (a thread per connection, like the H
   waits `recovery_timeout` seconds for a reconnect with its `wsc`: then `recoveryState: Successful`
   and what the client may have missed is replayed; later (or when the `ws_fail_recovery` fault is
   armed) `recoveryState: Failed`, a new session, and the old subscription is deleted.
-- What a server cannot know is which frames written just before a drop reached the client; the
-  emulator replays the last `recovery_overlap` written ones too, so clients must de-duplicate.
+- Every frame's `wsc` names the session *and* a position in it: the token is `<session>.<sequence>`
+  (the reference says to keep the newest wsc, by sequence; whether RingCentral's token changes per frame
+  is UNVERIFIED, this reading is the one that lets a server know what the client has). A recovery
+  replays the buffered notifications after that sequence; what the buffer no longer holds is counted
+  as lost (`lost` in the stats). The ConnectionDetails of a recovery carries the recovered position.
 - RFC 6455 pings every `ping_interval` (pong within `pong_timeout`, else the server closes);
   `Heartbeat` frames are answered. A connection with no client frame for `idle_timeout` gets
   `Error` WSG-902 and is closed; every connection is closed after `absolute_timeout` with WSG-903.
@@ -70,7 +73,6 @@ class WebSocketSettings:
     token_ttl: float = 30.0
     ping_interval: float = 30.0
     pong_timeout: float = 10.0
-    recovery_overlap: int = 3
     details_delay: float = 0.05  # a short pause before ConnectionDetails: exposes clients that send first
 
 
@@ -110,21 +112,20 @@ class _Buffered:
 
 @dataclass
 class _WsSession:
-    wsc: str
+    id: str
     oauth: OAuthSession  # the OAuth session whose token opened the newest connection
     created_at: float
     buffer: deque[_Buffered]
-    sequence: int = 0
-    written: int = 0  # highest sequence written to a socket
+    sequence: int = 0  # of the newest notification
     subscription_id: str | None = None
     connection: _Connection | None = None
     disconnected_at: float = 0.0
     recoveries: int = 0
-    dropped: int = 0  # notifications pushed out of the recovery buffer while nobody read them
+    lost: int = 0  # notifications a recovery could not replay any more (pushed out of the buffer)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def wsc_meta(self) -> dict[str, Any]:
-        return {"token": self.wsc, "sequence": self.sequence}
+    def wsc_meta(self, sequence: int) -> dict[str, Any]:
+        return {"token": f"{self.id}.{sequence}", "sequence": sequence}
 
 
 class WebSocketEmulator:
@@ -137,7 +138,7 @@ class WebSocketEmulator:
         self.url = ""
         self._lock = threading.Lock()
         self._tokens: dict[str, tuple[OAuthSession | None, float]] = {}  # ws token -> (OAuth session, expiry)
-        self._sessions: dict[str, _WsSession] = {}  # wsc token -> session
+        self._sessions: dict[str, _WsSession] = {}  # session id (the wsc token before its `.`) -> session
         self._by_subscription: dict[str, _WsSession] = {}
         self._server: Server | None = None
         self._threads: list[threading.Thread] = []
@@ -204,9 +205,9 @@ class WebSocketEmulator:
         if self._sent_early(conn):
             return
         wsc = parse_qs(urlsplit(conn.request.path).query).get("wsc", [""])[0]
-        session, details = self._attach(conn, conn.rc_session, wsc)
+        session, details, position = self._attach(conn, conn.rc_session, wsc)
         try:
-            self._serve(conn, session, details)
+            self._serve(conn, session, details, position)
         finally:
             self._detach(session, conn)
 
@@ -225,8 +226,10 @@ class WebSocketEmulator:
             conn.close(1008, EARLY_FRAME)
         return True
 
-    def _attach(self, conn: _Connection, oauth: OAuthSession, wsc: str) -> tuple[_WsSession, dict[str, Any]]:
-        """Recover the session named by `wsc`, or open a new one; the ConnectionDetails body."""
+    def _attach(self, conn: _Connection, oauth: OAuthSession,
+                wsc: str) -> tuple[_WsSession, dict[str, Any], int]:
+        """Recover the session named by `wsc`, or open a new one: the ConnectionDetails body, and the
+        sequence the client has (what follows it is replayed)."""
         s = self.settings
         now = time.time()
         details: dict[str, Any] = {
@@ -234,33 +237,36 @@ class WebSocketEmulator:
             "recoveryBufferSize": s.recovery_buffer, "recoveryTimeout": int(s.recovery_timeout),
             "idleTimeout": int(s.idle_timeout), "absoluteTimeout": int(s.absolute_timeout),
             "maxActiveRequests": s.max_active_requests}
+        session_id, _, sequence = wsc.rpartition(".")
         with self._lock:
-            old = self._sessions.get(wsc) if wsc else None
-            recoverable = (old is not None and old.connection is None and old.oauth.account is oauth.account
-                           and now - old.disconnected_at < s.recovery_timeout)
-            if wsc and recoverable and self.book.take("ws-fail-recovery") is None:
+            old = self._sessions.get(session_id) if wsc else None
+            # A session whose socket the server still holds is recoverable too: the client has seen it end
+            # (it reconnects within milliseconds of a close, before this side has finished closing).
+            recoverable = (old is not None and old.oauth.account is oauth.account
+                           and (old.connection is not None or now - old.disconnected_at < s.recovery_timeout))
+            if wsc and recoverable and sequence.isdigit() and self.book.take("ws-fail-recovery") is None:
                 assert old is not None
                 old.connection, old.oauth = conn, oauth
                 old.recoveries += 1
                 self.counts["recovered"] += 1
-                return old, details | {"recoveryState": "Successful"}
+                return old, details | {"recoveryState": "Successful"}, min(int(sequence), old.sequence)
             if wsc:
                 self.counts["recovery_failed"] += 1
                 details |= {"recoveryState": "Failed", "recoveryErrorCode": RECOVERY_FAILED}
-                if old is not None and old.connection is None:
+                if old is not None:
                     self._end(old)
             session = _WsSession(secrets.token_urlsafe(24), oauth, now, deque(maxlen=s.recovery_buffer),
-                               connection=conn)
-            register_secret(session.wsc)
-            self._sessions[session.wsc] = session
-            return session, details
+                                 connection=conn)
+            register_secret(session.id)
+            self._sessions[session.id] = session
+            return session, details, 0
 
-    def _serve(self, conn: _Connection, session: _WsSession, details: dict[str, Any]) -> None:
+    def _serve(self, conn: _Connection, session: _WsSession, details: dict[str, Any], position: int) -> None:
         s = self.settings
-        with session.lock:
-            conn.send(_frame(_meta("ConnectionDetails", wsc=session.wsc_meta()), details))
+        with session.lock, contextlib.suppress(ConnectionClosed):  # gone already: the handler ends below
+            conn.send(_frame(_meta("ConnectionDetails", wsc=session.wsc_meta(position)), details))
             if details.get("recoveryState") == "Successful":
-                self._replay(conn, session)
+                self._replay(conn, session, position)
         opened = last_frame = time.monotonic()
         while True:
             idle_at, absolute_at = last_frame + s.idle_timeout, opened + s.absolute_timeout
@@ -277,13 +283,13 @@ class WebSocketEmulator:
                 with contextlib.suppress(ConnectionClosed):
                     conn.send(answer)
 
-    def _replay(self, conn: _Connection, session: _WsSession) -> None:
-        """After a recovery: the buffered notifications the client may not have (session lock held)."""
-        start = session.written - self.settings.recovery_overlap
+    def _replay(self, conn: _Connection, session: _WsSession, position: int) -> None:
+        """After a recovery: the buffered notifications after the client's position (session lock held)."""
+        oldest = session.buffer[0].sequence if session.buffer else session.sequence + 1
+        session.lost += max(0, oldest - position - 1)
         for item in list(session.buffer):
-            if item.sequence > start:
+            if item.sequence > position:
                 conn.send(item.frame)
-                session.written = max(session.written, item.sequence)
                 self.counts["replayed"] += 1
 
     def _timeout_close(self, conn: _Connection, code: str) -> None:
@@ -301,7 +307,7 @@ class WebSocketEmulator:
 
     def _end(self, session: _WsSession) -> None:
         """The session is over (lock held): its subscription goes with it."""
-        self._sessions.pop(session.wsc, None)
+        self._sessions.pop(session.id, None)
         if session.subscription_id is not None:
             self._by_subscription.pop(session.subscription_id, None)
             with contextlib.suppress(KeyError):
@@ -404,19 +410,13 @@ class WebSocketEmulator:
             return 0
         with session.lock:
             session.sequence += 1
-            meta = _meta("ServerNotification", wsc=session.wsc_meta())
+            meta = _meta("ServerNotification", wsc=session.wsc_meta(session.sequence))
             frame = "[" + json.dumps(meta, separators=(",", ":")) + "," + plaintext.decode("utf-8", "replace") + "]"
-            buffer = session.buffer
-            if len(buffer) == buffer.maxlen and buffer[0].sequence > session.written:
-                session.dropped += 1  # never written, now beyond recovery: lost
-            buffer.append(_Buffered(session.sequence, frame))
+            session.buffer.append(_Buffered(session.sequence, frame))
             conn = session.connection
             if conn is not None and not conn.stalled:
-                try:
+                with contextlib.suppress(ConnectionClosed):  # the session's next connection replays it
                     conn.send(frame)
-                    session.written = session.sequence
-                except ConnectionClosed:
-                    pass
             return session.sequence
 
     # ---- faults ----------------------------------------------------------------------------------
@@ -455,5 +455,5 @@ class WebSocketEmulator:
             sessions = list(self._sessions.values())
         return {"url": self.url, "sessions": len(sessions),
                 "connections": sum(1 for s in sessions if s.connection is not None),
-                "buffered": sum(len(s.buffer) for s in sessions), "lost": sum(s.dropped for s in sessions),
+                "buffered": sum(len(s.buffer) for s in sessions), "lost": sum(s.lost for s in sessions),
                 **self.counts}

@@ -78,10 +78,10 @@ def split_frame(text: str) -> tuple[dict[str, Any], str | None]:
 
 @dataclass(frozen=True)
 class Position:
-    """Where a notification stands in its session (opaque to the pipeline). The newest one is what a
-    restarted worker needs to recover the session within `recoveryTimeout`."""
+    """Where a notification stands in its session (opaque to the pipeline). The newest one acknowledged
+    is what a restarted worker needs to recover the session within `recoveryTimeout`."""
 
-    wsc: str  # the session's recovery token
+    wsc: str  # the newest wsc token when this was read (the sandbox's names the sequence too)
     sequence: int  # the `wsc.sequence` of the frame (or of the newest frame before it)
     subscription_id: str | None
     received_at: float  # unix seconds
@@ -382,12 +382,13 @@ class WebSocketSession:
         except TimeoutError:
             return
         frames = [first]
-        while len(frames) < MAX_BATCH:
-            try:
+        try:
+            while len(frames) < MAX_BATCH:
                 frames.append(ws.recv(timeout=0))
-            except TimeoutError:
-                break
-        self._dispatch(frames)
+        except TimeoutError:
+            pass
+        finally:  # also when the connection ends here: what was read is handed on before the reconnect
+            self._dispatch(frames)
 
     def _dispatch(self, frames: list[str | bytes]) -> None:
         batch: list[Notification] = []
@@ -432,13 +433,16 @@ class WebSocketSession:
         return False
 
     def _note_wsc(self, wsc: Any, force: bool = False) -> None:
-        """Keep the newest wsc: on every ConnectionDetails, and whenever a frame's sequence is higher."""
+        """Keep the newest wsc: on every ConnectionDetails, and whenever a frame's sequence is higher
+        (a replay carries older ones). Not logged anywhere: it names the session."""
         if not isinstance(wsc, dict) or not wsc.get("token"):
             return
-        sequence = int(wsc.get("sequence") or 0)
+        try:
+            sequence = int(wsc.get("sequence") or 0)
+        except (TypeError, ValueError):
+            return
         with self._lock:
-            if force or sequence > self._sequence or wsc["token"] != self._wsc:
-                register_secret(str(wsc["token"]))
+            if force or sequence > self._sequence:
                 self._wsc, self._sequence = str(wsc["token"]), sequence
 
 

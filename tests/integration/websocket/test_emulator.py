@@ -160,8 +160,10 @@ def test_recovery_replays_what_was_missed_within_the_timeout(rc: RC, sandbox: Sa
     with open_socket(rc) as (conn, details):
         info = subscribe(conn)
         before = sandbox.generator.publish(4)
-        assert uuids(notifications(conn, 4)) == [g.uuid for g in before]
-        wsc = details[0]["wsc"]["token"]
+        frames = notifications(conn, 4)
+        assert uuids(frames) == [g.uuid for g in before]
+        assert details[0]["wsc"]["sequence"] == 0 and [f[0]["wsc"]["sequence"] for f in frames] == [1, 2, 3, 4]
+        wsc = frames[1][0]["wsc"]["token"]  # as if the client had handed on only the first two
         assert sandbox.faults.ws_drop_connections() == 1
         with pytest.raises(ConnectionClosed):
             conn.recv(timeout=10)
@@ -170,10 +172,9 @@ def test_recovery_replays_what_was_missed_within_the_timeout(rc: RC, sandbox: Sa
     assert len(missed) == 6
     with open_socket(rc, wsc) as (conn, details):
         assert details[1]["recoveryState"] == "Successful"
-        assert details[0]["wsc"]["token"] == wsc
-        replayed = notifications(conn, 3 + 6)
-        # The last 3 written before the drop come again (a server cannot know they arrived), then the missed.
-        assert uuids(replayed) == [g.uuid for g in before[-3:] + missed]
+        assert details[0]["wsc"]["token"] == wsc and details[0]["wsc"]["sequence"] == 2
+        # What came after the position the wsc names: the last 2 read before the drop, then the missed.
+        assert uuids(notifications(conn, 2 + 6)) == [g.uuid for g in before[2:] + missed]
         live = sandbox.generator.publish(2)
         assert uuids(notifications(conn, 2)) == [g.uuid for g in live]
         assert {s.id: s.status for s in sandbox.rc.subscriptions()}[info["id"]] == "Active"
@@ -185,10 +186,10 @@ def test_recovery_buffer_keeps_the_newest_100(rc: RC, sandbox: Sandbox) -> None:
         sandbox.faults.ws_drop_connections()
     wait_for(lambda: sandbox.websocket.stats()["connections"] == 0)
     missed = sandbox.generator.publish(130)
-    assert sandbox.websocket.stats()["lost"] == 30
     with open_socket(rc, details[0]["wsc"]["token"]) as (conn, again):
         assert again[1]["recoveryState"] == "Successful"
         assert uuids(notifications(conn, 100)) == [g.uuid for g in missed[30:]]
+        assert sandbox.websocket.stats()["lost"] == 30  # the recovery knows what the buffer no longer held
 
 
 def test_failed_recovery_is_a_new_session_and_the_old_subscription_is_gone(rc: RC, sandbox: Sandbox) -> None:

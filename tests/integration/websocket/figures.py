@@ -8,7 +8,10 @@ notification (CPU seconds of the whole process per notification handed on).
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +19,7 @@ from typing import Any
 
 import orjson
 import requests
+from websockets.sync.client import connect
 
 from ingest.metrics import Metrics
 from ingest.rc.http import RingCentralClient
@@ -106,16 +110,60 @@ def main() -> None:
               f"lost {len(set(published) - set(run.uuids))}, twice {len(run.uuids) - len(set(run.uuids))}, "
               f"replays dropped as duplicates {run.count('ingest_notifications_duplicate_total'):.0f}")
         run.session.stop()
-    with Sandbox(SandboxSettings(rate_limits=False, pubnub_hold_seconds=0.5, payload_size=900)) as sb:
-        run = _Run(sb, WebSocketSettings())
-        n = 20000
-        cpu, wall = time.process_time(), time.monotonic()
-        sb.generator.publish(n)
-        wait_for(lambda: len(run.uuids) >= n, timeout=300)
-        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
-        print(f"{n} notifications of ~900 B through one connection (sandbox and client in one process): "
-              f"{n / wall:.0f}/s, {cpu / n * 1e6:.0f} us CPU each (server, generator and client together)")
-        run.session.stop()
+    client_cost()
+
+
+def client_cost(n: int = 20000) -> None:
+    """CPU of this process only (the sandbox runs in its own): the bare `websockets` receive loop, and
+    the session (frame split, uuid de-duplication, positions) on top of it."""
+    proc = subprocess.Popen([sys.executable, "-m", "ingest", "sandbox", "--json", "--no-rate-limits",
+                             "--payload-size", "900"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        account, http, metrics = info["accounts"][0], requests.Session(), Metrics()
+        tokens = TokenManager(info["rc_url"], info["client_id"], info["client_secret"], account["jwt"], metrics, http)
+        client = RingCentralClient(info["rc_url"], tokens, metrics, http)
+        for compression in ("deflate", None):
+            _bare(client, info, n, compression)
+        received: list[int] = []
+        session = WebSocketSession(client, [MESSAGE_STORE], lambda batch, _: received.append(len(batch)), metrics)
+        session.start()
+        wait_for(lambda: session.connected, timeout=30)
+        _cost("WebSocketSession (split, de-duplication, positions)", n, info,
+              lambda: wait_for(lambda: sum(received) >= n, timeout=300, interval=0.05))
+        session.stop()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _bare(client: RingCentralClient, info: dict[str, Any], n: int, compression: str | None) -> None:
+    token = client.ws_token()
+    with connect(f"{token['uri']}?access_token={token['ws_access_token']}", proxy=None, max_size=None,
+                 compression=compression) as ws:
+        ws.recv(timeout=10)
+        ws.send(json.dumps([{"type": "ClientRequest", "messageId": "1", "method": "POST",
+                             "path": "/restapi/v1.0/subscription"},
+                            {"eventFilters": [MESSAGE_STORE], "deliveryMode": {"transportType": "WebSocket"}}]))
+        subscription = json.loads(ws.recv(timeout=10))[1]["id"]
+        _cost(f"bare websockets recv loop, compression {compression}", n, info,
+              lambda: [ws.recv(timeout=60) for _ in range(n)])
+        ws.send(json.dumps([{"type": "ClientRequest", "messageId": "2", "method": "DELETE",
+                             "path": f"/restapi/v1.0/subscription/{subscription}"}]))
+        ws.recv(timeout=10)  # the generator publishes round-robin: to the next session's subscription only
+
+
+def _cost(name: str, n: int, info: dict[str, Any], receive: Callable[[], Any]) -> None:
+    publisher = threading.Thread(target=requests.post, args=(f"{info['rc_url']}/sandbox/generator/publish",),
+                                 kwargs={"json": {"n": n}, "timeout": 300})
+    cpu, wall = time.process_time(), time.monotonic()
+    publisher.start()
+    receive()
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    publisher.join()
+    print(f"{name}: {n} notifications of ~900 B as the sandbox sends them, {n / wall:.0f}/s, "
+          f"{cpu / n * 1e6:.1f} us CPU each in the client process")
 
 
 if __name__ == "__main__":

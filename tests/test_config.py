@@ -381,3 +381,15 @@ def test_ingest_run_exits_2_on_a_bad_transport(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert "accounts[0].transport: must be one of pubnub, websocket" in err
     assert len(err.strip().splitlines()) == 1 and CLIENT_SECRET not in err and JWT not in err
+
+
+def test_ingest_run_refuses_websocket_accounts_until_the_worker_serves_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest.cli import main
+
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    assert main(["run", "--config", str(write(tmp_path, WEBSOCKET))]) == 2
+    err = capsys.readouterr().err
+    assert "accounts[0].transport: websocket is not served by `ingest run` yet" in err
+    assert len(err.strip().splitlines()) == 1

@@ -111,6 +111,48 @@ def main() -> None:
               f"replays dropped as duplicates {run.count('ingest_notifications_duplicate_total'):.0f}")
         run.session.stop()
     client_cost()
+    many_users()
+
+
+def many_users(users: int = 100, seconds: float = 30.0, rate: float = 20.0) -> None:
+    """The realistic scenario (many users, sparse traffic) in the client: one session (thread, socket,
+    `websockets`' reader and keepalive threads) per user; RSS, threads and CPU of this process."""
+    proc = subprocess.Popen([sys.executable, "-m", "ingest", "sandbox", "--json", "--no-rate-limits",
+                             "--accounts", str(users), "--extensions", "1"], stdout=subprocess.PIPE, text=True)
+    sessions: list[WebSocketSession] = []
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        rss, threads = _rss_kib(), threading.active_count()
+        received: list[int] = []
+        for account in info["accounts"]:
+            http, metrics = requests.Session(), Metrics()
+            tokens = TokenManager(info["rc_url"], info["client_id"], info["client_secret"], account["jwt"], metrics,
+                                  http)
+            client = RingCentralClient(info["rc_url"], tokens, metrics, http)
+            session = WebSocketSession(client, [MESSAGE_STORE], lambda batch, _: received.append(len(batch)), metrics)
+            session.start()
+            sessions.append(session)
+        wait_for(lambda: all(s.connected for s in sessions), timeout=120)
+        print(f"{users} users: +{(_rss_kib() - rss) / users:.0f} KiB RSS and "
+              f"+{(threading.active_count() - threads) / users:.0f} threads per session")
+        for label, traffic in (("idle", 0.0), (f"{rate:g} notifications/s in all", rate)):
+            if traffic:
+                requests.post(f"{info['rc_url']}/sandbox/generator/start", json={"rate": traffic}, timeout=30)
+            cpu = time.process_time()
+            time.sleep(seconds)
+            print(f"{users} users, {label}: {(time.process_time() - cpu) / seconds * 100:.1f}% of a core")
+        requests.post(f"{info['rc_url']}/sandbox/generator/stop", timeout=30)
+    finally:
+        for session in sessions:
+            session.stop(timeout=1)
+        proc.terminate()
+        proc.wait(30)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
 def client_cost(n: int = 20000) -> None:

@@ -52,7 +52,7 @@ sandbox: venv
 
 # Three runs of every scenario against a local broker; writes bench-results/ and docs/benchmarks.md.
 bench: venv
-	$(BIN)/python -m ingest.bench.run
+	$(BIN)/python -m tests.bench.run
 
 # Chaos soak (not in `make test`): a worker group under random faults, 10 minutes by default;
 # SOAK_ARGS="--minutes 20 --seed N --mode exactly-once" (tests/soak.py).

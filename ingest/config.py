@@ -29,8 +29,8 @@ from urllib.parse import urlparse
 import yaml
 from confluent_kafka import KafkaException, Producer
 
-from ingest.logs import redact, register_secret
 from ingest.model import SubscriptionSpec
+from ingest.observability.logs import redact, register_secret
 
 ENV_PREFIX = "INGEST__"
 MAX_PUBNUB_EXPIRES_IN = 900  # RingCentral caps PubNub subscriptions at 15 minutes

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from ingest.pipeline import TopicNames
+from ingest.data.pipeline import TopicNames
 from ingest.sandbox.generator import Generated
 from ingest.sandbox.ringcentral import Account
 from ingest.sandbox.server import Sandbox

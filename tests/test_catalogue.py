@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 import ingest
-from ingest import catalogue as catalogue_module
-from ingest.catalogue import Catalogue, CatalogueError, default_catalogue, schemas_dir
+from ingest.data import catalogue as catalogue_module
+from ingest.data.catalogue import Catalogue, CatalogueError, default_catalogue, schemas_dir
 
 VECTOR1 = json.loads(
     b'{"timestamp":"2014-03-12T20:47:54.712+0000","body":{"extensionId":402853446008,"telephonyStatus":"OnHold"},'

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ingest.config import Config, ConfigError, load_config
-from ingest.logs import redact
+from ingest.observability.logs import redact
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT_SECRET = "cs-very-secret-value-123"

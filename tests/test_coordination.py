@@ -9,10 +9,10 @@ import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
-from ingest.coordination import GroupMembership
+from ingest.coordination.group import GroupMembership
+from ingest.coordination.specs import apply_specs
 from ingest.model import SubscriptionSpec
-from ingest.specs.store import apply_specs
-from ingest.topics import COMPACTED, ensure_topics
+from ingest.topology import COMPACTED, ensure_topics
 from tests.harness import wait_for
 
 
@@ -53,7 +53,7 @@ def test_a_spec_topic_that_does_not_exist_yet_is_waited_for(kafka_bootstrap: str
     membership.start()
     try:
         # The consumer meets the missing topic before it exists (librdkafka reports it as an error).
-        caplog.set_level(logging.WARNING, logger="ingest.coordination")
+        caplog.set_level(logging.WARNING, logger="ingest.coordination.group")
         wait_for(lambda: membership.error is not None or _reported(caplog, "group.consumer_error"), 30,
                  what="the consumer to look for the topic")
         admin = AdminClient({"bootstrap.servers": kafka_bootstrap})

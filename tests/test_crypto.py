@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest.crypto import Cipher, DecryptError
+from ingest.data.crypto import Cipher, DecryptError
 from tests.vectors import VECTOR_CIPHERTEXT, VECTOR_KEY, VECTOR_PLAINTEXT
 
 

@@ -17,9 +17,9 @@ from confluent_kafka import Producer
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.health import HealthServer, Heartbeats, KafkaProbe, SubscriptionRow, readiness_check
-from ingest.logs import register_secret
-from ingest.metrics import FamilyMetrics, Metrics
+from ingest.observability.health import HealthServer, Heartbeats, KafkaProbe, SubscriptionRow, readiness_check
+from ingest.observability.logs import register_secret
+from ingest.observability.metrics import FamilyMetrics, Metrics
 
 
 def ok() -> tuple[bool, str]:

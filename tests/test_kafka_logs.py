@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ingest.kafka_logs import LOG_INTERVAL_SECONDS
+from ingest.observability.kafka_logs import LOG_INTERVAL_SECONDS
 from tests.faults.scenario import WorkerProcess
 from tests.harness import wait_for
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from ingest.keywrap import KeyWrapper, UnwrapError
-from ingest.state import RecordedChannel, SpecState
+from ingest.coordination.keywrap import KeyWrapper, UnwrapError
+from ingest.coordination.state import RecordedChannel, SpecState
 from tests.vectors import VECTOR_KEY
 
 SECRET = "client-secret-of-the-app"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ingest import logs
+from ingest.observability import logs
 
 
 @pytest.fixture

@@ -11,11 +11,9 @@ import orjson
 import pytest
 from test_catalogue import EXAMPLE_FAMILY, EXAMPLES, FAMILIES, PRESENCE, TELEPHONY
 
-from ingest.catalogue import Catalogue, default_catalogue
-from ingest.crypto import Cipher
-from ingest.logs import redact
-from ingest.model import Delivery
-from ingest.pipeline import (
+from ingest.data.catalogue import Catalogue, default_catalogue
+from ingest.data.crypto import Cipher
+from ingest.data.pipeline import (
     BAD_BASE64,
     BAD_LENGTH,
     BAD_PADDING,
@@ -32,6 +30,8 @@ from ingest.pipeline import (
     Pipeline,
     TopicNames,
 )
+from ingest.model import Delivery
+from ingest.observability.logs import redact
 from tests.vectors import VECTOR_CIPHERTEXT, VECTOR_KEY, VECTOR_PLAINTEXT
 
 KEY_A = base64.b64encode(bytes(range(16))).decode()
@@ -354,7 +354,7 @@ def test_a_catalogue_can_be_shared_by_pipelines() -> None:
 
 
 def test_micro_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
-    from ingest.bench import pipeline_micro
+    from tests.bench import pipeline_micro
 
     assert pipeline_micro.main(["--seconds", "0.01", "--messages", "8"]) == 0
     result = json.loads(capsys.readouterr().out)

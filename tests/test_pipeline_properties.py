@@ -12,10 +12,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ingest.catalogue import default_catalogue
-from ingest.crypto import Cipher
-from ingest.model import Delivery
-from ingest.pipeline import (
+from ingest.data.catalogue import default_catalogue
+from ingest.data.crypto import Cipher
+from ingest.data.pipeline import (
     INVALID_JSON,
     NO_ENCRYPTION_KEY,
     NOT_AN_OBJECT,
@@ -27,6 +26,7 @@ from ingest.pipeline import (
     Pipeline,
     TopicNames,
 )
+from ingest.model import Delivery
 
 KEY = base64.b64encode(b"property-test-k!").decode()
 OTHER_KEY = base64.b64encode(b"another-key-16b!").decode()

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from ingest.config import load_config
-from ingest.metrics import Metrics
 from ingest.model import Delivery, SubscriptionSpec
+from ingest.observability.metrics import Metrics
 from ingest.rc.accounts import AccountSession, build_sessions
 from ingest.rc.errors import ApiError, missing_permission
 from ingest.rc.http import RingCentralClient

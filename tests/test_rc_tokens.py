@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from ingest.metrics import Metrics
+from ingest.observability.metrics import Metrics
 from ingest.rc.errors import ApiError, AuthError, RateLimited, TokenUnavailable, parse_error_body
 from ingest.rc.http import RingCentralClient
 from ingest.rc.tokens import TokenManager

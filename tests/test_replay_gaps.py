@@ -11,10 +11,10 @@ import pytest
 from confluent_kafka import Producer
 
 from ingest.config import load_config
-from ingest.keywrap import KeyWrapper
-from ingest.pipeline import TopicNames
+from ingest.coordination.keywrap import KeyWrapper
+from ingest.coordination.state import partition_for, restore
+from ingest.data.pipeline import TopicNames
 from ingest.sandbox.server import Sandbox, SandboxSettings
-from ingest.state import partition_for, restore
 from ingest.worker.runtime import Worker
 from tests.harness import TopicReader, wait_for, write_config
 

@@ -18,12 +18,12 @@ import pytest
 import yaml
 from confluent_kafka import Consumer
 
+from ingest.commands.status import collect
 from ingest.config import load_config
-from ingest.pipeline import TopicNames
+from ingest.coordination.state import SpecState, restore
+from ingest.data.pipeline import TopicNames
 from ingest.sandbox.processes import WorkerProcess
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
-from ingest.state import SpecState, restore
-from ingest.status import collect
 from tests.harness import TopicReader, drain_and_compare, wait_for, write_config
 
 ACCOUNTS = 10

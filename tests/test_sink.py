@@ -10,10 +10,10 @@ from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from ingest.metrics import INTERNAL_BUCKETS, BatchHistogram, Metrics
-from ingest.pipeline import Outcome
-from ingest.sink import KafkaSink, SpecProgress
-from ingest.topics import ensure_topics
+from ingest.data.pipeline import Outcome
+from ingest.data.sink import KafkaSink, SpecProgress
+from ingest.observability.metrics import INTERNAL_BUCKETS, BatchHistogram, Metrics
+from ingest.topology import ensure_topics
 from tests.harness import wait_for
 
 TT = 17_000_000_000_000_000

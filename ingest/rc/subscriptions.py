@@ -35,9 +35,9 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from ingest.logs import get_logger, register_secret
-from ingest.metrics import Metrics
 from ingest.model import Delivery, SubscriptionSpec
+from ingest.observability.logs import get_logger, register_secret
+from ingest.observability.metrics import Metrics
 from ingest.rc.accounts import AccountSession
 from ingest.rc.errors import ApiError, NetworkError, RateLimited, TokenUnavailable, missing_permission
 

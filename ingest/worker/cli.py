@@ -8,8 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ingest import logs
-from ingest.logs import redact
+from ingest.observability import logs
+from ingest.observability.logs import redact
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
 
     from confluent_kafka import KafkaException
 
-    from ingest.health import ListenError
+    from ingest.observability.health import ListenError
     from ingest.worker.runtime import Worker, WorkerStopped, tune_gc
 
     try:

@@ -27,24 +27,24 @@ from typing import TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from ingest.catalogue import default_catalogue
 from ingest.config import Config
-from ingest.coordination import GroupMembership
-from ingest.health import HealthServer, Heartbeats
-from ingest.kafka_logs import kafka_log_config, serve_logs
-from ingest.keywrap import KeyWrapper, UnwrapError
-from ingest.logs import get_logger
-from ingest.metrics import Metrics, SpecMetrics
+from ingest.coordination.group import GroupMembership
+from ingest.coordination.keywrap import KeyWrapper, UnwrapError
+from ingest.coordination.specs import apply_specs
+from ingest.coordination.state import RecordedChannel, SpecState, partition_for, restore
+from ingest.coordination.transactions import TransactionalSink, TransactionFailed
+from ingest.data.catalogue import default_catalogue
+from ingest.data.pipeline import ChannelContext, Pipeline, TopicNames
+from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.model import Delivery, SubscriptionSpec
-from ingest.pipeline import ChannelContext, Pipeline, TopicNames
+from ingest.observability.health import HealthServer, Heartbeats
+from ingest.observability.kafka_logs import kafka_log_config, serve_logs
+from ingest.observability.logs import get_logger
+from ingest.observability.metrics import Metrics, SpecMetrics
 from ingest.rc.accounts import build_sessions
 from ingest.rc.subscriptions import SubscriptionManager
-from ingest.sink import KafkaSink, SpecProgress
-from ingest.specs.store import apply_specs
-from ingest.state import RecordedChannel, SpecState, partition_for, restore
-from ingest.topics import COMPACTED, ensure_topics
-from ingest.transactions import TransactionalSink, TransactionFailed
-from ingest.transport import PubNubTransport, Received, TransportSettings, timetoken_at
+from ingest.topology import COMPACTED, ensure_topics
+from ingest.transports.pubnub import PubNubTransport, Received, TransportSettings, timetoken_at
 
 log = get_logger(__name__)
 _T = TypeVar("_T")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
-from ingest.pipeline import TopicNames
+from ingest.data.pipeline import TopicNames
+from ingest.data.sink import KafkaSink
 from ingest.sandbox.kafka import LocalKafka
 from ingest.sandbox.server import Sandbox
-from ingest.sink import KafkaSink
 from ingest.worker.runtime import STATE_REFRESH_SECONDS, Worker
 from tests.faults.scenario import (
     RATE,

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from ingest.pipeline import TopicNames
+from ingest.data.pipeline import TopicNames
 from ingest.sandbox.generator import MALFORMED
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from tests.faults.scenario import (
@@ -188,7 +188,7 @@ def test_kafka_sasl_ssl_settings_reach_librdkafka_and_the_password_stays_hidden(
             "sasl.password": KAFKA_PASSWORD, "debug": "conf,security"})
         worker = WorkerProcess(config, tmp_path / "worker.log")
         try:
-            # librdkafka's lines come through the JSON log (ingest.kafka_logs): its errors at most once
+            # librdkafka's lines come through the JSON log (ingest.observability.kafka_logs): its errors at most once
             # per 10 s per client, so the second dump comes with the next admin client (a retry).
             dump = f"security.protocol = {protocol.lower()}"
             wait_for(lambda: worker.log.read_text(errors="replace").count(evidence) >= 2

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ingest.bench import sandbox_delivery
+from tests.bench import sandbox_delivery
 
 
 def test_sandbox_delivery_bench_prints_rates(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from ingest.catalogue import default_catalogue
-from ingest.crypto import Cipher, DecryptError
-from ingest.pipeline import SCHEMA_VIOLATION, ChannelContext, Pipeline, TopicNames
+from ingest.data.catalogue import default_catalogue
+from ingest.data.crypto import Cipher, DecryptError
+from ingest.data.pipeline import SCHEMA_VIOLATION, ChannelContext, Pipeline, TopicNames
 from ingest.sandbox.generator import KINDS, MALFORMED, Generated
 from ingest.sandbox.server import Sandbox
 from tests.harness import documented_subscription_filters

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ingest.crypto import Cipher
+from ingest.data.crypto import Cipher
 from ingest.sandbox.server import Sandbox
 
 from .conftest import MESSAGE_STORE, PRESENCE, RC, Listener, holds, wait_for

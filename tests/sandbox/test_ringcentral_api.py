@@ -11,7 +11,7 @@ from datetime import datetime
 
 import requests
 
-from ingest.crypto import Cipher
+from ingest.data.crypto import Cipher
 from ingest.sandbox.ringcentral import RateLimits
 from ingest.sandbox.server import Sandbox
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ingest.metrics import Metrics
+from ingest.observability.metrics import Metrics
 from ingest.sandbox.server import Sandbox
-from ingest.transport import PubNubTransport, Received, TransportSettings
+from ingest.transports.pubnub import PubNubTransport, Received, TransportSettings
 
 from .conftest import RC, wait_for
 

@@ -22,7 +22,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ingest.bench.common import (
+from ingest.sandbox.ringcentral import RateLimits
+from ingest.sandbox.server import SandboxSettings, demo_accounts
+from ingest.sandbox.worker_config import write_worker_config
+from tests.bench.common import (
     SPAWN,
     SandboxProcess,
     cpu_seconds,
@@ -30,9 +33,6 @@ from ingest.bench.common import (
     peak_rss_bytes,
     percentile,
 )
-from ingest.sandbox.ringcentral import RateLimits
-from ingest.sandbox.server import SandboxSettings, demo_accounts
-from ingest.sandbox.worker_config import write_worker_config
 
 SUBS_PER_ACCOUNT = 25
 REAL_LIFETIME = 900.0

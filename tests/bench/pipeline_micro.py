@@ -1,6 +1,6 @@
 """Micro-benchmark of the data-plane core: `Pipeline.process` against a naive implementation.
 
-Run: `python -m ingest.bench.pipeline_micro [--seconds 3] [--messages 1000]`; prints one JSON object.
+Run: `python -m tests.bench.pipeline_micro [--seconds 3] [--messages 1000]`; prints one JSON object.
 
 Workload: realistic encrypted notifications of about 1 KiB (instant SMS, telephony session,
 detailed presence, message-store change, in rotation; each with its own uuid and timestamp), one
@@ -25,10 +25,10 @@ from typing import Any
 
 from Crypto.Cipher import AES
 
-from ingest.catalogue import Catalogue, default_catalogue, schemas_dir
-from ingest.crypto import Cipher, pkcs7_unpad
+from ingest.data.catalogue import Catalogue, default_catalogue, schemas_dir
+from ingest.data.crypto import Cipher, pkcs7_unpad
+from ingest.data.pipeline import ChannelContext, Pipeline, TopicNames
 from ingest.model import Delivery
-from ingest.pipeline import ChannelContext, Pipeline, TopicNames
 
 KEY = base64.b64encode(b"bench-key-16byte").decode()
 ACCOUNT = "809646016"

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingest import logs
-from ingest.metrics import Metrics
+from ingest.observability import logs
+from ingest.observability.metrics import Metrics
 from ingest.sandbox.worker_config import every_account, renewal_settings, write_worker_config
 
 if TYPE_CHECKING:
-    from ingest.pipeline import TopicNames
+    from ingest.data.pipeline import TopicNames
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +112,7 @@ class RecentRecords:
     def _run(self) -> None:
         from confluent_kafka import Consumer
 
-        from ingest.kafka_logs import kafka_log_config
+        from ingest.observability.kafka_logs import kafka_log_config
 
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"demo-view-{time.time_ns()}",
                              "auto.offset.reset": "earliest", "enable.auto.commit": False,

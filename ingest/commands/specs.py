@@ -56,8 +56,8 @@ def check_accounts(specs: Iterable[SubscriptionSpec], known: Iterable[str], conf
 
 def main(args: argparse.Namespace) -> int:
     from ingest.config import ConfigError, load_config, load_specs
-    from ingest.pipeline import TopicNames
-    from ingest.specs.store import apply_specs, plan_specs, read_specs
+    from ingest.coordination.specs import apply_specs, plan_specs, read_specs
+    from ingest.data.pipeline import TopicNames
 
     try:
         config = load_config(args.config, secrets=False)  # only the account names matter here
@@ -86,8 +86,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     from confluent_kafka.admin import AdminClient
 
-    from ingest.kafka_logs import kafka_log_config, serve_logs
-    from ingest.topics import COMPACTED, ensure_topics
+    from ingest.observability.kafka_logs import kafka_log_config, serve_logs
+    from ingest.topology import COMPACTED, ensure_topics
 
     ensure_topics(serve_logs(AdminClient({**config.kafka, **kafka_log_config()})), [topic],
                   partitions=config.topics.spec_partitions, replication_factor=config.topics.replication_factor,

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from confluent_kafka import Producer
 
-from ingest.compacted import read_latest
-from ingest.kafka_logs import kafka_log_config
+from ingest.coordination.compacted import read_latest
+from ingest.coordination.state import partition_for
 from ingest.model import SubscriptionSpec
-from ingest.state import partition_for
+from ingest.observability.kafka_logs import kafka_log_config
 
 
 def encode_spec(spec: SubscriptionSpec) -> bytes:

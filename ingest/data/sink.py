@@ -27,11 +27,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from ingest.kafka_logs import kafka_log_config
-from ingest.logs import get_logger
-from ingest.metrics import FamilyMetrics, Metrics
-from ingest.pipeline import BAD_BASE64, BAD_LENGTH, BAD_PADDING, SCHEMA_VIOLATION, Outcome
-from ingest.transport import Cursor
+from ingest.data.pipeline import BAD_BASE64, BAD_LENGTH, BAD_PADDING, SCHEMA_VIOLATION, Outcome
+from ingest.observability.kafka_logs import kafka_log_config
+from ingest.observability.logs import get_logger
+from ingest.observability.metrics import FamilyMetrics, Metrics
+from ingest.transports.pubnub import Cursor
 
 log = get_logger(__name__)
 

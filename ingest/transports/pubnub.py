@@ -33,8 +33,8 @@ from pubnub.pnconfiguration import PNConfiguration
 from pubnub.pubnub import PubNub
 from pubnub.request_handlers.httpx import HttpxRequestHandler
 
-from ingest.logs import get_logger
-from ingest.metrics import Metrics
+from ingest.observability.logs import get_logger
+from ingest.observability.metrics import Metrics
 
 log = get_logger(__name__)
 

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from ingest.logs import redact
+from ingest.observability.logs import redact
 
 LOG_INTERVAL_SECONDS = 10.0
 MAX_KINDS = 1_000  # kinds remembered for the rate limit; past this, kinds quiet for an interval are forgotten

@@ -32,10 +32,10 @@ from typing import Any
 
 import orjson
 
-from ingest.catalogue import Catalogue, Family, default_catalogue
-from ingest.crypto import Cipher, DecryptError
-from ingest.logs import redact, register_secret
+from ingest.data.catalogue import Catalogue, Family, default_catalogue
+from ingest.data.crypto import Cipher, DecryptError
 from ingest.model import Delivery
+from ingest.observability.logs import redact, register_secret
 
 # Header names (str for confluent-kafka; values are bytes).
 H_EVENT = "event"

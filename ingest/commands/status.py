@@ -32,7 +32,7 @@ def _group_owners(config: Config, group: str) -> tuple[str, list[dict[str, Any]]
     """The group's state, its members and partition -> member."""
     from confluent_kafka.admin import AdminClient
 
-    from ingest.kafka_logs import kafka_log_config, serve_logs
+    from ingest.observability.kafka_logs import kafka_log_config, serve_logs
 
     admin = serve_logs(AdminClient({**config.kafka, **kafka_log_config()}))
     described = admin.describe_consumer_groups([group])[group].result(timeout=10)
@@ -58,9 +58,9 @@ def _standalone_workers(states: dict[str, Any], now: float) -> list[dict[str, An
 
 def collect(config: Config) -> dict[str, Any]:
     """The workers, and every spec with its state."""
-    from ingest.pipeline import TopicNames
-    from ingest.specs.store import read_specs
-    from ingest.state import partition_for, restore
+    from ingest.coordination.specs import read_specs
+    from ingest.coordination.state import partition_for, restore
+    from ingest.data.pipeline import TopicNames
 
     names, partitions = TopicNames(config.topics.prefix), config.topics.spec_partitions
     states = restore(dict(config.kafka), names.state)

@@ -10,7 +10,7 @@ are generated into the PubNub buffer first, then drained from an old cursor by
 - a raw socket that only reads each response and its cursor (the server's own capacity), and
 - the real `pubnub` SDK (native `PubNub`, `with_timetoken`), which parses every envelope.
 
-    python -m ingest.bench.sandbox_delivery [--messages 30000] [--payload-size 1024] [--no-sdk]
+    python -m tests.bench.sandbox_delivery [--messages 30000] [--payload-size 1024] [--no-sdk]
 
 Prints one JSON object with messages per second for each client (best of `--repeat` runs).
 """

@@ -5,7 +5,7 @@ partitions it is assigned), renews the recorded subscription instead of creating
 PubNub from the checkpoint timetoken. When the subscription it finds reads another channel (the
 recorded one expired, or rotated at the first renewal), the recorded channel is still read from its
 checkpoint until drained: the record carries its subscribe key and its AES key, wrapped
-(`ingest.keywrap`), and channels still draining are recorded in `draining` with their own checkpoint.
+(`ingest.coordination.keywrap`), and channels still draining are recorded in `draining` with their own checkpoint.
 
 The state topic is co-partitioned with the spec topic by construction: both are written with an
 explicit partition, `partition_for(spec_id, n)`, so a worker that owns spec partition p finds the
@@ -19,8 +19,8 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from ingest.compacted import read_latest
-from ingest.logs import get_logger
+from ingest.coordination.compacted import read_latest
+from ingest.observability.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -33,7 +33,7 @@ class RecordedChannel:
     subscriber_key: str
     channel: str
     timetoken: int  # every notification of this channel up to here is in Kafka
-    wrapped_key: str | None  # the AES key wrapped (ingest.keywrap); "" unencrypted; None not recorded
+    wrapped_key: str | None  # the AES key wrapped (ingest.coordination.keywrap); "" unencrypted; None not recorded
 
 
 @dataclass(frozen=True)

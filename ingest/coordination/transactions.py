@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from ingest.logs import get_logger
-from ingest.metrics import Metrics
-from ingest.pipeline import Outcome
-from ingest.sink import REQUIRED_PRODUCER_CONFIG, KafkaSink, SpecProgress, _InFlight
-from ingest.transport import Cursor
+from ingest.data.pipeline import Outcome
+from ingest.data.sink import REQUIRED_PRODUCER_CONFIG, KafkaSink, SpecProgress, _InFlight
+from ingest.observability.logs import get_logger
+from ingest.observability.metrics import Metrics
+from ingest.transports.pubnub import Cursor
 
 log = get_logger(__name__)
 

@@ -36,7 +36,13 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from ingest.bench.common import (
+from ingest.data.catalogue import default_catalogue
+from ingest.data.pipeline import ChannelContext, Pipeline, TopicNames
+from ingest.model import Delivery
+from ingest.sandbox.server import SandboxSettings, demo_accounts
+from ingest.sandbox.worker_config import write_worker_config
+from ingest.topology import ensure_topics
+from tests.bench.common import (
     SPAWN,
     Prepared,
     SandboxProcess,
@@ -45,12 +51,6 @@ from ingest.bench.common import (
     percentile,
     run_in_child,
 )
-from ingest.catalogue import default_catalogue
-from ingest.model import Delivery
-from ingest.pipeline import ChannelContext, Pipeline, TopicNames
-from ingest.sandbox.server import SandboxSettings, demo_accounts
-from ingest.sandbox.worker_config import write_worker_config
-from ingest.topics import ensure_topics
 
 ACCOUNTS = 10
 SUBS_PER_ACCOUNT = 10
@@ -201,7 +201,7 @@ class _WorkerProcess:
 
 
 def _producer_config(bootstrap: str) -> dict[str, str]:
-    from ingest.sink import DEFAULT_PRODUCER_CONFIG, REQUIRED_PRODUCER_CONFIG
+    from ingest.data.sink import DEFAULT_PRODUCER_CONFIG, REQUIRED_PRODUCER_CONFIG
 
     return {**DEFAULT_PRODUCER_CONFIG, "bootstrap.servers": bootstrap, **REQUIRED_PRODUCER_CONFIG}
 
@@ -228,7 +228,7 @@ def baseline_raw_producer(bootstrap: str, records: list[RawRecord]) -> dict[str,
 
 def baseline_naive(bootstrap: str, topic: str, items: list[tuple[str, str, str]], budget: float) -> dict[str, Any]:
     """Baseline (b): the naive pipeline + produce, for at most `budget` seconds of processing."""
-    from ingest.bench.pipeline_micro import NaivePipeline
+    from tests.bench.pipeline_micro import NaivePipeline
 
     naive = NaivePipeline(compiled=False)
     producer = Producer(_producer_config(bootstrap))

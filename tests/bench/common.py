@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ingest.crypto import Cipher
+from ingest.data.crypto import Cipher
 from ingest.sandbox.server import Sandbox, SandboxSettings
 
 SPAWN = multiprocessing.get_context("spawn")

@@ -20,10 +20,10 @@ from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from ingest.kafka_logs import kafka_log_config
-from ingest.logs import get_logger
+from ingest.coordination.specs import decode_spec
 from ingest.model import SubscriptionSpec
-from ingest.specs.store import decode_spec
+from ingest.observability.kafka_logs import kafka_log_config
+from ingest.observability.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer
 
-from ingest.bench.common import SandboxProcess
 from ingest.sandbox.processes import WorkerProcess
 from ingest.sandbox.server import SandboxSettings, demo_accounts
 from ingest.sandbox.worker_config import write_worker_config
+from tests.bench.common import SandboxProcess
 
 ACCOUNTS = 10
 SPECS_PER_ACCOUNT = 20
@@ -69,7 +69,7 @@ class _Reader:
     """Every record of the output topics: (uuid, spec id, CreateTime in seconds)."""
 
     def __init__(self, bootstrap: str, prefix: str) -> None:
-        from ingest.pipeline import TopicNames
+        from ingest.data.pipeline import TopicNames
 
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}-reader",
                                   "auto.offset.reset": "earliest", "enable.auto.commit": False})
@@ -107,8 +107,8 @@ class _Reader:
 
 
 def run(bootstrap: str, workdir: Path) -> dict[str, Any]:
+    from ingest.commands.status import collect
     from ingest.config import load_config
-    from ingest.status import collect
 
     prefix = f"bench-fo-{time.strftime('%H%M%S')}-{time.time_ns() % 10**6}"
     directory = (workdir / prefix).resolve()

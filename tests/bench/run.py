@@ -1,6 +1,6 @@
 """`make bench`: every benchmark scenario, several runs, JSON results and the Markdown report.
 
-    python -m ingest.bench.run [--runs 3] [--quick] [--out bench-results/] [--report docs/benchmarks.md]
+    python -m tests.bench.run [--runs 3] [--quick] [--out bench-results/] [--report docs/benchmarks.md]
                                [--scenarios throughput,subscriptions] [--render-only]
 
 Uses the broker at KAFKA_BOOTSTRAP_SERVERS if set, else starts its own `LocalKafka`; each scenario
@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ingest.bench import failover, report, subscriptions, throughput
-from ingest.bench.common import machine, versions
+from tests.bench import failover, report, subscriptions, throughput
+from tests.bench.common import machine, versions
 
 SCENARIOS = ("throughput", "subscriptions", "failover")
 

@@ -28,8 +28,8 @@ from typing import Any, cast
 
 from prometheus_client.exposition import choose_encoder
 
-from ingest.logs import get_logger, redact
-from ingest.metrics import Metrics
+from ingest.observability.logs import get_logger, redact
+from ingest.observability.metrics import Metrics
 
 log = get_logger(__name__)
 

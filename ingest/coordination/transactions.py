@@ -22,7 +22,6 @@ from ingest.data.pipeline import Outcome
 from ingest.data.sink import REQUIRED_PRODUCER_CONFIG, KafkaSink, SpecProgress, _InFlight
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import Metrics
-from ingest.transports.pubnub import Cursor
 
 log = get_logger(__name__)
 
@@ -70,13 +69,15 @@ class TransactionalSink(KafkaSink):
         super().start()
 
     def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float,
-             *, cursor: Cursor | None = None, epoch: int = 0) -> None:
+             *, superseded: Callable[[], bool] | None = None) -> None:
+        """Produce into the open transaction, unless `superseded()`: the channel was rewound since the
+        notification was read (it is read again)."""
         entry = _InFlight(self, progress, outcome, timetoken, received_at)
         while True:
             with self.lock:
                 # Read just before a handover (the new owner reads it again) or before a rewind of its
                 # channel (it is read again here): producing it now would commit it twice.
-                if progress.released or (cursor is not None and cursor.epoch != epoch):
+                if progress.released or (superseded is not None and superseded()):
                     return
                 if self._try_produce(entry) is not None:  # queued, or refused (which dooms the transaction)
                     progress.produced_tt = timetoken

@@ -31,7 +31,6 @@ from ingest.data.pipeline import BAD_BASE64, BAD_LENGTH, BAD_PADDING, SCHEMA_VIO
 from ingest.observability.kafka_logs import kafka_log_config
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import FamilyMetrics, Metrics
-from ingest.transports.pubnub import Cursor
 
 log = get_logger(__name__)
 
@@ -150,10 +149,8 @@ class KafkaSink:
                 log.error("kafka.delivery_thread_error", exc_info=True)
             queue_gauge.set(len(producer))
 
-    def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float,
-             *, cursor: Cursor | None = None, epoch: int = 0) -> None:
-        """Produce one outcome. `cursor`/`epoch`: the channel's read position when the notification was
-        read (only the exactly-once sink, which rewinds channels, looks at them)."""
+    def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float) -> None:
+        """Produce one outcome; `timetoken` is the notification's position on its channel."""
         entry = _InFlight(self, progress, outcome, timetoken, received_at)
         if progress.held and self._wait_behind_held(entry, progress):
             return

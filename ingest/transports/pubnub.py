@@ -17,24 +17,20 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
-import ssl
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-import orjson
 from pubnub.callbacks import SubscribeCallback
 from pubnub.enums import PNReconnectionPolicy, PNStatusCategory
 from pubnub.pnconfiguration import PNConfiguration
 from pubnub.pubnub import PubNub
-from pubnub.request_handlers.httpx import HttpxRequestHandler
 
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import Metrics
+from ingest.transports.base import AccessDeniedHandler, BatchHandler, GapHandler, Received
+from ingest.transports.pubnub_sdk import RequestHandler, drop_registry_listener, install_batch_intake
 
 log = get_logger(__name__)
 
@@ -50,12 +46,6 @@ ACCESS_DENIED_RETRY_SECONDS = 5.0
 # more for the connection's channels at that moment.
 MAX_MESSAGES_PER_RESPONSE = 100
 
-# One accepted notification: (channel, timetoken, payload, cursor, epoch). `cursor.epoch != epoch`
-# later means the channel was rewound since: the notification will be read again.
-Received = tuple[str, int, Any, "Cursor", int]
-# The message handler: every new notification of one subscribe response, in order, and when they
-# arrived (unix seconds). Must not raise.
-MessageHandler = Callable[[list[Received], float], None]
 # Subscribe-response message types (`e`) that carry a published message; signals (1), objects (2),
 # message actions (3) and files (4) are not RingCentral notifications.
 _MESSAGE_TYPES = frozenset({None, 0})
@@ -67,7 +57,7 @@ def timetoken_at(unix_seconds: float) -> int:
 
 @dataclass
 class Cursor:
-    """A channel's read position (handed to the message handler; callers only read `.epoch`)."""
+    """A channel's read position; the `Stream` of its `Received` notifications (readers only read `.epoch`)."""
 
     name: str
     subscribe_key: str
@@ -95,7 +85,7 @@ class _Connection:
 
 
 class _Listener(SubscribeCallback):  # type: ignore[misc]
-    """SDK status callbacks for one connection (messages bypass the listener: `_install_batch_intake`).
+    """SDK status callbacks for one connection (messages bypass the listener: `install_batch_intake`).
     Never raises: an exception here would kill an SDK thread."""
 
     def __init__(self, transport: PubNubTransport, conn: _Connection) -> None:
@@ -132,11 +122,11 @@ class PubNubTransport:
     """Keeps PubNub connections reading exactly the channels the control plane asks for."""
 
     settings: TransportSettings
-    handler: MessageHandler
+    handler: BatchHandler
     metrics: Metrics
-    on_access_denied: Callable[[list[str]], None] | None = None
+    on_access_denied: AccessDeniedHandler | None = None
     # (channels, from_tt, until_tt): a catch-up returned a full replay buffer; older messages may be lost
-    on_replay_gap: Callable[[list[str], int, int], None] | None = None
+    on_replay_gap: GapHandler | None = None
     _channels: dict[str, Cursor] = field(default_factory=dict)
     _connections: dict[int, _Connection] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -150,25 +140,27 @@ class PubNubTransport:
 
     # ---- control-plane facing API -------------------------------------------------------------
 
-    def add_channel(self, subscribe_key: str, channel: str, resume_tt: int | None = None) -> None:
-        """Start reading `channel`, replaying from `resume_tt` (a checkpoint) or a short lookback."""
+    def add_channel(self, source: str, channel: str, resume: int | None = None) -> None:
+        """Start reading `channel` (of subscribe key `source`), replaying from `resume` (a checkpoint
+        timetoken) or a short lookback."""
+        subscribe_key = source
         with self._lock:
             existing = self._channels.get(channel)
             if existing is not None and existing.subscribe_key == subscribe_key:
                 return
-            start = resume_tt if resume_tt is not None else timetoken_at(time.time() - NEW_CHANNEL_LOOKBACK_SECONDS)
+            start = resume if resume is not None else timetoken_at(time.time() - NEW_CHANNEL_LOOKBACK_SECONDS)
             self._channels[channel] = Cursor(channel, subscribe_key, start, start)
             self._dirty.add(subscribe_key)
         self._wake.set()
 
-    def rewind(self, channel: str, timetoken: int | None) -> None:
-        """Read `channel` again after `timetoken` (None: from where it started), e.g. after an aborted
+    def rewind(self, channel: str, position: int | None) -> None:
+        """Read `channel` again after `position` (None: from where it started), e.g. after an aborted
         transaction hid what was read. The channel's connection is replaced to resume there."""
         with self._lock:
             ch = self._channels.get(channel)
             if ch is None:
                 return
-            ch.last_tt = ch.start_tt if timetoken is None else timetoken
+            ch.last_tt = ch.start_tt if position is None else position
             ch.epoch += 1
             for conn in self._connections.values():
                 if channel in conn.channels:
@@ -187,9 +179,13 @@ class PubNubTransport:
             self._dirty.add(ch.subscribe_key)
         self._wake.set()
 
-    def last_timetoken(self, channel: str) -> int | None:
+    def position(self, channel: str) -> int | None:
+        """The newest timetoken handed on for `channel` (or its resume point)."""
         ch = self._channels.get(channel)
         return ch.last_tt if ch else None
+
+    def acknowledged(self, channel: str, position: int) -> None:
+        """Nothing to do: PubNub's positions are resumable, a restart replays from the checkpoint."""
 
     def caught_up_at(self, channel: str) -> float | None:
         """When (monotonic) the connection now reading `channel` last had a response that was not
@@ -266,7 +262,7 @@ class PubNubTransport:
                     duplicates += 1
                     continue
                 ch.last_tt = timetoken
-                accepted.append((channel, timetoken, payload, ch, ch.epoch))
+                accepted.append(Received(channel, timetoken, payload, ch, ch.epoch))
         for timetoken in replayed:
             self._count_replay(conn, timetoken)
         if duplicates:
@@ -385,14 +381,14 @@ class PubNubTransport:
         # Resume where the least advanced channel stopped; the others drop what they already had.
         resume = min(self._channels[name].last_tt for name in channels)
         conn.resume_tt, conn.opened_tt = resume, timetoken_at(time.time())
-        pubnub = PubNub(cfg, custom_request_handler=_RequestHandler)
+        pubnub = PubNub(cfg, custom_request_handler=RequestHandler)
         listener = _Listener(self, conn)
         pubnub.add_listener(listener)
-        _install_batch_intake(pubnub, functools.partial(self._on_batch, conn))
+        install_batch_intake(pubnub, functools.partial(self._on_batch, conn))
         conn.pubnub, conn.listener = pubnub, listener
         self._connections[conn.conn_id] = conn
         pubnub.subscribe().channels(sorted(channels)).with_timetoken(resume).execute()
-        _drop_registry_listener(pubnub)
+        drop_registry_listener(pubnub)
         log.info("transport.connection_opened", connection=conn.conn_id, channels=len(channels), resume_tt=resume)
 
     def _close(self, conn: _Connection) -> None:
@@ -402,107 +398,3 @@ class PubNubTransport:
                 conn.pubnub.stop()
             except Exception:  # the SDK's stop is best effort; a daemon poll thread ends on its own
                 log.warning("transport.stop_failed", exc_info=True, connection=conn.conn_id)
-
-
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every connection: building one (CA bundle included) costs ~30 ms of CPU."""
-    return httpx.create_ssl_context()
-
-
-class _DecodedOnce(httpx.Response):
-    """A response whose body is decoded to text once, and parsed with orjson when that is exact.
-
-    The SDK logs every response body at debug level, so it reads `.text` whatever the log level
-    (httpx decodes incrementally, then copies), and then parses `.json()` from the bytes, which
-    decodes them again: two decodes and a copy of every 1.5 MB subscribe response. orjson parses
-    such a response ~1.5x as fast as the stdlib, but turns integers beyond 64 bits into floats, so
-    its result is used only when every message payload is a string (RingCentral's encrypted
-    Base64): an unencrypted payload, or any other endpoint's answer, goes to the stdlib.
-    """
-
-    @property
-    def text(self) -> str:
-        text: str | None = getattr(self, "_text", None)
-        if text is None:
-            text = self._text = self.content.decode(self.encoding or "utf-8", errors="replace")
-        return text
-
-    def json(self, **kwargs: Any) -> Any:
-        if not kwargs:
-            try:
-                doc = orjson.loads(self.content)
-            except orjson.JSONDecodeError:
-                doc = None
-            if _only_string_payloads(doc):
-                return doc
-        return json.loads(self.text, **kwargs)
-
-
-def _only_string_payloads(doc: Any) -> bool:
-    messages = doc.get("m") if type(doc) is dict else None
-    return type(messages) is list and all(type(m) is dict and type(m.get("d")) is str for m in messages)
-
-
-class _Transport(httpx.HTTPTransport):
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = super().handle_request(request)
-        return _DecodedOnce(response.status_code, headers=response.headers, stream=response.stream,
-                            extensions=response.extensions)
-
-
-class _RequestHandler(HttpxRequestHandler):  # type: ignore[misc]
-    """The SDK's own httpx handler, except that its `httpx.Client` reuses one TLS context and
-    decodes each response once (`_DecodedOnce`).
-
-    Every connection (re)start is a new PubNub instance with a new client, and the SDK builds each
-    client's TLS context from scratch (even with ssl off): with thousands of channels starting or
-    moving, that alone saturated a core and made renewals late (docs/benchmarks.md). Everything
-    else, including HTTP/2 and certificate verification, is the SDK's default.
-    """
-
-    _session: httpx.Client | None
-    _session_lock: threading.Lock
-
-    def _ensure_session(self) -> httpx.Client:
-        with self._session_lock:
-            if self._session is None or self._session.is_closed:
-                self._session = httpx.Client(transport=_Transport(http2=True, verify=_ssl_context()))
-            return self._session
-
-
-def _drop_registry_listener(pubnub: PubNub) -> None:
-    """Detach the SDK's subscription-registry listener, which serves only per-subscription
-    `on_message` handlers (we use one plain listener instead). The SDK calls it for every message
-    and it tests every subscribed channel against the message, so it cost ~1.5 us per channel of the
-    connection per message: ~30% of the worker's CPU at 50 channels (docs/benchmarks.md)."""
-    registry_listener = getattr(getattr(pubnub, "_subscription_registry", None), "subscription_registry_callback", None)
-    if registry_listener is not None:
-        pubnub.remove_listener(registry_listener)
-
-
-def _install_batch_intake(pubnub: PubNub, on_batch: Callable[[list[dict[str, Any]]], None]) -> None:
-    """Hand each subscribe response's messages to `on_batch` as they came, in the SDK's poll thread.
-
-    The SDK's own path builds three objects per message (`SubscribeMessage`, `PublishMetadata`,
-    `PNMessageResult`), queues each to a second thread and dispatches it to every listener: about a
-    third of the worker's CPU (docs/benchmarks.md). Here the SDK still does everything else
-    (the long-poll, reconnection, the Connected status, advancing its timetoken and region), from
-    the same response with its messages taken out. Processing in the poll thread also bounds
-    memory: the next poll starts when this response is done (the SDK's own queue is unbounded).
-
-    This replaces a method of the SDK's subscription manager (pinned: pubnub>=10.8,<11); the
-    end-to-end tests fail if a new SDK version stops calling it.
-    """
-    manager = pubnub._subscription_manager
-    sdk_handle = manager._handle_endpoint_call
-
-    def handle_endpoint_call(raw_result: dict[str, Any], status: Any) -> None:
-        messages = raw_result.get("m") or []
-        sdk_handle({**raw_result, "m": []}, status)
-        try:
-            on_batch(messages)
-        except Exception:  # pragma: no cover - the handler must not raise; a raise would stop this connection
-            log.error("transport.handler_failed", exc_info=True, messages=len(messages))
-
-    manager._handle_endpoint_call = handle_endpoint_call

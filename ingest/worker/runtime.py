@@ -34,7 +34,7 @@ from ingest.coordination.specs import apply_specs
 from ingest.coordination.state import RecordedChannel, SpecState, partition_for, restore
 from ingest.coordination.transactions import TransactionalSink, TransactionFailed
 from ingest.data.catalogue import default_catalogue
-from ingest.data.pipeline import ChannelContext, Pipeline, TopicNames
+from ingest.data.pipeline import ChannelContext, Outcome, Pipeline, TopicNames
 from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.model import Delivery, SubscriptionSpec
 from ingest.observability.health import HealthServer, Heartbeats
@@ -44,7 +44,8 @@ from ingest.observability.metrics import Metrics, SpecMetrics
 from ingest.rc.accounts import build_sessions
 from ingest.rc.subscriptions import SubscriptionManager
 from ingest.topology import COMPACTED, ensure_topics
-from ingest.transports.pubnub import PubNubTransport, Received, TransportSettings, timetoken_at
+from ingest.transports.base import Received
+from ingest.transports.pubnub import PubNubTransport, TransportSettings, timetoken_at
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -158,6 +159,12 @@ class Worker:
         self._last_state: dict[str, float] = {}
         self._checkpoint_thread: threading.Thread | None = None
         self._received = self.metrics.notifications_received
+
+    def _produce(self, outcome: Outcome, progress: SpecProgress, notification: Received, received_at: float) -> None:
+        if isinstance(self.sink, TransactionalSink):
+            self.sink.send(outcome, progress, notification.position, received_at, superseded=notification.superseded)
+        else:
+            self.sink.send(outcome, progress, notification.position, received_at)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -584,7 +591,7 @@ class Worker:
         with self._lock:
             for spec_id, drains in self._drains.items():
                 for channel, drain in drains.items():
-                    read_tt = self.transport.last_timetoken(channel) or 0
+                    read_tt = self.transport.position(channel) or 0
                     observed = (read_tt, min(read_tt, drain.progress.checkpointed_tt))
                     if channel not in reading or observed != drain.observed:
                         drain.observed, drain.quiet_since = observed, now
@@ -613,17 +620,16 @@ class Worker:
     # ---- hot path ------------------------------------------------------------------------------
 
     def _on_notifications(self, batch: list[Received], received_at: float) -> None:
-        routes, process, send = self._routes, self.pipeline.process, self.sink.send
         touched: set[_Route] = set()
         received = 0
-        for channel, timetoken, payload, cursor, epoch in batch:
-            route = routes.get(channel)
+        for notification in batch:
+            route = self._routes.get(notification.channel)
             if route is None:
                 continue  # its spec was dropped while the response was in flight
             received += 1
             touched.add(route)
-            outcome = process(payload, route.context, timetoken)
-            send(outcome, route.progress, timetoken, received_at, cursor=cursor, epoch=epoch)
+            outcome = self.pipeline.process(notification.payload, route.context, notification.position)
+            self._produce(outcome, route.progress, notification, received_at)
         # Metrics once per batch: per message they cost more than decryption (docs/benchmarks.md).
         for route in touched:
             route.spec_metrics.last_notification.set(received_at)

@@ -18,7 +18,7 @@ def test_payloads_arrive_exactly_in_order_and_signals_are_skipped(sandbox: Sandb
     got: list[tuple[str, int, Any]] = []
 
     def handler(batch: list[Received], received_at: float) -> None:
-        got.extend((ch, tt, payload) for ch, tt, payload, _cursor, _epoch in batch)
+        got.extend((r.channel, r.position, r.payload) for r in batch)
 
     transport = PubNubTransport(TransportSettings(user_id="test", origin=sandbox.pubnub_origin, ssl=False),
                                 handler=handler, metrics=Metrics())
@@ -54,7 +54,7 @@ def test_a_channel_moved_to_a_new_connection_is_handed_on_in_order(sandbox: Sand
     first_call_entered, release_first_call, second_call = threading.Event(), threading.Event(), threading.Event()
 
     def handler(batch: list[Received], received_at: float) -> None:
-        calls.append([tt for ch, tt, *_ in batch if ch == channel])
+        calls.append([r.position for r in batch if r.channel == channel])
         if len(calls) == 1:  # the old connection, stalled (a loaded machine) while handing on
             first_call_entered.set()
             release_first_call.wait(30)

@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from ingest.data.pipeline import TopicNames
 from ingest.sandbox.generator import Generated
 from ingest.sandbox.ringcentral import Account
 from ingest.sandbox.server import Sandbox
 from ingest.sandbox.worker_config import write_worker_config
+from ingest.topology import TopicNames
 from tests.test_catalogue import documented_events
 
 # What the generator's kinds are, in the catalogue's words (decided here, independently of the code).

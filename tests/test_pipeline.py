@@ -28,10 +28,10 @@ from ingest.data.pipeline import (
     ChannelContext,
     Outcome,
     Pipeline,
-    TopicNames,
 )
 from ingest.model import Delivery
 from ingest.observability.logs import redact
+from ingest.topology import TopicNames
 from tests.vectors import VECTOR_CIPHERTEXT, VECTOR_KEY, VECTOR_PLAINTEXT
 
 KEY_A = base64.b64encode(bytes(range(16))).decode()

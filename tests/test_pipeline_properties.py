@@ -24,9 +24,9 @@ from ingest.data.pipeline import (
     ChannelContext,
     Outcome,
     Pipeline,
-    TopicNames,
 )
 from ingest.model import Delivery
+from ingest.topology import TopicNames
 
 KEY = base64.b64encode(b"property-test-k!").decode()
 OTHER_KEY = base64.b64encode(b"another-key-16b!").decode()

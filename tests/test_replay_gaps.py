@@ -12,9 +12,9 @@ from confluent_kafka import Producer
 
 from ingest.config import load_config
 from ingest.coordination.keywrap import KeyWrapper
-from ingest.coordination.state import partition_for, restore
-from ingest.data.pipeline import TopicNames
+from ingest.coordination.state import restore
 from ingest.sandbox.server import Sandbox, SandboxSettings
+from ingest.topology import TopicNames, partition_for
 from ingest.worker.runtime import Worker
 from tests.harness import TopicReader, wait_for, write_config
 

@@ -21,9 +21,9 @@ from confluent_kafka import Consumer
 from ingest.commands.status import collect
 from ingest.config import load_config
 from ingest.coordination.state import SpecState, restore
-from ingest.data.pipeline import TopicNames
 from ingest.sandbox.processes import WorkerProcess
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
+from ingest.topology import TopicNames
 from tests.harness import TopicReader, drain_and_compare, wait_for, write_config
 
 ACCOUNTS = 10

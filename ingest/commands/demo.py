@@ -22,7 +22,7 @@ from ingest.observability.metrics import Metrics
 from ingest.sandbox.worker_config import every_account, renewal_settings, write_worker_config
 
 if TYPE_CHECKING:
-    from ingest.data.pipeline import TopicNames
+    from ingest.topology import TopicNames
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

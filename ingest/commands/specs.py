@@ -57,7 +57,7 @@ def check_accounts(specs: Iterable[SubscriptionSpec], known: Iterable[str], conf
 def main(args: argparse.Namespace) -> int:
     from ingest.config import ConfigError, load_config, load_specs
     from ingest.coordination.specs import apply_specs, plan_specs, read_specs
-    from ingest.data.pipeline import TopicNames
+    from ingest.topology import TopicNames
 
     try:
         config = load_config(args.config, secrets=False)  # only the account names matter here

@@ -49,7 +49,7 @@ def _group_owners(config: Config, group: str) -> tuple[str, list[dict[str, Any]]
 def _standalone_workers(states: dict[str, Any], now: float) -> list[dict[str, Any]]:
     """Workers that rewrote a state record within two refresh periods (a live worker does so every
     `STATE_REFRESH_SECONDS` at least)."""
-    from ingest.worker.runtime import STATE_REFRESH_SECONDS
+    from ingest.coordination.state import STATE_REFRESH_SECONDS
 
     recent = [s for s in states.values() if now - s.updated_at <= 2 * STATE_REFRESH_SECONDS]
     return [{"worker": worker, "host": "-", "partitions": []}
@@ -59,8 +59,8 @@ def _standalone_workers(states: dict[str, Any], now: float) -> list[dict[str, An
 def collect(config: Config) -> dict[str, Any]:
     """The workers, and every spec with its state."""
     from ingest.coordination.specs import read_specs
-    from ingest.coordination.state import partition_for, restore
-    from ingest.data.pipeline import TopicNames
+    from ingest.coordination.state import restore
+    from ingest.topology import TopicNames, partition_for
 
     names, partitions = TopicNames(config.topics.prefix), config.topics.spec_partitions
     states = restore(dict(config.kafka), names.state)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from confluent_kafka import Producer
 
 from ingest.coordination.compacted import read_latest
-from ingest.coordination.state import partition_for
 from ingest.model import SubscriptionSpec
 from ingest.observability.kafka_logs import kafka_log_config
+from ingest.topology import partition_for
 
 
 def encode_spec(spec: SubscriptionSpec) -> bytes:

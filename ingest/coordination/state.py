@@ -15,7 +15,6 @@ state of its specs in state partition p, whatever partitioner a client library d
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -23,6 +22,8 @@ from ingest.coordination.compacted import read_latest
 from ingest.observability.logs import get_logger
 
 log = get_logger(__name__)
+
+STATE_REFRESH_SECONDS = 30.0  # a worker rewrites its state records at least this often (liveness, expiry)
 
 
 @dataclass(frozen=True)
@@ -64,17 +65,6 @@ class SpecState:
         current = [RecordedChannel(self.subscription_id, self.subscriber_key, self.channel, self.timetoken,
                                    self.wrapped_key)] if self.channel else []
         return current + [c for c in self.draining if c.channel != self.channel]
-
-
-def partition_for(spec_id: str, partitions: int) -> int:
-    """The partition of a spec in the spec topic and in the state topic (CRC-32, stable everywhere).
-
-    It hashes the account part of the spec id ("<account>/<subscription>"), so all specs of an account
-    live in one partition and are owned by one worker: one login session per RingCentral user
-    (RingCentral allows about five per user and app), and one rate-limit budget in one place. An
-    account holds at most 20-30 subscriptions (RingCentral's per-user limit), so this unit stays small.
-    """
-    return zlib.crc32(spec_id.split("/", 1)[0].encode()) % partitions
 
 
 def restore(consumer_config: dict[str, str], topic: str, partitions: Iterable[int] | None = None,

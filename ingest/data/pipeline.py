@@ -26,16 +26,16 @@ Record contract (documented for consumers in docs/records.md):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from ingest.data.catalogue import Catalogue, Family, default_catalogue
+from ingest.data.catalogue import Catalogue, Family
 from ingest.data.crypto import Cipher, DecryptError
 from ingest.model import Delivery
 from ingest.observability.logs import redact, register_secret
+from ingest.topology import TopicNames
 
 # Header names (str for confluent-kafka; values are bytes).
 H_EVENT = "event"
@@ -81,38 +81,6 @@ _MAX_CACHED_EVENT_LEN = 1024
 
 def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")  # never fails, even on lone surrogates
-
-
-class TopicNames:
-    """Topic names derived from the configured prefix, with per-family overrides."""
-
-    def __init__(self, prefix: str, routing: Mapping[str, str] | None = None,
-                 catalogue: Catalogue | None = None) -> None:
-        if not prefix:
-            raise ValueError("topics.prefix must not be empty")
-        catalogue = catalogue or default_catalogue()
-        routing = dict(routing or {})
-        unknown = sorted(set(routing) - set(catalogue.families))
-        if unknown:
-            raise ValueError(f"topics.routing names unknown families {unknown}; known: {sorted(catalogue.families)}")
-        self.prefix = prefix
-        self.default = f"{prefix}.events"
-        self.dead_letter = f"{prefix}.dead-letter"
-        self.state = f"{prefix}.state"
-        self.specs = f"{prefix}.specs"  # the compacted spec topic (group mode and `ingest apply`)
-        self.worker_group = f"{prefix}.workers"  # the workers' consumer group on the spec topic
-        self._by_family = {
-            name: routing.get(name) or (f"{prefix}.{fam.topic_suffix}" if fam.topic_suffix else self.default)
-            for name, fam in catalogue.families.items()
-        }
-
-    def for_family(self, family: str) -> str:
-        """The topic of a family: an override, `<prefix>.<suffix>`, or the default topic."""
-        return self._by_family.get(family, self.default)
-
-    def all_output_topics(self) -> list[str]:
-        """Every topic records may go to (the state topic is created separately, compacted)."""
-        return sorted({*self._by_family.values(), self.default, self.dead_letter})
 
 
 class ChannelContext:

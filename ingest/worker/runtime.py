@@ -31,10 +31,10 @@ from ingest.config import Config
 from ingest.coordination.group import GroupMembership
 from ingest.coordination.keywrap import KeyWrapper, UnwrapError
 from ingest.coordination.specs import apply_specs
-from ingest.coordination.state import RecordedChannel, SpecState, partition_for, restore
+from ingest.coordination.state import STATE_REFRESH_SECONDS, RecordedChannel, SpecState, restore
 from ingest.coordination.transactions import TransactionalSink, TransactionFailed
 from ingest.data.catalogue import default_catalogue
-from ingest.data.pipeline import ChannelContext, Outcome, Pipeline, TopicNames
+from ingest.data.pipeline import ChannelContext, Outcome, Pipeline
 from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.model import Delivery, SubscriptionSpec
 from ingest.observability.health import HealthServer, Heartbeats
@@ -43,7 +43,7 @@ from ingest.observability.logs import get_logger
 from ingest.observability.metrics import Metrics, SpecMetrics
 from ingest.rc.accounts import build_sessions
 from ingest.rc.subscriptions import SubscriptionManager
-from ingest.topology import COMPACTED, ensure_topics
+from ingest.topology import COMPACTED, TopicNames, ensure_topics, partition_for
 from ingest.transports.base import Received
 from ingest.transports.pubnub import PubNubTransport, TransportSettings, timetoken_at
 
@@ -52,7 +52,6 @@ _T = TypeVar("_T")
 
 KAFKA_CHECK_INTERVAL = 5.0
 STARTUP_KAFKA_TIMEOUT = 10.0
-STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often (liveness, expiry)
 # The longest one pass of the checkpoint loop waits for room in a full producer queue (Kafka down or
 # slow): the loop feeds the liveness heartbeat, so checkpoints that cannot be queued wait for the next pass.
 CHECKPOINT_QUEUE_WAIT = 1.0

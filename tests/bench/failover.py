@@ -69,7 +69,7 @@ class _Reader:
     """Every record of the output topics: (uuid, spec id, CreateTime in seconds)."""
 
     def __init__(self, bootstrap: str, prefix: str) -> None:
-        from ingest.data.pipeline import TopicNames
+        from ingest.topology import TopicNames
 
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}-reader",
                                   "auto.offset.reset": "earliest", "enable.auto.commit": False})

@@ -27,8 +27,9 @@ from Crypto.Cipher import AES
 
 from ingest.data.catalogue import Catalogue, default_catalogue, schemas_dir
 from ingest.data.crypto import Cipher, pkcs7_unpad
-from ingest.data.pipeline import ChannelContext, Pipeline, TopicNames
+from ingest.data.pipeline import ChannelContext, Pipeline
 from ingest.model import Delivery
+from ingest.topology import TopicNames
 
 KEY = base64.b64encode(b"bench-key-16byte").decode()
 ACCOUNT = "809646016"

@@ -37,11 +37,11 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from ingest.data.catalogue import default_catalogue
-from ingest.data.pipeline import ChannelContext, Pipeline, TopicNames
+from ingest.data.pipeline import ChannelContext, Pipeline
 from ingest.model import Delivery
 from ingest.sandbox.server import SandboxSettings, demo_accounts
 from ingest.sandbox.worker_config import write_worker_config
-from ingest.topology import ensure_topics
+from ingest.topology import TopicNames, ensure_topics
 from tests.bench.common import (
     SPAWN,
     Prepared,

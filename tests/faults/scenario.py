@@ -27,8 +27,8 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from ingest.config import load_config
-from ingest.data.pipeline import TopicNames
 from ingest.sandbox.server import Sandbox, SandboxSettings
+from ingest.topology import TopicNames
 from ingest.worker.runtime import Worker
 from tests.harness import Comparison, Record, TopicReader, drain_and_compare, wait_for, write_config
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
-from ingest.data.pipeline import TopicNames
+from ingest.coordination.state import STATE_REFRESH_SECONDS
 from ingest.data.sink import KafkaSink
 from ingest.sandbox.kafka import LocalKafka
 from ingest.sandbox.server import Sandbox
-from ingest.worker.runtime import STATE_REFRESH_SECONDS, Worker
+from ingest.topology import TopicNames
+from ingest.worker.runtime import Worker
 from tests.faults.scenario import (
     RATE,
     FaultTolerantReader,

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from ingest.data.pipeline import TopicNames
 from ingest.sandbox.generator import MALFORMED
 from ingest.sandbox.server import Sandbox, SandboxSettings
+from ingest.topology import TopicNames
 from tests.faults.scenario import (
     KINDS,
     FaultTolerantReader,

@@ -15,9 +15,10 @@ import pytest
 
 from ingest.data.catalogue import default_catalogue
 from ingest.data.crypto import Cipher, DecryptError
-from ingest.data.pipeline import SCHEMA_VIOLATION, ChannelContext, Pipeline, TopicNames
+from ingest.data.pipeline import SCHEMA_VIOLATION, ChannelContext, Pipeline
 from ingest.sandbox.generator import KINDS, MALFORMED, Generated
 from ingest.sandbox.server import Sandbox
+from ingest.topology import TopicNames
 from tests.harness import documented_subscription_filters
 from tests.test_catalogue import FAMILIES
 from tests.vectors import VECTOR_CIPHERTEXT, VECTOR_KEY, VECTOR_PLAINTEXT

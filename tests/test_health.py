@@ -17,7 +17,7 @@ from confluent_kafka import Producer
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.observability.health import HealthServer, Heartbeats, KafkaProbe, SubscriptionRow, readiness_check
+from ingest.observability.health import HealthServer, Heartbeats, KafkaReachability, SubscriptionRow, readiness_check
 from ingest.observability.logs import register_secret
 from ingest.observability.metrics import FamilyMetrics, Metrics
 
@@ -239,38 +239,27 @@ def test_stop_releases_the_port(serve: Callable[..., HealthServer]) -> None:
     again.stop()
 
 
-def test_kafka_probe_against_the_real_broker_and_a_dead_address(
+def test_kafka_reachability_against_the_real_broker_and_a_dead_address(
         serve: Callable[..., HealthServer], kafka_bootstrap: str) -> None:
+    # The worker's own check (a metadata request with its producer, on its checkpoint loop): readiness
+    # and ingest_kafka_up follow the last answer, and a probe never waits on the network.
     metrics = Metrics()
-    live = KafkaProbe(Producer({"bootstrap.servers": kafka_bootstrap}), metrics, interval=0.1, timeout=1.5)
-    live.start()
-    try:
-        assert live.wait_checked(10)
-        server = serve(metrics, readiness=readiness_check(live.reachable, lambda: []))
-        assert live.reachable()
-        assert get(server, "/readyz").status_code == 200
-        assert samples(get(server, "/metrics").text)[("ingest_kafka_up", frozenset())] == 1
-    finally:
-        live.stop()
-    # With the probe stopped, its last success ages out (interval + timeout + 1 s): a stuck probe
-    # thread must read as "unreachable", not as a frozen "yes".
-    end = time.monotonic() + 10
-    while live.reachable() and time.monotonic() < end:
-        time.sleep(0.1)
-    assert not live.reachable()
+    live = KafkaReachability(metrics)
+    server = serve(metrics, readiness=readiness_check(lambda: live.ok, lambda: []))
+    assert get(server, "/readyz").json()["reason"] == "kafka unreachable"  # nothing checked yet
+    assert live.check(Producer({"bootstrap.servers": kafka_bootstrap}), "any-topic", timeout=10)
+    assert get(server, "/readyz").status_code == 200
+    assert samples(get(server, "/metrics").text)[("ingest_kafka_up", frozenset())] == 1
 
     dead_metrics = Metrics()
-    dead = KafkaProbe(Producer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "log_level": 0}),
-                      dead_metrics, interval=0.2, timeout=0.5)
-    dead.start()
-    try:
-        assert dead.wait_checked(10)
-        server = serve(dead_metrics, readiness=readiness_check(dead.reachable, lambda: []))
-        response = get(server, "/readyz")
-        assert (response.status_code, response.json()["reason"]) == (503, "kafka unreachable")
-        assert samples(get(server, "/metrics").text)[("ingest_kafka_up", frozenset())] == 0
-    finally:
-        dead.stop()
+    dead = KafkaReachability(dead_metrics)
+    dead.report(True)  # it answered once, then went away
+    server = serve(dead_metrics, readiness=readiness_check(lambda: dead.ok, lambda: []))
+    assert not dead.check(Producer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "log_level": 0}),
+                          "any-topic", timeout=0.5)
+    response = get(server, "/readyz")
+    assert (response.status_code, response.json()["reason"]) == (503, "kafka unreachable")
+    assert samples(get(server, "/metrics").text)[("ingest_kafka_up", frozenset())] == 0
 
 
 BURST = 1_000  # concurrent connections: probes of every pod of a node plus scrapes, after a network blip

@@ -11,7 +11,7 @@ keeps running, renewing and retrying.
 
 Both answer 200 `{"status":"ok"}` or 503 `{"status":"fail","reason":"..."}`. Checks run on the
 HTTP thread at every probe, so they must be cheap: they read state that the loops maintain
-(heartbeat times, the subscription table, a cached Kafka probe), they never do network I/O.
+(heartbeat times, the subscription table, Kafka's last answer: `KafkaReachability`), they never do network I/O.
 """
 
 from __future__ import annotations
@@ -24,14 +24,16 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
+from confluent_kafka import KafkaError, KafkaException
 from prometheus_client.exposition import choose_encoder
 
 from ingest.observability.logs import get_logger, redact
 from ingest.observability.metrics import Metrics
 
 log = get_logger(__name__)
+_T = TypeVar("_T")
 
 Check = Callable[[], tuple[bool, str]]
 """A health check: (ok, reason). The reason is shown in the 503 body; it must hold no secret."""
@@ -85,36 +87,39 @@ class Heartbeats:
         return True, "ok"
 
 
-SubscriptionRow = tuple[str, str, float]
-"""(spec_id, state, expires_at as unix time) of one owned subscription."""
+SubscriptionRow = tuple[str, str, float | None]
+"""(spec_id, state, expires_at as unix time; None before it was first created) of one owned subscription."""
 
 
 def readiness_check(
     kafka_reachable: Callable[[], bool],
-    subscriptions: Callable[[], Iterable[SubscriptionRow]],
+    subscriptions: Callable[[], Iterable[SubscriptionRow] | None],
     *,
     ready_states: Collection[str] = ("active",),
     clock: Callable[[], float] = time.time,
 ) -> Check:
     """Build the readiness check: Kafka reachable, and every owned subscription ready and unexpired.
 
-    `subscriptions` returns the owned subscriptions as (spec_id, state, expires_at). A worker that owns
-    none is ready (it is a standby for the specs of other workers). `ready_states` are the states in
-    which a subscription delivers events (add e.g. "renewing" if renewal is a separate state during
-    which the subscription still works, so that readiness does not flap at every renewal).
+    `subscriptions` returns the owned subscriptions as (spec_id, state, expires_at), or None while the
+    worker is starting. A worker that owns none is ready (it is a standby for the specs of other
+    workers). `ready_states` are the states in which a subscription delivers events (e.g. "renewing":
+    a subscription being renewed still works, so readiness does not flap at every renewal).
     """
     states = frozenset(ready_states)
 
     def check() -> tuple[bool, str]:
         if not kafka_reachable():
             return False, "kafka unreachable"
+        rows = subscriptions()
+        if rows is None:
+            return False, "starting"
         now = clock()
         problems = []
-        for spec_id, state, expires_at in subscriptions():
-            if state not in states:
+        for spec_id, state, expires_at in rows:
+            if expires_at is not None and expires_at <= now:
+                problems.append(f"subscription {spec_id} expired {now - expires_at:.0f}s ago ({state})")
+            elif state not in states or expires_at is None:
                 problems.append(f"subscription {spec_id} is {state}")
-            elif expires_at <= now:
-                problems.append(f"subscription {spec_id} expired {now - expires_at:.0f}s ago")
         if problems:
             more = len(problems) - MAX_REASONS
             reason = "; ".join(problems[:MAX_REASONS]) + (f" (and {more} more)" if more > 0 else "")
@@ -124,68 +129,51 @@ def readiness_check(
     return check
 
 
-class KafkaProbe:
-    """Whether Kafka answers, checked in the background so that probes never wait on the network.
+class StoppedWaiting(Exception):
+    """A stop was requested while a startup step waited for Kafka."""
 
-    `client` is any confluent-kafka client (the worker passes its producer, so the probe opens no
-    extra connection): every `interval` seconds a metadata request (`list_topics`) must answer within
-    `timeout`. `reachable()` is true only if the last answer is recent, so a stuck probe thread reads
-    as unreachable rather than as a frozen "yes". Sets `ingest_kafka_up`.
-    """
 
-    def __init__(self, client: Any, metrics: Metrics, *, interval: float = 5.0, timeout: float = 3.0) -> None:
-        self._client = client
+class KafkaReachability:
+    """Whether Kafka answers, as the worker last saw it: a metadata request every few seconds on its
+    checkpoint loop, startup steps and transaction calls that time out. Sets `ingest_kafka_up`; the
+    readiness probe reads it and never waits on the network."""
+
+    def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._interval = interval
-        self._timeout = timeout
-        self._last_ok: float | None = None
-        self._was_ok: bool | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._checked = threading.Event()
+        self.ok = False
 
-    def check_once(self) -> bool:
-        """One metadata round trip; records the result and returns it."""
-        error = None
-        try:
-            self._client.list_topics(timeout=self._timeout)
-        except Exception as exc:  # KafkaException, or anything the client raises: unreachable either way
-            error = exc
-        ok = error is None
-        if ok:
-            self._last_ok = time.monotonic()
-        if ok != self._was_ok:  # log transitions only, not every failed probe
-            if error is not None:
-                log.warning("kafka.unreachable", error_class=type(error).__name__, error=redact(str(error)))
-            else:
-                log.info("kafka.reachable")
-            self._was_ok = ok
+    def report(self, ok: bool) -> None:
+        if ok != self.ok:  # log transitions only, not every failed request
+            log.warning("kafka.reachability_changed", reachable=ok)
+        self.ok = ok
         self._metrics.kafka_up.set(1 if ok else 0)
-        self._checked.set()
+
+    def check(self, client: Any, topic: str, timeout: float = 3.0) -> bool:
+        """One metadata round trip with any confluent-kafka client (the worker's producer: no extra
+        connection); records the result and returns it."""
+        try:
+            client.list_topics(topic, timeout=timeout)
+            ok = True
+        except Exception:  # KafkaException, or anything the client raises: unreachable either way
+            ok = False
+        self.report(ok)
         return ok
 
-    def reachable(self) -> bool:
-        last = self._last_ok
-        max_age = self._interval + self._timeout + 1.0
-        return last is not None and time.monotonic() - last <= max_age
-
-    def wait_checked(self, timeout: float) -> bool:
-        """Block until the first check finished (for startup ordering and tests)."""
-        return self._checked.wait(timeout)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="kafka-probe", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self._timeout + 1.0)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.check_once()
-            self._stop.wait(self._interval)
+    def until_answers(self, what: str, step: Callable[[], _T], stop: threading.Event) -> _T:
+        """Run a startup step that needs Kafka, retrying with capped backoff while Kafka is unreachable
+        (StoppedWaiting once `stop` is set). Meanwhile /healthz stays up and /readyz says why."""
+        delay = 1.0
+        while True:
+            try:
+                return step()
+            except (KafkaException, TimeoutError) as exc:
+                self.ok = False
+                self._metrics.kafka_up.set(0)
+                error = exc.args[0].name() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
+                log.warning("kafka.unreachable", step=what, error=error, retry_in=delay)
+                if stop.wait(delay):
+                    raise StoppedWaiting(f"stopped while waiting for Kafka ({what})") from None
+                delay = min(10.0, delay * 2)
 
 
 REQUEST_DEADLINE_SECONDS = 10.0  # a client has this long, in total, to send its request and read the answer

@@ -57,7 +57,8 @@ def _os_threads() -> int:
 
 def _worker_main(config_path: str, specs: int, observe_seconds: float, conn: Connection) -> None:
     from ingest.config import load_config
-    from ingest.worker.runtime import Worker, tune_gc
+    from ingest.worker.cli import tune_gc
+    from ingest.worker.runtime import Worker
 
     worker = Worker(load_config(Path(config_path)))
     margins = _Recorder(worker.metrics.renewal_margin)
@@ -74,7 +75,7 @@ def _worker_main(config_path: str, specs: int, observe_seconds: float, conn: Con
             active = sum(s.state == "active" for s in states)
             if active == specs and "all_active_seconds" not in result:
                 result["all_active_seconds"] = time.monotonic() - t0
-            channels = {d.channel for d in list(worker._deliveries.values())}
+            channels = {d.channel for d in list(worker.channels.deliveries.values())}
             if active == specs and len(channels) == specs and channels <= worker.transport.reading():
                 break
             time.sleep(0.5)

@@ -106,7 +106,8 @@ def _wait_acknowledged(sink: Any, target: int, timeout: float) -> bool:
 
 def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
     from ingest.config import load_config
-    from ingest.worker.runtime import Worker, tune_gc
+    from ingest.worker.cli import tune_gc
+    from ingest.worker.runtime import Worker
 
     worker = Worker(load_config(Path(config_path)))
     lag = _LagTee(worker.metrics.lag)
@@ -118,7 +119,7 @@ def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
         while time.monotonic() < deadline:
             assert worker.manager is not None
             states = worker.manager.snapshot()
-            channels = {d.channel for d in list(worker._deliveries.values())}
+            channels = {d.channel for d in list(worker.channels.deliveries.values())}
             if (len(states) == specs and all(s.state == "active" for s in states) and len(channels) == specs
                     and channels <= worker.transport.reading()):
                 break

@@ -28,7 +28,6 @@ import ingest
 ROUTE_CACHE_SIZE = 4096  # distinct event paths remembered; they are bounded by subscriptions x filters
 MAX_CACHED_EVENT_LEN = 1024  # longer (garbage) event strings are routed but not cached
 ACCOUNT_PATH = re.compile(r"^/restapi/v1\.0/account/([0-9]+)(?:[/?]|$)")
-OTHER = "other"
 
 
 class CatalogueError(ValueError):

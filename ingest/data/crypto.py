@@ -20,6 +20,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher as _OpenSSLCipher
 from cryptography.hazmat.primitives.ciphers import algorithms, modes
 
 BLOCK = 16
+# Dead-letter reasons of payloads that cannot be decrypted (the pipeline lists every reason: REASONS).
+BAD_BASE64 = "bad-base64"  # encrypted payload is not Base64
+BAD_LENGTH = "bad-length"  # ciphertext is empty or not a multiple of the AES block
+BAD_PADDING = "bad-padding"  # PKCS#7 padding invalid: wrong key (neither current nor previous) or corrupted
 
 
 class DecryptError(ValueError):
@@ -48,10 +52,10 @@ def pkcs7_pad(data: bytes) -> bytes:
 
 def pkcs7_unpad(data: bytes) -> bytes:
     if not data or len(data) % BLOCK:
-        raise DecryptError("bad-length", f"ciphertext length {len(data)} is not a multiple of {BLOCK}")
+        raise DecryptError(BAD_LENGTH, f"ciphertext length {len(data)} is not a multiple of {BLOCK}")
     n = data[-1]
     if not 1 <= n <= BLOCK or data[-n:] != bytes([n]) * n:
-        raise DecryptError("bad-padding", "PKCS#7 padding is invalid (wrong key or corrupted payload)")
+        raise DecryptError(BAD_PADDING, "PKCS#7 padding is invalid (wrong key or corrupted payload)")
     return data[:-n]
 
 
@@ -76,7 +80,7 @@ class Cipher:
         try:
             raw = pybase64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise DecryptError("bad-base64", f"payload is not valid Base64: {exc}") from None
+            raise DecryptError(BAD_BASE64, f"payload is not valid Base64: {exc}") from None
         if not raw or len(raw) % BLOCK:
-            raise DecryptError("bad-length", f"ciphertext length {len(raw)} is not a multiple of {BLOCK}")
+            raise DecryptError(BAD_LENGTH, f"ciphertext length {len(raw)} is not a multiple of {BLOCK}")
         return pkcs7_unpad(self._decrypt(raw))

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from ingest.data.catalogue import Catalogue, Family
-from ingest.data.crypto import Cipher, DecryptError
+from ingest.data.crypto import BAD_BASE64, BAD_LENGTH, BAD_PADDING, Cipher, DecryptError
 from ingest.model import Delivery
 from ingest.observability.logs import redact, register_secret
 from ingest.topology import TopicNames
@@ -51,9 +51,6 @@ H_ERROR_MESSAGE = "error-message"
 H_ORIGINAL_ENCODING = "original-encoding"
 
 # Dead-letter reasons (the `error` of an Outcome, the `error-class` header, the metrics label).
-BAD_BASE64 = "bad-base64"  # encrypted payload is not Base64
-BAD_LENGTH = "bad-length"  # ciphertext is empty or not a multiple of the AES block
-BAD_PADDING = "bad-padding"  # PKCS#7 padding invalid: wrong key (neither current nor previous) or corrupted
 NO_ENCRYPTION_KEY = "no-encryption-key"  # a string payload on a channel that has no key
 INVALID_JSON = "invalid-json"  # decrypted bytes are not RFC 8259 JSON (or not UTF-8)
 NOT_AN_OBJECT = "not-an-object"  # valid JSON, but not an object

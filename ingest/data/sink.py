@@ -27,7 +27,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from ingest.data.pipeline import BAD_BASE64, BAD_LENGTH, BAD_PADDING, SCHEMA_VIOLATION, Outcome
+from ingest.data.crypto import BAD_BASE64, BAD_LENGTH, BAD_PADDING
+from ingest.data.pipeline import SCHEMA_VIOLATION, Outcome
 from ingest.observability.kafka_logs import kafka_log_config
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import FamilyMetrics, Metrics
@@ -115,7 +116,6 @@ class KafkaSink:
         self._dead_letters: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_error: str | None = None
         self._failure_log_lock = threading.Lock()
         self._failure_log_due = 0.0
         self._failures_unlogged = 0
@@ -187,7 +187,6 @@ class KafkaSink:
         self._failures.append((entry, err))
 
     def _count_failure(self, entry: _InFlight, err: KafkaError) -> None:
-        self.last_error = err.name()
         self._metrics.delivery_errors.labels(err.name()).inc()
         self._log_failure(err, entry.outcome.topic)
 
@@ -268,7 +267,6 @@ class KafkaSink:
             for progress in {entry.progress for entry in entries}:
                 progress.advance()
             self.acknowledged += len(entries)
-            self.last_error = None
 
     def _log_failure(self, err: KafkaError, topic: str) -> None:
         """At most one `kafka.delivery_failed` line per interval, with how many were not logged."""

@@ -334,9 +334,7 @@ class FamilyMetrics:
 
     published: Counter
     lag: _Buckets
-    validation_failures: Counter
 
     @classmethod
     def for_family(cls, m: Metrics, family: str) -> FamilyMetrics:
-        return cls(m.notifications_published.labels(family), m.lag.labels(family),
-                   m.validation_failures.labels(family))
+        return cls(m.notifications_published.labels(family), m.lag.labels(family))

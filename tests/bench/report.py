@@ -138,7 +138,7 @@ def render(summary: dict[str, Any]) -> str:
     if tp:
         t = tp["settings"]
         lines += [
-            f"**Throughput** (`ingest/bench/throughput.py`): {t['notifications']:,} encrypted notifications "
+            f"**Throughput** (`tests/bench/throughput.py`): {t['notifications']:,} encrypted notifications "
             f"(~{tp['avg_plaintext_bytes']:,.0f} B plaintext, ~{tp['avg_payload_chars']:,.0f} Base64 chars; "
             "message-store, instant SMS, detailed presence, telephony sessions) across "
             f"{t['subscriptions']} subscriptions ({t['accounts']} accounts). The worker runs in its own "
@@ -164,7 +164,7 @@ def render(summary: dict[str, Any]) -> str:
             "worker's drain, and the ratio uses both together, because this machine's speed drifts by tens of "
             "percent within minutes: a single measurement seconds away from the worker's compared different "
             "machines. Baseline (b): the naive pipeline of "
-            "`ingest/bench/pipeline_micro.py` (a new AES cipher per message, stdlib `json`, routing by regular "
+            "`tests/bench/pipeline_micro.py` (a new AES cipher per message, stdlib `json`, routing by regular "
             "expressions, pure-Python `jsonschema.validate` with the same schemas) producing to the same broker, "
             f"over the same encrypted payloads, for {t['naive_budget_seconds']:g} s (it is slow). Both baselines "
             "start from payloads in memory: they do not pay for PubNub intake, which the worker does, so the "
@@ -174,7 +174,7 @@ def render(summary: dict[str, Any]) -> str:
     if sub:
         u = sub["settings"]
         lines += [
-            f"**Subscriptions** (`ingest/bench/subscriptions.py`): {u['subscriptions']:,} subscriptions "
+            f"**Subscriptions** (`tests/bench/subscriptions.py`): {u['subscriptions']:,} subscriptions "
             f"({u['accounts']} accounts x {u['per_account']}, under the sandbox's per-user limit of 30) in one "
             f"worker process; lifetime shortened to {u['lifetime_seconds']:g} s (margin "
             f"{u['renewal_margin_seconds']:g} s, jitter {u['renewal_jitter_seconds']:g} s) and observed for "
@@ -195,7 +195,7 @@ def render(summary: dict[str, Any]) -> str:
     if fo:
         f = fo["settings"]
         lines += [
-            f"**Failover** (`ingest/bench/failover.py`): two `ingest run` processes (coordination: group, "
+            f"**Failover** (`tests/bench/failover.py`): two `ingest run` processes (coordination: group, "
             f"{f['delivery_guarantee']}) share {f['specs']} specs ({f['spec_partitions']} spec partitions) through "
             f"the spec topic; the sandbox publishes {f['rate_per_second']:g} notifications/s; the worker owning "
             "more specs is killed with SIGKILL. Failover time runs from the kill to the CreateTime of the first "
@@ -214,13 +214,13 @@ Profiles: py-spy on the worker process (all threads), during the throughput drai
 startup of many subscriptions (`python -m tests.bench.run --scenarios throughput --runs 1 --profile
 DIR` records the drain of every run, threads holding the GIL, as raw stacks).
 
-- **PubNub SDK listener fan-out** (`ingest/transport.py`): `subscribe().channels(...).execute()` also
+- **PubNub SDK listener fan-out** (`ingest/transports/pubnub_sdk.py`): `subscribe().channels(...).execute()` also
   registers the SDK's subscription-registry listener, which for every message tests every channel of
   the connection (`is_matching_listener`, `wildcard_match`) only to find no per-subscription handler.
   It was ~30% of the worker's CPU with 50 channels per connection. The transport now detaches it
   (we use one plain listener). Throughput 3,000 -> 7,700 notifications/s, CPU 2.6 -> 1.0 s per
   10,000 (30,000 notifications, profiled runs).
-- **One TLS context for every PubNub connection** (`ingest/transport.py`): the SDK builds a new
+- **One TLS context for every PubNub connection** (`ingest/transports/pubnub_sdk.py`): the SDK builds a new
   `httpx.Client`, and with it a new TLS context loading the CA bundle (~30 ms of CPU), for every
   PubNub instance, even with TLS off; every connection start or restart (channels added, moved by a
   rotation, a lapse) paid it. With 5,000 subscriptions this saturated a core during startup, the
@@ -234,25 +234,25 @@ DIR` records the drain of every run, threads holding the GIL, as raw stacks).
   renewal waited behind creations (one of three runs: 6,253 lapses, then the spiral above). Due
   tasks now wait in the scheduler, ordered by deadline (renewals by their expiry, ahead of
   creations), and only as many run as there are API threads.
-- **AES** (`ingest/crypto.py`): OpenSSL's ECB context through `cryptography`, created once per key,
+- **AES** (`ingest/data/crypto.py`): OpenSSL's ECB context through `cryptography`, created once per key,
   instead of pycryptodome: 3.3 -> 0.4 us per 1 KiB decrypt.
-- **Base64** (`ingest/crypto.py`): pybase64's strict SIMD decoder: 6.5 -> 1.4 us per 1.5 KB payload.
-- **Batch intake** (`ingest/transport.py`): the SDK built three objects per message, queued each to a
+- **Base64** (`ingest/data/crypto.py`): pybase64's strict SIMD decoder: 6.5 -> 1.4 us per 1.5 KB payload.
+- **Batch intake** (`ingest/transports/pubnub_sdk.py`): the SDK built three objects per message, queued each to a
   second thread and dispatched it to the listeners. Each subscribe response's messages now go to the
   worker as one batch, in the SDK's poll thread (the SDK still runs the long-poll, reconnection,
   status, timetoken and region), with per-batch metrics: 11,700 -> 14,200 notifications/s, CPU
   0.71 -> 0.63 s per 10,000 (single runs). The next poll starts when the batch is produced, which
   also bounds memory when Kafka is slow (the SDK's queue was unbounded).
-- **Delivery reports** (`ingest/sink.py`, `ingest/metrics.py`): a report only queues its record; the
+- **Delivery reports** (`ingest/data/sink.py`, `ingest/observability/metrics.py`): a report only queues its record; the
   delivery thread accounts for a poll's worth at once (counters per family, one lock per batch in
   `BatchHistogram`, which exposes exactly what prometheus_client's `Histogram` does; that one takes
   two locks and scans the buckets per observation). With Base64: 15,000/s, 0.63 s per 10,000.
-- **Garbage collector** (`ingest/worker/runtime.py: tune_gc`): every in-flight record is a tracked
+- **Garbage collector** (`ingest/worker/cli.py: tune_gc`): every in-flight record is a tracked
   container, so at the default thresholds the collector ran ~270 times per 2 s drain and took
   0.17-0.22 s of it (measured with `gc.callbacks`); full collections walked the whole heap, imports
   included. Freezing what exists after startup and collecting generation 0 every 50,000
   allocations: 0.011 s; 13,600-15,100 -> 17,500/s in alternating runs, 3-run median 17,750/s.
-- **Subscribe responses** (`ingest/transport.py`): the SDK decodes every body to text for a debug log,
+- **Subscribe responses** (`ingest/transports/pubnub_sdk.py`): the SDK decodes every body to text for a debug log,
   then again for `json()`; the response now decodes once, and is parsed by orjson (1.3 ms instead
   of 2.1 ms per 1,000-message response, measured on a captured response) when every payload is a
   string; otherwise (unencrypted payloads, whose integers beyond 64 bits orjson would turn into

@@ -142,8 +142,9 @@ class KafkaReachability:
         self._metrics = metrics
         self.ok = False
 
-    def report(self, ok: bool) -> None:
-        if ok != self.ok:  # log transitions only, not every failed request
+    def report(self, ok: bool, *, quiet: bool = False) -> None:
+        """Record an answer (or its absence); a change is logged unless `quiet` (the first answer at start)."""
+        if ok != self.ok and not quiet:  # log transitions only, not every failed request
             log.warning("kafka.reachability_changed", reachable=ok)
         self.ok = ok
         self._metrics.kafka_up.set(1 if ok else 0)

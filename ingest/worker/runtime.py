@@ -111,7 +111,7 @@ class Worker:
                  guarantee=cfg.worker.delivery_guarantee)
         self.health.start()
         self.kafka.until_answers("create topics", self._ensure_topics, self._stop)
-        self.kafka.report(True)
+        self.kafka.report(True, quiet=True)
         self.kafka.until_answers("start the producer", self.sink.start, self._stop)
         self.transport.start()
         self.manager = self.channels.manager = SubscriptionManager(

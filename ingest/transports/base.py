@@ -22,8 +22,9 @@ Payloads are raw: PubNub hands on the Base64 ciphertext (the pipeline decrypts w
 key); a WebSocket or WebHook transport hands on plaintext JSON text, and its deliveries carry no
 encryption key (`Delivery.encryption_key` None), which the pipeline reads as "not encrypted".
 
-Acknowledgement: the worker calls `acknowledged(channel, position)` when everything up to `position`
-on the channel is durable in Kafka (acknowledged, with its checkpoint; exactly-once: committed).
+Acknowledgement: the worker calls `acknowledged(channel, position)` for a spec's current channel when
+everything up to `position` on it is durable in Kafka: at-least-once when the checkpoint is written
+(Kafka acknowledged every record up to it), exactly-once when the transaction holding it commits.
 PubNub ignores it (its positions are resumable). A WebHook receiver holds each request until then and
 answers 200 (or answers 503 when the worker stops first, so that the sender retries).
 """

@@ -62,6 +62,9 @@ class Drain:
 
 
 class SpecChannels:
+    """The per-spec tables of the data plane (see the module docstring); everything that changes them
+    holds `lock`, except the hot path, which only reads `routes`."""
+
     def __init__(self, settings: WorkerConfig, metrics: Metrics, transport: Transport, keys: KeyWrapper,
                  lock: threading.RLock) -> None:
         self.settings = settings

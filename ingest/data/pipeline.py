@@ -26,6 +26,7 @@ Record contract (documented for consumers in docs/records.md):
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -120,21 +121,18 @@ class ChannelContext:
                    encryption_key=key)
 
 
+@dataclass(slots=True, kw_only=True, repr=False, eq=False)
 class Outcome:
     """One processed notification: a record for its family topic, or a dead letter (`error` set)."""
 
-    __slots__ = ("error", "event_time", "family", "headers", "key", "topic", "uuid", "value")
-
-    def __init__(self, *, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], family: str,
-                 uuid: str | None, event_time: float | None, error: str | None) -> None:
-        self.topic = topic
-        self.key = key
-        self.value = value
-        self.headers = headers
-        self.family = family
-        self.uuid = uuid
-        self.event_time = event_time  # the notification's timestamp as unix seconds (lag metric)
-        self.error = error
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    family: str
+    uuid: str | None
+    event_time: float | None  # the notification's timestamp as unix seconds (lag metric)
+    error: str | None
 
     def header(self, name: str) -> bytes | None:
         """The first header called `name` (convenience for tests and tools; not for the hot path)."""

@@ -101,7 +101,7 @@ class TransactionalSink(KafkaSink):
         if err.code() == KafkaError._PURGE_QUEUE:
             return  # a record of a transaction we aborted ourselves: already being read again
         # Inside a transaction a failed record dooms the transaction: it is aborted at the next
-        # commit and its notifications are read again from PubNub (see Worker._rewind).
+        # commit and its notifications are read again from PubNub (see TransactionalCheckpoints._rewind).
         self._failed = err.name()
         self._metrics.delivery_errors.labels(err.name()).inc()
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from ingest.sandbox.kafka import LocalKafka
+from tests.support.sandbox import make_sandbox, sandbox, sandbox_options  # noqa: F401  (the one sandbox fixture)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from ingest.sandbox.generator import Generated
 from ingest.sandbox.ringcentral import Account
 from ingest.sandbox.server import Sandbox
 from ingest.sandbox.worker_config import write_worker_config
+from tests.support.sandbox import STEADY
 from tests.test_catalogue import documented_events
 
 # What the generator's kinds are, in the catalogue's words (decided here, independently of the code).
@@ -212,15 +213,6 @@ def drain_and_compare(sandbox: Sandbox, reader: _Reader, timeout: float) -> tupl
     return generated, compare(generated, records, reader.topics)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition", interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 @contextlib.contextmanager
 def observed_worker(directory: Path, bootstrap: str, prefix: str, *, ttl: float = 900.0,
                     worker: dict[str, Any] | None = None) -> Iterator[tuple[Any, Sandbox]]:
@@ -229,8 +221,7 @@ def observed_worker(directory: Path, bootstrap: str, prefix: str, *, ttl: float 
     from ingest.sandbox.server import SandboxSettings
     from ingest.worker.runtime import Worker
 
-    settings = SandboxSettings(subscription_ttl_max=ttl, pubnub_hold_seconds=1.0, rate_limits=False,
-                               buffer_size=5000)
+    settings = SandboxSettings(subscription_ttl_max=ttl, **STEADY)
     with Sandbox(settings) as sandbox:
         config = load_config(write_config(directory, sandbox, bootstrap, prefix, accounts=1,
                                           subscriptions={k: v for k, v in ALL_FILTERS.items() if k != "reminders"},
@@ -241,10 +232,3 @@ def observed_worker(directory: Path, bootstrap: str, prefix: str, *, ttl: float 
             yield w, sandbox
         finally:
             w.stop(delete_subscriptions=True)
-
-
-def scrape(port: int) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return str(resp.read().decode())

@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from ingest import __version__
 from ingest.cli import build_parser
+from tests.support import free_port
 
 INGEST = [sys.executable, "-m", "ingest"]
 
@@ -101,8 +102,6 @@ def test_tail_of_a_missing_topic_is_one_line_and_exit_1(kafka_bootstrap: str, un
 
 
 def test_tail_of_an_unreachable_broker_is_one_line_and_exit_1() -> None:
-    from ingest.sandbox.kafka import free_port
-
     bootstrap = f"127.0.0.1:{free_port()}"
     proc = _ingest("tail", "-b", bootstrap, "ringcentral.message-store")
     assert proc.returncode == 1

@@ -13,7 +13,7 @@ from ingest.coordination import GroupMembership
 from ingest.model import SubscriptionSpec
 from ingest.specs.store import apply_specs
 from ingest.topics import COMPACTED, ensure_topics
-from tests.harness import wait_for
+from tests.support import wait_for
 
 
 class _Owner:

@@ -18,11 +18,11 @@ from typing import Any
 
 import promql_parser
 import pytest
-import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import observed_worker, wait_for
+from tests.harness import observed_worker
+from tests.support import scrape, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ROOT / "helm" / "ingest" / "files"
@@ -115,7 +115,7 @@ def exported(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
         sandbox.generator.publish(30)
         sandbox.generator.publish(3, malformed="bad-padding")
         wait_for(lambda: worker.metrics.notifications_received._value.get() >= 33, 30, what="traffic handled")
-        text = requests.get(f"http://127.0.0.1:{worker.health.port}/metrics", timeout=5).text
+        text = scrape(worker.health.port)
     suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
                 "summary": ["", "_sum", "_count", "_created"], "gauge": [""], "info": ["_info"],
                 "unknown": [""], "untyped": [""]}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
-from tests.harness import wait_for
+from tests.support import wait_for
 from tests.test_helm import REPO, _find_helm
 
 DOC = REPO / "docs" / "getting-started.md"

@@ -15,11 +15,11 @@ import pytest
 import requests
 from confluent_kafka import Producer
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
-from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.health import HealthServer, Heartbeats, KafkaProbe, SubscriptionRow, readiness_check
 from ingest.logs import register_secret
 from ingest.metrics import FamilyMetrics, Metrics
+from tests.support import free_port, samples, wait_for
 
 
 def ok() -> tuple[bool, str]:
@@ -46,26 +46,6 @@ def serve() -> Iterator[Callable[..., HealthServer]]:
 
 def get(server: HealthServer, path: str, **kwargs: object) -> requests.Response:
     return requests.get(f"http://127.0.0.1:{server.port}{path}", timeout=5, **kwargs)  # type: ignore[arg-type]
-
-
-def wait_for_status(server: HealthServer, path: str, status: int, deadline: float = 5.0) -> requests.Response:
-    end = time.monotonic() + deadline
-    while True:
-        response = get(server, path)
-        if response.status_code == status or time.monotonic() > end:
-            return response
-        time.sleep(0.05)
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_metrics_endpoint_serves_the_registry_in_prometheus_text(serve: Callable[..., HealthServer]) -> None:
@@ -172,7 +152,8 @@ def test_readyz_flips_on_lapse_and_kafka_and_back(serve: Callable[..., HealthSer
 
     # The subscription lapses in real time: readiness must notice without anyone telling it.
     owned[0] = ("acme/messages", "active", time.time() + 0.3)
-    response = wait_for_status(server, "/readyz", 503)
+    wait_for(lambda: get(server, "/readyz").status_code == 503, 5, what="/readyz answering 503")
+    response = get(server, "/readyz")
     assert response.status_code == 503
     assert response.json()["status"] == "fail"
     assert "acme/messages expired" in response.json()["reason"]
@@ -254,9 +235,7 @@ def test_kafka_probe_against_the_real_broker_and_a_dead_address(
         live.stop()
     # With the probe stopped, its last success ages out (interval + timeout + 1 s): a stuck probe
     # thread must read as "unreachable", not as a frozen "yes".
-    end = time.monotonic() + 10
-    while live.reachable() and time.monotonic() < end:
-        time.sleep(0.1)
+    wait_for(lambda: not live.reachable(), 10, what="the stopped probe's success to age out")
     assert not live.reachable()
 
     dead_metrics = Metrics()

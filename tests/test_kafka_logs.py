@@ -16,8 +16,7 @@ from pathlib import Path
 import yaml
 
 from ingest.kafka_logs import LOG_INTERVAL_SECONDS
-from tests.faults.scenario import WorkerProcess
-from tests.harness import wait_for
+from tests.support import WorkerProcess, wait_for
 
 JWT = "eyJhbGciOi.kafka-logs-jwt.sig"
 
@@ -39,7 +38,7 @@ def _config(tmp_path: Path) -> Path:
 
 
 def test_librdkafka_lines_are_json_events_rate_limited_and_redacted(tmp_path: Path) -> None:
-    worker = WorkerProcess(_config(tmp_path), tmp_path / "worker.log")
+    worker = WorkerProcess(_config(tmp_path), tmp_path / "worker.log").start()
     started = time.monotonic()
     try:
         # Kafka is down at start: only the AdminClient creating topics talks to it (nothing else polls
@@ -47,9 +46,9 @@ def test_librdkafka_lines_are_json_events_rate_limited_and_redacted(tmp_path: Pa
         wait_for(lambda: any(e.get("suppressed") for e in worker.lines()), 60,
                  what="a librdkafka line with a suppressed count")
     finally:
-        assert worker.terminate() == 0
+        assert worker.stop() == 0
     ran = time.monotonic() - started
-    out = worker.log.read_text(errors="replace")
+    out = worker.log_path.read_text(errors="replace")
     raw = [line for line in out.splitlines() if not line.startswith("{")]
     assert raw == [], raw[:5]  # no `%3|...|FAIL|rdkafka#producer-1| ...`
     events = [json.loads(line) for line in out.splitlines()]

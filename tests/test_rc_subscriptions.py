@@ -22,16 +22,11 @@ from ingest.rc.subscriptions import SubscriptionManager, normalize_filters
 from ingest.rc.tokens import TokenManager
 from ingest.sandbox.ringcentral import SubscriptionView
 from ingest.sandbox.server import Sandbox, SandboxSettings
-from tests.harness import wait_for
-from tests.sandbox.conftest import holds
+from tests.support import holds, sample, wait_for
 
 MSG = "/restapi/v1.0/account/~/extension/~/message-store"
 PRESENCE = "/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true"
 
-
-
-def sample(m: Metrics, name: str, **labels: str) -> float:
-    return m.registry.get_sample_value(name, labels) or 0.0
 
 
 class Recorder:

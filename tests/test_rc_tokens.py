@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 import requests
@@ -13,24 +13,13 @@ from ingest.metrics import Metrics
 from ingest.rc.errors import ApiError, AuthError, RateLimited, TokenUnavailable, parse_error_body
 from ingest.rc.http import RingCentralClient
 from ingest.rc.tokens import TokenManager
-from ingest.sandbox.server import Sandbox, SandboxSettings
-from tests.harness import wait_for
-
-
-def sample(m: Metrics, name: str, **labels: str) -> float:
-    return m.registry.get_sample_value(name, labels) or 0.0
+from ingest.sandbox.server import Sandbox
+from tests.support import sample, wait_for
 
 
 @pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(SandboxSettings()) as sb:
-        yield sb
-
-
-@pytest.fixture
-def short_tokens_sandbox() -> Iterator[Sandbox]:
-    with Sandbox(SandboxSettings(access_token_ttl=3)) as sb:
-        yield sb
+def short_tokens_sandbox(make_sandbox: Callable[..., Sandbox]) -> Sandbox:
+    return make_sandbox(access_token_ttl=3)
 
 
 def make(sb: Sandbox, metrics: Metrics, *, jwt: str | None = None,

@@ -16,7 +16,8 @@ from ingest.pipeline import TopicNames
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.state import partition_for, restore
 from ingest.worker.runtime import Worker
-from tests.harness import TopicReader, wait_for, write_config
+from tests.harness import TopicReader, write_config
+from tests.support import wait_for
 
 FILTERS = {"messages": ["/restapi/v1.0/account/~/extension/~/message-store"]}
 

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,11 @@ from confluent_kafka import Consumer
 
 from ingest.config import load_config
 from ingest.pipeline import TopicNames
-from ingest.sandbox.processes import WorkerProcess
-from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
+from ingest.sandbox.server import Sandbox, demo_accounts
 from ingest.state import SpecState, restore
 from ingest.status import collect
-from tests.harness import TopicReader, drain_and_compare, wait_for, write_config
+from tests.harness import TopicReader, drain_and_compare, write_config
+from tests.support import WorkerProcess, wait_for
 
 ACCOUNTS = 10
 SPECS_PER_ACCOUNT = 20
@@ -35,11 +34,9 @@ BUFFER = 20000  # PubNub's replay buffer in the sandbox (write_config tells the 
 
 
 @pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    settings = SandboxSettings(accounts=demo_accounts(ACCOUNTS), pubnub_hold_seconds=1.0, rate_limits=False,
-                               buffer_size=BUFFER)
-    with Sandbox(settings) as sb:
-        yield sb
+def sandbox_options() -> dict[str, Any]:
+    return {"accounts": demo_accounts(ACCOUNTS), "pubnub_hold_seconds": 1.0, "rate_limits": False,
+            "buffer_size": BUFFER}
 
 
 def _base_config(tmp_path: Path, sandbox: Sandbox, bootstrap: str, prefix: str, guarantee: str, *,
@@ -79,7 +76,7 @@ def _stable(workers: list[WorkerProcess], config_path: Path, specs: int = SPECS)
 def test_three_workers_share_200_specs_and_hand_over_exactly_once(
         sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
     base = _base_config(tmp_path, sandbox, kafka_bootstrap, unique_name, "exactly-once")
-    workers = [WorkerProcess(f"w{i}", base, tmp_path) for i in range(1, 5)]
+    workers = [WorkerProcess.in_group(f"w{i}", base, tmp_path) for i in range(1, 5)]
     w1, w2, w3, w4 = workers
     reader = TopicReader(kafka_bootstrap, unique_name, isolation="read_committed")
     try:
@@ -186,7 +183,7 @@ def _first_record_after(bootstrap: str, topic: str, specs: set[str], since: floa
 def test_at_least_once_kill_loses_nothing(sandbox: Sandbox, kafka_bootstrap: str, unique_name: str,
                                           tmp_path: Path) -> None:
     base = _base_config(tmp_path, sandbox, kafka_bootstrap, unique_name, "at-least-once")
-    a, b = WorkerProcess("a1", base, tmp_path), WorkerProcess("a2", base, tmp_path)
+    a, b = WorkerProcess.in_group("a1", base, tmp_path), WorkerProcess.in_group("a2", base, tmp_path)
     reader = TopicReader(kafka_bootstrap, unique_name)
     try:
         a.start()
@@ -234,7 +231,7 @@ def test_handover_before_the_subscription_is_renewed_keeps_the_checkpoint(
     older than the lookback)."""
     specs = ACCOUNTS * 2
     base = _base_config(tmp_path, sandbox, kafka_bootstrap, unique_name, guarantee, specs_per_account=2)
-    first, second = WorkerProcess("k1", base, tmp_path), WorkerProcess("k2", base, tmp_path)
+    first, second = WorkerProcess.in_group("k1", base, tmp_path), WorkerProcess.in_group("k2", base, tmp_path)
     reader = TopicReader(kafka_bootstrap, unique_name)
     try:
         first.start()

@@ -14,7 +14,7 @@ from ingest.metrics import INTERNAL_BUCKETS, BatchHistogram, Metrics
 from ingest.pipeline import Outcome
 from ingest.sink import KafkaSink, SpecProgress
 from ingest.topics import ensure_topics
-from tests.harness import wait_for
+from tests.support import wait_for
 
 TT = 17_000_000_000_000_000
 

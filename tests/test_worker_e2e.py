@@ -6,14 +6,14 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ingest.config import load_config
 from ingest.sandbox.generator import MALFORMED
-from ingest.sandbox.server import Sandbox, SandboxSettings
+from ingest.sandbox.server import Sandbox
 from ingest.worker.runtime import Worker
 from tests.harness import (
     ALL_FILTERS,
@@ -23,24 +23,18 @@ from tests.harness import (
     compare,
     documented_subscription_filters,
     drain_and_compare,
-    wait_for,
     write_config,
 )
+from tests.support import all_serving, wait_for
+from tests.support.sandbox import STEADY
 from tests.test_catalogue import FAMILIES
 
 
 @pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
+def sandbox_options() -> dict[str, Any]:
     # PubNub holds 100 messages per connection; these tests publish bursts bigger than that on purpose
     # (loss past the buffer is the sandbox's and the gap detector's subject, not this file's).
-    with Sandbox(SandboxSettings(pubnub_hold_seconds=1.0, rate_limits=False, buffer_size=5000)) as sb:
-        yield sb
-
-
-def _all_active(worker: Worker, n: int) -> bool:
-    """n subscriptions active, and PubNub answering on every one of their channels."""
-    assert worker.manager is not None
-    return len(worker.manager.snapshot()) == n and worker.subscriptions_serving() == n
+    return STEADY
 
 
 def test_every_notification_lands_once_in_its_topic_or_dead_letter(
@@ -50,7 +44,7 @@ def test_every_notification_lands_once_in_its_topic_or_dead_letter(
     worker.start()
     reader = TopicReader(kafka_bootstrap, unique_name)
     try:
-        wait_for(lambda: _all_active(worker, 2 * len(ALL_FILTERS)), 30, what="active subscriptions")
+        wait_for(lambda: all_serving(worker, 2 * len(ALL_FILTERS)), 30, what="active subscriptions")
         generated = sandbox.generator.publish(20 * len(KIND_FAMILY), kinds=list(KIND_FAMILY))
         for reason in MALFORMED:
             generated += sandbox.generator.publish(2, kinds=["message-store", "presence"], malformed=reason)
@@ -76,7 +70,7 @@ def test_every_documented_event_reaches_its_family_topic(
     worker.start()
     reader = TopicReader(kafka_bootstrap, unique_name)
     try:
-        wait_for(lambda: _all_active(worker, 1), 30, what="the subscription active")
+        wait_for(lambda: all_serving(worker, 1), 30, what="the subscription active")
         generated = sandbox.generator.publish(3 * len(filters))
         assert {g.kind for g in generated} == set(EVERY_KIND_FAMILY)
         records = reader.poll_until(lambda rs: len(rs) >= len(generated), timeout=60)
@@ -97,7 +91,7 @@ def test_restart_mid_stream_loses_nothing_and_reuses_subscriptions(
                                       worker={"delivery_guarantee": guarantee}))
     first = Worker(config)
     first.start()
-    wait_for(lambda: _all_active(first, len(ALL_FILTERS)), 30, what="active subscriptions")
+    wait_for(lambda: all_serving(first, len(ALL_FILTERS)), 30, what="active subscriptions")
     created_before = sum(sandbox.rc.created_count.values())
     sandbox.generator.start(200, kinds=["message-store", "presence", "telephony-sessions"])
     wait_for(lambda: sandbox.generator.count() > 300, 20, what="traffic")
@@ -108,7 +102,7 @@ def test_restart_mid_stream_loses_nothing_and_reuses_subscriptions(
     second.start()
     reader = TopicReader(kafka_bootstrap, unique_name)
     try:
-        wait_for(lambda: _all_active(second, len(ALL_FILTERS)), 30, what="subscriptions again")
+        wait_for(lambda: all_serving(second, len(ALL_FILTERS)), 30, what="subscriptions again")
         wait_for(lambda: sandbox.generator.count() > 900, 20, what="traffic after restart")
         generated, result = drain_and_compare(sandbox, reader, 60)
         assert result.ok, (len(result.missing), result.wrong[:3])

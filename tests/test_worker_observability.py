@@ -9,27 +9,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.sandbox.generator import MALFORMED
 from ingest.sandbox.kafka import LocalKafka
-from tests.harness import KIND_FAMILY, observed_worker, scrape, wait_for
+from tests.harness import KIND_FAMILY, observed_worker
+from tests.support import samples, scrape, total, wait_for
 
 TTL = 12.0
 WORKER = {"renewal_margin_seconds": 4, "renewal_jitter_seconds": 1, "expires_in_seconds": int(TTL)}
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def total(text: str, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples(text).items()
-               if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
 
 
 def present(text: str, name: str) -> bool:

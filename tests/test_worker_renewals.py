@@ -12,7 +12,8 @@ import pytest
 from ingest.config import load_config
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.worker.runtime import Worker
-from tests.harness import TopicReader, drain_and_compare, wait_for, write_config
+from tests.harness import TopicReader, drain_and_compare, write_config
+from tests.support import wait_for
 
 TTL = 20.0
 CYCLES = 5

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from ingest.sandbox.kafka import LocalKafka, free_port
+from ingest.sandbox.kafka import LocalKafka
 from ingest.sandbox.server import Sandbox, SandboxSettings
-from tests.harness import wait_for, write_config
+from tests.harness import write_config
+from tests.support import free_port, wait_for
 
 
 def _get(port: int, path: str) -> tuple[int, dict[str, str]]:

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness import observed_worker, wait_for
+from tests.harness import observed_worker
+from tests.support import wait_for
 
 
 def _without_secrets(config: Path) -> Path:

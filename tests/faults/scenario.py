@@ -9,11 +9,6 @@ each one takes seconds. The sandbox buffers 5,000 messages per key: loss past Pu
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -30,7 +25,9 @@ from ingest.config import load_config
 from ingest.pipeline import TopicNames
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.worker.runtime import Worker
-from tests.harness import Comparison, Record, TopicReader, drain_and_compare, wait_for, write_config
+from tests.harness import Comparison, Record, TopicReader, drain_and_compare, write_config
+from tests.support import WorkerProcess, all_serving, wait_for
+from tests.support.sandbox import STEADY
 
 FILTERS = {
     "messages": ["/restapi/v1.0/account/~/extension/~/message-store"],
@@ -47,8 +44,7 @@ IGNORED_CONSUMER_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError.UNKNO
 
 
 def sandbox_settings(**overrides: Any) -> SandboxSettings:
-    base: dict[str, Any] = {"pubnub_hold_seconds": 1.0, "rate_limits": False, "buffer_size": 5000}
-    return SandboxSettings(**{**base, **overrides})
+    return SandboxSettings(**{**STEADY, **overrides})
 
 
 def worker_config_file(directory: Path, sandbox: Sandbox, bootstrap: str, prefix: str, *,
@@ -116,13 +112,6 @@ def record_faults(sandbox: Sandbox) -> dict[str, list[float]]:
 
     setattr(sandbox.book, "take", recording_take)  # noqa: B010
     return fired
-
-
-def all_active(worker: Worker, n: int) -> bool:
-    """n subscriptions active, and PubNub answering on every one of their channels."""
-    if worker.manager is None:
-        return False
-    return len(worker.manager.snapshot()) == n and worker.subscriptions_serving() == n
 
 
 @dataclass
@@ -203,7 +192,7 @@ def scenario(tmp_path: Path, bootstrap: str, prefix: str, *, settings: SandboxSe
         reader = FaultTolerantReader(bootstrap, prefix)
         specs = len(config.specs())
         try:
-            wait_for(lambda: all_active(w, specs), 30, what="active subscriptions")
+            wait_for(lambda: all_serving(w, specs), 30, what="active subscriptions")
             yield Scenario(sandbox, reader, w, specs)
         finally:
             sandbox.generator.stop()
@@ -250,63 +239,5 @@ def close_all(reader: TopicReader | None, *workers: WorkerProcess | None) -> Non
     if reader is not None:
         reader.close()
     for worker in workers:
-        if worker is not None and worker.proc.poll() is None:
+        if worker is not None and worker.alive:
             worker.kill()
-
-
-class WorkerProcess:
-    """`python -m ingest run --config FILE` with its JSON log lines in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log = log
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ingest", "run", "--config", str(config)],
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def lines(self) -> list[dict[str, object]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-        return out
-
-    def metrics_port(self) -> int | None:
-        ports = [e["metrics_port"] for e in self.lines() if e.get("event") == "worker.started"]
-        return int(str(ports[-1])) if ports else None
-
-    def ready(self) -> bool:
-        assert self.proc.poll() is None, f"the worker exited with {self.proc.returncode}"
-        port = self.metrics_port()
-        if port is None:
-            return False
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return int(self.proc.returncode)
-
-    def get(self, path: str) -> str:
-        """GET a path of the worker's health port (/metrics, /readyz, /healthz); the body as text."""
-        port = self.metrics_port()
-        assert port is not None
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-                return str(resp.read().decode())
-        except urllib.error.HTTPError as exc:  # 503 from /readyz still has a body
-            return str(exc.read().decode())

@@ -25,13 +25,12 @@ from tests.faults.scenario import (
     LivenessWatch,
     Scenario,
     Traffic,
-    WorkerProcess,
     close_all,
     sandbox_settings,
     scenario,
     worker_config_file,
 )
-from tests.harness import wait_for
+from tests.support import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -148,11 +147,6 @@ def _set_max_message_bytes(bootstrap: str, topic: str, value: str | None) -> Non
         future.result(30)
 
 
-def _delivery_errors(worker: WorkerProcess) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in worker.get("/metrics").splitlines()
-               if line.startswith("ingest_kafka_delivery_errors_total{"))
-
-
 def test_permanent_delivery_errors_hold_the_spec_in_order_without_crashing(
         kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
     # Every presence record is refused by the broker (too large for its topic) for a while; a small
@@ -164,20 +158,21 @@ def test_permanent_delivery_errors_hold_the_spec_in_order_without_crashing(
     with Sandbox(sandbox_settings()) as sandbox:
         config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name,
                                     kafka={"queue.buffering.max.messages": "50"})
-        worker = WorkerProcess(config, tmp_path / "worker.log")
+        worker = WorkerProcess(config, tmp_path / "worker.log").start()
         reader: FaultTolerantReader | None = None
         try:
-            wait_for(worker.ready, 60, what="the worker ready")
+            worker.wait_ready(60, "the worker ready")
             reader = FaultTolerantReader(kafka_bootstrap, unique_name)
             s = Traffic(sandbox, reader)
             with LivenessWatch(worker.metrics_port) as liveness:
                 s.traffic()
                 s.wait_traffic(20)
                 _set_max_message_bytes(kafka_bootstrap, presence, "16")
-                wait_for(lambda: _delivery_errors(worker) > 0, 30, what="the broker to refuse presence records")
+                wait_for(lambda: worker.metric("ingest_kafka_delivery_errors_total") > 0, 30,
+                         what="the broker to refuse presence records")
                 s.wait_traffic(15 * 20)  # 15 s of refusals: far more presence records than the queue holds
                 assert worker.proc.poll() is None, f"the worker died ({worker.proc.returncode})"
-                errors = _delivery_errors(worker)
+                errors = worker.metric("ingest_kafka_delivery_errors_total")
                 _set_max_message_bytes(kafka_bootstrap, presence, None)
                 recovery = s.probe(timeout=90)
                 s.wait_traffic(40)
@@ -188,7 +183,7 @@ def test_permanent_delivery_errors_hold_the_spec_in_order_without_crashing(
             crashed = [e for e in worker.lines() if e.get("event") in ("transport.handler_failed",
                                                                         "kafka.delivery_thread_error")]
             assert not crashed, crashed[:3]
-            assert worker.terminate() == 0
+            assert worker.stop() == 0
             print(f"{errors:.0f} delivery errors, 0 out of order, probe {recovery:.1f}s after the topic "
                   f"took records again")
         finally:

@@ -15,12 +15,11 @@ from ingest.sandbox.server import Sandbox
 from tests.faults.scenario import (
     FaultTolerantReader,
     Traffic,
-    WorkerProcess,
     close_all,
     sandbox_settings,
     worker_config_file,
 )
-from tests.harness import wait_for
+from tests.support import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +27,11 @@ pytestmark = pytest.mark.slow
 def test_sigkill_mid_stream_and_restart_lose_nothing(kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
     with Sandbox(sandbox_settings()) as sandbox:
         config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name)
-        first = WorkerProcess(config, tmp_path / "first.log")
+        first = WorkerProcess(config, tmp_path / "first.log").start()
         second: WorkerProcess | None = None
         reader: FaultTolerantReader | None = None
         try:
-            wait_for(first.ready, 60, what="the first worker ready")
+            first.wait_ready(60, "the first worker ready")
             reader = FaultTolerantReader(kafka_bootstrap, unique_name)
             s = Traffic(sandbox, reader)
             created = sandbox.rc.created_total
@@ -42,14 +41,14 @@ def test_sigkill_mid_stream_and_restart_lose_nothing(kafka_bootstrap: str, uniqu
             killed = time.monotonic()
             assert first.proc.returncode == -signal.SIGKILL
             s.wait_traffic(60)  # published while no worker runs: only PubNub's buffer holds it
-            second = WorkerProcess(config, tmp_path / "second.log")
-            wait_for(second.ready, 60, what="the second worker ready")
+            second = WorkerProcess(config, tmp_path / "second.log").start()
+            second.wait_ready(60, "the second worker ready")
             restart = time.monotonic() - killed
             recovery = s.probe()
             s.wait_traffic(60)
             _, duplicates = s.verify("SIGKILL mid-stream + restart")
             assert sandbox.rc.created_total == created, "the restarted worker created new subscriptions"
-            assert second.terminate() == 0
+            assert second.stop() == 0
             print(f"down {restart:.1f}s (kill -> ready), probe {recovery:.1f}s, duplicates {duplicates} "
                   f"(produced after the last checkpoint of the killed process)")
         finally:
@@ -65,7 +64,7 @@ def _stop(worker: WorkerProcess, how: str) -> None:
     if how == "sigkill":
         worker.kill()
     else:
-        assert worker.terminate() == 0
+        assert worker.stop() == 0
 
 
 def _events(worker: WorkerProcess, name: str) -> list[dict[str, object]]:
@@ -87,11 +86,11 @@ def test_restart_reads_the_recorded_channels_to_their_end(kafka_bootstrap: str, 
         config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name, worker={
             "renewal_margin_seconds": 5, "renewal_jitter_seconds": 1, "expires_in_seconds": ttl,
             "delivery_guarantee": guarantee})
-        first = WorkerProcess(config, tmp_path / "first.log")
+        first = WorkerProcess(config, tmp_path / "first.log").start()
         second: WorkerProcess | None = None
         reader: FaultTolerantReader | None = None
         try:
-            wait_for(first.ready, 60, what="the first worker ready")
+            first.wait_ready(60, "the first worker ready")
             reader = FaultTolerantReader(kafka_bootstrap, unique_name)
             s = Traffic(sandbox, reader)
             s.traffic()
@@ -105,8 +104,8 @@ def test_restart_reads_the_recorded_channels_to_their_end(kafka_bootstrap: str, 
                 s.wait_traffic(60)
                 sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
             unread = sandbox.generator.count() - published
-            second = WorkerProcess(config, tmp_path / "second.log")
-            wait_for(second.ready, 60, what="the second worker ready")
+            second = WorkerProcess(config, tmp_path / "second.log").start()
+            second.wait_ready(60, "the second worker ready")
             down = time.monotonic() - stopped
             live = {v.id: v.channel for v in sandbox.rc.live_subscriptions()}
             assert not set(live.values()) & set(old.values()), "the channels did not move"

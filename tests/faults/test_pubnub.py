@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ingest.worker.runtime import Worker
-from tests.faults.scenario import all_active, record_faults, scenario
-from tests.harness import wait_for
+from tests.faults.scenario import record_faults, scenario
+from tests.support import all_serving, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_pubnub_failing_time_probe_lose_nothing(kafka_bootstrap: str, unique_nam
         s.sandbox.faults.pubnub_error(500, seconds=2)
         wait_for(lambda: s.sandbox.book.fired.get("pubnub-time-fail", 0) >= 2, 30, what="failed /time/0 probes")
         recovery = s.probe()
-        assert all_active(s.worker, s.specs)
+        assert all_serving(s.worker, s.specs)
         s.wait_traffic(40)
         s.verify("pubnub /time/0 failing for 8 s")
         print(f"recovery {recovery:.1f}s; /time/0 failures {s.sandbox.book.fired.get('pubnub-time-fail')}")

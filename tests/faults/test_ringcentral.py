@@ -17,7 +17,7 @@ import pytest
 
 from ingest.sandbox.server import Sandbox
 from tests.faults.scenario import Scenario, sandbox_settings, scenario
-from tests.harness import wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -34,11 +34,10 @@ from tests.faults.scenario import (
     KINDS,
     FaultTolerantReader,
     Traffic,
-    WorkerProcess,
     sandbox_settings,
     worker_config_file,
 )
-from tests.harness import wait_for
+from tests.support import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -104,10 +103,10 @@ def test_no_secret_in_logs_metrics_errors_or_records(kafka_bootstrap: str, uniqu
         text = config.read_text().replace("level: INFO", "level: DEBUG")  # the most talkative worker
         assert "level: DEBUG" in text
         config.write_text(text)
-        worker = WorkerProcess(config, tmp_path / "worker.log")
+        worker = WorkerProcess(config, tmp_path / "worker.log").start()
         reader: FaultTolerantReader | None = None
         try:
-            wait_for(worker.ready, 60, what="the worker ready")
+            worker.wait_ready(60, "the worker ready")
             reader = FaultTolerantReader(kafka_bootstrap, unique_name)  # the worker has created the topics
             traffic = Traffic(sandbox, reader)
             keys = {v.key for v in sandbox.rc.subscriptions(include_dead=True) if v.key}  # before rotation
@@ -129,12 +128,12 @@ def test_no_secret_in_logs_metrics_errors_or_records(kafka_bootstrap: str, uniqu
                 sandbox.generator.publish(3, kinds=KINDS, malformed=reason)
             traffic.wait_traffic(60)
             traffic.verify("secrets scenario")
-            wait_for(worker.ready, 30, what="the worker ready again")
+            worker.wait_ready(30, "the worker ready again")
             answers = {path: worker.get(path) for path in ("/metrics", "/readyz", "/healthz")}
         finally:
             if reader is not None:
                 reader.close()
-            code = worker.terminate()
+            code = worker.stop()
         assert code == 0
 
         account = sandbox.accounts[0]
@@ -146,7 +145,7 @@ def test_no_secret_in_logs_metrics_errors_or_records(kafka_bootstrap: str, uniqu
         # The scenario really handled these: 2 grants + 1 refresh at least, and rotated keys.
         assert len(tokens) >= 4 and len(keys) >= 4, (len(tokens), len(keys))
 
-        log = worker.log.read_text(errors="replace")
+        log = worker.log_path.read_text(errors="replace")
         events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
         seen = {e["event"] for e in events}
         assert {"rc.unauthorized_retry", "rc.token.refresh_refused", "rc.rate_limited",
@@ -186,17 +185,17 @@ def test_kafka_sasl_ssl_settings_reach_librdkafka_and_the_password_stays_hidden(
         config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name, kafka={
             "security.protocol": protocol, "sasl.mechanism": "PLAIN", "sasl.username": "ingest-user",
             "sasl.password": KAFKA_PASSWORD, "debug": "conf,security"})
-        worker = WorkerProcess(config, tmp_path / "worker.log")
+        worker = WorkerProcess(config, tmp_path / "worker.log").start()
         try:
             # librdkafka's lines come through the JSON log (ingest.kafka_logs): its errors at most once
             # per 10 s per client, so the second dump comes with the next admin client (a retry).
             dump = f"security.protocol = {protocol.lower()}"
-            wait_for(lambda: worker.log.read_text(errors="replace").count(evidence) >= 2
-                     and worker.log.read_text(errors="replace").count(dump) >= 2, 60,
+            wait_for(lambda: worker.log_path.read_text(errors="replace").count(evidence) >= 2
+                     and worker.log_path.read_text(errors="replace").count(dump) >= 2, 60,
                      what=f"librdkafka's {protocol} handshake")
         finally:
             worker.kill()
-        out = worker.log.read_text(errors="replace")
+        out = worker.log_path.read_text(errors="replace")
         # librdkafka's configuration dump of each client (producer, admin client).
         assert out.count(f"security.protocol = {protocol.lower()}") >= 2, out[-2000:]
         assert "sasl.mechanisms = PLAIN" in out

@@ -4,7 +4,6 @@ real `pubnub` SDK clients pointed at the emulator."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,54 +15,17 @@ from pubnub.enums import PNReconnectionPolicy
 from pubnub.pnconfiguration import PNConfiguration
 from pubnub.pubnub import PubNub
 
-from ingest.sandbox.server import Account, Sandbox, SandboxSettings
+from ingest.sandbox.server import Account, Sandbox
 
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 MESSAGE_STORE = "/restapi/v1.0/account/~/extension/~/message-store"
 PRESENCE = "/restapi/v1.0/account/~/extension/~/presence?detailedTelephonyState=true"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
-def holds(predicate: Callable[[], Any], seconds: float, interval: float = 0.05) -> bool:
-    """True if `predicate` stays truthy for `seconds` (to assert that something does NOT happen)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not predicate():
-            return False
-        time.sleep(interval)
-    return bool(predicate())
-
-
 @pytest.fixture
-def make_sandbox() -> Iterator[Callable[..., Sandbox]]:
-    """Start sandboxes with custom settings (short holds by default); all closed at teardown."""
-    started: list[Sandbox] = []
-
-    def make(**overrides: Any) -> Sandbox:
-        overrides.setdefault("pubnub_hold_seconds", 0.5)
-        sb = Sandbox(SandboxSettings(**overrides)).start()
-        started.append(sb)
-        return sb
-
-    yield make
-    for sb in started:
-        sb.close()
-
-
-@pytest.fixture
-def sandbox(make_sandbox: Callable[..., Sandbox]) -> Sandbox:
-    return make_sandbox()
+def sandbox_options() -> dict[str, Any]:
+    """The sandbox tests' emulator answers held polls after 0.5 s."""
+    return {"pubnub_hold_seconds": 0.5}
 
 
 class RC:

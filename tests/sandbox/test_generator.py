@@ -19,10 +19,11 @@ from ingest.pipeline import SCHEMA_VIOLATION, ChannelContext, Pipeline, TopicNam
 from ingest.sandbox.generator import KINDS, MALFORMED, Generated
 from ingest.sandbox.server import Sandbox
 from tests.harness import documented_subscription_filters
+from tests.support import wait_for
 from tests.test_catalogue import FAMILIES
 from tests.vectors import VECTOR_CIPHERTEXT, VECTOR_KEY, VECTOR_PLAINTEXT
 
-from .conftest import MESSAGE_STORE, PRESENCE, RC, wait_for
+from .conftest import MESSAGE_STORE, PRESENCE, RC
 
 ALL_FILTERS = [
     MESSAGE_STORE,

@@ -12,8 +12,7 @@ from urllib.parse import quote
 import requests
 
 from ingest.sandbox.server import Sandbox
-
-from .conftest import wait_for
+from tests.support import wait_for
 
 
 def poll(sb: Sandbox, channels: str, tt: int | str | None = None, **params: Any) -> requests.Response:

@@ -7,8 +7,9 @@ from typing import Any
 
 from ingest.crypto import Cipher
 from ingest.sandbox.server import Sandbox
+from tests.support import holds, wait_for
 
-from .conftest import MESSAGE_STORE, PRESENCE, RC, Listener, holds, wait_for
+from .conftest import MESSAGE_STORE, PRESENCE, RC, Listener
 
 MakeClient = Callable[..., tuple[Any, Listener]]
 

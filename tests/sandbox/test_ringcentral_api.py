@@ -14,8 +14,9 @@ import requests
 from ingest.crypto import Cipher
 from ingest.sandbox.ringcentral import RateLimits
 from ingest.sandbox.server import Sandbox
+from tests.support import wait_for
 
-from .conftest import JWT_GRANT, MESSAGE_STORE, PRESENCE, RC, wait_for
+from .conftest import JWT_GRANT, MESSAGE_STORE, PRESENCE, RC
 
 SUBS = "/restapi/v1.0/subscription"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

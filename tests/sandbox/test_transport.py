@@ -8,8 +8,9 @@ from typing import Any
 from ingest.metrics import Metrics
 from ingest.sandbox.server import Sandbox
 from ingest.transport import PubNubTransport, Received, TransportSettings
+from tests.support import wait_for
 
-from .conftest import RC, wait_for
+from .conftest import RC
 
 
 def test_payloads_arrive_exactly_in_order_and_signals_are_skipped(sandbox: Sandbox, rc: RC) -> None:

@@ -46,8 +46,8 @@ from ingest.config import load_config
 from ingest.sandbox.generator import Generated
 from ingest.sandbox.kafka import LocalKafka
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
-from tests.harness import Record, TopicReader, drain_and_compare, write_config
 from tests.support import WorkerProcess, wait_for
+from tests.support.harness import Record, TopicReader, drain_and_compare, write_config
 
 ACCOUNTS = 4
 FILTERS = {

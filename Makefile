@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv tools lint typecheck test demo kafka sandbox bench soak clean
+.PHONY: all venv tools lint typecheck test test-fast demo kafka sandbox bench soak clean
 
 all: test
 
@@ -40,6 +40,10 @@ typecheck: venv
 
 test: lint typecheck tools
 	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+# The unit tests alone (tests/unit): no broker, no sandbox, no subprocess, no tools.
+test-fast: venv
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/ingest demo

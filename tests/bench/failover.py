@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer
 
-from ingest.sandbox.processes import WorkerProcess
 from ingest.sandbox.server import SandboxSettings, demo_accounts
 from ingest.sandbox.worker_config import write_worker_config
 from tests.bench.common import SandboxProcess
+from tests.support import WorkerProcess
 
 ACCOUNTS = 10
 SPECS_PER_ACCOUNT = 20
@@ -131,7 +131,7 @@ def run(bootstrap: str, workdir: Path) -> dict[str, Any]:
                     and sum(w.owned() for w in live) == SPECS and all(w.ready() for w in live))
 
         started = time.monotonic()
-        workers = [WorkerProcess(f"{prefix}-w{i}", base, directory).start() for i in (1, 2)]
+        workers = [WorkerProcess.in_group(f"{prefix}-w{i}", base, directory).start() for i in (1, 2)]
         reader = _Reader(bootstrap, prefix)
         try:
             _wait(lambda: stable(workers), 180, "two workers sharing the specs")

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     bootstrap, workdir, subscriptions=settings["subscriptions"],
                     lifetime=settings["subscription_lifetime_seconds"]))
             if "failover" in chosen:
-                # Scenario 3: kill -9 of one of two group workers (ingest/bench/failover.py).
+                # Scenario 3: kill -9 of one of two group workers (tests/bench/failover.py).
                 print(f"[bench] run {i + 1}/{args.runs}: failover", file=sys.stderr, flush=True)
                 result["failover"] = _guarded(lambda: failover.run(bootstrap, workdir))
             (args.out / f"run-{i + 1}.json").write_text(json.dumps(result, indent=1, default=str))

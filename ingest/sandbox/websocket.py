@@ -43,7 +43,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
-from ingest.logs import get_logger, register_secret
+from ingest.observability.logs import get_logger, register_secret
 from ingest.sandbox.ringcentral import API, ApiError, _injected, api_error
 
 if TYPE_CHECKING:

@@ -34,8 +34,8 @@ import orjson
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from ingest.logs import get_logger, register_secret
-from ingest.metrics import Metrics
+from ingest.observability.logs import get_logger, register_secret
+from ingest.observability.metrics import Metrics
 from ingest.rc.errors import ApiError, RateLimited, RingCentralError, TokenUnavailable
 from ingest.rc.http import API, RingCentralClient
 

@@ -1,5 +1,5 @@
-"""WebSocket tests use the sandbox fixtures of tests/sandbox/conftest.py (until tests/support exists)."""
+"""WebSocket tests: the sandbox tests' RingCentral client (`rc`) and their 0.5-s PubNub hold."""
 
-from tests.sandbox.conftest import RC, make_sandbox, rc, sandbox, wait_for
+from tests.integration.sandbox.conftest import rc, sandbox_options
 
-__all__ = ["RC", "make_sandbox", "rc", "sandbox", "wait_for"]
+__all__ = ["rc", "sandbox_options"]

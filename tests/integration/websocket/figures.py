@@ -21,13 +21,14 @@ import orjson
 import requests
 from websockets.sync.client import connect
 
-from ingest.metrics import Metrics
+from ingest.observability.metrics import Metrics
 from ingest.rc.http import RingCentralClient
 from ingest.rc.tokens import TokenManager
 from ingest.sandbox.ringcentral import RateLimits
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.transports.websocket import Gap, Notification, WebSocketSession, WebSocketSettings
-from tests.sandbox.conftest import MESSAGE_STORE, wait_for
+from tests.integration.sandbox.conftest import MESSAGE_STORE
+from tests.support.waiting import wait_for
 
 ROUNDS = 10
 

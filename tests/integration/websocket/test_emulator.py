@@ -16,7 +16,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from ingest.sandbox.server import Sandbox
 from ingest.sandbox.websocket import WebSocketSettings
-from tests.sandbox.conftest import MESSAGE_STORE, PRESENCE, RC, wait_for
+from tests.integration.sandbox.conftest import MESSAGE_STORE, PRESENCE, RC
+from tests.support.waiting import wait_for
 
 SUBSCRIPTION = "/restapi/v1.0/subscription"
 

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import requests
 
-from ingest.metrics import Metrics
+from ingest.observability.metrics import Metrics
 from ingest.rc.http import RingCentralClient
 from ingest.rc.tokens import TokenManager
 from ingest.sandbox.generator import Generated
@@ -20,7 +20,8 @@ from ingest.sandbox.ringcentral import RateLimits
 from ingest.sandbox.server import Sandbox
 from ingest.sandbox.websocket import WebSocketSettings as ServerSettings
 from ingest.transports.websocket import Gap, Notification, Position, WebSocketSession, WebSocketSettings
-from tests.sandbox.conftest import MESSAGE_STORE, PRESENCE, wait_for
+from tests.integration.sandbox.conftest import MESSAGE_STORE, PRESENCE
+from tests.support.waiting import wait_for
 
 FAST = WebSocketSettings(ping_interval=0.5, ping_timeout=1.0, reconnect_min=0.1, reconnect_max=2.0)
 

@@ -509,6 +509,12 @@ class _Validator:
         )
         if config.worker.delivery_guarantee == "at-least-once":
             self.no_message_timeout(config.kafka)
+        websocket = [i for i, account in enumerate(config.accounts) if account.transport == "websocket"]
+        if websocket and config.worker.delivery_guarantee == "exactly-once":
+            # An aborted transaction is read again from its checkpoint; a WebSocket cannot be re-read.
+            raise self.fail(f"accounts[{websocket[0]}].transport", "websocket cannot be used with "
+                            "worker.delivery_guarantee exactly-once (a WebSocket cannot be read again after an "
+                            "aborted transaction)")
         return config
 
     def no_message_timeout(self, kafka: dict[str, str]) -> None:

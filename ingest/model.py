@@ -22,6 +22,8 @@ class Delivery:
     # "expired" (lapsed_since is its expiry), or "gone": found deleted or expired server-side before
     # its expiry (lapsed_since is when RingCentral last answered for it).
     lapse_reason: str | None = None
+    # deliveryMode.transportType: "PubNub" (encrypted or not), or "WebSocket" (JSON bytes as they arrived).
+    transport: str = "PubNub"
 
 
 @dataclass(frozen=True)

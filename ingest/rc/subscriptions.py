@@ -565,7 +565,8 @@ class SubscriptionManager:
                             subscriber_key=str(sub_key), channel=str(channel),
                             encryption_key=str(key) if key else None, expires_at=expires_at,
                             lapsed_since=entry.expires_at if lapsed else entry.gone_since if gone else None,
-                            lapse_reason="expired" if lapsed else "gone" if gone else None)
+                            lapse_reason="expired" if lapsed else "gone" if gone else None,
+                            transport=str(mode.get("transportType") or "PubNub"))
         changed = previous is None or (previous.subscription_id, previous.subscriber_key, previous.channel,
                                        previous.encryption_key) != (sub_id, delivery.subscriber_key,
                                                                     delivery.channel, delivery.encryption_key)

@@ -19,6 +19,7 @@ no decryption on this path.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import threading
@@ -36,8 +37,10 @@ from websockets.sync.client import ClientConnection, connect
 
 from ingest.observability.logs import get_logger, register_secret
 from ingest.observability.metrics import Metrics
-from ingest.rc.errors import ApiError, RateLimited, RingCentralError, TokenUnavailable
-from ingest.rc.http import API, RingCentralClient
+from ingest.rc.errors import ApiError, NetworkError, RateLimited, RingCentralError, TokenUnavailable
+from ingest.rc.http import API, RingCentralClient, TokenSource
+from ingest.transports.base import BatchHandler as BatchHandlerOfReceived
+from ingest.transports.base import Received, Transport
 
 log = get_logger(__name__)
 
@@ -47,6 +50,7 @@ ABSOLUTE_CLOSE = "WSG-903"
 PLANNED_CLOSES = {IDLE_CLOSE: "idle", ABSOLUTE_CLOSE: "absolute"}
 DEFAULT_RECOVERY_TIMEOUT = 180.0  # until ConnectionDetails says otherwise
 MAX_BATCH = 100  # frames handed on together when they are already waiting
+SEQUENCES_PER_SESSION = 10**7  # Position.ordinal: session start (unix seconds) * this + sequence
 
 
 class FrameError(ValueError):
@@ -85,6 +89,12 @@ class Position:
     sequence: int  # the `wsc.sequence` of the frame (or of the newest frame before it)
     subscription_id: str | None
     received_at: float  # unix seconds
+    session_started: int = 0  # unix seconds the session began: a new session starts a new sequence
+
+    @property
+    def ordinal(self) -> int:
+        """Grows along an account's notifications across sessions (the worker's position)."""
+        return self.session_started * SEQUENCES_PER_SESSION + self.sequence
 
 
 # One notification: its raw JSON bytes and its position. A batch of them, with when they arrived.
@@ -141,6 +151,8 @@ class WebSocketSession:
     _wsc: str | None = None
     _sequence: int = 0
     _lost_at: float = 0.0  # unix seconds the last connection ended (0: none yet)
+    _session_started: int = 0
+    last_error: RingCentralError | None = None  # why the last connection attempt failed (None: it did not)
     _recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT
     _heartbeat_every: float = 30.0
     _details: dict[str, Any] = field(default_factory=dict)
@@ -161,11 +173,16 @@ class WebSocketSession:
         if self.resume is not None:
             self._wsc, self._sequence = self.resume.wsc, self.resume.sequence
             self._subscription_id, self._lost_at = self.resume.subscription_id, self.resume.received_at
+            self._session_started = self.resume.session_started
             self._applied = self._filters  # the subscription carried these when it was checkpointed
 
     # ---- API -----------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"websocket-{self.name}", daemon=True)
+        """Start the session thread (once; later calls do nothing)."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name=f"websocket-{self.name}", daemon=True)
         self._thread.start()
 
     def stop(self, delete_subscription: bool = False, timeout: float = 10.0) -> None:
@@ -189,12 +206,17 @@ class WebSocketSession:
     def subscription_id(self) -> str | None:
         return self._subscription_id
 
+    @property
+    def filters(self) -> tuple[str, ...]:
+        """The event filters the subscription should carry (applied over the socket when they change)."""
+        return self._filters
+
     def position(self) -> Position | None:
         """The newest position (wsc and sequence), None before the first ConnectionDetails."""
         with self._lock:
             if self._wsc is None:
                 return None
-            return Position(self._wsc, self._sequence, self._subscription_id, time.time())
+            return Position(self._wsc, self._sequence, self._subscription_id, time.time(), self._session_started)
 
     # ---- the session thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -203,12 +225,13 @@ class WebSocketSession:
             delay = 0.0
             try:
                 reason = self._connect_once()
-                failures = 0
+                failures, self.last_error = 0, None
             except TokenUnavailable as exc:
                 reason, delay = "token", exc.retry_after
             except RateLimited as exc:
                 reason, delay = "rate-limited", exc.retry_after or self.settings.reconnect_max
             except (RingCentralError, InvalidHandshake, OSError, TimeoutError) as exc:
+                self.last_error = exc if isinstance(exc, RingCentralError) else None
                 failures += 1
                 reason = "error"
                 delay = self._backoff(failures)
@@ -287,6 +310,7 @@ class WebSocketSession:
             self.metrics.websocket_recoveries.labels("Successful").inc()
             log.info("websocket.recovered", session=self.name, subscription=self._subscription_id)
             return
+        self._session_started = int(time.time())
         if recovering:
             self.metrics.websocket_recoveries.labels("Failed").inc()
             self._report_gap("recovery-failed", details.get("recoveryErrorCode"))
@@ -407,7 +431,8 @@ class WebSocketSession:
                 if self._seen_before(body):
                     duplicates += 1
                     continue
-                batch.append((body.encode(), Position(self._wsc or "", self._sequence, self._subscription_id, now)))
+                batch.append((body.encode(), Position(self._wsc or "", self._sequence, self._subscription_id, now,
+                                                      self._session_started)))
             elif kind == "ClientRequest":
                 self._answers[str(meta.get("messageId"))] = (meta, body)
             elif kind == "Error":
@@ -476,3 +501,210 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, RingCentralError):
         return str(exc)
     return type(exc).__name__
+
+
+# ---- the worker's side: the Transport of transports/base.py, and the subscription calls -----------------
+
+WEBSOCKET_SOURCE = "websocket"
+CHANNEL_PREFIX = "websocket:"
+MAX_PENDING = 10_000  # notifications held for a channel the worker has not added yet (per account)
+SUBSCRIBE_TIMEOUT = 30.0  # how long a creation waits for the session to be connected and subscribed
+SUBSCRIBE_RECHECK_SECONDS = 900  # the expiry reported to the manager: when it looks at the subscription again
+
+
+def channel_of(account: str) -> str:
+    """An account's channel: stable across its subscriptions and sessions."""
+    return f"{CHANNEL_PREFIX}{account}"
+
+
+@dataclass
+class _Stream:
+    """A channel's read state (`transports.base.Stream`)."""
+
+    channel: str
+    epoch: int = 0
+    position: int = 0  # the newest position handed on
+
+
+class WebSocketTransport:
+    """Intake of the `transport: websocket` accounts, behind the one interface (`transports.base.Transport`).
+
+    One `WebSocketSession` per account, created by the subscription manager's first creation call
+    (`WebSocketSubscriptionClient`); its notifications go to the channel `websocket:<account>` with the
+    position `Position.ordinal`. Until the worker adds that channel (just after the creation returns)
+    they are held, not dropped. A WebSocket cannot be read again from a position, so `rewind` cannot be
+    honoured: the config refuses exactly-once for these accounts.
+    """
+
+    def __init__(self, handler: BatchHandlerOfReceived, metrics: Metrics, settings: WebSocketSettings | None = None,
+                 on_gap: Callable[[str, Gap], None] | None = None) -> None:
+        self.handler = handler
+        self.metrics = metrics
+        self.settings = settings or WebSocketSettings()
+        self.on_gap = on_gap
+        self.sessions: dict[str, WebSocketSession] = {}  # channel -> session
+        self._streams: dict[str, _Stream] = {}  # channels the worker reads
+        self._pending: dict[str, list[Received]] = {}
+        self._intake = threading.Lock()  # one batch at a time, and pending ones released in order
+
+    def client_for(self, account: str, server: str, tokens: TokenSource, http: Any,
+                   timeout: tuple[float, float]) -> WebSocketSubscriptionClient:
+        """The RingCentral client of a websocket account: REST for tokens and account info, its session
+        for the subscription."""
+        client = WebSocketSubscriptionClient(server, tokens, self.metrics, http, user=account, timeout=timeout)
+        channel = channel_of(account)
+        client.websocket = WebSocketSession(
+            client, [], functools.partial(self._on_batch, channel), self.metrics, self.settings,
+            on_gap=functools.partial(self._gap, channel), name=account)
+        self.sessions[channel] = client.websocket
+        return client
+
+    # ---- Transport ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Nothing to do: a session starts with its subscription's creation."""
+
+    def stop(self) -> None:
+        for session in self.sessions.values():
+            session.stop()
+        self.metrics.websocket_connections.set(0)
+
+    def add_channel(self, source: str, channel: str, resume: int | None = None) -> None:
+        with self._intake:
+            stream = self._streams.setdefault(channel, _Stream(channel, position=resume or 0))
+            held = self._pending.pop(channel, [])
+            if held:
+                stream.position = max(stream.position, held[-1].position)
+                self.handler([Received(r.channel, r.position, r.payload, stream, stream.epoch) for r in held],
+                             time.time())
+
+    def remove_channel(self, channel: str) -> None:
+        with self._intake:
+            self._streams.pop(channel, None)
+            self._pending.pop(channel, None)
+        session = self.sessions.get(channel)
+        if session is not None:  # the spec was removed or handed over: the session ends (RingCentral ends it)
+            session.stop()
+
+    def rewind(self, channel: str, position: int | None) -> None:
+        log.error("websocket.rewind_impossible", channel=channel, position=position)
+
+    def position(self, channel: str) -> int | None:
+        stream = self._streams.get(channel)
+        return stream.position if stream is not None else None
+
+    def caught_up_at(self, channel: str) -> float | None:
+        session = self.sessions.get(channel)
+        return time.monotonic() if session is not None and session.connected else None
+
+    def reading(self) -> set[str]:
+        return {channel for channel in self._streams if (s := self.sessions.get(channel)) and s.connected}
+
+    def acknowledged(self, channel: str, position: int) -> None:
+        """Nothing to do: a recovery replays what followed the newest notification handed on."""
+
+    # ---- from the sessions ---------------------------------------------------------------------------------
+    def _on_batch(self, channel: str, batch: list[Notification], received_at: float) -> None:
+        with self._intake:
+            stream = self._streams.get(channel)
+            if stream is None:
+                self._hold(channel, batch)
+                return
+            received = [Received(channel, position.ordinal, raw, stream, stream.epoch) for raw, position in batch]
+            stream.position = received[-1].position
+            self.handler(received, received_at)
+
+    def _hold(self, channel: str, batch: list[Notification]) -> None:
+        held = self._pending.setdefault(channel, [])
+        room = MAX_PENDING - len(held)
+        placeholder = _Stream(channel)
+        held.extend(Received(channel, p.ordinal, raw, placeholder, 0) for raw, p in batch[:room])
+        if len(batch) > room:
+            log.error("websocket.pending_overflow", channel=channel, dropped=len(batch) - room)
+
+    def _gap(self, channel: str, gap: Gap) -> None:
+        if self.on_gap is not None:
+            self.on_gap(channel, gap)
+
+
+class WebSocketSubscriptionClient(RingCentralClient):
+    """`SubscriptionManager`'s client for a websocket account: REST (tokens, wstoken, account info), and the
+    subscription calls answered by the account's `WebSocketSession` (created over its socket; a WebSocket
+    subscription needs no renewal, so `renew` and `get` only report it)."""
+
+    websocket: WebSocketSession
+
+    def list_subscriptions(self) -> list[dict[str, Any]]:
+        return []  # nothing to adopt: a session's subscription cannot be taken over without its wsc
+
+    def create_subscription(self, event_filters: list[str], expires_in: int) -> dict[str, Any]:
+        self.websocket.set_event_filters(event_filters)
+        self.websocket.start()
+        deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
+        while not (self.websocket.connected and self.websocket.subscription_id):
+            error = self.websocket.last_error
+            if isinstance(error, ApiError) and 400 <= error.status < 500 and error.status != 429:
+                raise error  # e.g. a missing app permission: the manager reports it
+            if time.monotonic() > deadline:
+                raise NetworkError("websocket: not subscribed within 30 s")
+            time.sleep(0.05)
+        return self._info(expires_in)
+
+    def renew_subscription(self, subscription_id: str) -> dict[str, Any]:
+        return self._info(None)
+
+    def get_subscription(self, subscription_id: str) -> dict[str, Any]:
+        return self._info(None)
+
+    def delete_subscription(self, subscription_id: str) -> None:
+        self.websocket.stop(delete_subscription=True)
+
+    def _info(self, expires_in: int | None) -> dict[str, Any]:
+        """A SubscriptionInfo as REST gives it; the channel is the account's, the expiry only when to look again."""
+        subscription_id = self.websocket.subscription_id
+        if subscription_id is None:
+            raise ApiError(404, "CMN-102", "no WebSocket subscription", None, "subscription.get")
+        return {"id": subscription_id, "status": "Active", "expiresIn": expires_in or SUBSCRIBE_RECHECK_SECONDS,
+                "eventFilters": list(self.websocket.filters),
+                "deliveryMode": {"transportType": "WebSocket", "encryption": False,
+                                 "address": channel_of(self.user), "subscriberKey": WEBSOCKET_SOURCE}}
+
+
+class WithWebSocket:
+    """The worker's one `Transport` when some accounts use WebSocket: `websocket:<account>` channels go
+    to the WebSocket transport, every other channel to the first transport (PubNub)."""
+
+    def __init__(self, other: Transport, websocket: WebSocketTransport) -> None:
+        self.other = other
+        self.websocket = websocket
+
+    def _for(self, channel: str) -> Transport:
+        return self.websocket if channel.startswith(CHANNEL_PREFIX) else self.other
+
+    def start(self) -> None:
+        self.other.start()
+        self.websocket.start()
+
+    def stop(self) -> None:
+        self.websocket.stop()
+        self.other.stop()
+
+    def add_channel(self, source: str, channel: str, resume: int | None = None) -> None:
+        self._for(channel).add_channel(source, channel, resume)
+
+    def remove_channel(self, channel: str) -> None:
+        self._for(channel).remove_channel(channel)
+
+    def rewind(self, channel: str, position: int | None) -> None:
+        self._for(channel).rewind(channel, position)
+
+    def position(self, channel: str) -> int | None:
+        return self._for(channel).position(channel)
+
+    def caught_up_at(self, channel: str) -> float | None:
+        return self._for(channel).caught_up_at(channel)
+
+    def reading(self) -> set[str]:
+        return self.other.reading() | self.websocket.reading()
+
+    def acknowledged(self, channel: str, position: int) -> None:
+        self._for(channel).acknowledged(channel, position)

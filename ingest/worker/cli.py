@@ -8,13 +8,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ingest.observability import logs
 from ingest.observability.logs import redact
-
-if TYPE_CHECKING:
-    from ingest.config import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +26,6 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
-        _refuse_unserved_transports(config)
     except ConfigError as exc:
         return _invalid(args.config, str(exc))
     logs.configure(config.logging.level)
@@ -72,17 +67,6 @@ def main(args: argparse.Namespace) -> int:
         logs.get_logger(__name__).error("worker.exiting", reason=failed, exit_status=3)
         return 3
     return 0 if undelivered == 0 else 1
-
-
-def _refuse_unserved_transports(config: Config) -> None:
-    """WebSocket is served by ingest/transports/websocket.py but not yet wired into the Worker: refuse it
-    rather than serve the account over PubNub."""
-    from ingest.config import ConfigError
-
-    for i, account in enumerate(config.accounts):
-        if account.transport != "pubnub":
-            raise ConfigError(f"accounts[{i}].transport: {account.transport} is not served by `ingest run` yet "
-                              "(only pubnub is)")
 
 
 def _invalid(path: Path, problem: str) -> int:

@@ -383,13 +383,7 @@ def test_ingest_run_exits_2_on_a_bad_transport(tmp_path: Path, capsys: pytest.Ca
     assert len(err.strip().splitlines()) == 1 and CLIENT_SECRET not in err and JWT not in err
 
 
-def test_ingest_run_refuses_websocket_accounts_until_the_worker_serves_them(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from ingest.cli import main
-
-    for name, value in ENV.items():
-        monkeypatch.setenv(name, value)
-    assert main(["run", "--config", str(write(tmp_path, WEBSOCKET))]) == 2
-    err = capsys.readouterr().err
-    assert "accounts[0].transport: websocket is not served by `ingest run` yet" in err
-    assert len(err.strip().splitlines()) == 1
+def test_websocket_refuses_exactly_once(tmp_path: Path) -> None:
+    message = error(tmp_path, WEBSOCKET + "worker:\n  delivery_guarantee: exactly-once\n")
+    assert message.startswith("accounts[0].transport: websocket cannot be used with worker.delivery_guarantee "
+                              "exactly-once"), message

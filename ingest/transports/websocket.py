@@ -569,6 +569,8 @@ class WebSocketTransport:
         self.metrics.websocket_connections.set(0)
 
     def add_channel(self, source: str, channel: str, resume: int | None = None) -> None:
+        if resume and channel not in self._streams:
+            self._unrecoverable(channel, resume)
         with self._intake:
             stream = self._streams.setdefault(channel, _Stream(channel, position=resume or 0))
             held = self._pending.pop(channel, [])
@@ -620,6 +622,14 @@ class WebSocketTransport:
         held.extend(Received(channel, p.ordinal, raw, placeholder, 0) for raw, p in batch[:room])
         if len(batch) > room:
             log.error("websocket.pending_overflow", channel=channel, dropped=len(batch) - room)
+
+    def _unrecoverable(self, channel: str, checkpoint: int) -> None:
+        """A checkpoint of an earlier worker (a restart, a handover): its session cannot be recovered here (its
+        wsc is not kept), so what followed the checkpoint and what RingCentral published until the new
+        subscription is lost. Reported from the start of that session (the checkpoint holds no time)."""
+        session = self.sessions.get(channel)
+        self._gap(channel, Gap(session.subscription_id if session else None, "worker-restart",
+                               float(checkpoint // SEQUENCES_PER_SESSION), time.time()))
 
     def _gap(self, channel: str, gap: Gap) -> None:
         if self.on_gap is not None:

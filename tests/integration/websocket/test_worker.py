@@ -94,3 +94,35 @@ def test_failed_recovery_is_reported_as_a_gap_and_the_account_read_again(
     finally:
         reader.close()
         worker.stop(delete_subscriptions=True)
+
+
+def test_a_restart_is_reported_as_a_gap_and_the_account_read_again(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """The session's wsc is not kept in the state topic (yet): a new worker cannot recover it, so it says so."""
+    config = load_config(write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                                      subscriptions={"messages": [MESSAGE_STORE]}), WEBSOCKET)
+    first = Worker(config)
+    first.start()
+    reader = TopicReader(kafka_bootstrap, unique_name)
+    second: Worker | None = None
+    try:
+        wait_for(lambda: first.subscriptions_serving() == 1, 30, what="the WebSocket subscription read")
+        before = sandbox.generator.publish(10)
+        reader.poll_until(lambda rs: len(rs) >= 10, timeout=60)
+        wait_for(lambda: first.checkpoints.sink is not None and first.metrics.checkpoints._value.get() > 0, 30,
+                 what="a checkpoint")
+        first.stop()
+        second = Worker(config)
+        second.start()
+        wait_for(lambda: second is not None and second.subscriptions_serving() == 1, 30, what="read again")
+        assert second.metrics.replay_gaps._value.get() >= 1
+        # The first worker's subscription lives on for RingCentral's recoveryTimeout: the sandbox's generator
+        # shares the events between the two (RingCentral would send each to both); the new one's must all come.
+        current = next(s.id for s in sandbox.rc.live_subscriptions() if s.id != before[0].subscription_id)
+        after = [g for g in sandbox.generator.publish(20) if g.subscription_id == current]
+        records = reader.poll_until(lambda rs: len(rs) >= 10 + len(after), timeout=60)
+        assert after and {g.uuid for g in before + after} <= {r.headers["uuid"] for r in records}
+    finally:
+        reader.close()
+        if second is not None:
+            second.stop(delete_subscriptions=True)

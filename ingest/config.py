@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import yaml
 from confluent_kafka import KafkaException, Producer
 
-from ingest.model import SubscriptionSpec
+from ingest.model import TRANSPORTS, SubscriptionSpec
 from ingest.observability.logs import redact, register_secret
 
 ENV_PREFIX = "INGEST__"
@@ -38,7 +38,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DELIVERY_GUARANTEES = ("at-least-once", "exactly-once")
 COORDINATION_MODES = ("standalone", "group")
-TRANSPORTS = ("pubnub", "websocket")  # per account; pubnub by default (what existing apps use)
 # librdkafka properties whose values are credentials: scrubbed from logs and hidden from repr.
 _KAFKA_SECRET_MARKERS = ("password", "secret", "ssl.key.pem", "sasl.oauthbearer.config", "sasl.jaas.config")
 # A worker config is a few KiB and a secret a few hundred bytes: the caps keep a device such as

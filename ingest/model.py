@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TRANSPORTS = ("pubnub", "websocket")  # an account's `transport` (config); pubnub by default (what existing apps use)
+
 
 @dataclass(frozen=True)
 class Delivery:

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ingest import __version__
+from ingest.model import TRANSPORTS
 
 # Lag from the notification's own timestamp to the Kafka acknowledgement: RingCentral stamps events
 # with millisecond precision; push pipelines normally sit between 50 ms and a few seconds.
@@ -115,7 +116,9 @@ class Metrics:
 
         # Data plane
         self.notifications_received = Counter(
-            "ingest_notifications_received_total", "Notifications received from PubNub.", registry=r)
+            "ingest_notifications_received_total", "Notifications received, by transport (pubnub, websocket).",
+            ["transport"], registry=r)
+        self.received_by_transport = {name: self.notifications_received.labels(name) for name in TRANSPORTS}
         self.notifications_published = Counter(
             "ingest_notifications_published_total", "Notifications acknowledged by Kafka, by family.",
             ["family"], registry=r)

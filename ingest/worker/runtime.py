@@ -207,7 +207,9 @@ class Worker:
         # Metrics once per batch: per message they cost more than decryption (docs/benchmarks.md).
         for route in touched:
             route.spec_metrics.last_notification.set(received_at)
-        self.metrics.notifications_received.inc(received)
+        if touched:  # a batch comes from one transport: any of its routes says which
+            transport = "websocket" if next(iter(touched)).context.plaintext else "pubnub"
+            self.metrics.received_by_transport[transport].inc(received)
 
     # ---- checkpoints and health ----------------------------------------------------------------
 

@@ -61,6 +61,9 @@ def test_websocket_account_reaches_kafka_through_drops_and_planned_closes(
         values = {r.headers.get("uuid"): r.value for r in records}
         assert all(values[g.uuid] == g.plaintext for g in generated if g.malformed is None)  # the bytes sent
         assert sandbox.websocket.stats()["recovered"] == 2
+        received = worker.metrics.registry.get_sample_value
+        assert received("ingest_notifications_received_total", {"transport": "websocket"}) == len(generated)
+        assert received("ingest_notifications_received_total", {"transport": "pubnub"}) == 0
         assert worker.channels.deliveries[f"{sandbox.accounts[0].name}/calls-and-messages"].channel == \
             channel_of(sandbox.accounts[0].name)
     finally:

@@ -86,7 +86,7 @@ image:
 verify-image: venv
 	IMAGE="$(IMAGE)" IMAGE_BASE="$(IMAGE_BASE)" $(BIN)/python .ci/deploy/verify_image.py
 
-verify-chart: tools
+verify-chart: $(TOOLS)/helm
 	bash .ci/tools/install-kube-apiserver.sh $(TOOLS)
 	PATH="$(CURDIR)/$(TOOLS):$$PATH" bash .ci/deploy/verify-chart.sh
 

@@ -29,9 +29,11 @@ cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/ingest"
 cached="$cache_root/kube/$KUBE_VERSION"
 
 is_pinned() {  # is_pinned DIR: both binaries there run and report the pinned version
-  [ -x "$1/kube-apiserver" ] && [ -x "$1/kubectl" ] \
-    && "$1/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $KUBE_VERSION" \
-    && "$1/kubectl" version --client 2>/dev/null | grep -q "Client Version: $KUBE_VERSION"
+  # (outputs captured first: `cmd | grep -q` under pipefail fails when grep stops reading early)
+  [ -x "$1/kube-apiserver" ] && [ -x "$1/kubectl" ] || return 1
+  local server client
+  server="$("$1/kube-apiserver" --version 2>/dev/null)" && client="$("$1/kubectl" version --client 2>/dev/null)" \
+    && [ "$server" = "Kubernetes $KUBE_VERSION" ] && grep -q "^Client Version: $KUBE_VERSION\$" <<<"$client"
 }
 
 copy_binaries() {  # copy_binaries FROM TO, atomically per binary

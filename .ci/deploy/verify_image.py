@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import requests
+import yaml
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -209,6 +210,17 @@ def publish(rc_url: str, count: int) -> int:
     return int(response.json()["published"])
 
 
+def live_subscriptions(rc_url: str) -> int:
+    """Subscriptions the sandbox holds live (all accounts)."""
+    state = requests.get(f"{rc_url}/sandbox/state", timeout=10).json()
+    return sum(int(account["live"]) for account in state["accounts"].values())
+
+
+def configured_subscriptions(config: Path) -> int:
+    accounts = yaml.safe_load(config.read_text(encoding="utf-8"))["accounts"]
+    return sum(len(account["subscriptions"]) for account in accounts)
+
+
 def all_arrived(bootstrap: str, published: int) -> bool:
     try:
         return sum(records_per_topic(bootstrap).values()) >= published
@@ -248,6 +260,12 @@ def verify(engine: list[str], build_seconds: float) -> None:
         log(f"container runs as uid {IMAGE_UID} on a read-only root filesystem")
         wait_until("/readyz 200", lambda: ready(metrics_port), STEP_SECONDS)
         log("/readyz answered 200")
+        # /readyz is also 200 for a worker that owns no subscription yet (a standby), so wait for the
+        # worker's subscriptions to be live before publishing to them.
+        wanted = configured_subscriptions(config_dir / "worker.yaml")
+        wait_until(f"{wanted} live subscriptions", lambda: live_subscriptions(sandbox["rc_url"]) >= wanted,
+                   STEP_SECONDS)
+        log(f"the worker's {wanted} subscriptions are live in the sandbox")
 
         published = 0
         for _ in range(BATCHES):
@@ -257,6 +275,8 @@ def verify(engine: list[str], build_seconds: float) -> None:
         counts = records_per_topic(bootstrap)
         arrived = sum(counts.values())
         dead = counts.get(f"{PREFIX}.dead-letter", 0)
+        if published != BATCHES * BATCH_SIZE:
+            raise CheckFailed(f"the sandbox published {published} of {BATCHES * BATCH_SIZE} notifications")
         if arrived != published or dead:
             raise CheckFailed(f"{published} notifications published, {arrived} records in Kafka ({dead} dead letters)")
         log(f"{arrived} of {published} notifications arrived in Kafka, 0 dead letters: "

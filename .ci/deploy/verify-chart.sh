@@ -38,9 +38,14 @@ done
 
 work="$(mktemp -d /tmp/verify-chart.XXXXXX)"
 pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+stop() {  # stop PID: SIGTERM, SIGKILL after 30 s (an apiserver whose etcd is gone never exits)
+  kill "$1" 2>/dev/null || return 0
+  for _ in $(seq 30); do kill -0 "$1" 2>/dev/null || break; sleep 1; done
+  kill -9 "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+cleanup() {  # the apiserver before its etcd
+  for (( i = ${#pids[@]} - 1; i >= 0; i-- )); do stop "${pids[$i]}"; done
   rm -rf "$work"
 }
 trap cleanup EXIT

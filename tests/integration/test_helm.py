@@ -410,10 +410,15 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
 def test_dockerfile_builds_a_slim_non_root_image_with_the_ingest_entrypoint() -> None:
     preamble, *stages = dockerfile_stages()
     assert len(stages) >= 2, "multi-stage build expected"
-    base_arg = dict(a.split("=", 1) for i, a in preamble if i == "ARG")["PYTHON_IMAGE"]
+    args = dict(a.split("=", 1) for i, a in preamble if i == "ARG")
+    base_arg = args["PYTHON_IMAGE"]
     assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+", base_arg), f"base image not pinned by version: {base_arg}"
-    for stage in stages:
-        assert stage[0][1].split()[0] == "${PYTHON_IMAGE}"
+    # Both stages on the same base by default (the venv's interpreter path); `make image` may pass a
+    # local pip-less runtime twin of a local build base (.ci/tools/build-local-base.sh).
+    assert args["PYTHON_RUNTIME_IMAGE"] == "${PYTHON_IMAGE}"
+    assert stages[0][0][1].split()[0] == "${PYTHON_IMAGE}"
+    for stage in stages[1:]:
+        assert stage[0][1].split()[0] == "${PYTHON_RUNTIME_IMAGE}"
     final = stages[-1]
     body = " ".join(args for _, args in final)
     # No compilers or caches in the final image.

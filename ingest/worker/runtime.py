@@ -90,6 +90,9 @@ class Worker:
         self.manager: SubscriptionManager | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Set once ownership has handed its specs to the manager (standalone: after restoring the state
+        # topic): until then the worker owns nothing yet, and readiness says "starting", not "ready".
+        self._owning = threading.Event()
 
     @property
     def sink(self) -> KafkaSink:
@@ -126,6 +129,7 @@ class Worker:
             expires_in=cfg.worker.expires_in_seconds, adopt_matching=self.ownership.adopt_matching)
         self.manager.start()
         self.ownership.start(self.manager, lambda what, step: self.kafka.until_answers(what, step, self._stop))
+        self._owning.set()
         for name, loop in (("checkpoint", self._checkpoint_loop), ("drains", self._restart_windows_loop)):
             thread = threading.Thread(target=loop, name=name, daemon=True)
             thread.start()
@@ -253,6 +257,6 @@ class Worker:
         return (False, failed) if failed else self.heartbeats.check()
 
     def _subscription_rows(self) -> list[SubscriptionRow] | None:
-        if self.manager is None:
+        if self.manager is None or not self._owning.is_set():
             return None  # starting
         return [(s.spec_id, s.state, s.expires_at) for s in self.manager.snapshot() if s.state != "deleted"]

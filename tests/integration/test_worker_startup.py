@@ -6,14 +6,18 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from ingest.config import load_config
 from ingest.sandbox.kafka import LocalKafka
 from ingest.sandbox.server import Sandbox, SandboxSettings
+from ingest.worker.runtime import Worker
 from tests.support import free_port, wait_for
 from tests.support.harness import write_config
 
@@ -74,3 +78,36 @@ def test_worker_stopped_while_waiting_for_kafka_exits_cleanly(unique_name: str, 
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert b"Traceback" not in out
+
+
+def test_not_ready_before_the_owned_specs_are_known(sandbox: Sandbox, kafka_bootstrap: str, unique_name: str,
+                                                    tmp_path: Path) -> None:
+    """Between "Kafka answers" and "the specs are handed to the subscription manager" (a standalone
+    worker restores its state topic first) the worker owns nothing yet: ready then, a rolling update
+    would stop the previous pod before this one reads a single subscription."""
+    config = load_config(write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                                      subscriptions={"presence": ["/restapi/v1.0/account/~/extension/~/presence"]},
+                                      worker={"id": unique_name}))
+    worker = Worker(config)
+    hold = threading.Event()
+    own = worker.ownership.start
+
+    def held_start(*args: Any) -> None:
+        hold.wait(60)  # the restore "takes" until the test has looked
+        own(*args)
+
+    worker.ownership.start = held_start  # type: ignore[method-assign]
+    starting = threading.Thread(target=worker.start, daemon=True)
+    starting.start()
+    try:
+        wait_for(lambda: worker.manager is not None and worker.kafka.ok, 60, what="Kafka answering, no specs yet")
+        status, body = _get(worker.health.port, "/readyz")
+        assert (status, body.get("reason")) == (503, "starting")
+        hold.set()
+        starting.join(60)
+        wait_for(lambda: worker.subscriptions_serving() == 1, 60, what="the subscription serving")
+        wait_for(lambda: _get(worker.health.port, "/readyz")[0] == 200, 30, what="/readyz 200")
+    finally:
+        hold.set()
+        starting.join(60)
+        worker.stop(delete_subscriptions=True)

@@ -70,6 +70,7 @@ ENCODING_CIPHERTEXT = b"base64-ciphertext"  # the Base64 string as received
 ENCODING_TEXT = b"text"  # a string received on a channel without a key, UTF-8
 ENCODING_JSON = b"json"  # an already-parsed payload (dict, list, ...) serialised as compact JSON
 ENCODING_REPR = b"python-repr"  # not JSON-serialisable: Python repr()
+ENCODING_BODY = b"body"  # a plaintext notification received as bytes (WebHook body), exactly as received
 
 UNKNOWN_FAMILY = "unknown"  # family label of dead letters that could not be read far enough
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024  # PubNub caps messages at 32 KiB; Kafka's default record limit is 1 MB
@@ -238,7 +239,7 @@ def _parse(raw: bytes) -> dict[str, Any]:
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise _Reject(INVALID_JSON, f"decrypted payload is not valid JSON: {exc}") from None
+        raise _Reject(INVALID_JSON, f"payload is not valid JSON: {exc}") from None
     if type(doc) is not dict:
         raise _Reject(NOT_AN_OBJECT, f"notification is a JSON {type(doc).__name__}, not an object")
     return doc
@@ -317,6 +318,8 @@ class Pipeline:
                     return _open(ctx.previous_cipher, payload)
                 except _Reject:
                     raise _Reject(first.reason, first.message + " (previous key tried too)") from None
+        if isinstance(payload, bytes):  # unencrypted transports (WebHook): the body is the record value
+            return self._plain(payload)
         if isinstance(payload, dict):
             try:
                 raw = orjson.dumps(payload)
@@ -336,6 +339,11 @@ class Pipeline:
         if payload is None or isinstance(payload, list | int | float | bool):
             raise _Reject(NOT_AN_OBJECT, f"payload is a JSON {type(payload).__name__}, not an object")
         raise _Reject(UNKNOWN_PAYLOAD_TYPE, f"payload of Python type {type(payload).__name__} is neither str nor dict")
+
+    def _plain(self, payload: bytes) -> tuple[bytes, dict[str, Any]]:
+        if len(payload) > self.max_payload_bytes:
+            raise _Reject(TOO_LARGE, f"payload of {len(payload)} bytes exceeds {self.max_payload_bytes}")
+        return payload, _parse(payload)
 
     def _internal_error(self, payload: object, ctx: ChannelContext, timetoken: int, exc: Exception) -> Outcome:
         message = f"internal error in the pipeline ({type(exc).__name__})"
@@ -401,6 +409,8 @@ class Pipeline:
     def _original(self, payload: object, ctx: ChannelContext, raw: bytes | None) -> tuple[bytes, bytes]:
         """The payload as received, as bytes (cut to max_payload_bytes so Kafka accepts the record)."""
         limit = self.max_payload_bytes
+        if isinstance(payload, bytes):
+            return payload[:limit], ENCODING_BODY
         if isinstance(payload, str):
             encoding = ENCODING_CIPHERTEXT if ctx.cipher is not None else ENCODING_TEXT
             return _utf8(payload[:limit])[:limit], encoding

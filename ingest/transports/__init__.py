@@ -1,0 +1,1 @@
+"""Transports: the intake side of the data plane (PubNub, WebSocket, WebHook)."""

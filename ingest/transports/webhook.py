@@ -1,0 +1,383 @@
+"""WebHook intake: RingCentral POSTs each notification to us; it is answered 200 only once Kafka has it.
+
+`WebhookApp` is a WSGI application, served by waitress (`WebhookServer`; docs/benchmarks.md has the
+measurement behind the choice: waitress reads a whole request before a worker thread sees it, so slow
+clients cost no thread). For each request, in this order:
+
+- POST to the configured path only (404, 405).
+- `Validation-Token` on a request without a body: RingCentral's handshake when a subscription is
+  created. Answered 200 echoing the header, no body, nothing else done (RingCentral wants it within
+  3 s and the whole answer within 1 KiB: a token longer than `MAX_VALIDATION_TOKEN` gets 400).
+- A delivery: body at most `max_body_bytes` (413), `Content-Type: application/json` (415). Its
+  subscription is the body's `subscriptionId`; the token it carries (`Verification-Token`, or
+  `Validation-Token` as the 2023 docs call it) must equal that subscription's, compared in constant
+  time; otherwise 403 and Kafka is not touched. A body that is no JSON object naming a subscription
+  is authenticated by its token alone (compared with every known token) and becomes a dead letter.
+- The accepted notification goes to the `DeliveryHandler`, which returns True once Kafka has
+  acknowledged its record (or its dead letter): 200. False (Kafka down or not acknowledging, the
+  local queue full, no acknowledgement before the answer deadline): 503 with `Retry-After`.
+
+`KafkaHandler` is that handler over the shared pipeline and `KafkaSink`. A retry of a notification
+(same subscription and `uuid`) within the de-duplication window is not produced again: it waits for
+the first copy's acknowledgement, or is answered 200 at once if Kafka already has it.
+
+Verification tokens are secrets: registered with the log redactor, never in a repr, log or metric.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from prometheus_client import Counter, Histogram
+
+from ingest.logs import get_logger, register_secret
+from ingest.metrics import Metrics
+from ingest.pipeline import ChannelContext, Pipeline
+from ingest.sink import KafkaSink, SpecProgress
+
+log = get_logger(__name__)
+
+# WSGI names of the headers that may carry a delivery's token (API definitions, then the 2023 docs).
+TOKEN_HEADERS = ("HTTP_VERIFICATION_TOKEN", "HTTP_VALIDATION_TOKEN")
+HANDSHAKE_HEADER = "Validation-Token"
+MAX_VALIDATION_TOKEN = 512  # echoed: the handshake answer stays far below RingCentral's 1024 bytes
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+DEFAULT_ANSWER_TIMEOUT = 2.0  # RingCentral gives 3 s; the answer must be on its way before that
+DEFAULT_RETRY_AFTER = 5
+DEFAULT_DEDUP_WINDOW = 600.0
+DEFAULT_DEDUP_ENTRIES = 100_000
+DEFAULT_MAX_QUEUED = 10_000
+ANSWER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
+_TIMETOKEN_PER_SECOND = 10_000_000  # PubNub's unit (100 ns): WebHook records carry their receive time in it
+
+
+@dataclass(frozen=True)
+class WebhookSubscription:
+    """What a delivery for one RingCentral subscription is checked against and recorded under."""
+
+    subscription_id: str
+    spec_id: str
+    account_id: str
+    verification_token: str = field(repr=False)  # a secret
+
+
+class SubscriptionTable:
+    """subscription id -> `WebhookSubscription`, shared by the control plane (writes) and the receiver."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, tuple[WebhookSubscription, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, subscription: WebhookSubscription) -> None:
+        register_secret(subscription.verification_token)
+        token = subscription.verification_token.encode("utf-8")
+        with self._lock:
+            self._by_id = {**self._by_id, subscription.subscription_id: (subscription, token)}  # copy-on-write
+
+    def remove(self, subscription_id: str) -> None:
+        with self._lock:
+            self._by_id = {k: v for k, v in self._by_id.items() if k != subscription_id}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def authenticate(self, subscription_id: object, token: bytes | None) -> WebhookSubscription | None:
+        """The subscription if `token` is its verification token (constant-time comparison), else None."""
+        if token is None or not isinstance(subscription_id, str):
+            return None
+        known = self._by_id.get(subscription_id)
+        if known is None:
+            return None
+        return known[0] if hmac.compare_digest(known[1], token) else None
+
+    def by_token(self, token: bytes | None) -> WebhookSubscription | None:
+        """The subscription whose token `token` is, comparing with every one (for bodies that name none)."""
+        if token is None:
+            return None
+        found = None
+        for subscription, expected in self._by_id.values():
+            if hmac.compare_digest(expected, token) and found is None:  # no early exit: time does not tell which
+                found = subscription
+        return found
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One authenticated delivery, as received."""
+
+    subscription: WebhookSubscription
+    body: bytes
+    uuid: str | None
+    received_at: float  # unix time
+
+
+class DeliveryHandler(Protocol):
+    """Stores a delivery; True once Kafka acknowledged it (answer 200), False if it cannot say so
+    before `deadline` (time.monotonic()) or will not take it now (answer 503)."""
+
+    def __call__(self, delivery: WebhookDelivery, deadline: float) -> bool: ...
+
+
+@dataclass(eq=False)
+class _AckedProgress(SpecProgress):
+    """A spec's progress that wakes the requests waiting for their record's acknowledgement."""
+
+    acked: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    def advance(self) -> None:
+        super().advance()
+        with self.acked:
+            self.acked.notify_all()
+
+
+class _Channel:
+    """Per subscription: the pipeline's context, the sink's progress, and the order of timetokens."""
+
+    __slots__ = ("context", "last_timetoken", "lock", "progress")
+
+    def __init__(self, subscription: WebhookSubscription) -> None:
+        self.context = ChannelContext(subscription.spec_id, subscription.subscription_id, subscription.account_id)
+        self.progress = _AckedProgress(subscription.spec_id)
+        self.lock = threading.Lock()
+        self.last_timetoken = 0
+
+    def next_timetoken(self, received_at: float) -> int:
+        """The receive time in 100 ns, strictly increasing per subscription (lock held)."""
+        self.last_timetoken = max(self.last_timetoken + 1, int(received_at * _TIMETOKEN_PER_SECOND))
+        return self.last_timetoken
+
+
+class KafkaHandler:
+    """`DeliveryHandler` over the pipeline and the sink: 200-after-acknowledgement, fast 503 otherwise."""
+
+    def __init__(self, pipeline: Pipeline, sink: KafkaSink, metrics: Metrics, *,
+                 kafka_reachable: Callable[[], bool] = lambda: True, max_queued: int = DEFAULT_MAX_QUEUED,
+                 stall_after: float = DEFAULT_ANSWER_TIMEOUT, dedup_window: float = DEFAULT_DEDUP_WINDOW,
+                 dedup_entries: int = DEFAULT_DEDUP_ENTRIES, clock: Callable[[], float] = time.monotonic) -> None:
+        self._pipeline = pipeline
+        self._sink = sink
+        self._metrics = metrics
+        self._kafka_reachable = kafka_reachable
+        self._max_queued = max_queued
+        self._stall_after = stall_after
+        self._dedup_window = dedup_window
+        self._dedup_entries = dedup_entries
+        self._clock = clock
+        self._channels: dict[str, _Channel] = {}
+        # (subscription id, uuid) -> (channel, timetoken, forget at): produced recently
+        self._recent: OrderedDict[tuple[str, str], tuple[_Channel, int, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._seen_acknowledged = -1
+        self._progress_at = clock()
+
+    def __call__(self, delivery: WebhookDelivery, deadline: float) -> bool:
+        self._metrics.notifications_received.inc()
+        subscription_id = delivery.subscription.subscription_id
+        key = (subscription_id, delivery.uuid) if delivery.uuid else None
+        with self._lock:
+            now = self._clock()
+            self._forget_old(now)
+            stalled = self._stalled(now)
+            seen = self._recent.get(key) if key is not None else None
+            if seen is None and len(self._sink.producer) >= self._max_queued:
+                return False  # local queue full: nothing produced, RingCentral is told to come back
+            channel = seen[0] if seen is not None else self._channel(delivery.subscription)
+        if seen is not None:
+            timetoken = seen[1]
+            if channel.progress.acked_tt >= timetoken:
+                self._metrics.notifications_duplicate.inc()
+                return True
+        else:
+            timetoken = self._produce(channel, delivery)
+            if key is not None:
+                with self._lock:
+                    self._recent[key] = (channel, timetoken, self._clock() + self._dedup_window)
+        if stalled:
+            return False  # produced all the same (it may land), but no waiting on a Kafka that does not answer
+        return self._wait(channel.progress, timetoken, deadline)
+
+    def _channel(self, subscription: WebhookSubscription) -> _Channel:
+        """The subscription's channel, made on its first delivery (lock held)."""
+        channel = self._channels.get(subscription.subscription_id)
+        if channel is None:
+            channel = self._channels[subscription.subscription_id] = _Channel(subscription)
+        return channel
+
+    def _produce(self, channel: _Channel, delivery: WebhookDelivery) -> int:
+        with channel.lock:  # timetokens reach the sink in increasing order, as its watermark needs
+            timetoken = channel.next_timetoken(delivery.received_at)
+            outcome = self._pipeline.process(delivery.body, channel.context, timetoken)
+            self._sink.send(outcome, channel.progress, timetoken, delivery.received_at)
+        return timetoken
+
+    def _stalled(self, now: float) -> bool:
+        """Kafka unreachable, or records queued and none acknowledged for `stall_after` s (lock held)."""
+        acknowledged, queued = self._sink.acknowledged, len(self._sink.producer)
+        if acknowledged != self._seen_acknowledged or queued == 0:
+            self._seen_acknowledged, self._progress_at = acknowledged, now
+        return now - self._progress_at > self._stall_after or not self._kafka_reachable()
+
+    def _forget_old(self, now: float) -> None:
+        recent = self._recent
+        while recent and (len(recent) > self._dedup_entries or next(iter(recent.values()))[2] <= now):
+            recent.popitem(last=False)
+
+    @staticmethod
+    def _wait(progress: _AckedProgress, timetoken: int, deadline: float) -> bool:
+        with progress.acked:
+            while progress.acked_tt < timetoken:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                progress.acked.wait(left)
+        return True
+
+
+class WebhookMetrics:
+    """The receiver's own metrics, in the worker's registry."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
+        self.requests = Counter("ingest_webhook_requests_total", "WebHook requests answered, by HTTP status.",
+                                ["code"], registry=r)
+        self.answer_seconds = Histogram("ingest_webhook_answer_seconds",
+                                        "Time from a WebHook request's arrival to its answer, by HTTP status.",
+                                        ["code"], buckets=ANSWER_BUCKETS, registry=r)
+
+
+_REASONS = {200: "200 OK", 400: "400 Bad Request", 403: "403 Forbidden", 404: "404 Not Found",
+            405: "405 Method Not Allowed", 413: "413 Content Too Large", 415: "415 Unsupported Media Type",
+            503: "503 Service Unavailable"}
+_Answer = tuple[int, list[tuple[str, str]]]
+
+
+class WebhookApp:
+    """The WSGI application; see the module docstring for what each answer means."""
+
+    def __init__(self, *, path: str, table: SubscriptionTable, handler: DeliveryHandler, metrics: Metrics,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, answer_timeout: float = DEFAULT_ANSWER_TIMEOUT,
+                 retry_after: int = DEFAULT_RETRY_AFTER) -> None:
+        self.path = path
+        self.table = table
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.answer_timeout = answer_timeout
+        self.retry_after = str(retry_after)
+        self._metrics = WebhookMetrics(metrics)
+        self._counters = {code: self._metrics.requests.labels(str(code)) for code in _REASONS}
+        self._timers = {code: self._metrics.answer_seconds.labels(str(code)) for code in _REASONS}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        arrived = time.monotonic()
+        code, headers = self._answer(environ, arrived)
+        start_response(_REASONS[code], [*headers, ("Content-Length", "0")])
+        self._counters[code].inc()
+        self._timers[code].observe(time.monotonic() - arrived)
+        return [b""]
+
+    def _answer(self, environ: dict[str, Any], arrived: float) -> _Answer:
+        if environ.get("PATH_INFO") != self.path:
+            return 404, []
+        if environ.get("REQUEST_METHOD") != "POST":
+            return 405, [("Allow", "POST")]
+        length = _content_length(environ)
+        if length is None or length > self.max_body_bytes:
+            return 413, []
+        handshake = environ.get("HTTP_VALIDATION_TOKEN")
+        if handshake is not None and length == 0:
+            return _handshake(handshake)
+        return self._delivery(environ, length, arrived)
+
+    def _delivery(self, environ: dict[str, Any], length: int, arrived: float) -> _Answer:
+        media_type = str(environ.get("CONTENT_TYPE") or "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            return 415, []
+        body = environ["wsgi.input"].read(length)
+        return self._deliver(environ, body, arrived)
+
+    def _deliver(self, environ: dict[str, Any], body: bytes, arrived: float) -> _Answer:
+        token = _token(environ)
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("subscriptionId"), str):
+            subscription = self.table.authenticate(doc["subscriptionId"], token)
+            uuid = doc.get("uuid")
+        else:  # unreadable: it can only be tied to a subscription by its token, then it becomes a dead letter
+            subscription, uuid = self.table.by_token(token), None
+        if subscription is None:
+            return 403, []
+        delivery = WebhookDelivery(subscription, body, uuid if isinstance(uuid, str) else None, time.time())
+        if self.handler(delivery, arrived + self.answer_timeout):
+            return 200, []
+        return 503, [("Retry-After", self.retry_after)]
+
+
+def _handshake(token: str) -> _Answer:
+    """RingCentral's validation request: echo its token (Kafka is not involved)."""
+    if len(token) > MAX_VALIDATION_TOKEN:
+        return 400, []
+    return 200, [(HANDSHAKE_HEADER, token), ("Content-Type", "application/json")]
+
+
+def _content_length(environ: dict[str, Any]) -> int | None:
+    """The body's length; None when it is not a plain decimal (answered as too large: never read)."""
+    text = str(environ.get("CONTENT_LENGTH") or "0").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else None
+
+
+def _token(environ: dict[str, Any]) -> bytes | None:
+    for name in TOKEN_HEADERS:
+        value = environ.get(name)
+        if value is not None:
+            return str(value).encode("latin-1", "replace")  # WSGI hands header bytes over as latin-1 text
+    return None
+
+
+class WebhookServer:
+    """Serves a `WebhookApp` with waitress on a thread of its own (not the metrics port)."""
+
+    def __init__(self, app: WebhookApp, host: str, port: int, *, threads: int = 16, connection_limit: int = 1000,
+                 channel_timeout: int = 30) -> None:
+        self.app = app
+        self._options = {"host": host, "port": port, "threads": threads, "connection_limit": connection_limit,
+                         # idle (or stalled) connections are closed after this; a slow sender holds no thread
+                         "channel_timeout": channel_timeout, "max_request_body_size": app.max_body_bytes,
+                         "ident": "ingest", "asyncore_use_poll": True, "clear_untrusted_proxy_headers": True}
+        self._map: dict[int, Any] = {}
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.effective_port)
+
+    def start(self) -> None:
+        from waitress.server import create_server
+
+        # waitress warns on every request that waits for a free thread; the answer-time histogram says it
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+        self._server = create_server(self.app, map=self._map, **self._options)
+        self._thread = threading.Thread(target=self._server.run, name="webhook-http", daemon=True)
+        self._thread.start()
+        log.info("webhook.listening", host=self._options["host"], port=self.port, path=self.app.path)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._server is None:
+            return
+        from waitress import wasyncore
+
+        self._server.close()
+        self._server.task_dispatcher.shutdown(timeout=timeout)
+        wasyncore.close_all(self._map)  # open connections too: the loop ends when its map is empty
+        if self._thread is not None:
+            self._thread.join(timeout)

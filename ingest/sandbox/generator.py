@@ -555,8 +555,15 @@ class Generator:
             envelope["body"] = f"{flt.kind} body lost in transit"
             envelope["timestamp"] = "yesterday"
         plaintext = json.dumps(envelope, separators=_COMPACT, ensure_ascii=False).encode()
+        if sub.webhook_token is not None and malformed not in (None, "schema-violation"):
+            malformed = "invalid-json"  # unencrypted: the encryption faults do not exist on this path
         if malformed == "invalid-json":
             plaintext = plaintext[: len(plaintext) // 2]
+        if sub.webhook_token is not None:  # WebHook: POSTed to the subscriber, not published to PubNub
+            note_uuid = note_uuid if malformed != "invalid-json" else None
+            self._rc.webhooks.deliver(sub.id, sub.channel, sub.webhook_token, plaintext, note_uuid)
+            return Generated(note_uuid, sub.id, sub.account_id, envelope["event"], flt.kind, malformed, sub.channel,
+                             0, plaintext.decode("utf-8", "replace"), plaintext, "", time.time())
         payload: str | dict[str, Any]
         if malformed in ("bad-base64", "wrong-key", "bad-padding") or (malformed and sub.encryption):
             payload = self._broken(sub, plaintext, malformed or "")

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 from ingest.sandbox.faults import FaultBook
+from ingest.sandbox.webhook import WebhookDeliveries, webhook_info, webhook_target
 
 API = "/restapi/v1.0"
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -278,6 +279,8 @@ class _Subscription:
     rotate_key: bool = False
     rotate_channel: bool = False
     renewals: int = 0
+    webhook_token: str | None = None  # WebHook: the verificationToken (channel holds the address)
+    blacklisted: tuple[float, str] | None = None  # WebHook: (when, reason); no more deliveries
 
     def live(self, now: float) -> bool:
         return not self.deleted and now < self.expires_at
@@ -302,6 +305,7 @@ class SubscriptionView:
     event_filters: tuple[str, ...]  # expanded, as the API returns them
     filters: tuple[EventFilter, ...] = field(repr=False, default=())
     renewals: int = 0
+    webhook_token: str | None = field(repr=False, default=None)  # set: a WebHook subscription (channel: address)
 
     @property
     def live(self) -> bool:
@@ -372,6 +376,7 @@ class RingCentralEmulator:
             a.account_id: {"created": 0, "renewed": 0, "deleted": 0, "tokens_issued": 0, "refreshed": 0}
             for a in accounts}
         self._missing_permissions: dict[str, set[str]] = {}  # account id -> app permissions it lacks
+        self.webhooks = WebhookDeliveries(self.blacklist)
 
     def _require_permission(self, account: Account, permission: str) -> None:
         with self._lock:
@@ -526,13 +531,14 @@ class RingCentralEmulator:
 
     def create(self, session: _Session, body: dict[str, Any]) -> dict[str, Any]:
         mode = body.get("deliveryMode")
-        if not isinstance(mode, dict) or mode.get("transportType") != "PubNub":
+        if not isinstance(mode, dict) or mode.get("transportType") not in ("PubNub", "WebHook"):
             raise api_error(400, "CMN-101", "Parameter [deliveryMode.transportType] value is invalid",
                             parameterName="deliveryMode.transportType")
         filters = self._parse_filters(body.get("eventFilters"), session)
         ttl = self._expires_in(body)
+        webhook = webhook_target(mode, self.webhooks) if mode["transportType"] == "WebHook" else None
         encryption = mode.get("encryption") in (True, "true", "True")
-        if any(f.kind in PRESENCE_KINDS for f in filters):
+        if any(f.kind in PRESENCE_KINDS for f in filters) and webhook is None:
             encryption = True  # forced for presence, whatever the client asked (§3.5)
         now = time.time()
         account = session.account
@@ -543,8 +549,10 @@ class RingCentralEmulator:
                 raise api_error(403, "SUB-505", "Subscriptions limit exceeded")
             sub = _Subscription(str(uuid.UUID(int=self._rng.getrandbits(128), version=4)), account,
                                 account.extension_id, session.client_id, filters, encryption,
-                                self._new_key() if encryption else None, self._new_channel(account),
-                                self.subscriber_key, now, now + ttl)
+                                self._new_key() if encryption else None,
+                                webhook[0] if webhook else self._new_channel(account),
+                                "" if webhook else self.subscriber_key, now, now + ttl,
+                                webhook_token=webhook[1] if webhook else None)
             self._subs[sub.id] = sub
             self.created_count[account.account_id] += 1
             self._counts[account.account_id]["created"] += 1
@@ -608,13 +616,23 @@ class RingCentralEmulator:
         if sub.encryption:
             mode["encryptionAlgorithm"] = "AES"
             mode["encryptionKey"] = sub.key
-        return {"uri": f"{self.base_url}{API}/subscription/{sub.id}", "id": sub.id,
+        info = {"uri": f"{self.base_url}{API}/subscription/{sub.id}", "id": sub.id,
                 "creationTime": iso(sub.created_at), "status": "Active",
                 "eventFilters": [f.expanded for f in sub.filters],
                 "expirationTime": iso(sub.expires_at),
                 "expiresIn": max(0, math.ceil(sub.expires_at - now) - 1), "deliveryMode": mode}
+        if sub.webhook_token is not None:
+            webhook_info(info, sub.channel, sub.webhook_token, sub.blacklisted)
+        return info
 
     # ---- server-side operations (faults, assertions, generator) ------------------------------
+    def blacklist(self, subscription_id: str, reason: str) -> None:
+        """WebHook: RingCentral gives up on the address for good (no more deliveries; status Blacklisted)."""
+        with self._lock:
+            sub = self._subs[subscription_id]
+            if sub.blacklisted is None:
+                sub.blacklisted = (time.time(), reason)
+
     def expire_subscription(self, subscription_id: str) -> None:
         with self._lock:
             sub = self._subs[subscription_id]
@@ -642,13 +660,13 @@ class RingCentralEmulator:
             views.append(SubscriptionView(
                 s.id, s.account.name, s.account.account_id, s.extension_id, status, s.created_at, s.expires_at,
                 s.deleted, s.channel, s.subscriber_key, s.key, s.encryption,
-                tuple(f.expanded for f in s.filters), tuple(s.filters), s.renewals))
+                tuple(f.expanded for f in s.filters), tuple(s.filters), s.renewals, s.webhook_token))
         return views
 
     def is_live(self, subscription_id: str) -> bool:
         """Whether events may still be published for this subscription (checked per notification)."""
         sub = self._subs.get(subscription_id)
-        return sub is not None and sub.live(time.time())
+        return sub is not None and sub.live(time.time()) and sub.blacklisted is None
 
     def live_subscriptions(self) -> list[SubscriptionView]:
         return self.subscriptions(include_dead=False)

@@ -180,6 +180,7 @@ class Sandbox:
 
     def close(self) -> None:
         self.generator.stop()
+        self.rc.webhooks.close()
         self.pubnub.close()  # releases held polls
         for server in self._servers:
             server.shutdown()

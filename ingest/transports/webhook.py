@@ -40,6 +40,7 @@ from prometheus_client import Counter, Histogram
 
 from ingest.logs import get_logger, register_secret
 from ingest.metrics import Metrics
+from ingest.model import Delivery
 from ingest.pipeline import ChannelContext, Pipeline
 from ingest.sink import KafkaSink, SpecProgress
 
@@ -74,6 +75,7 @@ class SubscriptionTable:
 
     def __init__(self) -> None:
         self._by_id: dict[str, tuple[WebhookSubscription, bytes]] = {}
+        self._by_spec: dict[str, str] = {}  # spec id -> its current subscription id
         self._lock = threading.Lock()
 
     def put(self, subscription: WebhookSubscription) -> None:
@@ -85,6 +87,19 @@ class SubscriptionTable:
     def remove(self, subscription_id: str) -> None:
         with self._lock:
             self._by_id = {k: v for k, v in self._by_id.items() if k != subscription_id}
+
+    def apply(self, spec_id: str, delivery: Delivery | None) -> None:
+        """The control plane's word for a spec (`SubscriptionManager.on_delivery`): its current WebHook
+        subscription replaces the previous one; None (spec removed) forgets it."""
+        with self._lock:
+            previous = self._by_spec.pop(spec_id, None)
+            if delivery is not None:
+                self._by_spec[spec_id] = delivery.subscription_id
+        if previous is not None and (delivery is None or previous != delivery.subscription_id):
+            self.remove(previous)
+        if delivery is not None and delivery.verification_token:
+            self.put(WebhookSubscription(delivery.subscription_id, spec_id, delivery.account_id,
+                                         delivery.verification_token))
 
     def __len__(self) -> int:
         return len(self._by_id)

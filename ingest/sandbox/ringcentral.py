@@ -280,6 +280,7 @@ class _Subscription:
     rotate_channel: bool = False
     renewals: int = 0
     webhook_token: str | None = None  # WebHook: the verificationToken (channel holds the address)
+    webhook_lifetime: float = 0.0  # WebHook: the lifetime granted at creation (a renewal grants it again)
     blacklisted: tuple[float, str] | None = None  # WebHook: (when, reason); no more deliveries
 
     def live(self, now: float) -> bool:
@@ -521,13 +522,14 @@ class RingCentralEmulator:
             seen.setdefault(f.expanded, f)
         return list(seen.values())
 
-    def _expires_in(self, body: dict[str, Any]) -> float:
+    def _expires_in(self, body: dict[str, Any], webhook: bool = False) -> float:
+        longest = self.webhooks.ttl_max if webhook else self.subscription_ttl_max
         value = body.get("expiresIn")
         if value is None:
-            return self.subscription_ttl_max
+            return min(self.webhooks.ttl_default, longest) if webhook else longest
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise api_error(400, "CMN-101", "Parameter [expiresIn] value is invalid", parameterName="expiresIn")
-        return min(float(value), self.subscription_ttl_max)
+        return min(float(value), longest)
 
     def create(self, session: _Session, body: dict[str, Any]) -> dict[str, Any]:
         mode = body.get("deliveryMode")
@@ -535,7 +537,7 @@ class RingCentralEmulator:
             raise api_error(400, "CMN-101", "Parameter [deliveryMode.transportType] value is invalid",
                             parameterName="deliveryMode.transportType")
         filters = self._parse_filters(body.get("eventFilters"), session)
-        ttl = self._expires_in(body)
+        ttl = self._expires_in(body, webhook=mode["transportType"] == "WebHook")
         webhook = webhook_target(mode, self.webhooks) if mode["transportType"] == "WebHook" else None
         encryption = mode.get("encryption") in (True, "true", "True")
         if any(f.kind in PRESENCE_KINDS for f in filters) and webhook is None:
@@ -552,7 +554,7 @@ class RingCentralEmulator:
                                 self._new_key() if encryption else None,
                                 webhook[0] if webhook else self._new_channel(account),
                                 "" if webhook else self.subscriber_key, now, now + ttl,
-                                webhook_token=webhook[1] if webhook else None)
+                                webhook_token=webhook[1] if webhook else None, webhook_lifetime=ttl)
             self._subs[sub.id] = sub
             self.created_count[account.account_id] += 1
             self._counts[account.account_id]["created"] += 1
@@ -589,7 +591,9 @@ class RingCentralEmulator:
                     sub.filters = self._parse_filters(body["eventFilters"], session)
                     if any(f.kind in PRESENCE_KINDS for f in sub.filters) and not sub.encryption:
                         sub.encryption, sub.key = True, self._new_key()
-                ttl = self._expires_in(body)
+                ttl = self._expires_in(body, webhook=sub.webhook_token is not None)
+            elif sub.webhook_token is not None:
+                ttl = min(sub.webhook_lifetime, self.webhooks.ttl_max)  # renewed for the lifetime it was granted
             sub.expires_at = now + ttl
             self._apply_rotation(sub)
             sub.renewals += 1

@@ -80,6 +80,8 @@ class WebhookDeliveries:
 
     def __init__(self, blacklist: Callable[[str, str], None], settings: WebhookSettings | None = None) -> None:
         self.settings = settings or WebhookSettings()
+        self.ttl_max = 315_360_000.0  # RingCentral's longest WebHook lifetime (10 years); tests shorten it
+        self.ttl_default = 7 * 86400.0  # when expiresIn is omitted (UNVERIFIED in the reference: a third-party report)
         self._blacklist = blacklist
         self._queue: queue.Queue[tuple[Attempted, str, str] | None] = queue.Queue()
         self._lock = threading.Lock()

@@ -39,6 +39,7 @@ def wired(bootstrap: str, prefix: str, *, max_queued: int = 10_000) -> Iterator[
     with Sandbox(SandboxSettings(subscription_ttl_max=6, pubnub_hold_seconds=0.2)) as sb, \
             running_receiver(bootstrap, prefix, max_queued=max_queued) as receiver:
         sb.rc.webhooks.settings.retry_interval = 0.2
+        sb.rc.webhooks.ttl_max = 6
         seen: list[tuple[str, Delivery | None]] = []
 
         def on_delivery(spec_id: str, delivery: Delivery | None) -> None:

@@ -31,18 +31,24 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from uuid import uuid4
 
 import orjson
+from confluent_kafka import Consumer
 from prometheus_client import Counter, Histogram
 
+from ingest.compacted import read_latest
+from ingest.kafka_logs import kafka_log_config
+from ingest.keywrap import KeyWrapper, UnwrapError
 from ingest.logs import get_logger, register_secret
 from ingest.metrics import Metrics
 from ingest.model import Delivery
 from ingest.pipeline import ChannelContext, Pipeline
 from ingest.sink import KafkaSink, SpecProgress
+from ingest.state import SpecState
 
 log = get_logger(__name__)
 
@@ -91,15 +97,19 @@ class SubscriptionTable:
     def apply(self, spec_id: str, delivery: Delivery | None) -> None:
         """The control plane's word for a spec (`SubscriptionManager.on_delivery`): its current WebHook
         subscription replaces the previous one; None (spec removed) forgets it."""
+        self.set_spec(spec_id, None if delivery is None or not delivery.verification_token else WebhookSubscription(
+            delivery.subscription_id, spec_id, delivery.account_id, delivery.verification_token))
+
+    def set_spec(self, spec_id: str, subscription: WebhookSubscription | None) -> None:
+        """A spec's current subscription (None: none) replaces the one recorded for it before."""
         with self._lock:
             previous = self._by_spec.pop(spec_id, None)
-            if delivery is not None:
-                self._by_spec[spec_id] = delivery.subscription_id
-        if previous is not None and (delivery is None or previous != delivery.subscription_id):
+            if subscription is not None:
+                self._by_spec[spec_id] = subscription.subscription_id
+        if previous is not None and (subscription is None or previous != subscription.subscription_id):
             self.remove(previous)
-        if delivery is not None and delivery.verification_token:
-            self.put(WebhookSubscription(delivery.subscription_id, spec_id, delivery.account_id,
-                                         delivery.verification_token))
+        if subscription is not None:
+            self.put(subscription)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -254,6 +264,78 @@ class KafkaHandler:
                     return False
                 progress.acked.wait(left)
         return True
+
+
+class StateTableFeed:
+    """Keeps a `SubscriptionTable` in step with the compacted state topic, so that any pod behind a
+    Service can check any delivery: creation and renewal stay with the spec's owner, which records
+    each subscription's token there (wrapped: `ingest.keywrap`, associated data spec id and
+    subscription id). `start` loads the table up to the topic's current end (`ready()` after), then
+    a thread follows the topic; a tombstone removes the spec."""
+
+    def __init__(self, consumer_config: Mapping[str, str], topic: str, table: SubscriptionTable,
+                 wrapper: KeyWrapper) -> None:
+        self._config = dict(consumer_config)
+        self._topic = topic
+        self._table = table
+        self._wrapper = wrapper
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self, timeout: float = 30.0) -> None:
+        for spec_id, value in read_latest(self._config, self._topic, timeout=timeout).items():
+            self.apply(spec_id, value)
+        self._ready.set()
+        self._thread = threading.Thread(target=self._follow, name="webhook-state-feed", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def apply(self, spec_id: str, value: bytes | None) -> None:
+        """One state record (None: a tombstone)."""
+        if value is None:
+            self._table.set_spec(spec_id, None)
+            return
+        try:
+            state = SpecState.decode(value)
+        except (ValueError, TypeError):
+            log.warning("webhook.state_undecodable", spec=spec_id)
+            return
+        if not state.wrapped_verification_token:
+            return  # a PubNub spec, or one not created yet
+        try:
+            token = self._wrapper.unwrap(state.wrapped_verification_token, spec_id, state.subscription_id)
+        except UnwrapError:
+            log.warning("webhook.token_unwrap_failed", spec=spec_id, subscription_id=state.subscription_id)
+            return
+        self._table.set_spec(spec_id, WebhookSubscription(state.subscription_id, spec_id, state.account_id, token))
+
+    def _follow(self) -> None:
+        # From the beginning again: applying a record twice changes nothing, and nothing written
+        # between the initial load and this subscription is missed.
+        consumer = Consumer({**self._config, **kafka_log_config(), "group.id": f"ingest-webhook-table-{uuid4()}",
+                             "enable.auto.commit": "false", "auto.offset.reset": "earliest",
+                             "isolation.level": "read_committed"})
+        consumer.subscribe([self._topic])
+        try:
+            while not self._stop.is_set():
+                msg = consumer.poll(0.5)
+                if msg is None or msg.error():
+                    continue
+                key = msg.key()
+                if key is not None:
+                    self.apply(key.decode(), msg.value())
+        except Exception:  # the table keeps its last state; readiness is the caller's to report
+            log.error("webhook.state_feed_failed", exc_info=True)
+        finally:
+            consumer.close()
 
 
 class WebhookMetrics:

@@ -61,7 +61,8 @@ class Receiver:
 
 @contextlib.contextmanager
 def running_receiver(bootstrap: str, prefix: str, *, answer_timeout: float = 2.0, max_queued: int = 10_000,
-                     producer: dict[str, str] | None = None, create_topics: bool = True) -> Iterator[Receiver]:
+                     producer: dict[str, str] | None = None, create_topics: bool = True,
+                     subscriptions: tuple[WebhookSubscription, ...] = (SUBSCRIPTION,)) -> Iterator[Receiver]:
     topics = TopicNames(prefix)
     if create_topics:
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), topics.all_output_topics(), partitions=2,
@@ -70,7 +71,8 @@ def running_receiver(bootstrap: str, prefix: str, *, answer_timeout: float = 2.0
     sink = KafkaSink({"bootstrap.servers": bootstrap, **(producer or {})}, metrics)
     sink.start()
     table = SubscriptionTable()
-    table.put(SUBSCRIPTION)
+    for subscription in subscriptions:
+        table.put(subscription)
     handler = KafkaHandler(Pipeline(default_catalogue(), topics), sink, metrics, max_queued=max_queued,
                            stall_after=answer_timeout)
     app = WebhookApp(path=PATH, table=table, handler=handler, metrics=metrics, max_body_bytes=64 * 1024,

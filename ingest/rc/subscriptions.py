@@ -656,14 +656,15 @@ class SubscriptionManager:
         return changed and previous is not None
 
     def _where(self, entry: _Entry, info: dict[str, Any]) -> tuple[str, str, str, str | None]:
-        """(id, address, subscriber key, verification token) of a SubscriptionInfo; ApiError if incomplete."""
+        """(id, channel, subscriber key, verification token) of a SubscriptionInfo; ApiError if incomplete."""
         mode = info.get("deliveryMode") or {}
         sub_id = str(info.get("id") or "")
         if self.webhook_address is not None:
             token = self._webhook_token(entry, info)
             if not sub_id or not token:
                 raise ApiError(200, None, "WebHook subscription response lacks id, or its token is unknown")
-            return sub_id, str(mode.get("address") or self.webhook_address), "", token
+            # The data plane routes by channel: for a WebHook, the subscription id its deliveries name.
+            return sub_id, sub_id, "", token
         channel, sub_key = mode.get("address"), mode.get("subscriberKey")
         if not sub_id or not channel or not sub_key:
             raise ApiError(200, None, "subscription response lacks id, deliveryMode.address or subscriberKey")

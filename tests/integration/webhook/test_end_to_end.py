@@ -103,6 +103,7 @@ def test_a_blacklisted_subscription_is_deleted_created_again_and_the_gap_reporte
         wait_for(lambda: w.subscription_id() not in (None, first), 60, "a new subscription")
         [replacement] = [d for _, d in w.deliveries if d is not None and d.subscription_id == w.subscription_id()]
         assert replacement.lapse_reason == "blacklisted"
+        assert replacement.channel == replacement.subscription_id  # what the data plane routes by
         assert replacement.lapsed_since is not None
         old = next(s for s in w.sandbox.rc.subscriptions() if s.id == first)
         assert old.deleted

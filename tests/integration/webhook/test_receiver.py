@@ -154,3 +154,37 @@ def test_the_token_never_reaches_the_logs_or_metrics(receiver: Receiver, capfd: 
     assert SUBSCRIPTION.verification_token not in generate_latest(receiver.metrics.registry).decode()
     assert SUBSCRIPTION.verification_token not in repr(SUBSCRIPTION)
     assert redact(f"token={SUBSCRIPTION.verification_token}") == "token=***"
+
+
+def test_stalled_senders_hold_no_request_thread(receiver: Receiver) -> None:
+    """20 connections that sent their headers and one body byte, then stall, against 8 request
+    threads: waitress buffers requests in its event loop, so a real delivery is still answered."""
+    port = int(receiver.url.split(":")[2].split("/")[0])
+    stalled = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 1000\r\nVerification-Token: {SUBSCRIPTION.verification_token}\r\n"
+                         f"\r\n{{".encode())
+            stalled.append(sock)
+        started = time.monotonic()
+        assert receiver.post(notification(12)).status_code == 200
+        assert time.monotonic() - started < 3.0
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_body_naming_no_subscription_is_matched_by_its_token_among_all(receiver: Receiver) -> None:
+    from ingest.transports.webhook import SubscriptionTable, WebhookSubscription
+
+    table = SubscriptionTable()
+    subscriptions = [WebhookSubscription(f"sub-{n}", f"acme/s{n}", "1", f"vt-token-number-{n:04d}") for n in range(50)]
+    for subscription in subscriptions:
+        table.put(subscription)
+    assert table.by_token(b"vt-token-number-0031") == subscriptions[31]
+    assert table.by_token(b"vt-token-number-9999") is None
+    assert table.by_token(None) is None
+    assert table.authenticate("sub-7", b"vt-token-number-0007") == subscriptions[7]
+    assert table.authenticate("sub-7", b"vt-token-number-0008") is None

@@ -84,6 +84,13 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")  # never fails, even on lone surrogates
 
 
+class Plaintext(bytes):
+    """A notification received unencrypted as bytes (a WebHook request body): parsed, validated and
+    published exactly as received. (Plain `bytes` stay an unknown payload type: no SDK hands them on.)"""
+
+    __slots__ = ()
+
+
 class TopicNames:
     """Topic names derived from the configured prefix, with per-family overrides."""
 
@@ -318,7 +325,7 @@ class Pipeline:
                     return _open(ctx.previous_cipher, payload)
                 except _Reject:
                     raise _Reject(first.reason, first.message + " (previous key tried too)") from None
-        if isinstance(payload, bytes):  # unencrypted transports (WebHook): the body is the record value
+        if isinstance(payload, Plaintext):  # unencrypted transports (WebHook): the body is the record value
             return self._plain(payload)
         if isinstance(payload, dict):
             try:
@@ -340,10 +347,11 @@ class Pipeline:
             raise _Reject(NOT_AN_OBJECT, f"payload is a JSON {type(payload).__name__}, not an object")
         raise _Reject(UNKNOWN_PAYLOAD_TYPE, f"payload of Python type {type(payload).__name__} is neither str nor dict")
 
-    def _plain(self, payload: bytes) -> tuple[bytes, dict[str, Any]]:
+    def _plain(self, payload: Plaintext) -> tuple[bytes, dict[str, Any]]:
         if len(payload) > self.max_payload_bytes:
             raise _Reject(TOO_LARGE, f"payload of {len(payload)} bytes exceeds {self.max_payload_bytes}")
-        return payload, _parse(payload)
+        raw = bytes(payload)
+        return raw, _parse(raw)
 
     def _internal_error(self, payload: object, ctx: ChannelContext, timetoken: int, exc: Exception) -> Outcome:
         message = f"internal error in the pipeline ({type(exc).__name__})"
@@ -409,8 +417,8 @@ class Pipeline:
     def _original(self, payload: object, ctx: ChannelContext, raw: bytes | None) -> tuple[bytes, bytes]:
         """The payload as received, as bytes (cut to max_payload_bytes so Kafka accepts the record)."""
         limit = self.max_payload_bytes
-        if isinstance(payload, bytes):
-            return payload[:limit], ENCODING_BODY
+        if isinstance(payload, Plaintext):
+            return bytes(payload[:limit]), ENCODING_BODY
         if isinstance(payload, str):
             encoding = ENCODING_CIPHERTEXT if ctx.cipher is not None else ENCODING_TEXT
             return _utf8(payload[:limit])[:limit], encoding

@@ -46,7 +46,7 @@ from ingest.keywrap import KeyWrapper, UnwrapError
 from ingest.logs import get_logger, register_secret
 from ingest.metrics import Metrics
 from ingest.model import Delivery
-from ingest.pipeline import ChannelContext, Pipeline
+from ingest.pipeline import ChannelContext, Pipeline, Plaintext
 from ingest.sink import KafkaSink, SpecProgress
 from ingest.state import SpecState
 
@@ -239,7 +239,7 @@ class KafkaHandler:
     def _produce(self, channel: _Channel, delivery: WebhookDelivery) -> int:
         with channel.lock:  # timetokens reach the sink in increasing order, as its watermark needs
             timetoken = channel.next_timetoken(delivery.received_at)
-            outcome = self._pipeline.process(delivery.body, channel.context, timetoken)
+            outcome = self._pipeline.process(Plaintext(delivery.body), channel.context, timetoken)
             self._sink.send(outcome, channel.progress, timetoken, delivery.received_at)
         return timetoken
 

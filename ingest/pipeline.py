@@ -84,13 +84,6 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")  # never fails, even on lone surrogates
 
 
-class Plaintext(bytes):
-    """A notification received unencrypted as bytes (a WebHook request body): parsed, validated and
-    published exactly as received. (Plain `bytes` stay an unknown payload type: no SDK hands them on.)"""
-
-    __slots__ = ()
-
-
 class TopicNames:
     """Topic names derived from the configured prefix, with per-family overrides."""
 
@@ -186,6 +179,13 @@ class Outcome:
     def __repr__(self) -> str:
         return (f"Outcome(topic={self.topic!r}, family={self.family!r}, error={self.error!r}, "
                 f"uuid={self.uuid!r}, {len(self.value)} bytes)")
+
+
+class Plaintext(bytes):
+    """A notification received unencrypted as bytes (a WebHook request body): parsed, validated and
+    published exactly as received. (Plain `bytes` stay an unknown payload type: no SDK hands them on.)"""
+
+    __slots__ = ()
 
 
 class _Reject(Exception):

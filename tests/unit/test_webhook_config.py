@@ -49,6 +49,8 @@ def test_webhook_subscriptions_may_live_longer_than_pubnub_ones(tmp_path: Path) 
      "webhook.answer_timeout_seconds: must be at most 2.5"),
     ("transport: webhook\nwebhook:\n  public_url: https://x.example\n  verification_token: abc\n",
      "webhook.verification_token: unknown key"),
+    ("transport: webhook\nwebhook:\n  public_url: https://x.example\nworker:\n  coordination: group\n",
+     "worker.coordination: group is not supported with transport: webhook yet"),
 ])
 def test_a_bad_webhook_value_names_its_key(tmp_path: Path, extra: str, fragment: str) -> None:
     assert fragment in error(tmp_path, BASE + extra)

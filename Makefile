@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv tools lint typecheck test demo kafka sandbox bench soak clean
+.PHONY: all venv tools lint typecheck test test-fast demo kafka sandbox bench soak clean
 
 all: test
 
@@ -41,6 +41,10 @@ typecheck: venv
 test: lint typecheck tools
 	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
+# The unit tests alone (tests/unit): no broker, no sandbox, no subprocess, no tools.
+test-fast: venv
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
 demo: venv
 	$(BIN)/ingest demo
 
@@ -52,7 +56,7 @@ sandbox: venv
 
 # Three runs of every scenario against a local broker; writes bench-results/ and docs/benchmarks.md.
 bench: venv
-	$(BIN)/python -m ingest.bench.run
+	$(BIN)/python -m tests.bench.run
 
 # Chaos soak (not in `make test`): a worker group under random faults, 10 minutes by default;
 # SOAK_ARGS="--minutes 20 --seed N --mode exactly-once" (tests/soak.py).

@@ -14,11 +14,11 @@ from ingest import __version__
 # (command, module, one-line help). `dev` groups developer tools: `ingest dev kafka`.
 COMMANDS: list[tuple[str, str, str]] = [
     ("run", "ingest.worker.cli", "run the worker: own subscriptions, publish notifications to Kafka"),
-    ("demo", "ingest.demo", "everything on one machine: local Kafka, sandbox, worker and a live view"),
+    ("demo", "ingest.commands.demo", "everything on one machine: local Kafka, sandbox, worker and a live view"),
     ("sandbox", "ingest.sandbox.cli", "the local RingCentral + PubNub emulator"),
-    ("tail", "ingest.tail", "print records of a topic with their headers"),
-    ("apply", "ingest.specs.cli", "write subscription specs to the spec topic (adds, updates, removes)"),
-    ("status", "ingest.status", "show the workers (group or standalone), specs, expiry, checkpoint age"),
+    ("tail", "ingest.commands.tail", "print records of a topic with their headers"),
+    ("apply", "ingest.commands.specs", "write subscription specs to the spec topic (adds, updates, removes)"),
+    ("status", "ingest.commands.status", "show the workers (group or standalone), specs, expiry, checkpoint age"),
 ]
 DEV_COMMANDS: list[tuple[str, str, str]] = [
     ("kafka", "ingest.sandbox.kafka_cli", "start a local Apache Kafka broker and print its address"),

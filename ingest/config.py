@@ -29,8 +29,8 @@ from urllib.parse import urlparse
 import yaml
 from confluent_kafka import KafkaException, Producer
 
-from ingest.logs import redact, register_secret
 from ingest.model import SubscriptionSpec
+from ingest.observability.logs import redact, register_secret
 
 ENV_PREFIX = "INGEST__"
 MAX_PUBNUB_EXPIRES_IN = 900  # RingCentral caps PubNub subscriptions at 15 minutes
@@ -705,7 +705,7 @@ class _Validator:
         return out
 
     def worker(self, raw: Any, transport: str = "pubnub") -> WorkerConfig:
-        p = "worker"
+        p, d = "worker", WorkerConfig  # the defaults are the dataclass's, written once
         m = self.mapping(raw, p, ("id", "renewal_margin_seconds", "renewal_jitter_seconds", "expires_in_seconds",
                                   "channels_per_connection", "checkpoint_interval_seconds",
                                   "shutdown_timeout_seconds", "delete_subscriptions_on_shutdown",
@@ -713,29 +713,34 @@ class _Validator:
                                   "session_timeout_seconds", "replay_buffer_seconds", "replay_buffer_messages"))
         worker_id = self.string(m, "id", p, None, nullable=True) or f"{socket.gethostname()}-{os.getpid()}"
         longest = MAX_WEBHOOK_EXPIRES_IN if transport == "webhook" else MAX_PUBNUB_EXPIRES_IN
-        expires_in = self.integer(m, "expires_in_seconds", p, MAX_PUBNUB_EXPIRES_IN, lo=1, hi=longest)
-        margin = self.number(m, "renewal_margin_seconds", p, 120.0, lo=0, exclusive_lo=True)
+        expires_in = self.integer(m, "expires_in_seconds", p, d.expires_in_seconds, lo=1, hi=longest)
+        margin = self.number(m, "renewal_margin_seconds", p, d.renewal_margin_seconds, lo=0, exclusive_lo=True)
         if margin >= expires_in:
             raise self.fail(f"{p}.renewal_margin_seconds",
                             f"must be less than worker.expires_in_seconds ({expires_in}), got {margin:g}")
         return WorkerConfig(
             id=worker_id,
             renewal_margin_seconds=margin,
-            renewal_jitter_seconds=self.number(m, "renewal_jitter_seconds", p, 15.0, lo=0, hi=MAX_SECONDS),
+            renewal_jitter_seconds=self.number(m, "renewal_jitter_seconds", p, d.renewal_jitter_seconds, lo=0,
+                                               hi=MAX_SECONDS),
             expires_in_seconds=expires_in,
-            channels_per_connection=self.integer(m, "channels_per_connection", p, 50, lo=1),
-            checkpoint_interval_seconds=self.number(m, "checkpoint_interval_seconds", p, 1.0, lo=0,
-                                                    hi=MAX_SECONDS, exclusive_lo=True),
-            shutdown_timeout_seconds=self.number(m, "shutdown_timeout_seconds", p, 10.0, lo=0, hi=MAX_SECONDS),
-            delete_subscriptions_on_shutdown=self.boolean(m, "delete_subscriptions_on_shutdown", p, False),
-            delivery_guarantee=self.choice(m, "delivery_guarantee", p, "at-least-once",
+            channels_per_connection=self.integer(m, "channels_per_connection", p, d.channels_per_connection, lo=1),
+            checkpoint_interval_seconds=self.number(m, "checkpoint_interval_seconds", p, d.checkpoint_interval_seconds,
+                                                    lo=0, hi=MAX_SECONDS, exclusive_lo=True),
+            shutdown_timeout_seconds=self.number(m, "shutdown_timeout_seconds", p, d.shutdown_timeout_seconds, lo=0,
+                                                 hi=MAX_SECONDS),
+            delete_subscriptions_on_shutdown=self.boolean(m, "delete_subscriptions_on_shutdown", p,
+                                                           d.delete_subscriptions_on_shutdown),
+            delivery_guarantee=self.choice(m, "delivery_guarantee", p, d.delivery_guarantee,
                                            options=DELIVERY_GUARANTEES, normalize=str.lower),
-            coordination=self.choice(m, "coordination", p, "standalone", options=COORDINATION_MODES,
+            coordination=self.choice(m, "coordination", p, d.coordination, options=COORDINATION_MODES,
                                      normalize=str.lower),
-            apply_specs_on_start=self.boolean(m, "apply_specs_on_start", p, True),
-            session_timeout_seconds=self.number(m, "session_timeout_seconds", p, 10.0, lo=1, hi=MAX_SECONDS),
-            replay_buffer_seconds=self.number(m, "replay_buffer_seconds", p, 1200.0, lo=0, exclusive_lo=True),
-            replay_buffer_messages=self.integer(m, "replay_buffer_messages", p, 100, lo=1),
+            apply_specs_on_start=self.boolean(m, "apply_specs_on_start", p, d.apply_specs_on_start),
+            session_timeout_seconds=self.number(m, "session_timeout_seconds", p, d.session_timeout_seconds, lo=1,
+                                                hi=MAX_SECONDS),
+            replay_buffer_seconds=self.number(m, "replay_buffer_seconds", p, d.replay_buffer_seconds, lo=0,
+                                              exclusive_lo=True),
+            replay_buffer_messages=self.integer(m, "replay_buffer_messages", p, d.replay_buffer_messages, lo=1),
         )
 
     def metrics(self, raw: Any) -> MetricsConfig:

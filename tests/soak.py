@@ -45,9 +45,9 @@ import yaml
 from ingest.config import load_config
 from ingest.sandbox.generator import Generated
 from ingest.sandbox.kafka import LocalKafka
-from ingest.sandbox.processes import WorkerProcess
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
-from tests.harness import Record, TopicReader, drain_and_compare, wait_for, write_config
+from tests.support import WorkerProcess, wait_for
+from tests.support.harness import Record, TopicReader, drain_and_compare, write_config
 
 ACCOUNTS = 4
 FILTERS = {
@@ -250,7 +250,7 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
         base: dict[str, Any] = yaml.safe_load(path.read_text())
         for account in base["accounts"]:
             account["subscriptions"] = []  # the workers take their specs from the spec topic
-        workers = [WorkerProcess(f"{guarantee[:1]}{i}", base, directory) for i in range(1, WORKERS + 1)]
+        workers = [WorkerProcess.in_group(f"{guarantee[:1]}{i}", base, directory) for i in range(1, WORKERS + 1)]
         reader: TopicReader | None = None  # made after the faults: it reads everything from the start
         soak = Soak(sandbox, broker, workers, rng)
         try:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import requests
 
 from ingest.config import Config
-from ingest.metrics import Metrics
+from ingest.observability.metrics import Metrics
 from ingest.rc.http import RingCentralClient
 from ingest.rc.tokens import TokenManager
 

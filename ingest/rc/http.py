@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import requests
 
-from ingest.logs import get_logger
-from ingest.metrics import Metrics
+from ingest.observability.logs import get_logger
+from ingest.observability.metrics import Metrics
 from ingest.rc.errors import ApiError, NetworkError, RateLimited, parse_error_body
 
 log = get_logger(__name__)

@@ -44,9 +44,10 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from ingest.logs import get_logger, register_secret
-from ingest.metrics import Metrics
+from ingest.config import WorkerConfig
 from ingest.model import Delivery, SubscriptionSpec
+from ingest.observability.logs import get_logger, register_secret
+from ingest.observability.metrics import Metrics
 from ingest.rc.accounts import AccountSession
 from ingest.rc.errors import ApiError, NetworkError, RateLimited, TokenUnavailable, missing_permission
 from ingest.rc.http import webhook_delivery_mode
@@ -116,7 +117,9 @@ class SubscriptionManager:
 
     def __init__(self, *, accounts: Mapping[str, AccountSession], metrics: Metrics,
                  on_delivery: Callable[[str, Delivery | None], None],
-                 renewal_margin: float = 120, renewal_jitter: float = 15, expires_in: int = 900,
+                 renewal_margin: float = WorkerConfig.renewal_margin_seconds,
+                 renewal_jitter: float = WorkerConfig.renewal_jitter_seconds,
+                 expires_in: int = WorkerConfig.expires_in_seconds,
                  clock: Callable[[], float] = time.time, api_threads: int = 8,
                  adopt_matching: bool = True, webhook_address: str | None = None) -> None:
         self.accounts = dict(accounts)

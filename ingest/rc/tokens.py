@@ -20,8 +20,8 @@ from typing import Any
 
 import requests
 
-from ingest.logs import get_logger, register_secret
-from ingest.metrics import Metrics
+from ingest.observability.logs import get_logger, register_secret
+from ingest.observability.metrics import Metrics
 from ingest.rc.errors import ApiError, AuthError, NetworkError, RateLimited, TokenUnavailable, parse_error_body
 from ingest.rc.http import DEFAULT_PENALTY_SECONDS, DEFAULT_TIMEOUT, retry_after_seconds
 

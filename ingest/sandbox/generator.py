@@ -28,7 +28,7 @@ from typing import Any
 
 from Crypto.Cipher import AES
 
-from ingest.crypto import BLOCK, Cipher, DecryptError, decode_key
+from ingest.data.crypto import BLOCK, Cipher, DecryptError, decode_key
 from ingest.sandbox.pubnub import PubNubEmulator
 from ingest.sandbox.ringcentral import EventFilter, RingCentralEmulator, SubscriptionView
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ingest.logs import get_logger, register_secret
+from ingest.observability.logs import get_logger, register_secret
 from ingest.sandbox.faults import FaultBook, Faults
 from ingest.sandbox.generator import Generator
 from ingest.sandbox.pubnub import PubNubEmulator, PubNubHandler

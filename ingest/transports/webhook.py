@@ -40,15 +40,15 @@ import orjson
 from confluent_kafka import Consumer
 from prometheus_client import Counter, Histogram
 
-from ingest.compacted import read_latest
-from ingest.kafka_logs import kafka_log_config
-from ingest.keywrap import KeyWrapper, UnwrapError
-from ingest.logs import get_logger, register_secret
-from ingest.metrics import Metrics
+from ingest.coordination.compacted import read_latest
+from ingest.coordination.keywrap import KeyWrapper, UnwrapError
+from ingest.coordination.state import SpecState
+from ingest.data.pipeline import ChannelContext, Pipeline, Plaintext
+from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.model import Delivery
-from ingest.pipeline import ChannelContext, Pipeline, Plaintext
-from ingest.sink import KafkaSink, SpecProgress
-from ingest.state import SpecState
+from ingest.observability.kafka_logs import kafka_log_config
+from ingest.observability.logs import get_logger, register_secret
+from ingest.observability.metrics import Metrics
 
 log = get_logger(__name__)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from ingest import logs
-from ingest.logs import redact
+from ingest.observability import logs
+from ingest.observability.logs import redact
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +32,8 @@ def main(args: argparse.Namespace) -> int:
 
     from confluent_kafka import KafkaException
 
-    from ingest.health import ListenError
-    from ingest.worker.runtime import Worker, WorkerStopped, tune_gc
+    from ingest.observability.health import ListenError, StoppedWaiting
+    from ingest.worker.runtime import Worker
 
     try:
         worker = Worker(config)
@@ -48,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     try:
         worker.start()
-    except WorkerStopped:
+    except StoppedWaiting:
         worker.stop()
         return 0
     except ListenError as exc:  # the first thing start() does: nothing else runs yet
@@ -72,3 +73,20 @@ def _invalid(path: Path, problem: str) -> int:
     """One line naming the key at fault, exit status 2."""
     print(f"ingest: invalid configuration {path}: {redact(problem)}", file=sys.stderr)
     return 2
+
+
+# Python's cyclic GC, with its defaults, took ~10% of the worker's time at full throughput: every
+# in-flight record (an entry, an Outcome, its headers) is a tracked container, so generation-0
+# collections ran every 700 allocations and full collections walked the whole heap, imports
+# included (docs/benchmarks.md).
+GC_GENERATION0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """For a long-running worker process, once it has started: move everything that exists now
+    (modules, config, clients) out of the collector's sight and collect young objects less often.
+    Garbage in reference cycles is still collected, in larger batches."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GENERATION0_THRESHOLD, gen1, gen2)

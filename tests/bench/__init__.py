@@ -1,0 +1,1 @@
+"""Benchmarks: runnable modules (`python -m tests.bench.<name>`) that print JSON results."""

@@ -91,11 +91,11 @@ def _serve_receiver(bootstrap: str, prefix: str, answer_first: bool, ports: Queu
     """The real receiver (pipeline, sink, KafkaHandler, waitress); `answer_first`: 200 before the ack."""
     from confluent_kafka.admin import AdminClient
 
-    from ingest.catalogue import default_catalogue
-    from ingest.metrics import Metrics
-    from ingest.pipeline import Pipeline, TopicNames
-    from ingest.sink import KafkaSink
-    from ingest.topics import ensure_topics
+    from ingest.data.catalogue import default_catalogue
+    from ingest.data.pipeline import Pipeline
+    from ingest.data.sink import KafkaSink
+    from ingest.observability.metrics import Metrics
+    from ingest.topology import TopicNames, ensure_topics
     from ingest.transports.webhook import (
         DeliveryHandler,
         KafkaHandler,

@@ -3,9 +3,10 @@ byte for byte; what cannot be read becomes a dead letter holding the body as rec
 
 from __future__ import annotations
 
-from ingest.catalogue import default_catalogue
-from ingest.pipeline import INVALID_JSON, NOT_AN_OBJECT, TOO_LARGE, ChannelContext, Pipeline, Plaintext, TopicNames
-from tests.vectors import VECTOR_PLAINTEXT
+from ingest.data.catalogue import default_catalogue
+from ingest.data.pipeline import INVALID_JSON, NOT_AN_OBJECT, TOO_LARGE, ChannelContext, Pipeline, Plaintext
+from ingest.topology import TopicNames
+from tests.support.vectors import VECTOR_PLAINTEXT
 
 CTX = ChannelContext("acme/presence", "sub-1", "809646016")
 TIMETOKEN = 17_648_000_000_000_000

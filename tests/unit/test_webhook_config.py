@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from tests.test_config import BASE, CLIENT_SECRET, ENV, JWT, error, load, write
+from test_config import BASE, CLIENT_SECRET, ENV, JWT, error, load, write
 
 WEBHOOK = BASE + """
 transport: webhook

@@ -11,11 +11,11 @@ import orjson
 import requests
 from confluent_kafka.admin import AdminClient
 
-from ingest.catalogue import default_catalogue
-from ingest.metrics import Metrics
-from ingest.pipeline import Pipeline, TopicNames
-from ingest.sink import KafkaSink
-from ingest.topics import ensure_topics
+from ingest.data.catalogue import default_catalogue
+from ingest.data.pipeline import Pipeline
+from ingest.data.sink import KafkaSink
+from ingest.observability.metrics import Metrics
+from ingest.topology import TopicNames, ensure_topics
 from ingest.transports.webhook import (
     KafkaHandler,
     SubscriptionTable,

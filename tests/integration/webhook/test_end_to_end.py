@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from ingest.metrics import Metrics
 from ingest.model import Delivery, SubscriptionSpec
+from ingest.observability.metrics import Metrics
 from ingest.rc.subscriptions import SubscriptionManager
 from ingest.sandbox.server import Sandbox, SandboxSettings
-from tests.harness import TopicReader, wait_for
+from tests.integration.test_rc_subscriptions import sessions_for
 from tests.integration.webhook.receiver import Receiver, running_receiver
-from tests.test_rc_subscriptions import sessions_for
+from tests.support.harness import TopicReader
+from tests.support.waiting import wait_for
 
 MESSAGES = "/restapi/v1.0/account/~/extension/~/message-store"
 SPEC = SubscriptionSpec(spec_id="acme/messages", account="acme", event_filters=(MESSAGES,))

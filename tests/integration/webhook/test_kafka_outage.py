@@ -17,8 +17,9 @@ import pytest
 import requests
 
 from ingest.sandbox.kafka import LocalKafka
-from tests.harness import TopicReader, wait_for
 from tests.integration.webhook.receiver import Receiver, notification, running_receiver
+from tests.support.harness import TopicReader
+from tests.support.waiting import wait_for
 
 ANSWER_TIMEOUT = 1.5
 BURST = 60

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from tests.harness import TopicReader
 from tests.integration.webhook.receiver import PATH, SUBSCRIPTION, Receiver, notification, running_receiver
+from tests.support.harness import TopicReader
 
 
 @pytest.fixture
@@ -145,9 +145,8 @@ def test_a_retried_delivery_is_not_produced_twice(receiver: Receiver, reader: To
 
 
 def test_the_token_never_reaches_the_logs_or_metrics(receiver: Receiver, capfd: pytest.CaptureFixture[str]) -> None:
-    from prometheus_client import generate_latest
-
     from ingest.logs import redact
+    from prometheus_client import generate_latest
 
     receiver.post(notification(10), token="vt-wrong")
     receiver.post(notification(11))

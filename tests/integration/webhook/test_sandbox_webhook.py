@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from ingest.sandbox.server import Sandbox, SandboxSettings
-from tests.harness import wait_for
-from tests.sandbox.conftest import RC
+from tests.integration.sandbox.conftest import RC
+from tests.support.waiting import wait_for
 
 MESSAGES = "/restapi/v1.0/account/~/extension/~/message-store"
 TOKEN = "vt-sandbox-test-token-0123456789"

@@ -11,13 +11,12 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from ingest.keywrap import KeyWrapper
-from ingest.pipeline import TopicNames
-from ingest.state import SpecState, partition_for
-from ingest.topics import ensure_topics
+from ingest.coordination.keywrap import KeyWrapper
+from ingest.coordination.state import SpecState
+from ingest.topology import TopicNames, ensure_topics, partition_for
 from ingest.transports.webhook import StateTableFeed
-from tests.harness import wait_for
 from tests.integration.webhook.receiver import ACCOUNT_ID, SUBSCRIPTION, Receiver, notification, running_receiver
+from tests.support.waiting import wait_for
 
 CLIENT_SECRET = "cs-scale-out-client-secret"
 PARTITIONS = 2

@@ -1,1 +1,0 @@
-"""Benchmarks: runnable modules (`python -m ingest.bench.<name>`) that print JSON results."""

@@ -1,0 +1,1 @@
+"""Commands of the `ingest` CLI besides `run` and `sandbox`: status, tail, demo, apply."""

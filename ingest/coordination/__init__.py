@@ -1,0 +1,1 @@
+"""Coordination: group membership, state records, compacted-topic reads, transactions, key wrapping."""

@@ -1,0 +1,1 @@
+"""Observability: metrics, health endpoints, JSON logs, librdkafka log routing."""

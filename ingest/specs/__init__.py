@@ -1,1 +1,0 @@
-"""Desired subscriptions (specs) as a compacted Kafka topic: the work that scaled-out workers share."""

@@ -1,0 +1,359 @@
+"""Checkpointing: how what was read becomes durable with its checkpoint. Chosen once, by the delivery
+guarantee (`for_config`); the worker calls the same methods either way.
+
+- `StateTopicCheckpoints` (at-least-once): a spec's checkpoint is the newest timetoken whose records
+  Kafka has acknowledged; state records are written to the state topic as checkpoints move (every
+  interval, on the checkpoint thread).
+- `TransactionalCheckpoints` (exactly-once): the hot path produces into an open transaction; every
+  interval the checkpoints (the newest timetoken produced per spec) go into the same transaction and
+  it commits, all in `_commit`. An aborted transaction rewinds the channels it covered. Standalone
+  commits on the checkpoint thread; a group member commits on its membership thread with the spec
+  consumer's group metadata (zombie fencing), through `on_group_tick`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import replace
+
+from confluent_kafka import Consumer
+
+from ingest.config import Config
+from ingest.coordination.state import STATE_REFRESH_SECONDS, RecordedChannel, SpecState
+from ingest.coordination.transactions import TransactionalSink, TransactionFailed
+from ingest.data.pipeline import Outcome
+from ingest.data.sink import KafkaSink, SpecProgress
+from ingest.model import Delivery
+from ingest.observability.logs import get_logger
+from ingest.observability.metrics import Metrics
+from ingest.topology import TopicNames, partition_for
+from ingest.transports.base import Received, Transport
+from ingest.worker.channels import Drain, SpecChannels
+
+log = get_logger(__name__)
+
+# The longest one pass of the checkpoint loop waits for room in a full producer queue (Kafka down or
+# slow): the loop feeds the liveness heartbeat, so checkpoints that cannot be queued wait for the next pass.
+CHECKPOINT_QUEUE_WAIT = 1.0
+
+
+class Checkpoints(ABC):
+    """State records of the specs in `channels`, written through `sink`."""
+
+    def __init__(self, config: Config, metrics: Metrics, *, topics: TopicNames, channels: SpecChannels,
+                 transport: Transport, sink: KafkaSink) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.topics = topics
+        self.channels = channels
+        self.transport = transport
+        self.sink = sink
+        self.fatal_error: str | None = None  # why this worker must not go on (fenced)
+        channels.changed = self.spec_changed
+
+    @abstractmethod
+    def produce(self, outcome: Outcome, progress: SpecProgress, notification: Received, received_at: float) -> None:
+        """The hot path: one notification's outcome to Kafka."""
+
+    @abstractmethod
+    def position(self, progress: SpecProgress) -> int:
+        """How far a checkpoint of this progress may move."""
+
+    @abstractmethod
+    def on_interval(self) -> None:
+        """Every checkpoint interval, on the checkpoint thread."""
+
+    @abstractmethod
+    def on_group_tick(self, consumer: Consumer) -> None:
+        """After each poll of the group's spec consumer, on the membership thread."""
+
+    @abstractmethod
+    def spec_changed(self, spec_id: str) -> None:
+        """The spec's state record changed (new delivery, a drain ended)."""
+
+    @abstractmethod
+    def final(self, spec_ids: list[str], *, flushed: bool = False) -> None:
+        """Make everything produced for these specs durable, with its checkpoint. `flushed`: the
+        caller has just waited for the producer (no second shutdown timeout)."""
+
+    @abstractmethod
+    def hand_over(self, released: list[str], lost: bool, consumer: Consumer) -> None:
+        """The group takes these specs away (lost: our session expired; another worker may own them)."""
+
+    # ---- state records -------------------------------------------------------------------------
+
+    def state_due(self, spec_id: str, timetoken: int, progress: SpecProgress, now: float) -> bool:
+        """A state record is due when the checkpoint would move, or to refresh the recorded expiry."""
+        stale = now - self.channels.last_state.get(spec_id, 0.0) > STATE_REFRESH_SECONDS
+        return timetoken > progress.checkpointed_tt or stale or any(
+            self.position(d.progress) > d.progress.checkpointed_tt
+            for d in list(self.channels.drains.get(spec_id, {}).values()) if not d.shared)
+
+    def write_state(self, spec_id: str, timetoken: int | None = None, *, wait: float | None = None) -> bool:
+        """Write the spec's state record; the checkpoint is the acked watermark unless given.
+        False if the producer's queue stayed full for `wait` seconds (None: wait for room)."""
+        channels = self.channels
+        delivery, progress = channels.deliveries.get(spec_id), channels.progress.get(spec_id)
+        if delivery is None or progress is None:
+            return True
+        tt = progress.acked_tt if timetoken is None else timetoken
+        tt = max(tt, progress.checkpointed_tt)
+        state = self.state_record(spec_id, delivery, tt)
+        if not self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                                     partition_for(spec_id, self.config.topics.spec_partitions), wait=wait):
+            return False
+        progress.checkpointed_tt = tt
+        channels.last_state[spec_id] = time.monotonic()
+        self.metrics.checkpoints.inc()
+        self.written(delivery.channel, tt)
+        return True
+
+    @abstractmethod
+    def written(self, channel: str, timetoken: int) -> None:
+        """A checkpoint of `channel` was written (at-least-once: it is durable; exactly-once: at commit)."""
+
+    def state_record(self, spec_id: str, delivery: Delivery, timetoken: int) -> SpecState:
+        # The delivery is announced only when it changes; plain renewals move the expiry recorded here.
+        expires_at = self.metrics.subscription_expiry.get(spec_id) or delivery.expires_at
+        return SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
+                         delivery.channel, timetoken, time.time(), self.config.worker.id, expires_at,
+                         self.channels.wrapped_keys.get(spec_id), self._draining(spec_id, timetoken))
+
+    def _draining(self, spec_id: str, spec_tt: int) -> tuple[RecordedChannel, ...]:
+        """The spec's former channels still draining, each with its checkpoint: the spec's own
+        (`spec_tt`) for a shared progress, else its own, moved here."""
+        recorded = []
+        for drain in list(self.channels.drains.get(spec_id, {}).values()):
+            progress = drain.progress
+            tt = spec_tt
+            if not drain.shared:
+                drain.checkpoint_before = progress.checkpointed_tt
+                tt = progress.checkpointed_tt = max(self.position(progress), progress.checkpointed_tt)
+            former = drain.recorded
+            recorded.append(RecordedChannel(former.subscription_id, former.subscriber_key, former.channel, tt,
+                                            former.wrapped_key))
+        return tuple(recorded)
+
+    def record_subscription(self, spec_id: str, subscription_id: str) -> None:
+        """Name a subscription that was created or adopted for the spec while we were handing it over
+        (no delivery announced for it yet). Only the subscription id changes: the checkpoint and the
+        channel it belongs to stay as they were. A record with an empty checkpoint made the next owner
+        start from a 30-s lookback: duplicates under exactly-once, and loss where the checkpoint was
+        older than the lookback (docs/scaling.md)."""
+        channels = self.channels
+        delivery, progress = channels.deliveries.get(spec_id), channels.progress.get(spec_id)
+        if delivery is not None and progress is not None:
+            recorded: SpecState | None = self.state_record(spec_id, delivery, progress.checkpointed_tt)
+        else:
+            recorded = channels.restored.get(spec_id)
+        worker_id = self.config.worker.id
+        if recorded is None:
+            recorded = SpecState(spec_id, "", subscription_id, "", "", 0, 0.0, worker_id)
+        elif recorded.subscription_id == subscription_id:
+            return  # the record already names it
+        state = replace(recorded, subscription_id=subscription_id, updated_at=time.time(), worker_id=worker_id)
+        # Exactly-once: into the open transaction, committed with the handover.
+        self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                              partition_for(spec_id, self.config.topics.spec_partitions))
+
+    def remove(self, spec_id: str) -> None:
+        """The spec was removed: a tombstone deletes its state record."""
+        self.sink.produce_raw(self.topics.state, spec_id.encode(), None,
+                              partition_for(spec_id, self.config.topics.spec_partitions))
+
+
+class StateTopicCheckpoints(Checkpoints):
+    """At-least-once: checkpoints move over what Kafka acknowledged."""
+
+    def produce(self, outcome: Outcome, progress: SpecProgress, notification: Received, received_at: float) -> None:
+        self.sink.send(outcome, progress, notification.position, received_at)
+
+    def position(self, progress: SpecProgress) -> int:
+        return progress.acked_tt
+
+    def on_interval(self) -> None:
+        now = time.monotonic()
+        due = [spec_id for spec_id, progress in self.channels.progress_snapshot()
+               if self.state_due(spec_id, progress.acked_tt, progress, now)]
+        deadline = now + CHECKPOINT_QUEUE_WAIT
+        for written, spec_id in enumerate(due):
+            if not self.write_state(spec_id, wait=max(0.0, deadline - time.monotonic())):
+                # The producer's queue is full: these stay due (their checkpoints did not move).
+                self.metrics.checkpoints_deferred.inc(len(due) - written)
+                return
+
+    def on_group_tick(self, consumer: Consumer) -> None:
+        """Nothing: state records are written on the checkpoint thread in a group too."""
+
+    def written(self, channel: str, timetoken: int) -> None:
+        self.transport.acknowledged(channel, timetoken)  # everything up to it is acknowledged by Kafka
+
+    def spec_changed(self, spec_id: str) -> None:
+        self.write_state(spec_id)
+
+    def final(self, spec_ids: list[str], *, flushed: bool = False) -> None:
+        if not flushed:
+            self.sink.flush(self.config.worker.shutdown_timeout_seconds)
+        for spec_id in spec_ids:
+            self.write_state(spec_id)
+        self.sink.flush(5.0)
+
+    def hand_over(self, released: list[str], lost: bool, consumer: Consumer) -> None:
+        if not lost:  # lost: another worker may own them already; it resumes from our last checkpoint
+            self.final(released)
+
+
+class TransactionalCheckpoints(Checkpoints):
+    """Exactly-once: notifications and checkpoints committed in one transaction."""
+
+    def __init__(self, config: Config, metrics: Metrics, *, topics: TopicNames, channels: SpecChannels,
+                 transport: Transport, commit_with_group: bool, keep_waiting: Callable[[], bool]) -> None:
+        self.transactions = TransactionalSink(config.kafka, metrics, f"{config.topics.prefix}.{config.worker.id}")
+        super().__init__(config, metrics, topics=topics, channels=channels, transport=transport,
+                         sink=self.transactions)
+        self._commit_with_group = commit_with_group
+        self._keep_waiting = keep_waiting
+        self._next_commit = 0.0
+        self._written: dict[str, int] = {}  # channel -> checkpoint written into the open transaction
+
+    def produce(self, outcome: Outcome, progress: SpecProgress, notification: Received, received_at: float) -> None:
+        self.transactions.send(outcome, progress, notification.position, received_at,
+                               superseded=notification.superseded)
+
+    def position(self, progress: SpecProgress) -> int:
+        return progress.produced_tt
+
+    def on_interval(self) -> None:
+        if not self._commit_with_group:
+            self._commit(None)
+
+    def on_group_tick(self, consumer: Consumer) -> None:
+        self._commit(consumer)
+
+    def spec_changed(self, spec_id: str) -> None:
+        """Nothing now: the next commit writes the record."""
+
+    def written(self, channel: str, timetoken: int) -> None:
+        self._written[channel] = timetoken  # acknowledged to the transport once committed
+
+    def final(self, spec_ids: list[str], *, flushed: bool = False) -> None:
+        # Standalone commits without group metadata: there is no group to be fenced by.
+        self._commit(None, force=True)
+
+    def hand_over(self, released: list[str], lost: bool, consumer: Consumer) -> None:
+        """Nothing produced for a released spec may commit after this point.
+
+        Revoked (cooperative rebalance): commit what was read so far, checkpoints included; the new
+        owner resumes right after it. Lost (our session expired, another worker may already own the
+        specs): whatever is open must not commit at all, so abort it and read the rest again.
+        """
+        sink = self.transactions
+        with sink.lock:
+            for spec_id in released:
+                progress = self.channels.progress.get(spec_id)
+                if progress is not None:
+                    progress.released = True
+            if lost:
+                try:
+                    sink.abort()
+                except TransactionFailed as exc:
+                    self.fatal_error = f"transaction abort failed: {exc}"
+                self._rewind({})
+        if not lost:
+            self._commit(consumer, force=True)
+
+    def _commit(self, consumer: Consumer | None, force: bool = False) -> None:
+        """Checkpoints into the open transaction, then commit it (every interval).
+
+        On the checkpoint loop (standalone, not forced) nothing waits on Kafka for long, as the loop
+        feeds the liveness heartbeat: when a checkpoint cannot be queued within CHECKPOINT_QUEUE_WAIT
+        the commit waits for the next pass, and a commit Kafka does not answer is made again every few
+        seconds, the heartbeat beating in between (`keep_waiting`)."""
+        now = time.monotonic()
+        if not force and (now < self._next_commit or self.fatal_error):
+            return
+        self._next_commit = now + self.config.worker.checkpoint_interval_seconds
+        sink = self.transactions
+        on_loop = consumer is None and not force
+        # Not forced (the checkpoint loop, or the group's membership thread, which must go on polling
+        # its consumer): a full producer queue defers the commit rather than waiting for room.
+        deadline = now + CHECKPOINT_QUEUE_WAIT
+        with sink.lock:
+            committed_before: dict[str, int] = {}  # checkpoints as they stood before this transaction
+            for spec_id, progress in self.channels.progress_snapshot():
+                if self.state_due(spec_id, progress.produced_tt, progress, now):
+                    before = progress.checkpointed_tt
+                    wait = None if force else max(0.0, deadline - time.monotonic())
+                    if not self.write_state(spec_id, progress.produced_tt, wait=wait):
+                        self._defer_commit(committed_before)
+                        return
+                    committed_before[spec_id] = before
+            written, self._written = self._written, {}
+            try:
+                sink.commit(consumer, self._keep_waiting if on_loop else None)
+            except TransactionFailed as exc:
+                self._rewind(committed_before)
+                if exc.fatal:
+                    self.fatal_error = f"transaction fenced: {exc}"
+                    log.error("worker.fenced", error=str(exc))
+                    self.transport.stop()
+                return
+        for channel, timetoken in written.items():
+            self.transport.acknowledged(channel, timetoken)
+
+    def _defer_commit(self, written: dict[str, int]) -> None:
+        """The producer's queue is full: commit at the next pass. The checkpoints written into the
+        transaction in this pass count as unwritten, so the next pass writes them again (newer)."""
+        self.metrics.checkpoints_deferred.inc()
+        self._next_commit = 0.0
+        for spec_id, before in written.items():
+            progress = self.channels.progress.get(spec_id)
+            if progress is not None:
+                progress.checkpointed_tt = before
+            self.channels.last_state.pop(spec_id, None)
+
+    def _rewind(self, committed_before: dict[str, int]) -> None:
+        """An aborted transaction hid what it held: read those notifications again."""
+        channels = self.channels
+        with channels.lock:
+            rewound: set[str] = set()
+            for spec_id, progress in channels.progress.items():
+                if spec_id in committed_before:
+                    progress.checkpointed_tt = committed_before[spec_id]
+                    channels.last_state.pop(spec_id, None)
+                if progress.produced_tt > progress.checkpointed_tt:
+                    progress.produced_tt = progress.checkpointed_tt
+                    rewound.add(spec_id)
+                    delivery = channels.deliveries.get(spec_id)
+                    if delivery is not None:
+                        self.transport.rewind(delivery.channel, progress.checkpointed_tt or None)
+            for spec_id, drains in channels.drains.items():
+                for channel, drain in drains.items():
+                    self._rewind_drain(spec_id, channel, drain, rewound, committed_before)
+        log.warning("worker.rewound", specs=len(channels.progress))
+
+    def _rewind_drain(self, spec_id: str, channel: str, drain: Drain, rewound: set[str],
+                      committed_before: dict[str, int]) -> None:
+        progress = drain.progress
+        if drain.shared:  # the spec's progress, rewound above: its old channel goes with it
+            if spec_id in rewound:
+                self.transport.rewind(channel, progress.checkpointed_tt or None)
+            return
+        if spec_id in committed_before:
+            progress.checkpointed_tt = drain.checkpoint_before
+        if progress.produced_tt > progress.checkpointed_tt:
+            progress.produced_tt = progress.checkpointed_tt
+            self.transport.rewind(channel, progress.checkpointed_tt or None)
+
+
+def for_config(config: Config, metrics: Metrics, *, topics: TopicNames, channels: SpecChannels, transport: Transport,
+               keep_waiting: Callable[[], bool]) -> Checkpoints:
+    """The checkpointing of the configured delivery guarantee (`keep_waiting`: see `TransactionalSink.commit`)."""
+    if config.worker.delivery_guarantee == "exactly-once":
+        return TransactionalCheckpoints(config, metrics, topics=topics, channels=channels, transport=transport,
+                                        commit_with_group=config.worker.coordination == "group",
+                                        keep_waiting=keep_waiting)
+    return StateTopicCheckpoints(config, metrics, topics=topics, channels=channels, transport=transport,
+                                 sink=KafkaSink(config.kafka, metrics))

@@ -1,0 +1,224 @@
+"""Kafka faults. Outages run on a broker of the test's own (the shared development broker is never
+stopped): the broker stopped and restarted mid-stream, stopped for longer than records used to time
+out, and stopped while the producer's local queue is full. A permanent delivery error (records too
+large for their topic) runs on the shared broker against the test's own topic. Verdicts: nothing
+lost, timetokens of each spec strictly increasing in each partition, `/healthz` 200 throughout."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+from ingest.coordination.state import STATE_REFRESH_SECONDS
+from ingest.data.sink import KafkaSink
+from ingest.sandbox.kafka import LocalKafka
+from ingest.sandbox.server import Sandbox
+from ingest.topology import TopicNames
+from ingest.worker.runtime import Worker
+from tests.integration.faults.scenario import (
+    RATE,
+    FaultTolerantReader,
+    LivenessWatch,
+    Scenario,
+    Traffic,
+    close_all,
+    sandbox_settings,
+    scenario,
+    worker_config_file,
+)
+from tests.support import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.slow
+
+SMALL_QUEUE = 200  # queue.buffering.max.messages: 10 s of scenario traffic fill it
+
+
+@pytest.fixture(scope="module")
+def own_broker() -> Iterator[LocalKafka]:
+    with LocalKafka() as broker:
+        yield broker
+
+
+@contextlib.contextmanager
+def _broker_down(broker: LocalKafka) -> Iterator[float]:
+    """The broker stopped for the block (yields when); started again at its end, also when the block
+    fails, so that the worker stops with Kafka up and the next test finds its broker."""
+    stopped = time.monotonic()
+    broker.stop()
+    try:
+        yield stopped
+    finally:
+        broker.start()
+
+
+def _kafka_up(s: Scenario) -> float:
+    return float(s.worker.metrics.kafka_up._value.get())
+
+
+def _outage(s: Scenario, broker: LocalKafka, seconds_of_traffic: int) -> tuple[float, float]:
+    """Stop the broker under steady traffic, keep publishing, restart it; returns (outage s, recovery s)."""
+    s.traffic()
+    s.wait_traffic(40)
+    with _broker_down(broker) as stopped:
+        # The worker notices (readiness) while PubNub keeps delivering into the producer's queue.
+        wait_for(lambda: _kafka_up(s) == 0, 20, what="the worker to see Kafka down")
+        s.wait_traffic(int(seconds_of_traffic * 20))
+    outage = time.monotonic() - stopped
+    recovery = s.probe(timeout=90)
+    wait_for(lambda: _kafka_up(s) == 1, 20, what="the worker to see Kafka back")
+    return outage, recovery
+
+
+def test_kafka_broker_stopped_and_restarted_mid_stream(
+        own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
+    with scenario(tmp_path, own_broker.bootstrap_servers, unique_name) as s:
+        outage, recovery = _outage(s, own_broker, seconds_of_traffic=4)
+        s.wait_traffic(40)
+        s.verify("kafka broker stop/restart")
+        assert not s.out_of_order()
+        print(f"outage {outage:.1f}s, probe delivered {recovery:.1f}s after the restart")
+
+
+def _sink_with_a_3s_message_timeout(worker: Worker) -> None:
+    # The config refuses message.timeout.ms for at-least-once; a sink given one anyway (as every
+    # user could before) must still never time a record out.
+    worker.sink = KafkaSink({**worker.config.kafka, "message.timeout.ms": "3000"}, worker.metrics)
+
+
+def test_kafka_outage_longer_than_a_message_timeout_keeps_order_per_spec(
+        own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
+    # A record that timed out and was produced again went behind the records produced after it: the
+    # producer now never times a record out, so the idempotent producer keeps each partition's order.
+    with scenario(tmp_path, own_broker.bootstrap_servers, unique_name,
+                  before_start=_sink_with_a_3s_message_timeout) as s:
+        outage, recovery = _outage(s, own_broker, seconds_of_traffic=6)
+        s.wait_traffic(40)
+        s.verify("kafka outage of 4x a 3-s message timeout")
+        wrong = s.out_of_order()
+        assert not wrong, (len(wrong), wrong[:5])
+        errors = s.worker.metrics.registry.get_sample_value(
+            "ingest_kafka_delivery_errors_total", {"error": "_MSG_TIMED_OUT"})
+        assert not errors, f"{errors} records timed out"
+        print(f"outage {outage:.1f}s, 0 out of order, probe delivered {recovery:.1f}s after the restart")
+
+
+def test_kafka_outage_with_a_full_producer_queue_keeps_liveness(
+        own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
+    # Intake waits on the full queue (back-pressure); the checkpoint loop, which feeds the liveness
+    # heartbeat, must not wait with it: a state record that cannot be queued is due again later.
+    with scenario(tmp_path, own_broker.bootstrap_servers, unique_name,
+                  kafka={"queue.buffering.max.messages": str(SMALL_QUEUE)}) as s, \
+            LivenessWatch(lambda: s.worker.health.port) as liveness:
+        s.traffic()
+        s.wait_traffic(40)
+        with _broker_down(own_broker) as stopped:
+            queue = s.worker.metrics.producer_queue
+            wait_for(lambda: queue._value.get() >= SMALL_QUEUE, 60, what="the producer queue to fill up")
+            full = time.monotonic()
+            # Long enough for every spec's state record to fall due (refreshed every STATE_REFRESH_SECONDS
+            # even when its checkpoint stands still), then the loop's allowed silence (10 s) and more.
+            seconds = STATE_REFRESH_SECONDS + 15
+            s.wait_traffic(int(seconds * RATE), timeout=seconds * 3)
+            held = time.monotonic() - full
+        outage = time.monotonic() - stopped
+        recovery = s.probe(timeout=90)
+        deferred = s.worker.metrics.registry.get_sample_value("ingest_checkpoints_deferred_total")
+        s.wait_traffic(40)
+        s.verify("kafka outage with the producer queue full")
+        assert not s.out_of_order()
+        assert liveness.polls > outage * 2, liveness.polls
+        assert not liveness.failures, liveness.failures[:3]
+        assert deferred, "no checkpoint was deferred: the queue was never full when one was due"
+        print(f"outage {outage:.1f}s, queue full for {held:.1f}s, /healthz 200 in {liveness.polls} polls, "
+              f"{deferred:.0f} checkpoints deferred, probe delivered {recovery:.1f}s after the restart")
+
+
+def _set_max_message_bytes(bootstrap: str, topic: str, value: str | None) -> None:
+    """Set the topic's max.message.bytes, or back to the broker's default (None)."""
+    op = AlterConfigOpType.DELETE if value is None else AlterConfigOpType.SET
+    entry = ConfigEntry("max.message.bytes", value or "", incremental_operation=op)
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the broker has answered
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+
+
+def test_permanent_delivery_errors_hold_the_spec_in_order_without_crashing(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    # Every presence record is refused by the broker (too large for its topic) for a while; a small
+    # local queue makes the producer full quickly. Re-producing from inside the delivery callback
+    # polled from inside it on the full queue: RecursionError, then librdkafka's CallState assertion
+    # killed the process. The worker (its own process) must live on, hold the presence spec's
+    # records in order, keep the other spec flowing, and deliver everything once the topic takes them.
+    presence = TopicNames(unique_name).for_family("presence")
+    with Sandbox(sandbox_settings()) as sandbox:
+        config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name,
+                                    kafka={"queue.buffering.max.messages": "50"})
+        worker = WorkerProcess(config, tmp_path / "worker.log").start()
+        reader: FaultTolerantReader | None = None
+        try:
+            worker.wait_ready(60, "the worker ready")
+            reader = FaultTolerantReader(kafka_bootstrap, unique_name)
+            s = Traffic(sandbox, reader)
+            with LivenessWatch(worker.metrics_port) as liveness:
+                s.traffic()
+                s.wait_traffic(20)
+                _set_max_message_bytes(kafka_bootstrap, presence, "16")
+                wait_for(lambda: worker.metric("ingest_kafka_delivery_errors_total") > 0, 30,
+                         what="the broker to refuse presence records")
+                s.wait_traffic(15 * 20)  # 15 s of refusals: far more presence records than the queue holds
+                assert worker.proc.poll() is None, f"the worker died ({worker.proc.returncode})"
+                errors = worker.metric("ingest_kafka_delivery_errors_total")
+                _set_max_message_bytes(kafka_bootstrap, presence, None)
+                recovery = s.probe(timeout=90)
+                s.wait_traffic(40)
+                s.verify("presence records refused by the broker for 15 s")
+            wrong = s.out_of_order()
+            assert not wrong, (len(wrong), wrong[:5])
+            assert not liveness.failures, liveness.failures[:3]
+            crashed = [e for e in worker.lines() if e.get("event") in ("transport.handler_failed",
+                                                                        "kafka.delivery_thread_error")]
+            assert not crashed, crashed[:3]
+            assert worker.stop() == 0
+            print(f"{errors:.0f} delivery errors, 0 out of order, probe {recovery:.1f}s after the topic "
+                  f"took records again")
+        finally:
+            close_all(reader, worker)
+
+
+# Issue 14 stays open on this: under CPU load, after the outage the transaction coordinator sometimes
+# fences the producer (`_FENCED`, fatal) instead of bumping its epoch; the worker then stops, which
+# `ingest run` turns into exit 3 for its supervisor. Passed idle and with two CPU hogs; failed in 3 of
+# 5 heavily loaded runs (docs/faults.md, "Not covered here"). Kept running: an xpass shows in the report.
+@pytest.mark.xfail(reason="issue 14: coordinator fencing after a long outage under CPU load", strict=False)
+def test_exactly_once_outage_keeps_liveness_and_order(
+        own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
+    # The standalone exactly-once worker commits on its checkpoint loop, which feeds the liveness
+    # heartbeat; commits wait on Kafka (up to 30 s each) for as long as it is down. The outage outlasts
+    # the commit timeout: the worker must neither fail liveness nor give up (fenced) nor lose order.
+    with scenario(tmp_path, own_broker.bootstrap_servers, unique_name,
+                  worker={"delivery_guarantee": "exactly-once"}) as s, \
+            LivenessWatch(lambda: s.worker.health.port) as liveness:
+        s.traffic()
+        s.wait_traffic(40)
+        with _broker_down(own_broker) as stopped:
+            seconds = 45  # longer than a commit's 30-s timeout plus the loop's allowed silence (10 s)
+            s.wait_traffic(int(seconds * RATE), timeout=seconds * 3)
+            assert not liveness.failures, liveness.failures[:3]
+            assert s.worker.fatal_error is None, s.worker.fatal_error
+            assert _kafka_up(s) == 0, "the worker did not see Kafka down"
+        outage = time.monotonic() - stopped
+        recovery = s.probe(timeout=120)
+        s.wait_traffic(40)
+        s.verify("exactly-once, kafka outage past the commit timeout")
+        wrong = s.out_of_order()
+        assert not wrong, (len(wrong), wrong[:5])
+        assert s.worker.fatal_error is None, s.worker.fatal_error
+        assert not liveness.failures, liveness.failures[:3]
+        print(f"outage {outage:.1f}s, /healthz 200 in {liveness.polls} polls, 0 out of order, "
+              f"probe delivered {recovery:.1f}s after the restart")

@@ -145,7 +145,7 @@ def test_a_retried_delivery_is_not_produced_twice(receiver: Receiver, reader: To
 
 
 def test_the_token_never_reaches_the_logs_or_metrics(receiver: Receiver, capfd: pytest.CaptureFixture[str]) -> None:
-    from ingest.logs import redact
+    from ingest.observability.logs import redact
     from prometheus_client import generate_latest
 
     receiver.post(notification(10), token="vt-wrong")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +41,7 @@ import orjson
 from confluent_kafka import Consumer
 from prometheus_client import Counter, Histogram
 
+from ingest.config import WebhookConfig
 from ingest.coordination.compacted import read_latest
 from ingest.coordination.keywrap import KeyWrapper, UnwrapError
 from ingest.coordination.state import SpecState
@@ -49,6 +51,7 @@ from ingest.model import Delivery
 from ingest.observability.kafka_logs import kafka_log_config
 from ingest.observability.logs import get_logger, register_secret
 from ingest.observability.metrics import Metrics
+from ingest.transports.base import BatchHandler, Received
 
 log = get_logger(__name__)
 
@@ -63,6 +66,7 @@ DEFAULT_DEDUP_WINDOW = 600.0
 DEFAULT_DEDUP_ENTRIES = 100_000
 DEFAULT_MAX_QUEUED = 10_000
 ANSWER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
+INTAKE_BATCH = 500  # requests handed on together at most
 _TIMETOKEN_PER_SECOND = 10_000_000  # PubNub's unit (100 ns): WebHook records carry their receive time in it
 
 
@@ -458,6 +462,9 @@ class WebhookServer:
     def port(self) -> int:
         return int(self._server.effective_port)
 
+    def listening(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         from waitress.server import create_server
 
@@ -478,3 +485,155 @@ class WebhookServer:
         wasyncore.close_all(self._map)  # open connections too: the loop ends when its map is empty
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+class _Stream:
+    """A WebHook channel's read state: positions handed on, and how far the worker acknowledged."""
+
+    __slots__ = ("acked", "cond", "epoch", "last_position", "removed")
+
+    def __init__(self, resume: int) -> None:
+        self.epoch = 0
+        self.last_position = resume
+        self.acked = resume
+        self.removed = False
+        self.cond = threading.Condition()
+
+    def next_position(self, received_at: float) -> int:
+        """The receive time in 100 ns, strictly increasing along the channel (cond held)."""
+        self.last_position = max(self.last_position + 1, int(received_at * _TIMETOKEN_PER_SECOND))
+        return self.last_position
+
+
+class WebhookTransport:
+    """The receiver as an intake behind `transports/base.py`. A channel is a subscription id; a request
+    is handed on as one `Received` (payload `Plaintext`, position its receive time) by one intake
+    thread, in arrival order, and held until the worker calls `acknowledged` past its position
+    (durable in Kafka with its checkpoint; exactly-once: committed): 200. 503 when the deadline passes
+    first, when the channel is not read here (yet), when Kafka is unreachable or the intake queue full,
+    or when the channel is rewound or removed meanwhile (the sender retries: nothing to replay here).
+    A retry of a notification (channel, `uuid`) within the de-duplication window is not handed on
+    again: it waits for the first copy's acknowledgement."""
+
+    def __init__(self, settings: WebhookConfig, handler: BatchHandler, metrics: Metrics, *,
+                 kafka_reachable: Callable[[], bool] = lambda: True) -> None:
+        self.table = SubscriptionTable()
+        self._handler = handler
+        self._kafka_reachable = kafka_reachable
+        self._settings = settings
+        self._streams: dict[str, _Stream] = {}
+        self._recent: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._intake: queue.Queue[tuple[Received, float] | None] = queue.Queue(settings.max_queued_records)
+        self._intake_thread: threading.Thread | None = None
+        app = WebhookApp(path=settings.path, table=self.table, handler=self._deliver, metrics=metrics,
+                         max_body_bytes=settings.max_body_bytes, answer_timeout=settings.answer_timeout_seconds,
+                         retry_after=settings.retry_after_seconds)
+        self.server = WebhookServer(app, settings.host, settings.port, threads=settings.threads)
+
+    # ---- Transport ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._intake_thread = threading.Thread(target=self._hand_on, name="webhook-intake", daemon=True)
+        self._intake_thread.start()
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()  # no new requests; those held get no answer (the sender retries them)
+        self._intake.put(None)
+        if self._intake_thread is not None:
+            self._intake_thread.join(5)
+
+    def add_channel(self, source: str, channel: str, resume: int | None = None) -> None:
+        with self._lock:
+            if channel not in self._streams:
+                self._streams[channel] = _Stream(resume or 0)
+
+    def remove_channel(self, channel: str) -> None:
+        with self._lock:
+            stream = self._streams.pop(channel, None)
+        if stream is not None:
+            with stream.cond:
+                stream.removed = True
+                stream.cond.notify_all()
+
+    def rewind(self, channel: str, position: int | None) -> None:
+        stream = self._streams.get(channel)
+        if stream is not None:
+            with stream.cond:  # what was handed on after `position` is answered 503: the sender retries it
+                stream.epoch += 1
+                stream.cond.notify_all()
+
+    def position(self, channel: str) -> int | None:
+        stream = self._streams.get(channel)
+        return None if stream is None else stream.last_position
+
+    def caught_up_at(self, channel: str) -> float | None:
+        # Nothing waits unread at RingCentral for a WebHook channel: what is not answered 200 is retried.
+        return time.monotonic() if channel in self._streams else None
+
+    def reading(self) -> set[str]:
+        return set(self._streams) if self.server.listening() else set()
+
+    def acknowledged(self, channel: str, position: int) -> None:
+        stream = self._streams.get(channel)
+        if stream is not None and position > stream.acked:
+            with stream.cond:
+                stream.acked = max(stream.acked, position)
+                stream.cond.notify_all()
+
+    # ---- requests -----------------------------------------------------------------------------
+    def _deliver(self, delivery: WebhookDelivery, deadline: float) -> bool:
+        channel = delivery.subscription.subscription_id
+        stream = self._streams.get(channel)
+        if stream is None or not self._kafka_reachable():
+            return False  # not read here (starting, handed over) or Kafka down: come back later
+        key = (channel, delivery.uuid) if delivery.uuid else None
+        with stream.cond:
+            seen = self._seen(key)
+            if seen is not None:
+                position, epoch = seen, stream.epoch
+            else:
+                position, epoch = stream.next_position(delivery.received_at), stream.epoch
+                received = Received(channel, position, Plaintext(delivery.body), stream, epoch)
+                try:
+                    self._intake.put_nowait((received, delivery.received_at))
+                except queue.Full:
+                    return False
+                self._remember(key, position)
+            while stream.acked < position:
+                left = deadline - time.monotonic()
+                if left <= 0 or stream.removed or stream.epoch != epoch:
+                    return False
+                stream.cond.wait(left)
+        return True
+
+    def _seen(self, key: tuple[str, str] | None) -> int | None:
+        if key is None:
+            return None
+        with self._lock:
+            now = time.monotonic()
+            recent = self._recent
+            while recent and next(iter(recent.values()))[1] <= now:
+                recent.popitem(last=False)
+            seen = recent.get(key)
+        return None if seen is None else seen[0]
+
+    def _remember(self, key: tuple[str, str] | None, position: int) -> None:
+        if key is not None:
+            with self._lock:
+                self._recent[key] = (position, time.monotonic() + self._settings.dedup_window_seconds)
+
+    def _hand_on(self) -> None:
+        """One thread hands requests on in arrival order, a batch of whatever has queued meanwhile."""
+        while (item := self._intake.get()) is not None:
+            batch, received_at = [item[0]], item[1]
+            while len(batch) < INTAKE_BATCH:
+                try:
+                    more = self._intake.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._intake.put(None)
+                    break
+                batch.append(more[0])
+            self._handler(batch, received_at)

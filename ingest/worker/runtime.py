@@ -41,8 +41,9 @@ from ingest.observability.metrics import Metrics
 from ingest.rc.accounts import build_sessions
 from ingest.rc.subscriptions import STATES, SubscriptionManager
 from ingest.topology import COMPACTED, TopicNames, ensure_topics
-from ingest.transports.base import Received
+from ingest.transports.base import Received, Transport
 from ingest.transports.pubnub import PubNubTransport, TransportSettings
+from ingest.transports.webhook import WebhookTransport
 from ingest.worker import checkpointing, ownership
 from ingest.worker.channels import Route, SpecChannels
 
@@ -64,21 +65,30 @@ class Worker:
         catalogue = default_catalogue()
         self.topics = TopicNames(config.topics.prefix, config.topics.routing, catalogue)
         self.pipeline = Pipeline(catalogue, self.topics)
-        self.transport = PubNubTransport(
-            TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
-                              ssl=config.ringcentral.pubnub_ssl, channels_per_connection=w.channels_per_connection,
-                              replay_buffer_messages=w.replay_buffer_messages),
-            handler=self._on_notifications, metrics=self.metrics)
+        self.kafka = KafkaReachability(self.metrics)
+        # The intake: RingCentral POSTs to the receiver (transport: webhook), or PubNub is read.
+        self.webhook: WebhookTransport | None = None
+        self.pubnub: PubNubTransport | None = None
+        self.transport: Transport
+        if config.webhook is not None:
+            self.transport = self.webhook = WebhookTransport(
+                config.webhook, self._on_notifications, self.metrics, kafka_reachable=lambda: self.kafka.ok)
+        else:
+            self.transport = self.pubnub = PubNubTransport(
+                TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
+                                  ssl=config.ringcentral.pubnub_ssl, channels_per_connection=w.channels_per_connection,
+                                  replay_buffer_messages=w.replay_buffer_messages),
+                handler=self._on_notifications, metrics=self.metrics)
         self.channels = SpecChannels(w, self.metrics, self.transport, KeyWrapper(config.ringcentral.client_secret),
                                      threading.RLock())
-        self.transport.on_access_denied = self.channels.on_access_denied
-        self.transport.on_replay_gap = self.channels.on_replay_gap
+        if self.pubnub is not None:
+            self.pubnub.on_access_denied = self.channels.on_access_denied
+            self.pubnub.on_replay_gap = self.channels.on_replay_gap
         self.checkpoints = checkpointing.for_config(config, self.metrics, topics=self.topics, channels=self.channels,
                                                     transport=self.transport, keep_waiting=self._waiting_on_kafka)
         self.ownership = ownership.for_config(config, self.metrics, topics=self.topics, channels=self.channels,
                                               checkpoints=self.checkpoints)
         self.heartbeats = Heartbeats()
-        self.kafka = KafkaReachability(self.metrics)
         self.health = HealthServer(self.metrics, config.metrics.host, config.metrics.port, liveness=self._liveness,
                                    readiness=readiness_check(lambda: self.kafka.ok, self._subscription_rows,
                                                              ready_states=READY_STATES))
@@ -117,7 +127,8 @@ class Worker:
         self.manager = self.channels.manager = SubscriptionManager(
             accounts=build_sessions(cfg, self.metrics), metrics=self.metrics, on_delivery=self._on_delivery,
             renewal_margin=cfg.worker.renewal_margin_seconds, renewal_jitter=cfg.worker.renewal_jitter_seconds,
-            expires_in=cfg.worker.expires_in_seconds, adopt_matching=self.ownership.adopt_matching)
+            expires_in=cfg.worker.expires_in_seconds, adopt_matching=self.ownership.adopt_matching,
+            webhook_address=cfg.webhook.address if cfg.webhook is not None else None)
         self.manager.start()
         self.ownership.start(self.manager, lambda what, step: self.kafka.until_answers(what, step, self._stop))
         for name, loop in (("checkpoint", self._checkpoint_loop), ("drains", self._restart_windows_loop)):
@@ -162,6 +173,8 @@ class Worker:
     # ---- control plane -> data plane -----------------------------------------------------------
 
     def _on_delivery(self, spec_id: str, delivery: Delivery | None) -> None:
+        if self.webhook is not None:  # the receiver checks deliveries against the current token
+            self.webhook.table.apply(spec_id, delivery)
         if delivery is None:  # the spec was removed
             self.channels.drop(spec_id)
             self.checkpoints.remove(spec_id)

@@ -145,8 +145,9 @@ def test_a_retried_delivery_is_not_produced_twice(receiver: Receiver, reader: To
 
 
 def test_the_token_never_reaches_the_logs_or_metrics(receiver: Receiver, capfd: pytest.CaptureFixture[str]) -> None:
-    from ingest.observability.logs import redact
     from prometheus_client import generate_latest
+
+    from ingest.observability.logs import redact
 
     receiver.post(notification(10), token="vt-wrong")
     receiver.post(notification(11))

@@ -89,9 +89,10 @@ class Worker:
         self.ownership = ownership.for_config(config, self.metrics, topics=self.topics, channels=self.channels,
                                               checkpoints=self.checkpoints)
         self.heartbeats = Heartbeats()
+        self._subscriptions_ready = readiness_check(lambda: self.kafka.ok, self._subscription_rows,
+                                                    ready_states=READY_STATES)
         self.health = HealthServer(self.metrics, config.metrics.host, config.metrics.port, liveness=self._liveness,
-                                   readiness=readiness_check(lambda: self.kafka.ok, self._subscription_rows,
-                                                             ready_states=READY_STATES))
+                                   readiness=self._readiness)
         self.manager: SubscriptionManager | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -249,6 +250,11 @@ class Worker:
     def _liveness(self) -> tuple[bool, str]:
         failed = self.failed
         return (False, failed) if failed else self.heartbeats.check()
+
+    def _readiness(self) -> tuple[bool, str]:
+        if self.webhook is not None and not self.webhook.server.listening():
+            return False, "webhook receiver not listening"
+        return self._subscriptions_ready()
 
     def _subscription_rows(self) -> list[SubscriptionRow] | None:
         if self.manager is None:

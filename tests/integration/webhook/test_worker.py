@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from ingest.config import load_config
@@ -87,3 +88,12 @@ def test_the_state_records_carry_each_subscription_token_wrapped_for_the_other_p
                 for s in states.values() if s.wrapped_verification_token}
 
     wait_for(lambda: recorded() == tokens, 60, "every token recorded")
+
+
+def test_readiness_covers_the_receiver(worker: Worker) -> None:
+    url = f"http://127.0.0.1:{worker.health.port}/readyz"
+    wait_for(lambda: requests.get(url, timeout=10).status_code == 200, 60, "ready")
+    assert worker.webhook is not None
+    worker.webhook.server.stop()
+    answer = requests.get(url, timeout=10)
+    assert (answer.status_code, "webhook receiver not listening" in answer.text) == (503, True)

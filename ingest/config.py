@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import yaml
 from confluent_kafka import KafkaException, Producer
 
-from ingest.model import SubscriptionSpec
+from ingest.model import TRANSPORTS, SubscriptionSpec
 from ingest.observability.logs import redact, register_secret
 
 ENV_PREFIX = "INGEST__"
@@ -38,7 +38,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DELIVERY_GUARANTEES = ("at-least-once", "exactly-once")
 COORDINATION_MODES = ("standalone", "group")
-TRANSPORTS = ("pubnub", "webhook")
+# The top-level `transport`: how RingCentral reaches the worker (an account's own `transport`, pubnub or
+# websocket, is read by the worker; webhook: RingCentral POSTs to it, for every account).
+WORKER_TRANSPORTS = ("pubnub", "webhook")
 MAX_WEBHOOK_EXPIRES_IN = 315_360_000  # ten years: RingCentral's maximum for a WebHook subscription
 MAX_WEBHOOK_ANSWER_SECONDS = 2.5  # RingCentral waits 3 s for an answer; ours leaves the network half a second
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -101,6 +103,7 @@ class AccountConfig:
     name: str
     jwt: str = field(repr=False)
     subscriptions: list[SubscriptionConfig] = field(default_factory=list)
+    transport: str = "pubnub"  # or "websocket": one connection for the user, carrying its one subscription
 
 
 @dataclass(frozen=True)
@@ -523,7 +526,7 @@ class _Validator:
     def config(self) -> Config:
         top = self.mapping(self.raw, "<top>", ("kafka", "topics", "ringcentral", "accounts", "worker", "metrics",
                                                "logging", "transport", "webhook"))
-        transport = self.choice(top, "transport", "<top>", "pubnub", options=TRANSPORTS, normalize=str.lower)
+        transport = self.choice(top, "transport", "<top>", "pubnub", options=WORKER_TRANSPORTS, normalize=str.lower)
         metrics = self.metrics(top.get("metrics"))
         config = Config(
             kafka=self.kafka(top.get("kafka")),
@@ -544,6 +547,15 @@ class _Validator:
                                                    "(run one standalone worker; docs/scaling.md)")
         if config.worker.delivery_guarantee == "at-least-once":
             self.no_message_timeout(config.kafka)
+        websocket = [i for i, account in enumerate(config.accounts) if account.transport == "websocket"]
+        if websocket and config.webhook is not None:
+            raise self.fail(f"accounts[{websocket[0]}].transport", "websocket cannot be used with transport: "
+                            "webhook (RingCentral POSTs every account's notifications to the receiver)")
+        if websocket and config.worker.delivery_guarantee == "exactly-once":
+            # An aborted transaction is read again from its checkpoint; a WebSocket cannot be re-read.
+            raise self.fail(f"accounts[{websocket[0]}].transport", "websocket cannot be used with "
+                            "worker.delivery_guarantee exactly-once (a WebSocket cannot be read again after an "
+                            "aborted transaction)")
         return config
 
     def no_message_timeout(self, kafka: dict[str, str]) -> None:
@@ -651,14 +663,18 @@ class _Validator:
             p = f"accounts[{i}]"
             if item is None:
                 raise self.fail(p, "expected a mapping, got null")
-            m = self.mapping(item, p, ("name", "jwt_file", "jwt_env", "subscriptions"))
+            m = self.mapping(item, p, ("name", "jwt_file", "jwt_env", "subscriptions", "transport"))
             name = self.name(m, p)
             if name in seen:
                 raise self.fail(f"{p}.name", f"duplicate account name {name!r}")
             seen.add(name)
             jwt = self.secret(m, "jwt", p)
-            out.append(AccountConfig(name=name, jwt=jwt, subscriptions=self.subscriptions(m.get("subscriptions"),
-                                                                                       f"{p}.subscriptions")))
+            transport = self.choice(m, "transport", p, "pubnub", options=TRANSPORTS, normalize=str.lower)
+            subscriptions = self.subscriptions(m.get("subscriptions"), f"{p}.subscriptions")
+            if transport == "websocket" and len(subscriptions) > 1:
+                raise self.fail(f"{p}.subscriptions", "transport websocket carries one subscription per account "
+                                "(one connection per user session): put all its event_filters in one subscription")
+            out.append(AccountConfig(name=name, jwt=jwt, subscriptions=subscriptions, transport=transport))
         return out
 
     def name(self, m: dict[str, Any], p: str) -> str:

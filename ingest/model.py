@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TRANSPORTS = ("pubnub", "websocket")  # an account's `transport` (config); pubnub by default (what existing apps use)
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -23,6 +25,8 @@ class Delivery:
     # its expiry (lapsed_since is when RingCentral last answered for it), or "blacklisted" (WebHook:
     # RingCentral stopped delivering; lapsed_since is its `blacklistedAt`, else when last confirmed).
     lapse_reason: str | None = None
+    # deliveryMode.transportType: "PubNub" (encrypted or not), "WebSocket" or "WebHook" (JSON bytes as they arrived).
+    transport: str = "PubNub"
     # WebHook: the token every delivery of this subscription carries (the receiver checks it). A secret.
     verification_token: str | None = field(default=None, repr=False)
 

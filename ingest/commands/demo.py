@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ingest.model import TRANSPORTS
 from ingest.observability import logs
 from ingest.observability.metrics import Metrics
 from ingest.sandbox.worker_config import every_account, renewal_settings, write_worker_config
@@ -34,14 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="subscription lifetime in seconds, short so renewals show (default 30)")
     parser.add_argument("--prefix", default="demo", help="topic prefix (default: demo)")
     parser.add_argument("--bootstrap-servers", help="use this Kafka instead of starting a local broker")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="pubnub",
+                        help="how the sandbox delivers to the worker (default: pubnub)")
 
 
 def write_demo_config(directory: Path, sandbox: Any, *, bootstrap: str, prefix: str, ttl: float,
-                      metrics_port: int = 0) -> Path:
-    """A worker config for every sandbox account, renewing well within the short `ttl`."""
+                      metrics_port: int = 0, transport: str = "pubnub") -> Path:
+    """A worker config for every sandbox account, renewing well within the short `ttl` (PubNub), or with
+    one WebSocket subscription per account."""
     description = sandbox.describe()
-    return write_worker_config(directory, description, bootstrap, prefix, every_account(description), partitions=3,
-                               metrics_port=metrics_port, worker=renewal_settings(ttl))
+    websocket = transport == "websocket"
+    return write_worker_config(directory, description, bootstrap, prefix,
+                               every_account(description, one_subscription=websocket), partitions=3,
+                               metrics_port=metrics_port, worker=renewal_settings(ttl), transport=transport)
 
 
 def _total(counter: Any) -> float:
@@ -274,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
             with Sandbox(settings) as sandbox:
                 print("starting the sandbox and a worker ...", flush=True)
                 config = load_config(write_demo_config(Path(tmp), sandbox, bootstrap=bootstrap, prefix=args.prefix,
-                                                       ttl=args.subscription_ttl))
+                                                       ttl=args.subscription_ttl, transport=args.transport))
                 metrics = Metrics()
                 worker = Worker(config, metrics)
                 worker.start()
@@ -285,7 +291,8 @@ def main(args: argparse.Namespace) -> int:
                     addresses=f"kafka {bootstrap}   ringcentral {sandbox.rc_url}   pubnub http://{sandbox.pubnub_origin}"
                               f"   worker metrics http://127.0.0.1:{worker.health.port}/metrics",
                     faults=f"on purpose: {args.malformed_ratio:.0%} of notifications malformed (-> dead letters); "
-                           f"subscriptions live {args.subscription_ttl:.0f}s, not 15 min (-> renewals)",
+                           + (f"subscriptions live {args.subscription_ttl:.0f}s, not 15 min (-> renewals)"
+                              if args.transport == "pubnub" else "over WebSocket: one connection per account"),
                     duration=args.duration)
                 sandbox.generator.start(args.rate, malformed_ratio=args.malformed_ratio)
                 view = LiveView(metrics, worker, info, records)

@@ -68,7 +68,6 @@ ENCODING_CIPHERTEXT = b"base64-ciphertext"  # the Base64 string as received
 ENCODING_TEXT = b"text"  # a string received on a channel without a key, UTF-8
 ENCODING_JSON = b"json"  # an already-parsed payload (dict, list, ...) serialised as compact JSON
 ENCODING_REPR = b"python-repr"  # not JSON-serialisable: Python repr()
-ENCODING_BODY = b"body"  # a plaintext notification received as bytes (WebHook body), exactly as received
 
 UNKNOWN_FAMILY = "unknown"  # family label of dead letters that could not be read far enough
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024  # PubNub caps messages at 32 KiB; Kafka's default record limit is 1 MB
@@ -85,17 +84,19 @@ def _utf8(text: str) -> bytes:
 class ChannelContext:
     """Per-channel constants: build once per Delivery, reuse for every message of the channel."""
 
-    __slots__ = ("_encryption_key", "account_id", "cipher", "key", "previous_cipher", "spec_header", "spec_id",
-                 "subscription_header", "subscription_id")
+    __slots__ = ("_encryption_key", "account_id", "cipher", "key", "plaintext", "previous_cipher", "spec_header",
+                 "spec_id", "subscription_header", "subscription_id")
 
     def __init__(self, spec_id: str, subscription_id: str, account_id: str, cipher: Cipher | None = None,
-                 previous_cipher: Cipher | None = None, *, encryption_key: str | None = None) -> None:
+                 previous_cipher: Cipher | None = None, *, encryption_key: str | None = None,
+                 plaintext: bool = False) -> None:
         self.spec_id = spec_id
         self.subscription_id = subscription_id
         self.account_id = account_id
         self.cipher = cipher
         self.previous_cipher = previous_cipher
         self._encryption_key = encryption_key  # only to tell a key rotation from a renewal; never shown
+        self.plaintext = plaintext  # the transport hands on JSON bytes as they arrived (WebSocket), never encrypted
         self.key = _utf8(account_id)
         self.spec_header = (H_SPEC_ID, _utf8(spec_id))
         self.subscription_header = (H_SUBSCRIPTION_ID, _utf8(subscription_id))
@@ -119,7 +120,7 @@ class ChannelContext:
             else:
                 fallback = previous.previous_cipher
         return cls(delivery.spec_id, delivery.subscription_id, delivery.account_id, cipher, fallback,
-                   encryption_key=key)
+                   encryption_key=key, plaintext=delivery.transport != "PubNub")
 
 
 @dataclass(slots=True, kw_only=True, repr=False, eq=False)
@@ -142,13 +143,6 @@ class Outcome:
     def __repr__(self) -> str:
         return (f"Outcome(topic={self.topic!r}, family={self.family!r}, error={self.error!r}, "
                 f"uuid={self.uuid!r}, {len(self.value)} bytes)")
-
-
-class Plaintext(bytes):
-    """A notification received unencrypted as bytes (a WebHook request body): parsed, validated and
-    published exactly as received. (Plain `bytes` stay an unknown payload type: no SDK hands them on.)"""
-
-    __slots__ = ()
 
 
 class _Reject(Exception):
@@ -274,6 +268,8 @@ class Pipeline:
 
     def _decode(self, payload: object, ctx: ChannelContext) -> tuple[bytes, dict[str, Any]]:
         """The record value and the parsed notification, or `_Reject`."""
+        if isinstance(payload, bytes) and ctx.plaintext:  # JSON as it arrived (WebSocket): the record value
+            return self._checked_size(payload), _parse(payload)
         if isinstance(payload, str):
             if ctx.cipher is None:
                 raise _Reject(NO_ENCRYPTION_KEY, "string payload on a channel without an encryption key")
@@ -288,8 +284,6 @@ class Pipeline:
                     return _open(ctx.previous_cipher, payload)
                 except _Reject:
                     raise _Reject(first.reason, first.message + " (previous key tried too)") from None
-        if isinstance(payload, Plaintext):  # unencrypted transports (WebHook): the body is the record value
-            return self._plain(payload)
         if isinstance(payload, dict):
             try:
                 raw = orjson.dumps(payload)
@@ -303,18 +297,15 @@ class Pipeline:
                     raise _Reject(UNKNOWN_PAYLOAD_TYPE,
                                   f"payload dict is not JSON-serialisable ({type(exc).__name__})") from None
                 doc = _parse(raw)
-            if len(raw) > self.max_payload_bytes:
-                raise _Reject(TOO_LARGE, f"payload of {len(raw)} bytes exceeds {self.max_payload_bytes}")
-            return raw, doc
+            return self._checked_size(raw), doc
         if payload is None or isinstance(payload, list | int | float | bool):
             raise _Reject(NOT_AN_OBJECT, f"payload is a JSON {type(payload).__name__}, not an object")
         raise _Reject(UNKNOWN_PAYLOAD_TYPE, f"payload of Python type {type(payload).__name__} is neither str nor dict")
 
-    def _plain(self, payload: Plaintext) -> tuple[bytes, dict[str, Any]]:
-        if len(payload) > self.max_payload_bytes:
-            raise _Reject(TOO_LARGE, f"payload of {len(payload)} bytes exceeds {self.max_payload_bytes}")
-        raw = bytes(payload)
-        return raw, _parse(raw)
+    def _checked_size(self, raw: bytes) -> bytes:
+        if len(raw) > self.max_payload_bytes:
+            raise _Reject(TOO_LARGE, f"payload of {len(raw)} bytes exceeds {self.max_payload_bytes}")
+        return raw
 
     def _internal_error(self, payload: object, ctx: ChannelContext, timetoken: int, exc: Exception) -> Outcome:
         message = f"internal error in the pipeline ({type(exc).__name__})"
@@ -380,8 +371,8 @@ class Pipeline:
     def _original(self, payload: object, ctx: ChannelContext, raw: bytes | None) -> tuple[bytes, bytes]:
         """The payload as received, as bytes (cut to max_payload_bytes so Kafka accepts the record)."""
         limit = self.max_payload_bytes
-        if isinstance(payload, Plaintext):
-            return bytes(payload[:limit]), ENCODING_BODY
+        if isinstance(payload, bytes) and ctx.plaintext:
+            return payload[:limit], ENCODING_TEXT
         if isinstance(payload, str):
             encoding = ENCODING_CIPHERTEXT if ctx.cipher is not None else ENCODING_TEXT
             return _utf8(payload[:limit])[:limit], encoding

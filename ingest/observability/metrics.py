@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ingest import __version__
+from ingest.model import TRANSPORTS
 
 # Lag from the notification's own timestamp to the Kafka acknowledgement: RingCentral stamps events
 # with millisecond precision; push pipelines normally sit between 50 ms and a few seconds.
@@ -115,7 +116,11 @@ class Metrics:
 
         # Data plane
         self.notifications_received = Counter(
-            "ingest_notifications_received_total", "Notifications received from PubNub.", registry=r)
+            "ingest_notifications_received_total", "Notifications received, by transport (pubnub, websocket).",
+            ["transport"], registry=r)
+        # An account's transport (pubnub, websocket), or the worker's WebHook receiver (transport: webhook).
+        self.received_by_transport = {name: self.notifications_received.labels(name)
+                                      for name in (*TRANSPORTS, "webhook")}
         self.notifications_published = Counter(
             "ingest_notifications_published_total", "Notifications acknowledged by Kafka, by family.",
             ["family"], registry=r)
@@ -191,6 +196,17 @@ class Metrics:
             "ingest_pubnub_status_total", "PubNub status events, by category.", ["category"], registry=r)
         self.pubnub_connections = Gauge(
             "ingest_pubnub_connections", "Open PubNub subscribe connections.", registry=r)
+        self.websocket_connections = Gauge(
+            "ingest_websocket_connections", "Open RingCentral WebSocket connections (one per user session).",
+            registry=r)
+        self.websocket_reconnects = Counter(
+            "ingest_websocket_reconnects_total",
+            "WebSocket connections ended, by reason (drop, idle, absolute, pong-timeout, unauthorized, error).",
+            ["reason"], registry=r)
+        self.websocket_recoveries = Counter(
+            "ingest_websocket_recoveries_total",
+            "Session recoveries, by outcome: Successful, Failed (a gap), expired (beyond recoveryTimeout: a gap).",
+            ["outcome"], registry=r)
         # Scale-out
         self.owned_specs = Gauge("ingest_owned_specs", "Specs this worker owns (assigned spec partitions).",
                                  registry=r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import requests
 
@@ -11,6 +12,9 @@ from ingest.config import Config
 from ingest.observability.metrics import Metrics
 from ingest.rc.http import RingCentralClient
 from ingest.rc.tokens import TokenManager
+
+if TYPE_CHECKING:
+    from ingest.transports.websocket import WebSocketTransport
 
 
 class AccountSession:
@@ -47,15 +51,18 @@ class AccountSession:
         self.tokens.revoke()
 
 
-def build_sessions(config: Config, metrics: Metrics, *, timeout: tuple[float, float] = (5.0, 30.0)
-                   ) -> Mapping[str, AccountSession]:
-    """One `AccountSession` per configured account, each with its own HTTP connection pool."""
+def build_sessions(config: Config, metrics: Metrics, *, timeout: tuple[float, float] = (5.0, 30.0),
+                   websocket: WebSocketTransport | None = None) -> Mapping[str, AccountSession]:
+    """One `AccountSession` per configured account, each with its own HTTP connection pool; a
+    `transport: websocket` account's client makes its subscription over its WebSocket session."""
     rc = config.ringcentral
     sessions: dict[str, AccountSession] = {}
     for account in config.accounts:
         http = requests.Session()
         tokens = TokenManager(rc.server, rc.client_id, rc.client_secret, account.jwt, metrics, http,
                               user=account.name, timeout=timeout)
-        client = RingCentralClient(rc.server, tokens, metrics, http, user=account.name, timeout=timeout)
+        client = RingCentralClient(rc.server, tokens, metrics, http, user=account.name, timeout=timeout) \
+            if account.transport != "websocket" or websocket is None \
+            else websocket.client_for(account.name, rc.server, tokens, http, timeout)
         sessions[account.name] = AccountSession(account.name, tokens, client)
     return sessions

@@ -38,6 +38,7 @@ DEFAULT_GROUPS = {
     "subscription.renew": "light",
     "subscription.delete": "medium",
     "extension.get": "light",
+    "oauth.wstoken": "auth",
 }
 
 
@@ -86,6 +87,18 @@ class RingCentralClient:
                 return max([0.0, *(until - now for until in self._silent_until.values())])
             return max(0.0, self._silent_until.get(self._groups.get(endpoint, "light"), 0.0) - now)
 
+    def rate_limited(self, endpoint: str, retry_after: float | None, group: str | None = None,
+                     error_code: str | None = None, message: str = "") -> RateLimited:
+        """Record a 429 (from `request`, or over a WebSocket): silence for its group until `retry_after`
+        (default: the documented penalty), counted. Returns the error to raise."""
+        group = (group or self._groups.get(endpoint, "light")).lower()
+        wait = DEFAULT_PENALTY_SECONDS if retry_after is None else retry_after
+        self._penalize(group, wait)
+        self.metrics.rate_limit_penalties.labels(group).inc()
+        log.warning("rc.rate_limited", user=self.user, endpoint=endpoint, group=group, retry_after=wait)
+        return RateLimited(wait, group, sent=True, endpoint=endpoint, error_code=error_code or "CMN-301",
+                           message=message or "Request rate exceeded")
+
     def _penalize(self, group: str, seconds: float) -> None:
         with self._lock:
             until = self._clock() + seconds
@@ -116,14 +129,8 @@ class RingCentralClient:
                 self.tokens.invalidate(token)
                 continue
             if resp.status_code == 429:
-                wait = retry_after_seconds(resp)
-                wait = DEFAULT_PENALTY_SECONDS if wait is None else wait
-                self._penalize(group, wait)
-                self.metrics.rate_limit_penalties.labels(group).inc()
                 code, message = _error_of(resp)
-                log.warning("rc.rate_limited", user=self.user, endpoint=endpoint, group=group, retry_after=wait)
-                raise RateLimited(wait, group, sent=True, endpoint=endpoint, error_code=code or "CMN-301",
-                                  message=message or "Request rate exceeded")
+                raise self.rate_limited(endpoint, retry_after_seconds(resp), group, code, message)
             if resp.status_code >= 400:
                 code, message = _error_of(resp)
                 raise ApiError(resp.status_code, code, message, retry_after_seconds(resp), endpoint)
@@ -160,12 +167,18 @@ class RingCentralClient:
         body: dict[str, Any] = self.request("GET", f"{API}/subscription/{subscription_id}", "subscription.get")
         return body
 
-    def create_subscription(self, event_filters: list[str], expires_in: int,
-                            delivery_mode: dict[str, Any] | None = None) -> dict[str, Any]:
-        """`delivery_mode`: the WebHook one (`webhook_delivery_mode`); None: PubNub, encrypted."""
-        payload = {"eventFilters": event_filters,
-                   "deliveryMode": delivery_mode or {"transportType": "PubNub", "encryption": True},
-                   "expiresIn": expires_in}
+    def create_subscription(self, event_filters: list[str], expires_in: int) -> dict[str, Any]:
+        return self._create(event_filters, expires_in, {"transportType": "PubNub", "encryption": True})
+
+    def create_webhook_subscription(self, event_filters: list[str], expires_in: int, address: str,
+                                    verification_token: str) -> dict[str, Any]:
+        """RingCentral POSTs each notification to `address` with `verification_token` (the field name of the
+        API definitions; the 2023 docs say `validationToken`: reference/ringcentral-websocket-webhook.md)."""
+        return self._create(event_filters, expires_in, {"transportType": "WebHook", "address": address,
+                                                        "verificationToken": verification_token})
+
+    def _create(self, event_filters: list[str], expires_in: int, delivery_mode: dict[str, Any]) -> dict[str, Any]:
+        payload = {"eventFilters": event_filters, "deliveryMode": delivery_mode, "expiresIn": expires_in}
         body: dict[str, Any] = self.request("POST", f"{API}/subscription", "subscription.create", json=payload)
         return body
 
@@ -174,14 +187,15 @@ class RingCentralClient:
                                             "subscription.renew")
         return body
 
+    def ws_token(self) -> dict[str, Any]:
+        """A single-use WebSocket token: `{"ws_access_token", "uri", "expires_in"}` (Auth group)."""
+        body = self.request("POST", "/restapi/oauth/wstoken", "oauth.wstoken")
+        if not isinstance(body, dict) or not body.get("ws_access_token") or not body.get("uri"):
+            raise ApiError(200, None, "wstoken answer without ws_access_token or uri", None, "oauth.wstoken")
+        return body
+
     def delete_subscription(self, subscription_id: str) -> None:
         self.request("DELETE", f"{API}/subscription/{subscription_id}", "subscription.delete", expect_body=False)
-
-
-def webhook_delivery_mode(address: str, verification_token: str) -> dict[str, Any]:
-    """WebHook delivery to `address`, each POST carrying `verification_token` (field name of the API
-    definitions; the 2023 docs say `validationToken`: reference/ringcentral-websocket-webhook.md)."""
-    return {"transportType": "WebHook", "address": address, "verificationToken": verification_token}
 
 
 def _error_of(resp: requests.Response) -> tuple[str | None, str]:

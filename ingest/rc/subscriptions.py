@@ -50,7 +50,6 @@ from ingest.observability.logs import get_logger, register_secret
 from ingest.observability.metrics import Metrics
 from ingest.rc.accounts import AccountSession
 from ingest.rc.errors import ApiError, NetworkError, RateLimited, TokenUnavailable, missing_permission
-from ingest.rc.http import webhook_delivery_mode
 
 log = get_logger(__name__)
 
@@ -501,13 +500,16 @@ class SubscriptionManager:
         assert session is not None
         reason = entry.create_reason
         started = self.clock()
-        mode, token = None, None
+        filters, token = list(entry.spec.event_filters), None
         if self.webhook_address is not None:
             token = secrets.token_urlsafe(VERIFICATION_TOKEN_BYTES)
             register_secret(token)
-            mode = webhook_delivery_mode(self.webhook_address, token)
         try:
-            info = session.client.create_subscription(list(entry.spec.event_filters), self.expires_in, mode)
+            if token is not None and self.webhook_address is not None:
+                info = session.client.create_webhook_subscription(filters, self.expires_in, self.webhook_address,
+                                                                  token)
+            else:
+                info = session.client.create_subscription(filters, self.expires_in)
         except Exception as exc:
             if not (isinstance(exc, RateLimited) and not exc.sent):  # refused locally: not an attempt
                 self.metrics.creation_failures.labels(reason).inc()
@@ -623,6 +625,7 @@ class SubscriptionManager:
                             encryption_key=str(key) if key else None, expires_at=expires_at,
                             lapsed_since=entry.expires_at if lapsed else entry.gone_since if gone else None,
                             lapse_reason="expired" if lapsed else entry.gone_reason if gone else None,
+                            transport=str(mode.get("transportType") or "PubNub"),
                             verification_token=verification_token)
         changed = previous is None or (previous.subscription_id, previous.subscriber_key, previous.channel,
                                        previous.encryption_key) != (sub_id, delivery.subscriber_key,

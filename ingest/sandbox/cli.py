@@ -17,6 +17,7 @@ from pathlib import Path
 from ingest.sandbox.generator import KINDS
 from ingest.sandbox.ringcentral import RateLimits
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
+from ingest.sandbox.websocket import WebSocketSettings
 from ingest.sandbox.worker_config import every_account, renewal_settings, write_worker_config
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--host", default=d.host, help="bind address (default: %(default)s)")
     net.add_argument("--rc-port", type=int, default=0, help="RingCentral port (default: a free one)")
     net.add_argument("--pubnub-port", type=int, default=0, help="PubNub port (default: a free one)")
+    net.add_argument("--ws-port", type=int, default=0, help="WebSocket port (default: a free one)")
     rc = parser.add_argument_group("RingCentral")
     rc.add_argument("--accounts", type=int, default=3, help="number of demo accounts (default: %(default)s)")
     rc.add_argument("--extensions", type=int, default=4, help="extensions per account (default: %(default)s)")
@@ -59,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="replay buffer retention, seconds (default: %(default)s)")
     pn.add_argument("--per-response", type=int, default=d.max_messages_per_response,
                     help="messages per subscribe response (default: %(default)s)")
+    ws_defaults = WebSocketSettings()
+    ws = parser.add_argument_group("WebSocket")
+    ws.add_argument("--ws-recovery-timeout", type=float, default=ws_defaults.recovery_timeout,
+                    help="seconds a session waits for a reconnect with its wsc (default: %(default)s)")
+    ws.add_argument("--ws-idle-timeout", type=float, default=ws_defaults.idle_timeout,
+                    help="seconds without a client frame before WSG-902 (default: %(default)s)")
+    ws.add_argument("--ws-absolute-timeout", type=float, default=ws_defaults.absolute_timeout,
+                    help="seconds before every connection is closed with WSG-903 (default: %(default)s)")
     gen = parser.add_argument_group("event generator")
     gen.add_argument("--seed", type=int, default=d.seed,
                      help="seed of the accounts' ids and keys and of the generated traffic (default: %(default)s)")
@@ -88,7 +98,10 @@ def settings_from(args: argparse.Namespace) -> SandboxSettings:
         access_token_ttl=args.access_token_ttl, refresh_token_ttl=args.refresh_token_ttl,
         pubnub_hold_seconds=args.hold, buffer_size=args.buffer_size, buffer_ttl=args.buffer_ttl,
         max_messages_per_response=args.per_response, rate_limits=limits, seed=args.seed,
-        payload_size=args.payload_size, host=args.host, rc_port=args.rc_port, pubnub_port=args.pubnub_port)
+        payload_size=args.payload_size, host=args.host, rc_port=args.rc_port, pubnub_port=args.pubnub_port,
+        ws_port=args.ws_port, websocket=WebSocketSettings(
+            recovery_timeout=args.ws_recovery_timeout, idle_timeout=args.ws_idle_timeout,
+            absolute_timeout=args.ws_absolute_timeout))
 
 
 def _print_banner(sb: Sandbox) -> None:
@@ -96,6 +109,7 @@ def _print_banner(sb: Sandbox) -> None:
     print("RingCentral + PubNub sandbox (Ctrl-C stops it)")
     print(f"  RingCentral server : {info['rc_url']}")
     print(f"  PubNub origin      : {info['pubnub_origin']}   (ssl=False)")
+    print(f"  WebSocket          : {info['ws_url']}   (token: POST /restapi/oauth/wstoken)")
     print(f"  admin API          : {info['rc_url']}/sandbox/state   (faults: POST /sandbox/faults/<name>)")
     print(f"  client_id          : {info['client_id']}")
     print(f"  client_secret      : {info['client_secret']}")

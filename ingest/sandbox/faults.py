@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ingest.sandbox.pubnub import PubNubEmulator
     from ingest.sandbox.ringcentral import RingCentralEmulator
+    from ingest.sandbox.websocket import WebSocketEmulator
 
-RC_ENDPOINTS = ("token", "revoke", "create", "list", "get", "put", "renew", "delete", "account", "extension", "*")
+RC_ENDPOINTS = ("token", "wstoken", "revoke", "create", "list", "get", "put", "renew", "delete", "account",
+                "extension", "*")
 
 
 @dataclass
@@ -98,10 +100,12 @@ def _matches(params: dict[str, Any], match: dict[str, str]) -> bool:
 class Faults:
     """The fault-injection API (Python side). Every method also exists as POST /sandbox/faults/<name>."""
 
-    def __init__(self, book: FaultBook, rc: RingCentralEmulator, pubnub: PubNubEmulator) -> None:
+    def __init__(self, book: FaultBook, rc: RingCentralEmulator, pubnub: PubNubEmulator,
+                 websocket: WebSocketEmulator) -> None:
         self.book = book
         self._rc = rc
         self._pubnub = pubnub
+        self._websocket = websocket
 
     # ---- RingCentral -------------------------------------------------------------------------
     def rc_error(self, endpoint: str = "*", status: int = 500, count: int | None = None,
@@ -168,6 +172,27 @@ class Faults:
         """Push every buffered message out of the replay buffer (publishes buffer_size filler messages
         on a channel nobody reads). Returns how many messages were dropped."""
         return self._pubnub.overflow(sub_key or self._rc.subscriber_key)
+
+    # ---- WebSocket (refusing the token is rc_error(endpoint="wstoken")) ----------------------------
+    def ws_drop_connections(self, count: int | None = None) -> int:
+        """Cut `count` open WebSocket connections (None: all) without a close frame; their sessions wait
+        `recoveryTimeout` for a reconnect with `wsc`. Returns how many were cut."""
+        return self._websocket.drop_connections(count)
+
+    def ws_fail_recovery(self, count: int | None = None, seconds: float | None = None) -> None:
+        """The next `count` reconnects with a `wsc` (or those within `seconds`) get `recoveryState: Failed`:
+        a new session, the old subscription deleted, what it buffered lost."""
+        self.book.arm("ws-fail-recovery", {}, count, seconds)
+
+    def ws_close(self, code: str = "WSG-902", count: int | None = None) -> int:
+        """Close `count` open connections (None: all) now as the idle (WSG-902) or 24-hour (WSG-903)
+        timeout does: an `Error` frame with that code, then a close frame."""
+        return self._websocket.force_close(code, count)
+
+    def ws_stall(self, count: int | None = None) -> int:
+        """Black-hole `count` open connections (None: all): they stop sending anything (pongs included)
+        until the client gives up on them; notifications wait in the recovery buffer."""
+        return self._websocket.stall(count)
 
     def clear(self) -> None:
         """Disarm every rule (state changes already made, like expiries, stay)."""

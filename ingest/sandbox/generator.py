@@ -40,6 +40,9 @@ KINDS = ("message-store", "instant-sms", "presence", "detailed-presence", "telep
          "stop-ring", "inbound-messages")
 FLAT_KINDS = frozenset({"missed-calls", "start-ring", "stop-ring", "inbound-messages"})  # mobile push: no `body`
 MALFORMED = ("bad-base64", "wrong-key", "bad-padding", "invalid-json", "schema-violation")
+_CIPHER_FAULTS = frozenset({"bad-base64", "wrong-key", "bad-padding"})
+# How a notification reaches a subscription of a plaintext transport: (subscription, JSON bytes) -> its position.
+Route = Callable[[SubscriptionView, bytes], int]
 _COMPACT = (",", ":")
 
 
@@ -454,6 +457,8 @@ class Generator:
         self._offset = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # transportType -> route, for transports other than PubNub (they carry the JSON unencrypted)
+        self.routes: dict[str, Route] = {}
 
     # ---- recorded output ---------------------------------------------------------------------
     @property
@@ -548,6 +553,9 @@ class Generator:
         return flt.tilde if roll < 0.3 else flt.expanded  # older events keep `account/~`
 
     def _one(self, sub: SubscriptionView, flt: EventFilter, malformed: str | None) -> Generated:
+        route = self.routes.get(sub.transport)
+        if route is not None and malformed in _CIPHER_FAULTS:
+            malformed = "invalid-json"  # a plaintext transport has no Base64 or AES to break
         envelope = self.notification(sub, flt)
         note_uuid: str | None = envelope["uuid"]
         if malformed == "schema-violation":
@@ -555,15 +563,14 @@ class Generator:
             envelope["body"] = f"{flt.kind} body lost in transit"
             envelope["timestamp"] = "yesterday"
         plaintext = json.dumps(envelope, separators=_COMPACT, ensure_ascii=False).encode()
-        if sub.webhook_token is not None and malformed not in (None, "schema-violation"):
-            malformed = "invalid-json"  # unencrypted: the encryption faults do not exist on this path
         if malformed == "invalid-json":
             plaintext = plaintext[: len(plaintext) // 2]
-        if sub.webhook_token is not None:  # WebHook: POSTed to the subscriber, not published to PubNub
-            note_uuid = note_uuid if malformed != "invalid-json" else None
-            self._rc.webhooks.deliver(sub.id, sub.channel, sub.webhook_token, plaintext, note_uuid)
-            return Generated(note_uuid, sub.id, sub.account_id, envelope["event"], flt.kind, malformed, sub.channel,
-                             0, plaintext.decode("utf-8", "replace"), plaintext, "", time.time())
+        if route is not None:
+            position = route(sub, plaintext)
+            return Generated(None if malformed == "invalid-json" else note_uuid, sub.id, sub.account_id,
+                             envelope["event"], flt.kind, malformed, sub.channel, position,
+                             plaintext.decode("utf-8", "replace") if malformed == "invalid-json" else envelope,
+                             plaintext, sub.subscriber_key, time.time())
         payload: str | dict[str, Any]
         if malformed in ("bad-base64", "wrong-key", "bad-padding") or (malformed and sub.encryption):
             payload = self._broken(sub, plaintext, malformed or "")

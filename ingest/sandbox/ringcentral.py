@@ -32,6 +32,8 @@ from ingest.sandbox.faults import FaultBook
 from ingest.sandbox.webhook import WebhookDeliveries, webhook_info, webhook_target
 
 API = "/restapi/v1.0"
+# A WebSocket subscription has no expiry of its own: its WebSocket session ends it (deleting it).
+WEBSOCKET_LIFETIME = 10 * 365 * 86400.0
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 SCOPE = "ReadAccounts ReadMessages ReadPresence CallControl SubscriptionPubNub"
 
@@ -279,6 +281,7 @@ class _Subscription:
     rotate_key: bool = False
     rotate_channel: bool = False
     renewals: int = 0
+    transport: str = "PubNub"  # "WebSocket": created over a socket, lives as long as its session
     webhook_token: str | None = None  # WebHook: the verificationToken (channel holds the address)
     webhook_lifetime: float = 0.0  # WebHook: the lifetime granted at creation (a renewal grants it again)
     blacklisted: tuple[float, str] | None = None  # WebHook: (when, reason); no more deliveries
@@ -306,6 +309,7 @@ class SubscriptionView:
     event_filters: tuple[str, ...]  # expanded, as the API returns them
     filters: tuple[EventFilter, ...] = field(repr=False, default=())
     renewals: int = 0
+    transport: str = "PubNub"
     webhook_token: str | None = field(repr=False, default=None)  # set: a WebHook subscription (channel: address)
 
     @property
@@ -377,6 +381,8 @@ class RingCentralEmulator:
             a.account_id: {"created": 0, "renewed": 0, "deleted": 0, "tokens_issued": 0, "refreshed": 0}
             for a in accounts}
         self._missing_permissions: dict[str, set[str]] = {}  # account id -> app permissions it lacks
+        # POST /restapi/oauth/wstoken: set by the WebSocket emulator (ingest/sandbox/websocket.py)
+        self.ws_tokens: Callable[[_Session], dict[str, Any]] | None = None
         self.webhooks = WebhookDeliveries(self.blacklist)
 
     def _require_permission(self, account: Account, permission: str) -> None:
@@ -531,17 +537,23 @@ class RingCentralEmulator:
             raise api_error(400, "CMN-101", "Parameter [expiresIn] value is invalid", parameterName="expiresIn")
         return min(float(value), longest)
 
-    def create(self, session: _Session, body: dict[str, Any]) -> dict[str, Any]:
+    def create(self, session: _Session, body: dict[str, Any], transport: str = "PubNub") -> dict[str, Any]:
+        """POST /subscription over REST (PubNub) or over a WebSocket session (`transport="WebSocket"`)."""
         mode = body.get("deliveryMode")
-        if not isinstance(mode, dict) or mode.get("transportType") not in ("PubNub", "WebHook"):
+        kind = mode.get("transportType") if isinstance(mode, dict) else None
+        # Over REST: PubNub or WebHook (ingest/sandbox/webhook.py); over a socket: WebSocket.
+        if kind != transport and not (transport == "PubNub" and kind == "WebHook"):
             raise api_error(400, "CMN-101", "Parameter [deliveryMode.transportType] value is invalid",
                             parameterName="deliveryMode.transportType")
+        assert isinstance(mode, dict)
         filters = self._parse_filters(body.get("eventFilters"), session)
-        ttl = self._expires_in(body, webhook=mode["transportType"] == "WebHook")
-        webhook = webhook_target(mode, self.webhooks) if mode["transportType"] == "WebHook" else None
+        webhook = webhook_target(mode, self.webhooks) if kind == "WebHook" else None
+        plaintext = transport != "PubNub"  # WebSocket delivers unencrypted and ignores expiresIn
+        ttl = WEBSOCKET_LIFETIME if plaintext else self._expires_in(body, webhook=webhook is not None)
         encryption = mode.get("encryption") in (True, "true", "True")
         if any(f.kind in PRESENCE_KINDS for f in filters) and webhook is None:
             encryption = True  # forced for presence, whatever the client asked (§3.5)
+        encryption = encryption and not plaintext
         now = time.time()
         account = session.account
         with self._lock:
@@ -552,8 +564,9 @@ class RingCentralEmulator:
             sub = _Subscription(str(uuid.UUID(int=self._rng.getrandbits(128), version=4)), account,
                                 account.extension_id, session.client_id, filters, encryption,
                                 self._new_key() if encryption else None,
-                                webhook[0] if webhook else self._new_channel(account),
-                                "" if webhook else self.subscriber_key, now, now + ttl,
+                                webhook[0] if webhook else "" if plaintext else self._new_channel(account),
+                                "" if plaintext or webhook else self.subscriber_key, now, now + ttl,
+                                transport=kind if webhook else transport,
                                 webhook_token=webhook[1] if webhook else None, webhook_lifetime=ttl)
             self._subs[sub.id] = sub
             self.created_count[account.account_id] += 1
@@ -589,12 +602,13 @@ class RingCentralEmulator:
             if body:
                 if "eventFilters" in body:
                     sub.filters = self._parse_filters(body["eventFilters"], session)
-                    if any(f.kind in PRESENCE_KINDS for f in sub.filters) and not sub.encryption:
+                    if (any(f.kind in PRESENCE_KINDS for f in sub.filters) and not sub.encryption
+                            and sub.transport == "PubNub"):
                         sub.encryption, sub.key = True, self._new_key()
                 ttl = self._expires_in(body, webhook=sub.webhook_token is not None)
             elif sub.webhook_token is not None:
                 ttl = min(sub.webhook_lifetime, self.webhooks.ttl_max)  # renewed for the lifetime it was granted
-            sub.expires_at = now + ttl
+            sub.expires_at = now + (WEBSOCKET_LIFETIME if sub.transport == "WebSocket" else ttl)
             self._apply_rotation(sub)
             sub.renewals += 1
             self._counts[sub.account.account_id]["renewed"] += 1
@@ -617,7 +631,9 @@ class RingCentralEmulator:
     def _info(self, sub: _Subscription, now: float) -> dict[str, Any]:
         mode: dict[str, Any] = {"transportType": "PubNub", "encryption": sub.encryption, "address": sub.channel,
                                 "subscriberKey": sub.subscriber_key}
-        if sub.encryption:
+        if sub.transport != "PubNub":
+            mode = {"transportType": sub.transport, "encryption": False}
+        elif sub.encryption:
             mode["encryptionAlgorithm"] = "AES"
             mode["encryptionKey"] = sub.key
         info = {"uri": f"{self.base_url}{API}/subscription/{sub.id}", "id": sub.id,
@@ -664,7 +680,7 @@ class RingCentralEmulator:
             views.append(SubscriptionView(
                 s.id, s.account.name, s.account.account_id, s.extension_id, status, s.created_at, s.expires_at,
                 s.deleted, s.channel, s.subscriber_key, s.key, s.encryption,
-                tuple(f.expanded for f in s.filters), tuple(s.filters), s.renewals, s.webhook_token))
+                tuple(f.expanded for f in s.filters), tuple(s.filters), s.renewals, s.transport, s.webhook_token))
         return views
 
     def is_live(self, subscription_id: str) -> bool:
@@ -836,7 +852,7 @@ class RingCentralHandler(BaseHTTPRequestHandler):
         if hit is not None:
             raise _injected(int(hit["status"]), endpoint, hit.get("retry_after"))
 
-    def _dispatch(  # noqa: PLR0911, PLR0912 - one flat routing table reads best
+    def _dispatch(  # noqa: PLR0911, PLR0912, PLR0915 - one flat routing table reads best
         self, method: str, path: str, raw: bytes, headers: dict[str, str]) -> tuple[int, Any]:
         em = self.emulator
         if path == "/restapi/oauth/token" and method == "POST":
@@ -851,6 +867,11 @@ class RingCentralHandler(BaseHTTPRequestHandler):
             form = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
             em.revoke(form.get("token", ""))
             return 200, None
+        if path == "/restapi/oauth/wstoken" and method == "POST" and em.ws_tokens is not None:
+            session = em.authenticate(self.headers.get("Authorization"))
+            self._limit(session.account.extension_id, "auth", headers)
+            self._fault("wstoken")
+            return 200, em.ws_tokens(session)
         if not path.startswith(API + "/"):
             raise api_error(404, "CMN-120", "Invalid URI")
         session = em.authenticate(self.headers.get("Authorization"))

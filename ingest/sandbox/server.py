@@ -25,6 +25,7 @@ from ingest.sandbox.faults import FaultBook, Faults
 from ingest.sandbox.generator import Generator
 from ingest.sandbox.pubnub import PubNubEmulator, PubNubHandler
 from ingest.sandbox.ringcentral import Account, RateLimits, RingCentralEmulator, RingCentralHandler
+from ingest.sandbox.websocket import WebSocketEmulator, WebSocketSettings
 
 __all__ = ["Account", "RateLimits", "Sandbox", "SandboxSettings", "demo_accounts"]
 
@@ -79,6 +80,8 @@ class SandboxSettings:
     host: str = "127.0.0.1"
     rc_port: int = 0  # 0: a free port
     pubnub_port: int = 0
+    ws_port: int = 0
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
 
 
 class _Server(ThreadingHTTPServer):
@@ -145,7 +148,10 @@ class Sandbox:
             refresh_token_ttl=s.refresh_token_ttl, rate_limits=limits, seed=s.seed)
         self.generator = Generator(self.rc, self.pubnub, seed=s.seed, payload_size=s.payload_size,
                                    missing_ratio=s.missing_field_ratio)
-        self.faults = Faults(self.book, self.rc, self.pubnub)
+        self.websocket = WebSocketEmulator(self.book, self.rc, s.websocket)
+        self.generator.routes["WebSocket"] = self.websocket.publish
+        self.generator.routes["WebHook"] = self.rc.webhooks.publish
+        self.faults = Faults(self.book, self.rc, self.pubnub, self.websocket)
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
         self.rc_url = ""
@@ -175,13 +181,15 @@ class Sandbox:
             t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("sandbox.started", rc_url=self.rc_url, pubnub_origin=self.pubnub_origin)
+        self.websocket.start(s.host, s.ws_port)
+        log.info("sandbox.started", rc_url=self.rc_url, pubnub_origin=self.pubnub_origin, ws_url=self.websocket.url)
         return self
 
     def close(self) -> None:
         self.generator.stop()
         self.rc.webhooks.close()
         self.pubnub.close()  # releases held polls
+        self.websocket.close()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -201,7 +209,7 @@ class Sandbox:
         """URLs, app credentials and accounts (secrets included: this is for the demo user)."""
         return {
             "rc_url": self.rc_url, "pubnub_origin": self.pubnub_origin, "client_id": self.client_id,
-            "client_secret": self.client_secret, "subscriber_key": self.subscriber_key,
+            "client_secret": self.client_secret, "subscriber_key": self.subscriber_key, "ws_url": self.websocket.url,
             "accounts": [{"name": a.name, "account_id": a.account_id, "extension_id": a.extension_id,
                           "extensions": list(a.all_extensions()), "jwt": a.jwt} for a in self.accounts],
         }
@@ -214,6 +222,7 @@ class Sandbox:
                 | {"encryption": sv.encryption} for sv in self.rc.subscriptions(include_dead=True)],
             "accounts": self.rc.stats(),
             "pubnub": [dataclasses.asdict(self.pubnub.stats(k)) for k in self.pubnub.sub_keys()],
+            "websocket": self.websocket.stats(),
             "generated": self.generator.count(),
             "generator_running": self.generator.running,
             "faults": self.faults.armed(),
@@ -223,7 +232,8 @@ class Sandbox:
     # ---- admin API (JSON over HTTP on the RingCentral port, under /sandbox) ------------------
     _FAULTS = ("rc_error", "expire_subscription", "delete_subscription", "rotate_on_next_renewal",
                "revoke_refresh_tokens", "expire_access_tokens", "revoke_permission", "pubnub_error",
-               "pubnub_drop_connections", "pubnub_stall", "pubnub_time_fail", "pubnub_overflow", "clear")
+               "pubnub_drop_connections", "pubnub_stall", "pubnub_time_fail", "pubnub_overflow",
+               "ws_drop_connections", "ws_fail_recovery", "ws_close", "ws_stall", "clear")
 
     def _admin(self, method: str, path: str, body: Any) -> tuple[int, Any]:  # noqa: PLR0911 - a routing table
         args: dict[str, Any] = body if isinstance(body, dict) else {}

@@ -25,8 +25,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+import orjson
+
+if TYPE_CHECKING:
+    from ingest.sandbox.ringcentral import SubscriptionView
 
 HANDSHAKE_TIMEOUT = 3.0  # RingCentral's limit for the validation answer
 MAX_HANDSHAKE_ANSWER = 1024  # bytes, status line and headers included
@@ -118,6 +123,17 @@ class WebhookDeliveries:
                 self._forged -= 1
                 token = "forged-" + token[::-1]
         self._queue.put((attempt, address, token))
+
+    def publish(self, sub: SubscriptionView, plaintext: bytes) -> int:
+        """The generator's route for WebHook subscriptions (`Generator.routes["WebHook"]`); position 0."""
+        try:
+            note_uuid = orjson.loads(plaintext).get("uuid")
+        except (orjson.JSONDecodeError, AttributeError):
+            note_uuid = None  # a deliberately malformed body
+        assert sub.webhook_token is not None
+        self.deliver(sub.id, sub.channel, sub.webhook_token, plaintext,
+                     note_uuid if isinstance(note_uuid, str) else None)
+        return 0
 
     def wrong_token(self, count: int = 1) -> None:
         """Fault: the next `count` deliveries carry a token that is not the subscription's."""

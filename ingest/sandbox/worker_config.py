@@ -27,9 +27,13 @@ SANDBOX_FILTERS: dict[str, list[str]] = {
 }
 
 
-def every_account(sandbox: Mapping[str, Any]) -> Subscriptions:
-    """`SANDBOX_FILTERS` for every account of `sandbox` (`Sandbox.describe()`)."""
+def every_account(sandbox: Mapping[str, Any], *, one_subscription: bool = False) -> Subscriptions:
+    """`SANDBOX_FILTERS` for every account of `sandbox` (`Sandbox.describe()`); `one_subscription`: all of
+    them in one subscription per account (`transport: websocket` carries one)."""
     # Fresh lists per account: shared ones would be written as YAML anchors (&id001), hard to read.
+    if one_subscription:
+        merged = [f for filters in SANDBOX_FILTERS.values() for f in filters]
+        return {account["name"]: [("all", list(merged))] for account in sandbox["accounts"]}
     return {account["name"]: [(name, list(f)) for name, f in SANDBOX_FILTERS.items()]
             for account in sandbox["accounts"]}
 
@@ -46,7 +50,7 @@ def renewal_settings(ttl: float) -> dict[str, Any]:
 
 def write_worker_config(directory: Path, sandbox: Mapping[str, Any], bootstrap: str, prefix: str,
                         subscriptions: Subscriptions, *, partitions: int = 6, worker: Mapping[str, Any] | None = None,
-                        metrics_port: int = 0, log_level: str = "WARNING") -> Path:
+                        metrics_port: int = 0, log_level: str = "WARNING", transport: str = "pubnub") -> Path:
     """Write `worker.yaml` (plus the JWT and client-secret files) into `directory`; returns its path.
 
     `sandbox` is `Sandbox.describe()`; accounts without subscriptions are left out.
@@ -63,6 +67,7 @@ def write_worker_config(directory: Path, sandbox: Mapping[str, Any], bootstrap: 
         jwt = directory / f"{account['name']}.jwt"
         jwt.write_text(account["jwt"])
         accounts.append({"name": account["name"], "jwt_file": str(jwt),
+                         **({"transport": transport} if transport != "pubnub" else {}),
                          "subscriptions": [{"name": n, "event_filters": f} for n, f in subs]})
     config = {
         "kafka": {"bootstrap.servers": bootstrap},

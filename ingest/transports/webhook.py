@@ -45,7 +45,7 @@ from ingest.config import WebhookConfig
 from ingest.coordination.compacted import read_latest
 from ingest.coordination.keywrap import KeyWrapper, UnwrapError
 from ingest.coordination.state import SpecState
-from ingest.data.pipeline import ChannelContext, Pipeline, Plaintext
+from ingest.data.pipeline import ChannelContext, Pipeline
 from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.model import Delivery
 from ingest.observability.kafka_logs import kafka_log_config
@@ -173,7 +173,8 @@ class _Channel:
     __slots__ = ("context", "last_timetoken", "lock", "progress")
 
     def __init__(self, subscription: WebhookSubscription) -> None:
-        self.context = ChannelContext(subscription.spec_id, subscription.subscription_id, subscription.account_id)
+        self.context = ChannelContext(subscription.spec_id, subscription.subscription_id, subscription.account_id,
+                                      plaintext=True)
         self.progress = _AckedProgress(subscription.spec_id)
         self.lock = threading.Lock()
         self.last_timetoken = 0
@@ -208,7 +209,7 @@ class KafkaHandler:
         self._progress_at = clock()
 
     def __call__(self, delivery: WebhookDelivery, deadline: float) -> bool:
-        self._metrics.notifications_received.inc()
+        self._metrics.received_by_transport["webhook"].inc()
         subscription_id = delivery.subscription.subscription_id
         key = (subscription_id, delivery.uuid) if delivery.uuid else None
         with self._lock:
@@ -243,7 +244,7 @@ class KafkaHandler:
     def _produce(self, channel: _Channel, delivery: WebhookDelivery) -> int:
         with channel.lock:  # timetokens reach the sink in increasing order, as its watermark needs
             timetoken = channel.next_timetoken(delivery.received_at)
-            outcome = self._pipeline.process(Plaintext(delivery.body), channel.context, timetoken)
+            outcome = self._pipeline.process(delivery.body, channel.context, timetoken)
             self._sink.send(outcome, channel.progress, timetoken, delivery.received_at)
         return timetoken
 
@@ -507,7 +508,7 @@ class _Stream:
 
 class WebhookTransport:
     """The receiver as an intake behind `transports/base.py`. A channel is a subscription id; a request
-    is handed on as one `Received` (payload `Plaintext`, position its receive time) by one intake
+    is handed on as one `Received` (payload: the body's bytes, position its receive time) by one intake
     thread, in arrival order, and held until the worker calls `acknowledged` past its position
     (durable in Kafka with its checkpoint; exactly-once: committed): 200. 503 when the deadline passes
     first, when the channel is not read here (yet), when Kafka is unreachable or the intake queue full,
@@ -594,7 +595,7 @@ class WebhookTransport:
                 position, epoch = seen, stream.epoch
             else:
                 position, epoch = stream.next_position(delivery.received_at), stream.epoch
-                received = Received(channel, position, Plaintext(delivery.body), stream, epoch)
+                received = Received(channel, position, delivery.body, stream, epoch)
                 try:
                     self._intake.put_nowait((received, delivery.received_at))
                 except queue.Full:

@@ -44,6 +44,7 @@ from ingest.topology import COMPACTED, TopicNames, ensure_topics
 from ingest.transports.base import Received, Transport
 from ingest.transports.pubnub import PubNubTransport, TransportSettings
 from ingest.transports.webhook import WebhookTransport
+from ingest.transports.websocket import Gap, WebSocketTransport, WithWebSocket
 from ingest.worker import checkpointing, ownership
 from ingest.worker.channels import Route, SpecChannels
 
@@ -66,26 +67,25 @@ class Worker:
         self.topics = TopicNames(config.topics.prefix, config.topics.routing, catalogue)
         self.pipeline = Pipeline(catalogue, self.topics)
         self.kafka = KafkaReachability(self.metrics)
-        # The intake: RingCentral POSTs to the receiver (transport: webhook), or PubNub is read.
-        self.webhook: WebhookTransport | None = None
-        self.pubnub: PubNubTransport | None = None
-        self.transport: Transport
-        if config.webhook is not None:
-            self.transport = self.webhook = WebhookTransport(
-                config.webhook, self._on_notifications, self.metrics, kafka_reachable=lambda: self.kafka.ok)
-        else:
-            self.transport = self.pubnub = PubNubTransport(
-                TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
-                                  ssl=config.ringcentral.pubnub_ssl, channels_per_connection=w.channels_per_connection,
-                                  replay_buffer_messages=w.replay_buffer_messages),
-                handler=self._on_notifications, metrics=self.metrics)
-        self.channels = SpecChannels(w, self.metrics, self.transport, KeyWrapper(config.ringcentral.client_secret),
+        self.transport = PubNubTransport(
+            TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
+                              ssl=config.ringcentral.pubnub_ssl, channels_per_connection=w.channels_per_connection,
+                              replay_buffer_messages=w.replay_buffer_messages),
+            handler=self._on_notifications, metrics=self.metrics)
+        # `transport: websocket` accounts: their own transport, behind the same interface (one for both).
+        self.websocket = WebSocketTransport(self._on_notifications, self.metrics, on_gap=self._on_websocket_gap) \
+            if any(a.transport == "websocket" for a in config.accounts) else None
+        # `transport: webhook`: RingCentral POSTs every account's notifications to the receiver instead.
+        self.webhook = None if config.webhook is None else WebhookTransport(
+            config.webhook, self._on_notifications, self.metrics, kafka_reachable=lambda: self.kafka.ok)
+        intake: Transport = self.webhook or (
+            self.transport if self.websocket is None else WithWebSocket(self.transport, self.websocket))
+        self.channels = SpecChannels(w, self.metrics, intake, KeyWrapper(config.ringcentral.client_secret),
                                      threading.RLock())
-        if self.pubnub is not None:
-            self.pubnub.on_access_denied = self.channels.on_access_denied
-            self.pubnub.on_replay_gap = self.channels.on_replay_gap
+        self.transport.on_access_denied = self.channels.on_access_denied
+        self.transport.on_replay_gap = self.channels.on_replay_gap
         self.checkpoints = checkpointing.for_config(config, self.metrics, topics=self.topics, channels=self.channels,
-                                                    transport=self.transport, keep_waiting=self._waiting_on_kafka)
+                                                    transport=intake, keep_waiting=self._waiting_on_kafka)
         self.ownership = ownership.for_config(config, self.metrics, topics=self.topics, channels=self.channels,
                                               checkpoints=self.checkpoints)
         self.heartbeats = Heartbeats()
@@ -124,9 +124,10 @@ class Worker:
         self.kafka.until_answers("create topics", self._ensure_topics, self._stop)
         self.kafka.report(True, quiet=True)
         self.kafka.until_answers("start the producer", self.sink.start, self._stop)
-        self.transport.start()
+        self.channels.transport.start()
         self.manager = self.channels.manager = SubscriptionManager(
-            accounts=build_sessions(cfg, self.metrics), metrics=self.metrics, on_delivery=self._on_delivery,
+            accounts=build_sessions(cfg, self.metrics, websocket=self.websocket), metrics=self.metrics,
+            on_delivery=self._on_delivery,
             renewal_margin=cfg.worker.renewal_margin_seconds, renewal_jitter=cfg.worker.renewal_jitter_seconds,
             expires_in=cfg.worker.expires_in_seconds, adopt_matching=self.ownership.adopt_matching,
             webhook_address=cfg.webhook.address if cfg.webhook is not None else None)
@@ -157,7 +158,7 @@ class Worker:
         cfg = self.config.worker
         delete = cfg.delete_subscriptions_on_shutdown if delete_subscriptions is None else delete_subscriptions
         log.info("worker.stopping", delete_subscriptions=delete)
-        self.transport.stop()
+        self.channels.transport.stop()
         self.ownership.stop()
         self._stop.set()
         for thread in self._threads:
@@ -184,6 +185,13 @@ class Worker:
         self.ownership.delivered(spec_id)
         self.checkpoints.spec_changed(spec_id)
 
+    def _on_websocket_gap(self, channel: str, gap: Gap) -> None:
+        """RingCentral did not keep what a WebSocket session missed (recovery failed or too late)."""
+        for spec_id, delivery in list(self.channels.deliveries.items()):
+            if delivery.channel == channel:
+                self.channels.report_gap(spec_id, gap.lost_subscription_id or "", gap.since, gap.until,
+                                         f"websocket {gap.reason}: RingCentral did not keep what the session missed")
+
     def _restart_windows_loop(self) -> None:
         while not self._stop.wait(RESTART_WINDOWS_CHECK_SECONDS):
             try:
@@ -208,7 +216,10 @@ class Worker:
         # Metrics once per batch: per message they cost more than decryption (docs/benchmarks.md).
         for route in touched:
             route.spec_metrics.last_notification.set(received_at)
-        self.metrics.notifications_received.inc(received)
+        if touched:  # a batch comes from one transport: any of its routes says which
+            transport = "webhook" if self.webhook is not None else \
+                "websocket" if next(iter(touched)).context.plaintext else "pubnub"
+            self.metrics.received_by_transport[transport].inc(received)
 
     # ---- checkpoints and health ----------------------------------------------------------------
 

@@ -82,7 +82,7 @@ def _worker_main(config_path: str, specs: int, observe_seconds: float, conn: Con
         else:
             raise RuntimeError(f"only {active} of {specs} subscriptions active after {deadline - t0:.0f}s")
         result["startup_seconds"] = time.monotonic() - t0
-        result["connections"] = worker.pubnub.connection_count if worker.pubnub else 0
+        result["connections"] = worker.transport.connection_count
         result["rss_after_startup_bytes"] = current_rss_bytes()
         # Observation: no notifications, only renewals and long-polls.
         margins.values.clear()

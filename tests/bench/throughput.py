@@ -128,7 +128,7 @@ def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
             raise RuntimeError("the worker's subscriptions did not all become active and read")
         tune_gc()  # as `ingest run` does once started
         conn.send({"startup_seconds": round(time.monotonic() - started, 2),
-                   "connections": worker.pubnub.connection_count if worker.pubnub else 0})
+                   "connections": worker.transport.connection_count})
         while True:
             command, arg = conn.recv()
             if command == "stop":

@@ -114,7 +114,7 @@ def exported(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
         wait_for(lambda: len(worker.transport.reading()) == 3, 30, what="the worker reading PubNub")
         sandbox.generator.publish(30)
         sandbox.generator.publish(3, malformed="bad-padding")
-        wait_for(lambda: worker.metrics.notifications_received._value.get() >= 33, 30, what="traffic handled")
+        wait_for(lambda: worker.metrics.received_by_transport["pubnub"]._value.get() >= 33, 30, what="traffic handled")
         text = scrape(worker.health.port)
     suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
                 "summary": ["", "_sum", "_count", "_created"], "gauge": [""], "info": ["_info"],

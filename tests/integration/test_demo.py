@@ -26,3 +26,16 @@ def test_demo_view_explains_itself_and_shows_records_while_it_runs(kafka_bootstr
     assert f"went to {unique_name}.dead-letter: the 2% made malformed on purpose" in closing
     assert "next: run the sandbox and a worker yourself" in closing
     assert "  ingest sandbox --write-config sandbox-worker --rate 20" in closing
+
+
+def test_demo_over_websocket_shows_records(kafka_bootstrap: str, unique_name: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ingest", "demo", "--duration", "12", "--bootstrap-servers",
+                           kafka_bootstrap, "--prefix", unique_name, "--transport", "websocket"],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr
+    live, _, closing = proc.stdout.partition("what you saw")
+    assert "over WebSocket: one connection per account" in live
+    frames = live.split("ingest demo: RingCentral push notifications")
+    assert len(frames) >= 3, proc.stdout
+    assert "acme/all" in frames[2] and f"{unique_name}.message-store " in frames[2]
+    assert f"went to {unique_name}.dead-letter" in closing

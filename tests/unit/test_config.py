@@ -344,3 +344,46 @@ def test_a_message_timeout_is_refused_for_at_least_once(tmp_path: Path, key: str
     assert load(tmp_path, with_timeout.replace("300000", "0")).kafka[key] == "0"  # infinite: what is enforced
     exactly_once = load(tmp_path, with_timeout + "worker:\n  delivery_guarantee: exactly-once\n")
     assert exactly_once.kafka[key] == "300000"  # bounded by transaction.timeout.ms, librdkafka checks it
+
+
+# ---- transport: pubnub | websocket (issue 19) ----
+WEBSOCKET = BASE.replace("    jwt_env: ACME_JWT\n", "    jwt_env: ACME_JWT\n    transport: websocket\n")
+SECOND_SUBSCRIPTION = """      - name: presence
+        event_filters: [/restapi/v1.0/account/~/extension/~/presence]
+"""
+
+
+def test_transport_defaults_to_pubnub_and_accepts_websocket(tmp_path: Path) -> None:
+    assert load(tmp_path).accounts[0].transport == "pubnub"
+    assert load(tmp_path, WEBSOCKET).accounts[0].transport == "websocket"
+    assert load(tmp_path, BASE, {"INGEST__ACCOUNTS__0__TRANSPORT": "WebSocket"}).accounts[0].transport == "websocket"
+
+
+def test_unknown_transport_names_the_key(tmp_path: Path) -> None:
+    message = error(tmp_path, WEBSOCKET.replace("transport: websocket", "transport: webhooks"))
+    assert message.startswith("accounts[0].transport: must be one of pubnub, websocket, got 'webhooks'"), message
+
+
+def test_websocket_account_has_one_subscription(tmp_path: Path) -> None:
+    message = error(tmp_path, WEBSOCKET + SECOND_SUBSCRIPTION)
+    assert message.startswith("accounts[0].subscriptions: transport websocket carries one subscription"), message
+    assert len(load(tmp_path, BASE + SECOND_SUBSCRIPTION).accounts[0].subscriptions) == 2  # pubnub: any number
+
+
+def test_ingest_run_exits_2_on_a_bad_transport(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest.cli import main
+
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    path = write(tmp_path, WEBSOCKET.replace("transport: websocket", "transport: carrier-pigeon"))
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "accounts[0].transport: must be one of pubnub, websocket" in err
+    assert len(err.strip().splitlines()) == 1 and CLIENT_SECRET not in err and JWT not in err
+
+
+def test_websocket_refuses_exactly_once(tmp_path: Path) -> None:
+    message = error(tmp_path, WEBSOCKET + "worker:\n  delivery_guarantee: exactly-once\n")
+    assert message.startswith("accounts[0].transport: websocket cannot be used with worker.delivery_guarantee "
+                              "exactly-once"), message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -247,6 +248,16 @@ def test_unencrypted_dict_violating_the_schema(pipeline: Pipeline) -> None:
     del doc["body"]["extensionId"]
     assert_dead(pipeline.process(doc, plain, TIMETOKEN), SCHEMA_VIOLATION, orjson.dumps(doc), b"json",
                 family="presence")
+
+
+def test_websocket_bytes_are_the_record_value_as_they_arrived(pipeline: Pipeline) -> None:
+    websocket = ChannelContext.from_delivery(dataclasses.replace(delivery(key=None), transport="WebSocket"))
+    raw = json.dumps(PRESENCE, indent=1).encode()  # not compact: a re-serialised value would differ
+    out = pipeline.process(raw, websocket, TIMETOKEN)
+    assert out.error is None and out.family == "presence" and out.value == raw  # spaces and all: not re-serialised
+    assert_dead(pipeline.process(raw[:40], websocket, TIMETOKEN), INVALID_JSON, raw[:40], b"text")
+    assert pipeline.process(raw, ChannelContext.from_delivery(delivery(key=None)), TIMETOKEN).error == \
+        UNKNOWN_PAYLOAD_TYPE  # bytes on a PubNub channel stay an unknown payload type
 
 
 @pytest.mark.parametrize("payload", [[1, 2], 5, 1.5, True, None])

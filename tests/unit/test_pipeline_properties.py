@@ -311,8 +311,9 @@ def mutated(draw: st.DrawFn) -> dict[str, Any]:
         del body[required]
     elif how == "retype-required":
         wrong = draw(WRONG_TYPES)
+        # presence-line's `extension` is one line or a list of lines (schemas/presence-line.json says why).
         allowed = {"changes": list, "parties": list, "extensions": list, "from": dict, "extensionId": str, "id": str,
-                   "extension": dict, "to": str}
+                   "extension": (dict, list), "to": str}
         assume(not isinstance(wrong, allowed.get(required, ())))
         body[required] = wrong
     elif how == "body-not-object":

@@ -110,7 +110,7 @@ def test_a_malformed_body_with_a_valid_token_becomes_a_dead_letter(receiver: Rec
     assert record.topic == receiver.topics.dead_letter
     assert record.value == body
     assert record.headers["error-class"] == "invalid-json"
-    assert record.headers["original-encoding"] == "body"
+    assert record.headers["original-encoding"] == "text"
     assert record.headers["spec-id"] == SUBSCRIPTION.spec_id
 
 

@@ -1,0 +1,131 @@
+"""A `transport: websocket` account end to end: sandbox -> WebSocket (real `websockets`) -> worker -> real Kafka."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.config import load_config
+from ingest.sandbox.generator import Generated
+from ingest.sandbox.ringcentral import RateLimits
+from ingest.sandbox.server import Sandbox
+from ingest.transports.websocket import SEQUENCES_PER_SESSION, channel_of
+from ingest.worker.runtime import Worker
+from tests.integration.sandbox.conftest import MESSAGE_STORE, PRESENCE
+from tests.support.harness import TopicReader, compare, write_config
+from tests.support.waiting import wait_for
+
+WEBSOCKET = {"INGEST__ACCOUNTS__0__TRANSPORT": "websocket"}
+
+
+@pytest.fixture
+def sandbox_options() -> dict[str, Any]:
+    """Each reconnect costs a wstoken call in the Auth group (5 a minute per user by default)."""
+    return {"pubnub_hold_seconds": 0.5, "rate_limits": RateLimits(auth=50)}
+
+
+def _as_recorded(generated: list[Generated], session_started: int) -> list[Generated]:
+    """The generator records a WebSocket notification's sequence; the worker's position (the `timetoken`
+    header) is `session start * 10**7 + sequence`, growing across sessions."""
+    return [dataclasses.replace(g, timetoken=session_started * SEQUENCES_PER_SESSION + g.timetoken)
+            for g in generated]
+
+
+def test_websocket_account_reaches_kafka_through_drops_and_planned_closes(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                        subscriptions={"calls-and-messages": [MESSAGE_STORE, PRESENCE]})
+    worker = Worker(load_config(path, WEBSOCKET))
+    worker.start()
+    reader = TopicReader(kafka_bootstrap, unique_name)
+    try:
+        wait_for(lambda: worker.subscriptions_serving() == 1, 30, what="the WebSocket subscription read")
+        (subscription,) = sandbox.rc.live_subscriptions()
+        assert subscription.transport == "WebSocket"
+        generated = sandbox.generator.publish(40)
+        generated += sandbox.generator.publish(2, malformed="invalid-json")
+        assert sandbox.faults.ws_drop_connections() == 1
+        generated += sandbox.generator.publish(40)  # while it reconnects: replayed by the recovery
+        wait_for(lambda: sandbox.websocket.stats()["recovered"] == 1, 30, what="the session recovered")
+        wait_for(lambda: sandbox.faults.ws_close("WSG-903") == 1, 30, what="a connection to close")
+        generated += sandbox.generator.publish(40)
+        records = reader.poll_until(lambda rs: len(rs) >= len(generated), timeout=60)
+        started = int(next(r.headers["timetoken"] for r in records if "timetoken" in r.headers)) \
+            // SEQUENCES_PER_SESSION
+        result = compare(_as_recorded(generated, started), records, reader.topics)
+        assert result.ok, (len(result.missing), result.wrong[:3], result.dead_missing[:3])
+        assert result.duplicates == {} and len(records) == len(generated)
+        values = {r.headers.get("uuid"): r.value for r in records}
+        assert all(values[g.uuid] == g.plaintext for g in generated if g.malformed is None)  # the bytes sent
+        assert sandbox.websocket.stats()["recovered"] == 2
+        received = worker.metrics.registry.get_sample_value
+        assert received("ingest_notifications_received_total", {"transport": "websocket"}) == len(generated)
+        assert received("ingest_notifications_received_total", {"transport": "pubnub"}) == 0
+        assert worker.channels.deliveries[f"{sandbox.accounts[0].name}/calls-and-messages"].channel == \
+            channel_of(sandbox.accounts[0].name)
+    finally:
+        reader.close()
+        worker.stop(delete_subscriptions=True)
+
+
+def test_failed_recovery_is_reported_as_a_gap_and_the_account_read_again(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    path = write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                        subscriptions={"messages": [MESSAGE_STORE]})
+    worker = Worker(load_config(path, WEBSOCKET))
+    worker.start()
+    reader = TopicReader(kafka_bootstrap, unique_name)
+    try:
+        wait_for(lambda: worker.subscriptions_serving() == 1, 30, what="the WebSocket subscription read")
+        before = sandbox.generator.publish(10)
+        reader.poll_until(lambda rs: len(rs) >= 10, timeout=60)
+        gaps = worker.metrics.replay_gaps._value.get()
+        sandbox.faults.ws_fail_recovery(count=1)
+        sandbox.faults.ws_drop_connections()
+        wait_for(lambda: worker.metrics.replay_gaps._value.get() > gaps, 30,
+                 what="the gap reported")
+        wait_for(lambda: len(sandbox.rc.live_subscriptions()) == 1 and worker.subscriptions_serving() == 1, 30,
+                 what="a new subscription read")
+        after = sandbox.generator.publish(10)
+        records = reader.poll_until(lambda rs: len(rs) >= 20, timeout=60)
+        assert {r.headers["uuid"] for r in records} == {g.uuid for g in before + after}
+        assert any("websocket recovery-failed" in str(getattr(r, "fields", {})) for r in caplog.records)
+    finally:
+        reader.close()
+        worker.stop(delete_subscriptions=True)
+
+
+def test_a_restart_is_reported_as_a_gap_and_the_account_read_again(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """The session's wsc is not kept in the state topic (yet): a new worker cannot recover it, so it says so."""
+    config = load_config(write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                                      subscriptions={"messages": [MESSAGE_STORE]}), WEBSOCKET)
+    first = Worker(config)
+    first.start()
+    reader = TopicReader(kafka_bootstrap, unique_name)
+    second: Worker | None = None
+    try:
+        wait_for(lambda: first.subscriptions_serving() == 1, 30, what="the WebSocket subscription read")
+        before = sandbox.generator.publish(10)
+        reader.poll_until(lambda rs: len(rs) >= 10, timeout=60)
+        wait_for(lambda: first.checkpoints.sink is not None and first.metrics.checkpoints._value.get() > 0, 30,
+                 what="a checkpoint")
+        first.stop()
+        second = Worker(config)
+        second.start()
+        wait_for(lambda: second is not None and second.subscriptions_serving() == 1, 30, what="read again")
+        assert second.metrics.replay_gaps._value.get() >= 1
+        # The first worker's subscription lives on for RingCentral's recoveryTimeout: the sandbox's generator
+        # shares the events between the two (RingCentral would send each to both); the new one's must all come.
+        current = next(s.id for s in sandbox.rc.live_subscriptions() if s.id != before[0].subscription_id)
+        after = [g for g in sandbox.generator.publish(20) if g.subscription_id == current]
+        records = reader.poll_until(lambda rs: len(rs) >= 10 + len(after), timeout=60)
+        assert after and {g.uuid for g in before + after} <= {r.headers["uuid"] for r in records}
+    finally:
+        reader.close()
+        if second is not None:
+            second.stop(delete_subscriptions=True)

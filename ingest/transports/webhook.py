@@ -520,6 +520,7 @@ class WebhookTransport:
                  kafka_reachable: Callable[[], bool] = lambda: True) -> None:
         self.table = SubscriptionTable()
         self._handler = handler
+        self._metrics = metrics
         self._kafka_reachable = kafka_reachable
         self._settings = settings
         self._streams: dict[str, _Stream] = {}
@@ -591,7 +592,8 @@ class WebhookTransport:
         key = (channel, delivery.uuid) if delivery.uuid else None
         with stream.cond:
             seen = self._seen(key)
-            if seen is not None:
+            if seen is not None:  # RingCentral sent it again: wait for the first copy, do not hand it on twice
+                self._metrics.notifications_duplicate.inc()
                 position, epoch = seen, stream.epoch
             else:
                 position, epoch = stream.next_position(delivery.received_at), stream.epoch

@@ -50,9 +50,13 @@ def test_webhook_subscriptions_may_live_longer_than_pubnub_ones(tmp_path: Path) 
      "webhook.verification_token: unknown key"),
     ("transport: webhook\nwebhook:\n  public_url: https://x.example\nworker:\n  coordination: group\n",
      "worker.coordination: group is not supported with transport: webhook yet"),
+    ("transport: webhook\nwebhook:\n  public_url: https://x.example\n",
+     "accounts[0].transport: websocket cannot be used with transport: webhook"),
 ])
 def test_a_bad_webhook_value_names_its_key(tmp_path: Path, extra: str, fragment: str) -> None:
-    assert fragment in error(tmp_path, BASE + extra)
+    base = BASE.replace("    jwt_env: ACME_JWT\n", "    jwt_env: ACME_JWT\n    transport: websocket\n") \
+        if "accounts[0].transport" in fragment else BASE
+    assert fragment in error(tmp_path, base + extra)
 
 
 def test_a_local_sandbox_may_use_plain_http(tmp_path: Path) -> None:

@@ -97,3 +97,23 @@ def test_readiness_covers_the_receiver(worker: Worker) -> None:
     worker.webhook.server.stop()
     answer = requests.get(url, timeout=10)
     assert (answer.status_code, "webhook receiver not listening" in answer.text) == (503, True)
+
+
+def test_a_notification_posted_again_is_answered_200_and_not_stored_twice(
+        sandbox: Sandbox, worker: Worker, kafka_bootstrap: str, unique_name: str) -> None:
+    [first] = sandbox.generator.publish(1)
+    wait_for(sandbox.rc.webhooks.idle, 60, "the delivery answered")
+    [attempt] = sandbox.rc.webhooks.attempted
+    assert attempt.delivered
+    view = next(s for s in sandbox.rc.live_subscriptions() if s.id == first.subscription_id)
+    assert worker.webhook is not None
+    again = requests.post(view.channel, data=attempt.body, timeout=10, headers={
+        "Content-Type": "application/json", "Verification-Token": view.webhook_token or ""})
+    assert again.status_code == 200
+    assert worker.metrics.registry.get_sample_value("ingest_notifications_duplicate_total") == 1
+    reader = TopicReader(kafka_bootstrap, unique_name)
+    try:
+        records = reader.poll_until(lambda rs: len(rs) >= 2, 10)  # waits the full 10 s: a second must not come
+    finally:
+        reader.close()
+    assert [r.value for r in records] == [first.plaintext]

@@ -38,6 +38,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DELIVERY_GUARANTEES = ("at-least-once", "exactly-once")
 COORDINATION_MODES = ("standalone", "group")
+# The top-level `transport`: how RingCentral reaches the worker (an account's own `transport`, pubnub or
+# websocket, is read by the worker; webhook: RingCentral POSTs to it, for every account).
+WORKER_TRANSPORTS = ("pubnub", "webhook")
+MAX_WEBHOOK_EXPIRES_IN = 315_360_000  # ten years: RingCentral's maximum for a WebHook subscription
+MAX_WEBHOOK_ANSWER_SECONDS = 2.5  # RingCentral waits 3 s for an answer; ours leaves the network half a second
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # librdkafka properties whose values are credentials: scrubbed from logs and hidden from repr.
 _KAFKA_SECRET_MARKERS = ("password", "secret", "ssl.key.pem", "sasl.oauthbearer.config", "sasl.jaas.config")
 # A worker config is a few KiB and a secret a few hundred bytes: the caps keep a device such as
@@ -125,6 +131,27 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """The WebHook receiver (transport: webhook). TLS is terminated in front of it (an ingress)."""
+
+    public_url: str  # what RingCentral reaches: https://host[:port][/prefix], before `path`
+    path: str = "/ringcentral/webhook"
+    host: str = "0.0.0.0"
+    port: int = 8080  # not the metrics port
+    max_body_bytes: int = 256 * 1024
+    answer_timeout_seconds: float = 2.0
+    retry_after_seconds: int = 5
+    dedup_window_seconds: float = 600.0
+    max_queued_records: int = 10_000
+    threads: int = 16
+
+    @property
+    def address(self) -> str:
+        """The `deliveryMode.address` of every subscription."""
+        return self.public_url.rstrip("/") + self.path
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
 
@@ -138,6 +165,8 @@ class Config:
     worker: WorkerConfig
     metrics: MetricsConfig
     logging: LoggingConfig
+    transport: str = "pubnub"
+    webhook: WebhookConfig | None = None  # set when transport is webhook
 
     def specs(self) -> list[SubscriptionSpec]:
         """The desired subscriptions this file declares; spec ids are "<account>/<subscription>"."""
@@ -496,19 +525,32 @@ class _Validator:
 
     def config(self) -> Config:
         top = self.mapping(self.raw, "<top>", ("kafka", "topics", "ringcentral", "accounts", "worker", "metrics",
-                                               "logging"))
+                                               "logging", "transport", "webhook"))
+        transport = self.choice(top, "transport", "<top>", "pubnub", options=WORKER_TRANSPORTS, normalize=str.lower)
+        metrics = self.metrics(top.get("metrics"))
         config = Config(
             kafka=self.kafka(top.get("kafka")),
             topics=self.topics(top.get("topics")),
             ringcentral=self.ringcentral(top.get("ringcentral")),
             accounts=self.accounts(top.get("accounts")),
-            worker=self.worker(top.get("worker")),
-            metrics=self.metrics(top.get("metrics")),
+            worker=self.worker(top.get("worker"), transport),
+            metrics=metrics,
             logging=self.logging(top.get("logging")),
+            transport=transport,
+            webhook=self.webhook(top.get("webhook"), metrics) if transport == "webhook" else None,
         )
+        if config.webhook is not None and config.worker.coordination == "group":
+            # A Service spreads deliveries over every pod; only the owner of a spec knows its token
+            # until the pods' tables follow the state topic (docs/scaling.md): the others would
+            # answer 403, and RingCentral blacklists an address that keeps failing.
+            raise self.fail("worker.coordination", "group is not supported with transport: webhook yet "
+                                                   "(run one standalone worker; docs/scaling.md)")
         if config.worker.delivery_guarantee == "at-least-once":
             self.no_message_timeout(config.kafka)
         websocket = [i for i, account in enumerate(config.accounts) if account.transport == "websocket"]
+        if websocket and config.webhook is not None:
+            raise self.fail(f"accounts[{websocket[0]}].transport", "websocket cannot be used with transport: "
+                            "webhook (RingCentral POSTs every account's notifications to the receiver)")
         if websocket and config.worker.delivery_guarantee == "exactly-once":
             # An aborted transaction is read again from its checkpoint; a WebSocket cannot be re-read.
             raise self.fail(f"accounts[{websocket[0]}].transport", "websocket cannot be used with "
@@ -678,7 +720,7 @@ class _Validator:
             out.append(SubscriptionConfig(name=name, event_filters=tuple(normalized)))
         return out
 
-    def worker(self, raw: Any) -> WorkerConfig:
+    def worker(self, raw: Any, transport: str = "pubnub") -> WorkerConfig:
         p, d = "worker", WorkerConfig  # the defaults are the dataclass's, written once
         m = self.mapping(raw, p, ("id", "renewal_margin_seconds", "renewal_jitter_seconds", "expires_in_seconds",
                                   "channels_per_connection", "checkpoint_interval_seconds",
@@ -686,7 +728,8 @@ class _Validator:
                                   "delivery_guarantee", "coordination", "apply_specs_on_start",
                                   "session_timeout_seconds", "replay_buffer_seconds", "replay_buffer_messages"))
         worker_id = self.string(m, "id", p, None, nullable=True) or f"{socket.gethostname()}-{os.getpid()}"
-        expires_in = self.integer(m, "expires_in_seconds", p, d.expires_in_seconds, lo=1, hi=MAX_PUBNUB_EXPIRES_IN)
+        longest = MAX_WEBHOOK_EXPIRES_IN if transport == "webhook" else MAX_PUBNUB_EXPIRES_IN
+        expires_in = self.integer(m, "expires_in_seconds", p, d.expires_in_seconds, lo=1, hi=longest)
         margin = self.number(m, "renewal_margin_seconds", p, d.renewal_margin_seconds, lo=0, exclusive_lo=True)
         if margin >= expires_in:
             raise self.fail(f"{p}.renewal_margin_seconds",
@@ -721,6 +764,36 @@ class _Validator:
         m = self.mapping(raw, p, ("host", "port"))
         return MetricsConfig(host=self.string(m, "host", p, "0.0.0.0"),
                              port=self.integer(m, "port", p, 9095, lo=0, hi=65535))
+
+    def webhook(self, raw: Any, metrics: MetricsConfig) -> WebhookConfig:
+        p = "webhook"
+        if raw is None:
+            raise self.fail(p, "required with transport: webhook (at least public_url)")
+        m = self.mapping(raw, p, ("public_url", "path", "host", "port", "max_body_bytes", "answer_timeout_seconds",
+                                  "retry_after_seconds", "dedup_window_seconds", "max_queued_records", "threads"))
+        public_url = self.string(m, "public_url", p, required=True).rstrip("/")
+        url = urlparse(public_url)
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise self.fail(f"{p}.public_url", f"expected an https URL such as https://ingest.example.com, "
+                                               f"got {public_url!r}")
+        if url.scheme == "http" and url.hostname not in _LOOPBACK_HOSTS:
+            raise self.fail(f"{p}.public_url", "must be https: RingCentral delivers over TLS 1.2+ only (terminate "
+                                               "TLS in front of the worker; plain http is for a local sandbox)")
+        path = self.string(m, "path", p, "/ringcentral/webhook")
+        if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", path):
+            raise self.fail(f"{p}.path", f"expected an absolute URL path such as /ringcentral/webhook, got {path!r}")
+        port = self.integer(m, "port", p, 8080, lo=0, hi=65535)
+        if port != 0 and port == metrics.port:
+            raise self.fail(f"{p}.port", f"must differ from metrics.port ({metrics.port})")
+        return WebhookConfig(
+            public_url=public_url, path=path, host=self.string(m, "host", p, "0.0.0.0"), port=port,
+            max_body_bytes=self.integer(m, "max_body_bytes", p, 256 * 1024, lo=1024, hi=MAX_CONFIG_BYTES * 16),
+            answer_timeout_seconds=self.number(m, "answer_timeout_seconds", p, 2.0, lo=0, exclusive_lo=True,
+                                               hi=MAX_WEBHOOK_ANSWER_SECONDS),
+            retry_after_seconds=self.integer(m, "retry_after_seconds", p, 5, lo=1, hi=3600),
+            dedup_window_seconds=self.number(m, "dedup_window_seconds", p, 600.0, lo=0, hi=86400.0),
+            max_queued_records=self.integer(m, "max_queued_records", p, 10_000, lo=1),
+            threads=self.integer(m, "threads", p, 16, lo=1, hi=1024))
 
     def logging(self, raw: Any) -> LoggingConfig:
         p = "logging"

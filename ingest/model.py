@@ -22,10 +22,13 @@ class Delivery:
     # the renewals): that expiry, the start of a window in which RingCentral published nothing.
     lapsed_since: float | None = None
     # "expired" (lapsed_since is its expiry), or "gone": found deleted or expired server-side before
-    # its expiry (lapsed_since is when RingCentral last answered for it).
+    # its expiry (lapsed_since is when RingCentral last answered for it), or "blacklisted" (WebHook:
+    # RingCentral stopped delivering; lapsed_since is its `blacklistedAt`, else when last confirmed).
     lapse_reason: str | None = None
-    # deliveryMode.transportType: "PubNub" (encrypted or not), or "WebSocket" (JSON bytes as they arrived).
+    # deliveryMode.transportType: "PubNub" (encrypted or not), "WebSocket" or "WebHook" (JSON bytes as they arrived).
     transport: str = "PubNub"
+    # WebHook: the token every delivery of this subscription carries (the receiver checks it). A secret.
+    verification_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

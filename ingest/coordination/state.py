@@ -50,6 +50,9 @@ class SpecState:
     expires_at: float = 0.0  # of the RingCentral subscription, as last known (for `ingest status`)
     wrapped_key: str | None = None  # the channel's AES key, wrapped; "" unencrypted; None: not recorded
     draining: tuple[RecordedChannel, ...] = ()  # former channels still being read (restart, rotation)
+    # WebHook: the subscription's verification token, wrapped like the AES key (associated data: the spec
+    # id and the subscription id), so that every pod's receiver can check deliveries for any spec.
+    wrapped_verification_token: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -203,7 +203,7 @@ def _parse(raw: bytes) -> dict[str, Any]:
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise _Reject(INVALID_JSON, f"decrypted payload is not valid JSON: {exc}") from None
+        raise _Reject(INVALID_JSON, f"payload is not valid JSON: {exc}") from None
     if type(doc) is not dict:
         raise _Reject(NOT_AN_OBJECT, f"notification is a JSON {type(doc).__name__}, not an object")
     return doc

@@ -118,7 +118,9 @@ class Metrics:
         self.notifications_received = Counter(
             "ingest_notifications_received_total", "Notifications received, by transport (pubnub, websocket).",
             ["transport"], registry=r)
-        self.received_by_transport = {name: self.notifications_received.labels(name) for name in TRANSPORTS}
+        # An account's transport (pubnub, websocket), or the worker's WebHook receiver (transport: webhook).
+        self.received_by_transport = {name: self.notifications_received.labels(name)
+                                      for name in (*TRANSPORTS, "webhook")}
         self.notifications_published = Counter(
             "ingest_notifications_published_total", "Notifications acknowledged by Kafka, by family.",
             ["family"], registry=r)

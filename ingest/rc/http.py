@@ -168,8 +168,17 @@ class RingCentralClient:
         return body
 
     def create_subscription(self, event_filters: list[str], expires_in: int) -> dict[str, Any]:
-        payload = {"eventFilters": event_filters, "deliveryMode": {"transportType": "PubNub", "encryption": True},
-                   "expiresIn": expires_in}
+        return self._create(event_filters, expires_in, {"transportType": "PubNub", "encryption": True})
+
+    def create_webhook_subscription(self, event_filters: list[str], expires_in: int, address: str,
+                                    verification_token: str) -> dict[str, Any]:
+        """RingCentral POSTs each notification to `address` with `verification_token` (the field name of the
+        API definitions; the 2023 docs say `validationToken`: reference/ringcentral-websocket-webhook.md)."""
+        return self._create(event_filters, expires_in, {"transportType": "WebHook", "address": address,
+                                                        "verificationToken": verification_token})
+
+    def _create(self, event_filters: list[str], expires_in: int, delivery_mode: dict[str, Any]) -> dict[str, Any]:
+        payload = {"eventFilters": event_filters, "deliveryMode": delivery_mode, "expiresIn": expires_in}
         body: dict[str, Any] = self.request("POST", f"{API}/subscription", "subscription.create", json=payload)
         return body
 

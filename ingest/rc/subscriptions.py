@@ -16,6 +16,14 @@ pool. Each spec has at most one task in flight. What a task does depends on the 
   backoff with jitter; a subscription that lapsed meanwhile is re-created on the next attempt.
 - a removed spec gets `on_delivery(spec, None)` at once and its subscription deleted.
 
+WebHook (`webhook_address` set): a subscription is created with `deliveryMode {transportType: WebHook,
+address, verificationToken}`, a token of its own from `secrets`, handed to the data plane in its
+`Delivery` (the receiver checks every POST against it). A subscription whose token is not known (the
+answer does not carry it, and this worker did not create it) cannot be verified: it is not reused
+but replaced (and deleted). RingCentral marks an endpoint that kept failing `Blacklisted` for good:
+found at a renewal or a verification, it is deleted and created again, and the replacement reports
+the gap since `blacklistedData.blacklistedAt`.
+
 Unmatched subscriptions of a user are left alone: with several workers they belong to other owners,
 and an orphan that nobody renews expires by itself within 15 minutes.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import secrets
 import threading
 import time
 from collections import Counter
@@ -51,6 +60,8 @@ MAX_BACKOFF = 30.0  # transient failures (5xx, timeouts)
 MAX_FAILED_BACKOFF = 300.0  # permanent-looking failures (403 limit, 400 filters) are retried slowly
 MIN_LIFETIME_FRACTION = 0.5  # a margin longer than the granted lifetime: renew half-way instead
 PER_USER_LIMIT = 30  # subscriptions per user per app in the current spec (20 before 2025); warn beyond
+BLACKLISTED = "Blacklisted"
+VERIFICATION_TOKEN_BYTES = 32  # WebHook tokens: secrets.token_urlsafe(32), 43 characters
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,9 @@ class _Entry:
     expires_at: float | None = None
     confirmed_at: float | None = None  # when RingCentral last answered for the current subscription
     gone_since: float | None = None  # it was found gone (404) before its expiry: alive until at least here
+    gone_reason: str = "gone"  # the Delivery.lapse_reason of a replacement for a subscription found gone
+    # WebHook: (subscription id, verification token) of the subscription this entry created. A secret.
+    webhook_token: tuple[str, str] | None = field(default=None, repr=False)
     delivery: Delivery | None = None
     renewals: int = 0
     failures: int = 0
@@ -106,7 +120,7 @@ class SubscriptionManager:
                  renewal_jitter: float = WorkerConfig.renewal_jitter_seconds,
                  expires_in: int = WorkerConfig.expires_in_seconds,
                  clock: Callable[[], float] = time.time, api_threads: int = 8,
-                 adopt_matching: bool = True) -> None:
+                 adopt_matching: bool = True, webhook_address: str | None = None) -> None:
         self.accounts = dict(accounts)
         self.metrics = metrics
         self.on_delivery = on_delivery
@@ -118,6 +132,7 @@ class SubscriptionManager:
         # Adopting a live subscription whose filters match is right for a worker that owns all of a
         # user's specs; in a group, another worker's spec may hold it, so only recorded ids are reused.
         self.adopt_matching = adopt_matching
+        self.webhook_address = webhook_address  # None: PubNub delivery
         self._cond = threading.Condition(threading.RLock())
         self._entries: dict[str, _Entry] = {}
         self._removing: dict[str, _Entry] = {}
@@ -421,17 +436,19 @@ class SubscriptionManager:
             info = self._renew_existing(entry, candidate)  # on a transient error the candidate stays
             entry.candidate_id = None
             if info is not None:
-                if normalize_filters(info.get("eventFilters") or [], account_id, extension_id) == wanted:
+                if normalize_filters(info.get("eventFilters") or [], account_id, extension_id) == wanted \
+                        and self._reusable(entry, info):
                     self._activate(entry, info, deliveries, how="reused-known")
                     return
-                entry.stale_ids.append(candidate)  # ours, but for other filters (spec changed meanwhile)
+                entry.stale_ids.append(candidate)  # ours, but for other filters (or its token is unknown)
             with self._cond:
                 self._claimed.discard(candidate)
         for record in self._inventory(session) if self.adopt_matching else []:
             sub_id = str(record.get("id") or "")
             if not sub_id or record.get("status", "Active") != "Active":
                 continue
-            if normalize_filters(record.get("eventFilters") or [], account_id, extension_id) != wanted:
+            if normalize_filters(record.get("eventFilters") or [], account_id, extension_id) != wanted \
+                    or not self._reusable(entry, record):
                 continue
             with self._cond:
                 if sub_id in self._claimed:
@@ -460,17 +477,45 @@ class SubscriptionManager:
                 return None
             raise
 
+    def _reusable(self, entry: _Entry, info: dict[str, Any]) -> bool:
+        """PubNub: always. WebHook: only one delivering to our address whose token we know."""
+        if self.webhook_address is None:
+            return True
+        mode = info.get("deliveryMode") or {}
+        return mode.get("address") == self.webhook_address and self._webhook_token(entry, info) is not None
+
+    @staticmethod
+    def _webhook_token(entry: _Entry, info: dict[str, Any]) -> str | None:
+        """The verification token of a WebHook subscription: as RingCentral returns it, else ours."""
+        mode = info.get("deliveryMode") or {}
+        token = mode.get("verificationToken") or mode.get("validationToken")
+        if token:
+            return str(token)
+        if entry.webhook_token is not None and entry.webhook_token[0] == str(info.get("id") or ""):
+            return entry.webhook_token[1]
+        return None
+
     def _create(self, entry: _Entry, deliveries: list[Delivery]) -> None:
         session = entry.session
         assert session is not None
         reason = entry.create_reason
         started = self.clock()
+        filters, token = list(entry.spec.event_filters), None
+        if self.webhook_address is not None:
+            token = secrets.token_urlsafe(VERIFICATION_TOKEN_BYTES)
+            register_secret(token)
         try:
-            info = session.client.create_subscription(list(entry.spec.event_filters), self.expires_in)
+            if token is not None and self.webhook_address is not None:
+                info = session.client.create_webhook_subscription(filters, self.expires_in, self.webhook_address,
+                                                                  token)
+            else:
+                info = session.client.create_subscription(filters, self.expires_in)
         except Exception as exc:
             if not (isinstance(exc, RateLimited) and not exc.sent):  # refused locally: not an attempt
                 self.metrics.creation_failures.labels(reason).inc()
             raise exc from None
+        if token is not None:
+            entry.webhook_token = (str(info.get("id") or ""), token)
         self.metrics.creations.labels(reason).inc()
         self._activate(entry, info, deliveries, how="created", started=started)
 
@@ -498,6 +543,9 @@ class SubscriptionManager:
             self._drop_subscription(entry, "not-found")
             self._create(entry, deliveries)
             return
+        if info.get("status") == BLACKLISTED:
+            self._replace_blacklisted(entry, info, deliveries)
+            return
         changed = self._activate(entry, info, deliveries, how="renewed", started=started)
         entry.renewals += 1
         self.metrics.renewals.labels("changed" if changed else "ok").inc()
@@ -514,12 +562,26 @@ class SubscriptionManager:
                 raise
             info = None
         expired = info is not None and _expires_at(info, started) <= self.clock()
+        if info is not None and info.get("status") == BLACKLISTED:
+            self._replace_blacklisted(entry, info, deliveries)
+            return
         if info is None or info.get("status", "Active") != "Active" or expired:
             log.warning("subscription.verify_failed", spec=entry.spec.spec_id, subscription_id=entry.subscription_id)
             self._drop_subscription(entry, "not-found" if info is None else "expired")
             self._create(entry, deliveries)
             return
         self._activate(entry, info, deliveries, how="verified", started=started)
+
+    def _replace_blacklisted(self, entry: _Entry, info: dict[str, Any], deliveries: list[Delivery]) -> None:
+        """RingCentral stopped delivering to us for good: delete it, create another, report the gap."""
+        data = info.get("blacklistedData") or {}
+        since = _parse_time(data.get("blacklistedAt")) or entry.confirmed_at
+        log.warning("subscription.blacklisted", spec=entry.spec.spec_id, subscription_id=entry.subscription_id,
+                    reason=str(data.get("reason") or ""), blacklisted_at=data.get("blacklistedAt"))
+        self._drop_subscription(entry, "blacklisted")
+        with self._cond:
+            entry.gone_since, entry.gone_reason = since, "blacklisted"
+        self._create(entry, deliveries)
 
     def _drop_subscription(self, entry: _Entry, reason: str) -> None:
         with self._cond:
@@ -542,10 +604,7 @@ class SubscriptionManager:
         assert session is not None
         now = self.clock()
         mode = info.get("deliveryMode") or {}
-        sub_id = str(info.get("id") or "")
-        channel, sub_key = mode.get("address"), mode.get("subscriberKey")
-        if not sub_id or not channel or not sub_key:
-            raise ApiError(200, None, "subscription response lacks id, deliveryMode.address or subscriberKey")
+        sub_id, channel, sub_key, verification_token = self._where(entry, info)
         key = mode.get("encryptionKey") if mode.get("encryption") in (True, "true") else None
         previous = entry.delivery
         if key is None and mode.get("encryption") in (True, "true") and previous is not None and \
@@ -565,8 +624,9 @@ class SubscriptionManager:
                             subscriber_key=str(sub_key), channel=str(channel),
                             encryption_key=str(key) if key else None, expires_at=expires_at,
                             lapsed_since=entry.expires_at if lapsed else entry.gone_since if gone else None,
-                            lapse_reason="expired" if lapsed else "gone" if gone else None,
-                            transport=str(mode.get("transportType") or "PubNub"))
+                            lapse_reason="expired" if lapsed else entry.gone_reason if gone else None,
+                            transport=str(mode.get("transportType") or "PubNub"),
+                            verification_token=verification_token)
         changed = previous is None or (previous.subscription_id, previous.subscriber_key, previous.channel,
                                        previous.encryption_key) != (sub_id, delivery.subscriber_key,
                                                                     delivery.channel, delivery.encryption_key)
@@ -576,7 +636,7 @@ class SubscriptionManager:
             self._claimed.add(sub_id)
             entry.expires_at = expires_at
             entry.confirmed_at = now
-            entry.gone_since = None
+            entry.gone_since, entry.gone_reason = None, "gone"
             entry.delivery = delivery
             entry.failures = 0
             entry.last_error = None
@@ -600,6 +660,21 @@ class SubscriptionManager:
             if old != sub_id:
                 self._delete_id(session, old)
         return changed and previous is not None
+
+    def _where(self, entry: _Entry, info: dict[str, Any]) -> tuple[str, str, str, str | None]:
+        """(id, channel, subscriber key, verification token) of a SubscriptionInfo; ApiError if incomplete."""
+        mode = info.get("deliveryMode") or {}
+        sub_id = str(info.get("id") or "")
+        if self.webhook_address is not None:
+            token = self._webhook_token(entry, info)
+            if not sub_id or not token:
+                raise ApiError(200, None, "WebHook subscription response lacks id, or its token is unknown")
+            # The data plane routes by channel: for a WebHook, the subscription id its deliveries name.
+            return sub_id, sub_id, "", token
+        channel, sub_key = mode.get("address"), mode.get("subscriberKey")
+        if not sub_id or not channel or not sub_key:
+            raise ApiError(200, None, "subscription response lacks id, deliveryMode.address or subscriberKey")
+        return sub_id, str(channel), str(sub_key), None
 
     def _renewal_due(self, expires_at: float, now: float) -> float:
         """expiry - margin - jitter; the jitter (which spreads renewals of specs created together)
@@ -763,6 +838,16 @@ def normalize_filters(filters: Iterable[str], account_id: str, extension_id: str
             normalized += "?" + urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
         out.add(normalized)
     return tuple(sorted(out))
+
+
+def _parse_time(text: object) -> float | None:
+    """Unix seconds of an ISO 8601 time RingCentral sent, or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _expires_at(info: dict[str, Any], sent_at: float) -> float:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 from ingest.sandbox.faults import FaultBook
+from ingest.sandbox.webhook import WebhookDeliveries, webhook_info, webhook_target
 
 API = "/restapi/v1.0"
 # A WebSocket subscription has no expiry of its own: its WebSocket session ends it (deleting it).
@@ -281,6 +282,9 @@ class _Subscription:
     rotate_channel: bool = False
     renewals: int = 0
     transport: str = "PubNub"  # "WebSocket": created over a socket, lives as long as its session
+    webhook_token: str | None = None  # WebHook: the verificationToken (channel holds the address)
+    webhook_lifetime: float = 0.0  # WebHook: the lifetime granted at creation (a renewal grants it again)
+    blacklisted: tuple[float, str] | None = None  # WebHook: (when, reason); no more deliveries
 
     def live(self, now: float) -> bool:
         return not self.deleted and now < self.expires_at
@@ -306,6 +310,7 @@ class SubscriptionView:
     filters: tuple[EventFilter, ...] = field(repr=False, default=())
     renewals: int = 0
     transport: str = "PubNub"
+    webhook_token: str | None = field(repr=False, default=None)  # set: a WebHook subscription (channel: address)
 
     @property
     def live(self) -> bool:
@@ -378,6 +383,7 @@ class RingCentralEmulator:
         self._missing_permissions: dict[str, set[str]] = {}  # account id -> app permissions it lacks
         # POST /restapi/oauth/wstoken: set by the WebSocket emulator (ingest/sandbox/websocket.py)
         self.ws_tokens: Callable[[_Session], dict[str, Any]] | None = None
+        self.webhooks = WebhookDeliveries(self.blacklist)
 
     def _require_permission(self, account: Account, permission: str) -> None:
         with self._lock:
@@ -522,25 +528,30 @@ class RingCentralEmulator:
             seen.setdefault(f.expanded, f)
         return list(seen.values())
 
-    def _expires_in(self, body: dict[str, Any]) -> float:
+    def _expires_in(self, body: dict[str, Any], webhook: bool = False) -> float:
+        longest = self.webhooks.ttl_max if webhook else self.subscription_ttl_max
         value = body.get("expiresIn")
         if value is None:
-            return self.subscription_ttl_max
+            return min(self.webhooks.ttl_default, longest) if webhook else longest
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise api_error(400, "CMN-101", "Parameter [expiresIn] value is invalid", parameterName="expiresIn")
-        return min(float(value), self.subscription_ttl_max)
+        return min(float(value), longest)
 
     def create(self, session: _Session, body: dict[str, Any], transport: str = "PubNub") -> dict[str, Any]:
         """POST /subscription over REST (PubNub) or over a WebSocket session (`transport="WebSocket"`)."""
         mode = body.get("deliveryMode")
-        if not isinstance(mode, dict) or mode.get("transportType") != transport:
+        kind = mode.get("transportType") if isinstance(mode, dict) else None
+        # Over REST: PubNub or WebHook (ingest/sandbox/webhook.py); over a socket: WebSocket.
+        if kind != transport and not (transport == "PubNub" and kind == "WebHook"):
             raise api_error(400, "CMN-101", "Parameter [deliveryMode.transportType] value is invalid",
                             parameterName="deliveryMode.transportType")
+        assert isinstance(mode, dict)
         filters = self._parse_filters(body.get("eventFilters"), session)
+        webhook = webhook_target(mode, self.webhooks) if kind == "WebHook" else None
         plaintext = transport != "PubNub"  # WebSocket delivers unencrypted and ignores expiresIn
-        ttl = WEBSOCKET_LIFETIME if plaintext else self._expires_in(body)
+        ttl = WEBSOCKET_LIFETIME if plaintext else self._expires_in(body, webhook=webhook is not None)
         encryption = mode.get("encryption") in (True, "true", "True")
-        if any(f.kind in PRESENCE_KINDS for f in filters):
+        if any(f.kind in PRESENCE_KINDS for f in filters) and webhook is None:
             encryption = True  # forced for presence, whatever the client asked (§3.5)
         encryption = encryption and not plaintext
         now = time.time()
@@ -553,8 +564,10 @@ class RingCentralEmulator:
             sub = _Subscription(str(uuid.UUID(int=self._rng.getrandbits(128), version=4)), account,
                                 account.extension_id, session.client_id, filters, encryption,
                                 self._new_key() if encryption else None,
-                                "" if plaintext else self._new_channel(account),
-                                "" if plaintext else self.subscriber_key, now, now + ttl, transport=transport)
+                                webhook[0] if webhook else "" if plaintext else self._new_channel(account),
+                                "" if plaintext or webhook else self.subscriber_key, now, now + ttl,
+                                transport=kind if webhook else transport,
+                                webhook_token=webhook[1] if webhook else None, webhook_lifetime=ttl)
             self._subs[sub.id] = sub
             self.created_count[account.account_id] += 1
             self._counts[account.account_id]["created"] += 1
@@ -592,8 +605,10 @@ class RingCentralEmulator:
                     if (any(f.kind in PRESENCE_KINDS for f in sub.filters) and not sub.encryption
                             and sub.transport == "PubNub"):
                         sub.encryption, sub.key = True, self._new_key()
-                ttl = self._expires_in(body)
-            sub.expires_at = now + (WEBSOCKET_LIFETIME if sub.transport != "PubNub" else ttl)
+                ttl = self._expires_in(body, webhook=sub.webhook_token is not None)
+            elif sub.webhook_token is not None:
+                ttl = min(sub.webhook_lifetime, self.webhooks.ttl_max)  # renewed for the lifetime it was granted
+            sub.expires_at = now + (WEBSOCKET_LIFETIME if sub.transport == "WebSocket" else ttl)
             self._apply_rotation(sub)
             sub.renewals += 1
             self._counts[sub.account.account_id]["renewed"] += 1
@@ -621,13 +636,23 @@ class RingCentralEmulator:
         elif sub.encryption:
             mode["encryptionAlgorithm"] = "AES"
             mode["encryptionKey"] = sub.key
-        return {"uri": f"{self.base_url}{API}/subscription/{sub.id}", "id": sub.id,
+        info = {"uri": f"{self.base_url}{API}/subscription/{sub.id}", "id": sub.id,
                 "creationTime": iso(sub.created_at), "status": "Active",
                 "eventFilters": [f.expanded for f in sub.filters],
                 "expirationTime": iso(sub.expires_at),
                 "expiresIn": max(0, math.ceil(sub.expires_at - now) - 1), "deliveryMode": mode}
+        if sub.webhook_token is not None:
+            webhook_info(info, sub.channel, sub.webhook_token, sub.blacklisted)
+        return info
 
     # ---- server-side operations (faults, assertions, generator) ------------------------------
+    def blacklist(self, subscription_id: str, reason: str) -> None:
+        """WebHook: RingCentral gives up on the address for good (no more deliveries; status Blacklisted)."""
+        with self._lock:
+            sub = self._subs[subscription_id]
+            if sub.blacklisted is None:
+                sub.blacklisted = (time.time(), reason)
+
     def expire_subscription(self, subscription_id: str) -> None:
         with self._lock:
             sub = self._subs[subscription_id]
@@ -655,13 +680,13 @@ class RingCentralEmulator:
             views.append(SubscriptionView(
                 s.id, s.account.name, s.account.account_id, s.extension_id, status, s.created_at, s.expires_at,
                 s.deleted, s.channel, s.subscriber_key, s.key, s.encryption,
-                tuple(f.expanded for f in s.filters), tuple(s.filters), s.renewals, s.transport))
+                tuple(f.expanded for f in s.filters), tuple(s.filters), s.renewals, s.transport, s.webhook_token))
         return views
 
     def is_live(self, subscription_id: str) -> bool:
         """Whether events may still be published for this subscription (checked per notification)."""
         sub = self._subs.get(subscription_id)
-        return sub is not None and sub.live(time.time())
+        return sub is not None and sub.live(time.time()) and sub.blacklisted is None
 
     def live_subscriptions(self) -> list[SubscriptionView]:
         return self.subscriptions(include_dead=False)

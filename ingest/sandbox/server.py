@@ -150,6 +150,7 @@ class Sandbox:
                                    missing_ratio=s.missing_field_ratio)
         self.websocket = WebSocketEmulator(self.book, self.rc, s.websocket)
         self.generator.routes["WebSocket"] = self.websocket.publish
+        self.generator.routes["WebHook"] = self.rc.webhooks.publish
         self.faults = Faults(self.book, self.rc, self.pubnub, self.websocket)
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
@@ -186,6 +187,7 @@ class Sandbox:
 
     def close(self) -> None:
         self.generator.stop()
+        self.rc.webhooks.close()
         self.pubnub.close()  # releases held polls
         self.websocket.close()
         for server in self._servers:

@@ -79,6 +79,8 @@ class SpecChannels:
         self.progress: dict[str, SpecProgress] = {}
         self.restored: dict[str, SpecState] = {}
         self.wrapped_keys: dict[str, str] = {}  # spec id -> the current delivery's key, wrapped
+        # spec id -> the current WebHook subscription's verification token, wrapped (every pod's receiver reads it)
+        self.wrapped_tokens: dict[str, str] = {}
         self.drains: dict[str, dict[str, Drain]] = {}  # spec id -> former channel -> its drain
         # spec id -> (when its subscription expired, that subscription's id, the replacement's delivery)
         self.lapses: dict[str, tuple[float, str, Delivery]] = {}
@@ -103,6 +105,9 @@ class SpecChannels:
             self.deliveries[spec_id] = delivery
             previous_key = self.wrapped_keys.get(spec_id)
             self.wrapped_keys[spec_id] = self._wrap(spec_id, delivery)
+            if delivery.verification_token:
+                self.wrapped_tokens[spec_id] = self.keys.wrap(delivery.verification_token, spec_id,
+                                                              delivery.subscription_id)
             self.drains.get(spec_id, {}).pop(delivery.channel, None)  # moved back: no longer a former channel
             progress = self.progress.get(spec_id)
             old_route = self.routes.get(previous.channel) if previous else None
@@ -198,6 +203,7 @@ class SpecChannels:
             self.restored.pop(spec_id, None)
             self.last_state.pop(spec_id, None)
             self.wrapped_keys.pop(spec_id, None)
+            self.wrapped_tokens.pop(spec_id, None)
             self.lapses.pop(spec_id, None)
             for channel in self.drains.pop(spec_id, {}):
                 self.transport.remove_channel(channel)

@@ -43,6 +43,7 @@ from ingest.rc.subscriptions import STATES, SubscriptionManager
 from ingest.topology import COMPACTED, TopicNames, ensure_topics
 from ingest.transports.base import Received, Transport
 from ingest.transports.pubnub import PubNubTransport, TransportSettings
+from ingest.transports.webhook import WebhookTransport
 from ingest.transports.websocket import Gap, WebSocketTransport, WithWebSocket
 from ingest.worker import checkpointing, ownership
 from ingest.worker.channels import Route, SpecChannels
@@ -65,6 +66,7 @@ class Worker:
         catalogue = default_catalogue()
         self.topics = TopicNames(config.topics.prefix, config.topics.routing, catalogue)
         self.pipeline = Pipeline(catalogue, self.topics)
+        self.kafka = KafkaReachability(self.metrics)
         self.transport = PubNubTransport(
             TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
                               ssl=config.ringcentral.pubnub_ssl, channels_per_connection=w.channels_per_connection,
@@ -73,7 +75,11 @@ class Worker:
         # `transport: websocket` accounts: their own transport, behind the same interface (one for both).
         self.websocket = WebSocketTransport(self._on_notifications, self.metrics, on_gap=self._on_websocket_gap) \
             if any(a.transport == "websocket" for a in config.accounts) else None
-        intake: Transport = self.transport if self.websocket is None else WithWebSocket(self.transport, self.websocket)
+        # `transport: webhook`: RingCentral POSTs every account's notifications to the receiver instead.
+        self.webhook = None if config.webhook is None else WebhookTransport(
+            config.webhook, self._on_notifications, self.metrics, kafka_reachable=lambda: self.kafka.ok)
+        intake: Transport = self.webhook or (
+            self.transport if self.websocket is None else WithWebSocket(self.transport, self.websocket))
         self.channels = SpecChannels(w, self.metrics, intake, KeyWrapper(config.ringcentral.client_secret),
                                      threading.RLock())
         self.transport.on_access_denied = self.channels.on_access_denied
@@ -83,10 +89,10 @@ class Worker:
         self.ownership = ownership.for_config(config, self.metrics, topics=self.topics, channels=self.channels,
                                               checkpoints=self.checkpoints)
         self.heartbeats = Heartbeats()
-        self.kafka = KafkaReachability(self.metrics)
+        self._subscriptions_ready = readiness_check(lambda: self.kafka.ok, self._subscription_rows,
+                                                    ready_states=READY_STATES)
         self.health = HealthServer(self.metrics, config.metrics.host, config.metrics.port, liveness=self._liveness,
-                                   readiness=readiness_check(lambda: self.kafka.ok, self._subscription_rows,
-                                                             ready_states=READY_STATES))
+                                   readiness=self._readiness)
         self.manager: SubscriptionManager | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -126,7 +132,8 @@ class Worker:
             accounts=build_sessions(cfg, self.metrics, websocket=self.websocket), metrics=self.metrics,
             on_delivery=self._on_delivery,
             renewal_margin=cfg.worker.renewal_margin_seconds, renewal_jitter=cfg.worker.renewal_jitter_seconds,
-            expires_in=cfg.worker.expires_in_seconds, adopt_matching=self.ownership.adopt_matching)
+            expires_in=cfg.worker.expires_in_seconds, adopt_matching=self.ownership.adopt_matching,
+            webhook_address=cfg.webhook.address if cfg.webhook is not None else None)
         self.manager.start()
         self.ownership.start(self.manager, lambda what, step: self.kafka.until_answers(what, step, self._stop))
         self._owning.set()
@@ -172,6 +179,8 @@ class Worker:
     # ---- control plane -> data plane -----------------------------------------------------------
 
     def _on_delivery(self, spec_id: str, delivery: Delivery | None) -> None:
+        if self.webhook is not None:  # the receiver checks deliveries against the current token
+            self.webhook.table.apply(spec_id, delivery)
         if delivery is None:  # the spec was removed
             self.channels.drop(spec_id)
             self.checkpoints.remove(spec_id)
@@ -212,7 +221,8 @@ class Worker:
         for route in touched:
             route.spec_metrics.last_notification.set(received_at)
         if touched:  # a batch comes from one transport: any of its routes says which
-            transport = "websocket" if next(iter(touched)).context.plaintext else "pubnub"
+            transport = "webhook" if self.webhook is not None else \
+                "websocket" if next(iter(touched)).context.plaintext else "pubnub"
             self.metrics.received_by_transport[transport].inc(received)
 
     # ---- checkpoints and health ----------------------------------------------------------------
@@ -255,6 +265,11 @@ class Worker:
     def _liveness(self) -> tuple[bool, str]:
         failed = self.failed
         return (False, failed) if failed else self.heartbeats.check()
+
+    def _readiness(self) -> tuple[bool, str]:
+        if self.webhook is not None and not self.webhook.server.listening():
+            return False, "webhook receiver not listening"
+        return self._subscriptions_ready()
 
     def _subscription_rows(self) -> list[SubscriptionRow] | None:
         if self.manager is None or not self._owning.is_set():

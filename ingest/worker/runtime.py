@@ -41,12 +41,10 @@ from ingest.observability.metrics import Metrics
 from ingest.rc.accounts import build_sessions
 from ingest.rc.subscriptions import STATES, SubscriptionManager
 from ingest.topology import COMPACTED, TopicNames, ensure_topics
-from ingest.transports.base import Received, Transport
-from ingest.transports.pubnub import PubNubTransport, TransportSettings
-from ingest.transports.webhook import WebhookTransport
-from ingest.transports.websocket import Gap, WebSocketTransport, WithWebSocket
+from ingest.transports.base import Received
 from ingest.worker import checkpointing, ownership
 from ingest.worker.channels import Route, SpecChannels
+from ingest.worker.intake import Intake
 
 log = get_logger(__name__)
 
@@ -67,25 +65,13 @@ class Worker:
         self.topics = TopicNames(config.topics.prefix, config.topics.routing, catalogue)
         self.pipeline = Pipeline(catalogue, self.topics)
         self.kafka = KafkaReachability(self.metrics)
-        self.transport = PubNubTransport(
-            TransportSettings(user_id=self.worker_id, origin=config.ringcentral.pubnub_origin,
-                              ssl=config.ringcentral.pubnub_ssl, channels_per_connection=w.channels_per_connection,
-                              replay_buffer_messages=w.replay_buffer_messages),
-            handler=self._on_notifications, metrics=self.metrics)
-        # `transport: websocket` accounts: their own transport, behind the same interface (one for both).
-        self.websocket = WebSocketTransport(self._on_notifications, self.metrics, on_gap=self._on_websocket_gap) \
-            if any(a.transport == "websocket" for a in config.accounts) else None
-        # `transport: webhook`: RingCentral POSTs every account's notifications to the receiver instead.
-        self.webhook = None if config.webhook is None else WebhookTransport(
-            config.webhook, self._on_notifications, self.metrics, kafka_reachable=lambda: self.kafka.ok)
-        intake: Transport = self.webhook or (
-            self.transport if self.websocket is None else WithWebSocket(self.transport, self.websocket))
-        self.channels = SpecChannels(w, self.metrics, intake, KeyWrapper(config.ringcentral.client_secret),
-                                     threading.RLock())
-        self.transport.on_access_denied = self.channels.on_access_denied
-        self.transport.on_replay_gap = self.channels.on_replay_gap
+        self.intake = Intake(config, self._on_notifications, self.metrics, kafka_reachable=lambda: self.kafka.ok)
+        self.channels = SpecChannels(w, self.metrics, self.intake.transport,
+                                     KeyWrapper(config.ringcentral.client_secret), threading.RLock())
+        self.intake.attach(self.channels)
         self.checkpoints = checkpointing.for_config(config, self.metrics, topics=self.topics, channels=self.channels,
-                                                    transport=intake, keep_waiting=self._waiting_on_kafka)
+                                                    transport=self.intake.transport,
+                                                    keep_waiting=self._waiting_on_kafka)
         self.ownership = ownership.for_config(config, self.metrics, topics=self.topics, channels=self.channels,
                                               checkpoints=self.checkpoints)
         self.heartbeats = Heartbeats()
@@ -109,10 +95,6 @@ class Worker:
         """Replace the sink before `start()` (tests give one a setting the config refuses)."""
         self.checkpoints.sink = sink
 
-    @property
-    def fatal_error(self) -> str | None:
-        return self.checkpoints.fatal_error
-
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -129,7 +111,7 @@ class Worker:
         self.kafka.until_answers("start the producer", self.sink.start, self._stop)
         self.channels.transport.start()
         self.manager = self.channels.manager = SubscriptionManager(
-            accounts=build_sessions(cfg, self.metrics, websocket=self.websocket), metrics=self.metrics,
+            accounts=build_sessions(cfg, self.metrics, websocket=self.intake.websocket), metrics=self.metrics,
             on_delivery=self._on_delivery,
             renewal_margin=cfg.worker.renewal_margin_seconds, renewal_jitter=cfg.worker.renewal_jitter_seconds,
             expires_in=cfg.worker.expires_in_seconds, adopt_matching=self.ownership.adopt_matching,
@@ -179,8 +161,7 @@ class Worker:
     # ---- control plane -> data plane -----------------------------------------------------------
 
     def _on_delivery(self, spec_id: str, delivery: Delivery | None) -> None:
-        if self.webhook is not None:  # the receiver checks deliveries against the current token
-            self.webhook.table.apply(spec_id, delivery)
+        self.intake.on_delivery(spec_id, delivery)
         if delivery is None:  # the spec was removed
             self.channels.drop(spec_id)
             self.checkpoints.remove(spec_id)
@@ -188,13 +169,6 @@ class Worker:
         self.channels.deliver(spec_id, delivery)
         self.ownership.delivered(spec_id)
         self.checkpoints.spec_changed(spec_id)
-
-    def _on_websocket_gap(self, channel: str, gap: Gap) -> None:
-        """RingCentral did not keep what a WebSocket session missed (recovery failed or too late)."""
-        for spec_id, delivery in list(self.channels.deliveries.items()):
-            if delivery.channel == channel:
-                self.channels.report_gap(spec_id, gap.lost_subscription_id or "", gap.since, gap.until,
-                                         f"websocket {gap.reason}: RingCentral did not keep what the session missed")
 
     def _restart_windows_loop(self) -> None:
         while not self._stop.wait(RESTART_WINDOWS_CHECK_SECONDS):
@@ -205,7 +179,7 @@ class Worker:
 
     # ---- hot path ------------------------------------------------------------------------------
 
-    def _on_notifications(self, batch: list[Received], received_at: float) -> None:
+    def _on_notifications(self, batch: list[Received], received_at: float, transport: str) -> None:
         routes = self.channels.routes
         touched: set[Route] = set()
         received = 0
@@ -220,10 +194,7 @@ class Worker:
         # Metrics once per batch: per message they cost more than decryption (docs/benchmarks.md).
         for route in touched:
             route.spec_metrics.last_notification.set(received_at)
-        if touched:  # a batch comes from one transport: any of its routes says which
-            transport = "webhook" if self.webhook is not None else \
-                "websocket" if next(iter(touched)).context.plaintext else "pubnub"
-            self.metrics.received_by_transport[transport].inc(received)
+        self.metrics.received_by_transport[transport].inc(received)
 
     # ---- checkpoints and health ----------------------------------------------------------------
 
@@ -267,9 +238,8 @@ class Worker:
         return (False, failed) if failed else self.heartbeats.check()
 
     def _readiness(self) -> tuple[bool, str]:
-        if self.webhook is not None and not self.webhook.server.listening():
-            return False, "webhook receiver not listening"
-        return self._subscriptions_ready()
+        not_ready = self.intake.not_ready()
+        return (False, not_ready) if not_ready else self._subscriptions_ready()
 
     def _subscription_rows(self) -> list[SubscriptionRow] | None:
         if self.manager is None or not self._owning.is_set():

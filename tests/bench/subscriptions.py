@@ -76,13 +76,13 @@ def _worker_main(config_path: str, specs: int, observe_seconds: float, conn: Con
             if active == specs and "all_active_seconds" not in result:
                 result["all_active_seconds"] = time.monotonic() - t0
             channels = {d.channel for d in list(worker.channels.deliveries.values())}
-            if active == specs and len(channels) == specs and channels <= worker.transport.reading():
+            if active == specs and len(channels) == specs and channels <= worker.intake.pubnub.reading():
                 break
             time.sleep(0.5)
         else:
             raise RuntimeError(f"only {active} of {specs} subscriptions active after {deadline - t0:.0f}s")
         result["startup_seconds"] = time.monotonic() - t0
-        result["connections"] = worker.transport.connection_count
+        result["connections"] = worker.intake.pubnub.connection_count
         result["rss_after_startup_bytes"] = current_rss_bytes()
         # Observation: no notifications, only renewals and long-polls.
         margins.values.clear()

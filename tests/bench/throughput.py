@@ -121,14 +121,14 @@ def _worker_main(config_path: str, specs: int, conn: Connection) -> None:
             states = worker.manager.snapshot()
             channels = {d.channel for d in list(worker.channels.deliveries.values())}
             if (len(states) == specs and all(s.state == "active" for s in states) and len(channels) == specs
-                    and channels <= worker.transport.reading()):
+                    and channels <= worker.intake.pubnub.reading()):
                 break
             time.sleep(0.1)
         else:
             raise RuntimeError("the worker's subscriptions did not all become active and read")
         tune_gc()  # as `ingest run` does once started
         conn.send({"startup_seconds": round(time.monotonic() - started, 2),
-                   "connections": worker.transport.connection_count})
+                   "connections": worker.intake.pubnub.connection_count})
         while True:
             command, arg = conn.recv()
             if command == "stop":

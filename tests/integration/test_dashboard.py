@@ -111,7 +111,7 @@ def exported(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
     (sandbox + real broker) that has handled good and malformed notifications."""
     directory = tmp_path_factory.mktemp("exported")
     with observed_worker(directory, kafka_bootstrap, f"dash-{uuid.uuid4().hex[:8]}") as (worker, sandbox):
-        wait_for(lambda: len(worker.transport.reading()) == 3, 30, what="the worker reading PubNub")
+        wait_for(lambda: len(worker.intake.pubnub.reading()) == 3, 30, what="the worker reading PubNub")
         sandbox.generator.publish(30)
         sandbox.generator.publish(3, malformed="bad-padding")
         wait_for(lambda: worker.metrics.received_by_transport["pubnub"]._value.get() >= 33, 30, what="traffic handled")

@@ -33,7 +33,7 @@ def _start(config_path: Path) -> Worker:
 
 
 def _reading(worker: Worker) -> bool:
-    return len(worker.transport.reading()) == 1
+    return len(worker.intake.pubnub.reading()) == 1
 
 
 def test_catch_up_that_fills_the_buffer_is_reported(kafka_bootstrap: str, unique_name: str, tmp_path: Path,
@@ -177,7 +177,7 @@ def test_a_recorded_channel_pubnub_refuses_is_a_gap_and_the_new_channel_is_read(
             [event] = _gap_events(caplog)
             assert (event["spec"], event["subscription_id"]) == ("acme/messages", old.id)
             assert event["reason"] == "PubNub denied access to the recorded channel"
-            wait_for(lambda: old.channel not in second.transport.reading() and _reading(second), 30,
+            wait_for(lambda: old.channel not in second.intake.pubnub.reading() and _reading(second), 30,
                      what="the new channel read without the refused one")
             [probe] = sandbox.generator.publish(1)
             reader.poll_until(lambda rs: any(r.headers.get("uuid") == probe.uuid for r in rs), 30)

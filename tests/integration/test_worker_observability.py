@@ -39,7 +39,7 @@ def test_every_metric_exists_and_moves(kafka_bootstrap: str, unique_name: str, t
         manager = worker.manager
         assert manager is not None
         wait_for(lambda: sum(s.state == "active" for s in manager.snapshot()) == 3, 30, what="active subscriptions")
-        wait_for(lambda: len(worker.transport.reading()) == 3, 15, what="PubNub reading")
+        wait_for(lambda: len(worker.intake.pubnub.reading()) == 3, 15, what="PubNub reading")
         before = scrape(port)
 
         sandbox.generator.publish(10 * len(KIND_FAMILY), kinds=[k for k in KIND_FAMILY if k != "subscription-reminder"])

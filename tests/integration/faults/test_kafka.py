@@ -210,7 +210,7 @@ def test_exactly_once_outage_keeps_liveness_and_order(
             seconds = 45  # longer than a commit's 30-s timeout plus the loop's allowed silence (10 s)
             s.wait_traffic(int(seconds * RATE), timeout=seconds * 3)
             assert not liveness.failures, liveness.failures[:3]
-            assert s.worker.fatal_error is None, s.worker.fatal_error
+            assert s.worker.failed is None, s.worker.failed
             assert _kafka_up(s) == 0, "the worker did not see Kafka down"
         outage = time.monotonic() - stopped
         recovery = s.probe(timeout=120)
@@ -218,7 +218,7 @@ def test_exactly_once_outage_keeps_liveness_and_order(
         s.verify("exactly-once, kafka outage past the commit timeout")
         wrong = s.out_of_order()
         assert not wrong, (len(wrong), wrong[:5])
-        assert s.worker.fatal_error is None, s.worker.fatal_error
+        assert s.worker.failed is None, s.worker.failed
         assert not liveness.failures, liveness.failures[:3]
         print(f"outage {outage:.1f}s, /healthz 200 in {liveness.polls} polls, 0 out of order, "
               f"probe delivered {recovery:.1f}s after the restart")

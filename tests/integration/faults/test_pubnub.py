@@ -49,7 +49,7 @@ def test_pubnub_stalled_polls_past_the_read_timeout_lose_nothing(
         kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
     def short_read_timeout(worker: Worker) -> None:
         # Production keeps the SDK's 310 s; a 3-s read timeout makes a 5-s stall a real client timeout.
-        worker.transport.settings.subscribe_request_timeout = 3
+        worker.intake.pubnub.settings.subscribe_request_timeout = 3
 
     with scenario(tmp_path, kafka_bootstrap, unique_name, before_start=short_read_timeout) as s:
         fired = record_faults(s.sandbox)

@@ -179,7 +179,7 @@ def test_rc_key_and_channel_rotation_on_renewal(rc: Scenario) -> None:
     after = {v.id: (v.key, v.channel) for v in rc.sandbox.rc.live_subscriptions()}
     assert after.keys() == before.keys()
     assert all(after[i][0] != before[i][0] and after[i][1] != before[i][1] for i in after)
-    wait_for(lambda: {c for _, c in after.values()} <= rc.worker.transport.reading(), 30,
+    wait_for(lambda: {c for _, c in after.values()} <= rc.worker.intake.pubnub.reading(), 30,
              what="the new channels read")
     rc.wait_traffic(60)
     rc.verify("rc key + channel rotation")

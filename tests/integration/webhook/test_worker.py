@@ -93,8 +93,8 @@ def test_the_state_records_carry_each_subscription_token_wrapped_for_the_other_p
 def test_readiness_covers_the_receiver(worker: Worker) -> None:
     url = f"http://127.0.0.1:{worker.health.port}/readyz"
     wait_for(lambda: requests.get(url, timeout=10).status_code == 200, 60, "ready")
-    assert worker.webhook is not None
-    worker.webhook.server.stop()
+    assert worker.intake.webhook is not None
+    worker.intake.webhook.server.stop()
     answer = requests.get(url, timeout=10)
     assert (answer.status_code, "webhook receiver not listening" in answer.text) == (503, True)
 
@@ -106,7 +106,7 @@ def test_a_notification_posted_again_is_answered_200_and_not_stored_twice(
     [attempt] = sandbox.rc.webhooks.attempted
     assert attempt.delivered
     view = next(s for s in sandbox.rc.live_subscriptions() if s.id == first.subscription_id)
-    assert worker.webhook is not None
+    assert worker.intake.webhook is not None
     again = requests.post(view.channel, data=attempt.body, timeout=10, headers={
         "Content-Type": "application/json", "Verification-Token": view.webhook_token or ""})
     assert again.status_code == 200

@@ -61,7 +61,7 @@ class Running:
     def subscription(self) -> Any:
         return next(s for s in self.sandbox.rc.subscriptions() if s.id == self.session.subscription_id)
 
-    def received_all(self, generated: list[Generated], timeout: float = 30) -> None:
+    def received_all(self, generated: list[Generated], timeout: float = 90) -> None:
         wanted = [g.uuid for g in generated]
         wait_for(lambda: len(self.collector.uuids()) >= len(wanted), timeout=timeout)
         assert self.collector.uuids() == wanted  # in order, none twice, none lost
@@ -85,7 +85,7 @@ def start_session(make_sandbox: Callable[..., Sandbox]) -> Iterator[Callable[...
                                    on_gap=collector.gap, resume=resume, name=account.name)
         sessions.append(session)
         session.start()
-        wait_for(lambda: session.connected, timeout=20)
+        wait_for(lambda: session.connected, timeout=60)
         return Running(sb, session, collector, metrics, tokens)
 
     yield start
@@ -114,10 +114,10 @@ def test_socket_drops_recover_the_session_with_nothing_lost(start_session: Calla
     sb.generator.start(100)
     try:
         for _ in range(3):
-            wait_for(lambda: run.session.connected and len(run.collector.notes) > 20, timeout=20)
+            wait_for(lambda: run.session.connected and len(run.collector.notes) > 20, timeout=60)
             opened = sb.websocket.stats()["opened"]
             assert sb.faults.ws_drop_connections() == 1
-            wait_for(lambda o=opened: sb.websocket.stats()["opened"] > o and run.session.connected, timeout=20)
+            wait_for(lambda o=opened: sb.websocket.stats()["opened"] > o and run.session.connected, timeout=60)
     finally:
         sb.generator.stop()
     run.received_all(sb.generator.generated)
@@ -136,7 +136,7 @@ def test_failed_recovery_subscribes_again_and_reports_the_gap(start_session: Cal
     sb.faults.ws_fail_recovery(count=1)
     dropped_at = time.time()
     sb.faults.ws_drop_connections()
-    wait_for(lambda: run.collector.gaps and run.session.connected, timeout=20)
+    wait_for(lambda: run.collector.gaps and run.session.connected, timeout=60)
     gap = run.collector.gaps[0]
     assert gap.reason == "recovery-failed" and gap.lost_subscription_id == old
     assert dropped_at - 1 <= gap.since <= gap.until <= time.time()
@@ -154,13 +154,13 @@ def test_refused_tokens_are_retried_as_the_rest_client_does(start_session: Calla
     logins = run.tokens.logins + run.tokens.refreshes
     sb.faults.rc_error("wstoken", 401, count=1)  # the access token died: refresh it and retry once
     sb.faults.ws_drop_connections()
-    wait_for(lambda: sb.book.fired.get("rc-error", 0) == 1 and run.session.connected, timeout=20)
+    wait_for(lambda: sb.book.fired.get("rc-error", 0) == 1 and run.session.connected, timeout=60)
     assert run.tokens.logins + run.tokens.refreshes == logins + 1
     sb.faults.rc_error("wstoken", 429, count=1, retry_after=2)  # silence in the Auth group, then retry
     dropped = time.monotonic()
     sb.faults.ws_drop_connections()
-    wait_for(lambda: sb.book.fired.get("rc-error", 0) == 2, timeout=20)
-    wait_for(lambda: run.session.connected, timeout=20)
+    wait_for(lambda: sb.book.fired.get("rc-error", 0) == 2, timeout=60)
+    wait_for(lambda: run.session.connected, timeout=60)
     assert time.monotonic() - dropped >= 2.0
     assert sb.book.fired.get("rc-error", 0) == 2  # not one request during the penalty
     assert run.count("ingest_ringcentral_rate_limit_penalties_total", group="auth") == 1
@@ -177,7 +177,7 @@ def test_planned_closes_reconnect_at_once_and_recover(start_session: Callable[..
     closed = time.monotonic()
     assert sb.faults.ws_close(code) == 1
     wait_for(lambda: run.count("ingest_websocket_reconnects_total", reason=reason) == 1 and run.session.connected,
-             timeout=20)
+             timeout=60)
     assert time.monotonic() - closed < 5  # no backoff for a planned close
     assert run.count("ingest_websocket_recoveries_total", outcome="Successful") == 1
     run.received_all(first + sb.generator.publish(5))
@@ -195,7 +195,7 @@ def test_absolute_timeout_reconnects_with_nothing_lost(start_session: Callable[.
     sb = run.sandbox
     sb.generator.start(50)
     try:
-        wait_for(lambda: sb.websocket.stats()["absolute_closes"] >= 3, timeout=30)
+        wait_for(lambda: sb.websocket.stats()["absolute_closes"] >= 3, timeout=90)
     finally:
         sb.generator.stop()
     run.received_all(sb.generator.generated)
@@ -208,7 +208,7 @@ def test_stalled_pongs_are_detected_and_the_session_recovered(start_session: Cal
     stalled = time.monotonic()
     assert sb.faults.ws_stall() == 1
     missed = sb.generator.publish(10)  # held in the stalled connection's recovery buffer
-    wait_for(lambda: run.count("ingest_websocket_reconnects_total", reason="pong-timeout") == 1, timeout=20)
+    wait_for(lambda: run.count("ingest_websocket_reconnects_total", reason="pong-timeout") == 1, timeout=60)
     detected = time.monotonic() - stalled
     assert detected < FAST.ping_interval + FAST.ping_timeout + FAST.close_timeout + 2
     run.received_all(missed)
@@ -221,8 +221,8 @@ def test_rate_limited_subscription_waits_for_the_penalty(start_session: Callable
     sb.faults.ws_fail_recovery(count=1)  # the next connection has to subscribe again ...
     sb.faults.rc_error("create", 429, count=1, retry_after=2)  # ... and is refused once
     sb.faults.ws_drop_connections()
-    wait_for(lambda: run.session.client.penalty_remaining("subscription.create") > 0, timeout=20)
-    wait_for(lambda: run.session.connected, timeout=20)
+    wait_for(lambda: run.session.client.penalty_remaining("subscription.create") > 0, timeout=60)
+    wait_for(lambda: run.session.connected, timeout=60)
     assert run.session.client.penalty_remaining("subscription.create") == 0
     assert run.count("ingest_ringcentral_rate_limit_penalties_total", group="medium") == 1
     run.received_all(sb.generator.publish(3))
@@ -233,7 +233,7 @@ def test_filters_are_updated_and_the_subscription_deleted_over_the_socket(
     run = start_session()
     subscription = run.session.subscription_id
     run.session.set_event_filters([MESSAGE_STORE, PRESENCE])
-    wait_for(lambda: len(run.subscription().event_filters) == 2, timeout=20)
+    wait_for(lambda: len(run.subscription().event_filters) == 2, timeout=60)
     assert run.session.subscription_id == subscription
     run.session.stop(delete_subscription=True)
     assert {s.id: s.status for s in run.sandbox.rc.subscriptions()}[subscription] == "Deleted"
@@ -262,14 +262,14 @@ def test_a_slow_handler_loses_nothing(start_session: Callable[..., Running]) -> 
     blocked_handler = run.session.handler
 
     def slow(batch: list[Notification], received_at: float) -> None:
-        release.wait(20)
+        release.wait(120)
         blocked_handler(batch, received_at)
 
     run.session.handler = slow
     first = sb.generator.publish(1)
-    wait_for(lambda: sb.websocket.stats()["buffered"] == 1, timeout=10)
+    wait_for(lambda: sb.websocket.stats()["buffered"] == 1, timeout=60)
     queued = sb.generator.publish(40)  # more than the client reads ahead (max_queue 16): flow control stops it
-    wait_for(lambda: sb.websocket.stats()["connections"] == 0, timeout=20)  # the client gave up on it
+    wait_for(lambda: sb.websocket.stats()["connections"] == 0, timeout=60)  # the client gave up on it
     release.set()
     run.received_all(first + queued)
     assert run.count("ingest_websocket_reconnects_total", reason="pong-timeout") >= 1

@@ -1,0 +1,71 @@
+"""The worker's transports, chosen once from the config: PubNub (the first transport, always there),
+WebSocket for `transport: websocket` accounts, and the WebHook receiver when `webhook:` is configured.
+
+The worker sees one `Transport` (`Intake.transport`) and one batch handler; each transport's batches
+reach the handler labelled with the transport's name (the metrics' `transport` label). A new transport
+is one more branch here, none in the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ingest.config import Config
+from ingest.model import Delivery
+from ingest.observability.metrics import Metrics
+from ingest.transports.base import BatchHandler, Received, Transport
+from ingest.transports.pubnub import PubNubTransport, TransportSettings
+from ingest.transports.webhook import WebhookTransport
+from ingest.transports.websocket import Gap, WebSocketTransport, WithWebSocket
+from ingest.worker.channels import SpecChannels
+
+# A batch, when it arrived (unix seconds), and the name of the transport that read it.
+LabelledHandler = Callable[[list[Received], float, str], None]
+
+
+def _labelled(handler: LabelledHandler, name: str) -> BatchHandler:
+    return lambda batch, received_at: handler(batch, received_at, name)
+
+
+class Intake:
+    def __init__(self, config: Config, handler: LabelledHandler, metrics: Metrics, *,
+                 kafka_reachable: Callable[[], bool]) -> None:
+        w, rc = config.worker, config.ringcentral
+        self.pubnub = PubNubTransport(
+            TransportSettings(user_id=w.id, origin=rc.pubnub_origin, ssl=rc.pubnub_ssl,
+                              channels_per_connection=w.channels_per_connection,
+                              replay_buffer_messages=w.replay_buffer_messages),
+            handler=_labelled(handler, "pubnub"), metrics=metrics)
+        self.websocket = WebSocketTransport(_labelled(handler, "websocket"), metrics, on_gap=self._on_websocket_gap) \
+            if any(a.transport == "websocket" for a in config.accounts) else None
+        # `webhook:` configured: RingCentral POSTs every account's notifications to the receiver.
+        self.webhook = None if config.webhook is None else WebhookTransport(
+            config.webhook, _labelled(handler, "webhook"), metrics, kafka_reachable=kafka_reachable)
+        self.transport: Transport = self.webhook or (
+            self.pubnub if self.websocket is None else WithWebSocket(self.pubnub, self.websocket))
+        self._channels: SpecChannels | None = None
+
+    def attach(self, channels: SpecChannels) -> None:
+        """Where the transports report what they could not read."""
+        self._channels = channels
+        self.pubnub.on_access_denied = channels.on_access_denied
+        self.pubnub.on_replay_gap = channels.on_replay_gap
+
+    def on_delivery(self, spec_id: str, delivery: Delivery | None) -> None:
+        if self.webhook is not None:  # the receiver checks deliveries against the current token
+            self.webhook.table.apply(spec_id, delivery)
+
+    def not_ready(self) -> str | None:
+        if self.webhook is not None and not self.webhook.server.listening():
+            return "webhook receiver not listening"
+        return None
+
+    def _on_websocket_gap(self, channel: str, gap: Gap) -> None:
+        """RingCentral did not keep what a WebSocket session missed (recovery failed or too late)."""
+        channels = self._channels
+        if channels is None:
+            return
+        for spec_id, delivery in list(channels.deliveries.items()):
+            if delivery.channel == channel:
+                channels.report_gap(spec_id, gap.lost_subscription_id or "", gap.since, gap.until,
+                                    f"websocket {gap.reason}: RingCentral did not keep what the session missed")

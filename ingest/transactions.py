@@ -9,14 +9,24 @@ Zombie fencing: in group mode the commit carries the spec consumer's group metad
 (`send_offsets_to_transaction`), so a worker whose partitions were reassigned (a newer group
 generation) cannot commit any more (KIP-447), and a restarted worker with the same
 `transactional.id` fences its previous incarnation at `init_transactions`.
+
+The coordinator also ends a producer's epoch on its own: a transaction open for longer than
+`transaction.timeout.ms` (Kafka down or slow, a commit that cannot get through) is aborted by it with
+the epoch bumped, and the producer's next transactional request is answered PRODUCER_FENCED, which
+librdkafka reports exactly like a newer instance's fence (fatal `_FENCED`, "Producer fenced by newer
+instance"). Nothing in the error tells the two apart, so the age of the transaction does: a fence of
+a transaction younger than `transaction.timeout.ms` can only come from a newer instance (the worker
+stops); an older one may be the coordinator's, and the producer is replaced (a new one, initialised
+again) while the caller reads the aborted notifications again from the last committed checkpoints.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from ingest.logs import get_logger
 from ingest.metrics import Metrics
@@ -54,8 +64,9 @@ class TransactionalSink(KafkaSink):
                  timeout: float = 30.0) -> None:
         # A crashed worker's open transaction blocks read_committed consumers of its partitions until
         # the coordinator aborts it: keep that short (Kafka Streams uses 10 s for the same reason).
-        super().__init__({"transaction.timeout.ms": "10000", **producer_config,
-                          "transactional.id": transactional_id}, metrics)
+        config = {"transaction.timeout.ms": "10000", **producer_config, "transactional.id": transactional_id}
+        super().__init__(config, metrics)
+        self._transaction_timeout = int(config["transaction.timeout.ms"]) / 1000
         # Held by the hot path per record and by the committer per commit (re-entrant: the committer
         # writes checkpoints through produce_raw, which takes it too).
         self.lock = threading.RLock()
@@ -63,11 +74,17 @@ class TransactionalSink(KafkaSink):
         self._failed: str | None = None
         self._committed = metrics.transactions.labels("committed")
         self._aborted = metrics.transactions.labels("aborted")
+        self._replaced = metrics.transactions.labels("producer_replaced")
+        self._begun_at = 0.0  # monotonic: when the open transaction was begun
 
     def start(self) -> None:
         self.producer.init_transactions(self._timeout)
-        self.producer.begin_transaction()
+        self._begin()
         super().start()
+
+    def _begin(self) -> None:
+        self.producer.begin_transaction()
+        self._begun_at = time.monotonic()
 
     def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float,
              *, cursor: Cursor | None = None, epoch: int = 0) -> None:
@@ -124,7 +141,7 @@ class TransactionalSink(KafkaSink):
         except KafkaException as exc:
             self._abort(exc.args[0], keep_waiting)
         self._committed.inc()
-        producer.begin_transaction()
+        self._begin()
 
     def abort(self) -> None:
         """Abort the open transaction and open the next (the caller holds `lock` and rewinds)."""
@@ -142,21 +159,46 @@ class TransactionalSink(KafkaSink):
                     raise
 
     def _abort_and_reopen(self, keep_waiting: KeepWaiting | None) -> None:
+        """Abort the open transaction and begin the next; a producer whose epoch has ended is replaced
+        if the coordinator may have ended it (TransactionFailed, fatal, if a newer instance did)."""
         self._failed = None
         try:
             self._call(self.producer.abort_transaction, keep_waiting)
-            self.producer.begin_transaction()
+            self._begin()
         except KafkaException as exc:
-            raise TransactionFailed(str(exc), fatal=True) from None
+            self._replace_unless_fenced(exc.args[0], keep_waiting)
 
     def _abort(self, error: KafkaError, keep_waiting: KeepWaiting | None = None) -> None:
-        """Abort after `error`, reopen unless fenced, and raise TransactionFailed."""
+        """Abort after `error`, reopen unless fenced by a newer instance, and raise TransactionFailed."""
         self._aborted.inc()
         self._failed = None
-        # A transaction the coordinator timed out during an outage reports a fencing code too, but as
-        # abortable: librdkafka bumps the epoch on abort, and this producer goes on.
+        # A record refused for the epoch the coordinator bumped is abortable: librdkafka bumps the
+        # epoch on abort, and this producer goes on.
         fatal = error.fatal() or (error.code() in FENCING_ERRORS and not error.txn_requires_abort())
         log.warning("transaction.aborted", error=error.name(), fatal=fatal, reason=error.str())
-        if not fatal:
+        if fatal:
+            self._replace_unless_fenced(error, keep_waiting)
+        else:
             self._abort_and_reopen(keep_waiting)
-        raise TransactionFailed(error.str(), fatal=fatal)
+        raise TransactionFailed(error.str(), fatal=False)
+
+    def _replace_unless_fenced(self, error: KafkaError, keep_waiting: KeepWaiting | None) -> None:
+        """The producer cannot go on (`error` is fatal). A transaction open for less than
+        `transaction.timeout.ms` cannot have been timed out by the coordinator: a newer instance with
+        our transactional.id fenced it (TransactionFailed, fatal). Otherwise the coordinator may have
+        ended the epoch: replace the producer, initialised again (its open transaction is aborted)."""
+        open_for = time.monotonic() - self._begun_at
+        fenced = error.code() not in FENCING_ERRORS or open_for < self._transaction_timeout
+        if fenced:
+            raise TransactionFailed(f"{error.str()} (transaction open {open_for:.1f}s)", fatal=True)
+        log.warning("transaction.producer_replaced", error=error.name(), open_seconds=round(open_for, 1),
+                    reason="the transaction outlived transaction.timeout.ms: the coordinator ended its epoch")
+        self._replaced.inc()
+        old, self._producer = self._producer, Producer(self._producer_config)
+        old.purge()  # what it still holds was in the aborted transaction: read again from PubNub
+        try:
+            self._call(self._producer.init_transactions, keep_waiting)
+            self._begin()
+        except KafkaException as exc:
+            raise TransactionFailed(f"a new producer could not be initialised: {exc.args[0].str()}",
+                                    fatal=True) from None

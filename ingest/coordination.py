@@ -142,6 +142,12 @@ class GroupMembership:
             if error.retriable() or error.code() in _TRANSIENT:
                 self._log_transient(error)
                 return
+            if error.code() == KafkaError._MAX_POLL_EXCEEDED:
+                # This thread was held up past max.poll.interval.ms (Kafka slow, a long handover):
+                # librdkafka has left the group and the partitions went as lost (`_on_lost`). The next
+                # poll joins again; raising here ended the thread, and the worker served nothing more.
+                log.warning("group.rejoining", reason=error.str())
+                return
             raise KafkaException(error)
         partition, key = msg.partition(), msg.key()
         if key is None or partition not in self.assigned:

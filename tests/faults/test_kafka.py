@@ -222,5 +222,7 @@ def test_exactly_once_outage_keeps_liveness_and_order(
         assert not wrong, (len(wrong), wrong[:5])
         assert s.worker.fatal_error is None, s.worker.fatal_error
         assert not liveness.failures, liveness.failures[:3]
+        replaced = s.worker.metrics.registry.get_sample_value(
+            "ingest_transactions_total", {"outcome": "producer_replaced"})
         print(f"outage {outage:.1f}s, /healthz 200 in {liveness.polls} polls, 0 out of order, "
-              f"probe delivered {recovery:.1f}s after the restart")
+              f"probe delivered {recovery:.1f}s after the restart, producer replaced {replaced or 0:.0f} times")

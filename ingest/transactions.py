@@ -41,9 +41,19 @@ log = get_logger(__name__)
 # Short: with the loop's Kafka check (3 s) and scheduling on a loaded machine, 5 s left the loop
 # silent for 10.0 s of its allowed 10 s in two loaded runs of the outage test.
 CALL_TIMEOUT = 2.0
+HUNG_SLACK = 10.0  # a transaction call still blocked this long past its own timeout is hung (see _bounded)
 FENCING_ERRORS = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
 KeepWaiting = Callable[[], bool]
 """Called each time a transaction call timed out; True: make the call again."""
+Step = Callable[[float], object]  # one transaction call, given its timeout
+OnError = Callable[[KafkaError, "KeepWaiting | None"], None]
+
+
+def waiting_at_most(seconds: float) -> KeepWaiting:
+    """Patience for the transaction calls of a thread that must get back to other work in time (the
+    group membership thread polls its consumer within max.poll.interval.ms)."""
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() < deadline
 
 
 class TransactionFailed(Exception):
@@ -52,6 +62,12 @@ class TransactionFailed(Exception):
     def __init__(self, message: str, fatal: bool) -> None:
         super().__init__(message)
         self.fatal = fatal
+
+
+class TransactionPending(Exception):
+    """Kafka did not answer a transaction call within the caller's patience. The transaction stays as
+    it is (nothing in it visible, nothing dropped); nothing more goes into it (intake waits) until
+    `TransactionalSink.finish` has made the call again and succeeded."""
 
 
 class TransactionalSink(KafkaSink):
@@ -76,6 +92,7 @@ class TransactionalSink(KafkaSink):
         self._aborted = metrics.transactions.labels("aborted")
         self._replaced = metrics.transactions.labels("producer_replaced")
         self._begun_at = 0.0  # monotonic: when the open transaction was begun
+        self._unfinished: tuple[list[Step], OnError] | None = None  # calls left by a TransactionPending
 
     def start(self) -> None:
         self.producer.init_transactions(self._timeout)
@@ -95,10 +112,12 @@ class TransactionalSink(KafkaSink):
                 # channel (it is read again here): producing it now would commit it twice.
                 if progress.released or (cursor is not None and cursor.epoch != epoch):
                     return
-                if self._try_produce(entry) is not None:  # queued, or refused (which dooms the transaction)
+                # Queued, or refused (which dooms the transaction); not while a commit is unfinished.
+                if self._unfinished is None and self._try_produce(entry) is not None:
                     progress.produced_tt = timetoken
                     return
-            # The local queue is full: wait for room without the lock, so that commits go on meanwhile.
+            # The local queue is full, or a commit waits on Kafka: wait without the lock, so that
+            # commits go on meanwhile.
             self.producer.poll(0.1)
 
     def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None,
@@ -127,46 +146,77 @@ class TransactionalSink(KafkaSink):
         Raises TransactionFailed when the transaction was aborted instead: its records are invisible
         to read_committed consumers and must be produced again; if `fatal`, this producer is fenced.
         `keep_waiting`: while Kafka does not answer (retriable timeouts), ask it and call again every
-        `CALL_TIMEOUT` s, instead of giving up after one call of `timeout` s.
+        `CALL_TIMEOUT` s, instead of giving up after one call of `timeout` s; once it says no,
+        TransactionPending: the rest is left for `finish`.
         """
         producer = self.producer
         if self._failed is not None:
             self._abort(KafkaError(KafkaError._STATE, f"a record failed: {self._failed}"), keep_waiting)
-        try:
-            if consumer is not None:
-                self._call(lambda timeout: producer.send_offsets_to_transaction(
-                    consumer.position(consumer.assignment()), consumer.consumer_group_metadata(), timeout),
-                    keep_waiting)
-            self._call(producer.commit_transaction, keep_waiting)
-        except KafkaException as exc:
-            self._abort(exc.args[0], keep_waiting)
-        self._committed.inc()
-        self._begin()
+        steps: list[Step] = []
+        if consumer is not None:
+            steps.append(lambda timeout: producer.send_offsets_to_transaction(
+                consumer.position(consumer.assignment()), consumer.consumer_group_metadata(), timeout))
+        steps += [producer.commit_transaction, self._committed_step]
+        self._run(steps, self._abort, keep_waiting)
 
-    def abort(self) -> None:
-        """Abort the open transaction and open the next (the caller holds `lock` and rewinds)."""
+    @property
+    def unfinished(self) -> bool:
+        """A transaction call gave up waiting on Kafka (TransactionPending): `finish` comes first."""
+        return self._unfinished is not None
+
+    def finish(self, keep_waiting: KeepWaiting | None = None) -> None:
+        """Make the calls a pass gave up on again, and the rest of its commit, abort or producer
+        replacement (the caller holds `lock`). Returns once committed; raises as `commit` does."""
+        assert self._unfinished is not None
+        steps, on_error = self._unfinished
+        self._run(steps, on_error, keep_waiting)
+
+    def abort(self, keep_waiting: KeepWaiting | None = None) -> None:
+        """Abort the open transaction and open the next (the caller holds `lock`, has finished any
+        unfinished call, and rewinds). TransactionPending: the abort is made again by `finish`."""
         self._aborted.inc()
-        self._abort_and_reopen(None)
+        self._failed = None
+        self._run([self.producer.abort_transaction, self._begin_step], self._replace_unless_fenced, keep_waiting)
 
-    def _call(self, call: Callable[[float], object], keep_waiting: KeepWaiting | None) -> None:
+    def _call(self, call: Step, keep_waiting: KeepWaiting | None) -> None:
         """A transaction call; made again while it times out (Kafka slow or down) and `keep_waiting()`."""
         while True:
             try:
-                call(self._timeout if keep_waiting is None else CALL_TIMEOUT)
+                _bounded(call, self._timeout if keep_waiting is None else CALL_TIMEOUT)
                 return
             except KafkaException as exc:
                 if keep_waiting is None or not exc.args[0].retriable() or not keep_waiting():
                     raise
 
-    def _abort_and_reopen(self, keep_waiting: KeepWaiting | None) -> None:
-        """Abort the open transaction and begin the next; a producer whose epoch has ended is replaced
-        if the coordinator may have ended it (TransactionFailed, fatal, if a newer instance did)."""
-        self._failed = None
-        try:
-            self._call(self.producer.abort_transaction, keep_waiting)
-            self._begin()
-        except KafkaException as exc:
-            self._replace_unless_fenced(exc.args[0], keep_waiting)
+    def _run(self, steps: list[Step], on_error: OnError, keep_waiting: KeepWaiting | None) -> None:
+        """Make each call in turn, each again while Kafka does not answer and `keep_waiting()`. When the
+        caller's patience ends first, the calls left are kept for `finish` (TransactionPending): a
+        commit that timed out must be made again, never dropped, as it may already be under way at
+        the coordinator. Any other error goes to `on_error`, which raises TransactionFailed."""
+        self._unfinished = None
+        for i, step in enumerate(steps):
+            try:
+                self._call(step, keep_waiting)
+            except CallHung as exc:
+                # Whatever it was doing, a new producer's init_transactions ends the transaction (it
+                # aborts it, or completes a commit the coordinator had already begun).
+                self._replace(str(exc), keep_waiting)
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if keep_waiting is not None and error.retriable():
+                    self._unfinished = (steps[i:], on_error)
+                    log.warning("transaction.pending", error=error.name(), reason=error.str())
+                    raise TransactionPending(error.str()) from None
+                on_error(error, keep_waiting)
+                return
+
+    def _begin_step(self, _timeout: float) -> None:
+        self._begin()
+
+    def _committed_step(self, _timeout: float) -> None:
+        self._committed.inc()
+        self._begin()
 
     def _abort(self, error: KafkaError, keep_waiting: KeepWaiting | None = None) -> None:
         """Abort after `error`, reopen unless fenced by a newer instance, and raise TransactionFailed."""
@@ -178,27 +228,66 @@ class TransactionalSink(KafkaSink):
         log.warning("transaction.aborted", error=error.name(), fatal=fatal, reason=error.str())
         if fatal:
             self._replace_unless_fenced(error, keep_waiting)
-        else:
-            self._abort_and_reopen(keep_waiting)
-        raise TransactionFailed(error.str(), fatal=False)
+        self._run([self.producer.abort_transaction, self._begin_step, _fail(error.str())],
+                  self._replace_unless_fenced, keep_waiting)
 
     def _replace_unless_fenced(self, error: KafkaError, keep_waiting: KeepWaiting | None) -> None:
         """The producer cannot go on (`error` is fatal). A transaction open for less than
         `transaction.timeout.ms` cannot have been timed out by the coordinator: a newer instance with
         our transactional.id fenced it (TransactionFailed, fatal). Otherwise the coordinator may have
-        ended the epoch: replace the producer, initialised again (its open transaction is aborted)."""
+        ended the epoch: replace the producer, initialised again (its open transaction is aborted),
+        and raise TransactionFailed (not fatal) for the caller to read the aborted records again."""
         open_for = time.monotonic() - self._begun_at
         fenced = error.code() not in FENCING_ERRORS or open_for < self._transaction_timeout
         if fenced:
             raise TransactionFailed(f"{error.str()} (transaction open {open_for:.1f}s)", fatal=True)
-        log.warning("transaction.producer_replaced", error=error.name(), open_seconds=round(open_for, 1),
-                    reason="the transaction outlived transaction.timeout.ms: the coordinator ended its epoch")
+        self._replace(f"the transaction outlived transaction.timeout.ms ({open_for:.1f}s): the coordinator "
+                      f"ended its epoch ({error.name()})", keep_waiting)
+
+    def _replace(self, reason: str, keep_waiting: KeepWaiting | None) -> None:
+        """Go on with a new producer, initialised again (which ends the old one's transaction), and
+        raise TransactionFailed (not fatal) for the caller to read the aborted records again."""
+        log.warning("transaction.producer_replaced", reason=reason)
         self._replaced.inc()
         old, self._producer = self._producer, Producer(self._producer_config)
-        old.purge()  # what it still holds was in the aborted transaction: read again from PubNub
+        old.purge(blocking=False)  # what it still holds was in the aborted transaction: read again from PubNub
+        self._run([self._producer.init_transactions, self._begin_step, _fail(reason)], _init_failed, keep_waiting)
+
+
+class CallHung(Exception):
+    """A transaction call still blocked long past its own timeout."""
+
+
+def _bounded(call: Step, timeout: float) -> None:
+    """Make the call on a thread of its own and wait for it at most `timeout` + HUNG_SLACK seconds.
+    librdkafka's send_offsets_to_transaction was seen blocked for minutes, past its timeout, after a
+    broker restart (the transaction had failed meanwhile: OUT_OF_ORDER_SEQUENCE_NUMBER): it held the
+    group membership thread past max.poll.interval.ms, and the worker lost its partitions and never
+    polled again to rejoin. A hung call's thread and producer are left behind (the producer replaced)."""
+    outcome: list[BaseException | None] = []
+
+    def make() -> None:
         try:
-            self._call(self._producer.init_transactions, keep_waiting)
-            self._begin()
-        except KafkaException as exc:
-            raise TransactionFailed(f"a new producer could not be initialised: {exc.args[0].str()}",
-                                    fatal=True) from None
+            call(timeout)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=make, name="transaction-call", daemon=True)
+    thread.start()
+    thread.join(timeout + HUNG_SLACK)
+    if not outcome:
+        raise CallHung(f"a transaction call was still blocked {timeout + HUNG_SLACK:.0f}s after it was made")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _fail(reason: str) -> Step:
+    """The last step after an abort: the caller hears that the transaction's records must be read again."""
+    def fail(_timeout: float) -> None:
+        raise TransactionFailed(reason, fatal=False)
+    return fail
+
+
+def _init_failed(error: KafkaError, _keep_waiting: KeepWaiting | None) -> None:
+    raise TransactionFailed(f"a new producer could not be initialised: {error.str()}", fatal=True)

@@ -43,7 +43,13 @@ from ingest.sink import KafkaSink, SpecProgress
 from ingest.specs.store import apply_specs
 from ingest.state import RecordedChannel, SpecState, partition_for, restore
 from ingest.topics import COMPACTED, ensure_topics
-from ingest.transactions import TransactionalSink, TransactionFailed
+from ingest.transactions import (
+    KeepWaiting,
+    TransactionalSink,
+    TransactionFailed,
+    TransactionPending,
+    waiting_at_most,
+)
 from ingest.transport import PubNubTransport, Received, TransportSettings, timetoken_at
 
 log = get_logger(__name__)
@@ -55,6 +61,9 @@ STATE_REFRESH_SECONDS = 30.0  # state records are rewritten at least this often 
 # The longest one pass of the checkpoint loop waits for room in a full producer queue (Kafka down or
 # slow): the loop feeds the liveness heartbeat, so checkpoints that cannot be queued wait for the next pass.
 CHECKPOINT_QUEUE_WAIT = 1.0
+# How long a group commit on the membership thread waits on Kafka before it leaves the rest for the
+# next pass: the thread must poll its consumer within max.poll.interval.ms (at least 30 s).
+GROUP_COMMIT_PATIENCE = 10.0
 # A subscription that is live but whose renewal is failing still delivers until it expires.
 NOT_READY_STATES = frozenset({"pending", "failed"})
 # A former channel (after a restart, or a move at renewal) is drained once PubNub has said it holds nothing more
@@ -146,8 +155,9 @@ class Worker:
         self._keys = KeyWrapper(config.ringcentral.client_secret)
         self._wrapped_keys: dict[str, str] = {}  # spec id -> the current delivery's key, wrapped
         self._drains: dict[str, dict[str, _Drain]] = {}  # spec id -> former channel -> its drain
-        # spec id -> (when its subscription expired, that subscription's id, the replacement's delivery)
-        self._lapses: dict[str, tuple[float, str, Delivery]] = {}
+        # spec id -> (when its subscription expired, that subscription's id, the replacement's delivery,
+        # "expired" or "gone": see Delivery.lapse_reason)
+        self._lapses: dict[str, tuple[float, str, Delivery, str | None]] = {}
         self._restart_windows_thread: threading.Thread | None = None
         self._owned: dict[int, dict[str, SubscriptionSpec]] = {}  # partition -> specs (group mode)
         self._handovers: dict[int, tuple[float, set[str]]] = {}  # partition -> (assigned at, specs not active)
@@ -155,6 +165,8 @@ class Worker:
         self._stop = threading.Event()
         self._kafka_ok = False
         self._next_commit = 0.0
+        # Exactly-once: checkpoints before the transaction whose commit waits on Kafka (TransactionPending)
+        self._uncommitted: dict[str, int] = {}
         self._last_state: dict[str, float] = {}
         self._checkpoint_thread: threading.Thread | None = None
         self._received = self.metrics.notifications_received
@@ -361,10 +373,17 @@ class Worker:
                 if progress is not None:
                     progress.released = True
             if lost:
-                try:
-                    sink.abort()
-                except TransactionFailed as exc:
-                    self.fatal_error = f"transaction abort failed: {exc}"
+                patience = waiting_at_most(GROUP_COMMIT_PATIENCE)
+                # A call under way is finished first; still unanswered, it is made again at the next
+                # pass (nothing more goes into that transaction meanwhile).
+                if not sink.unfinished or self._finish_transaction(patience):
+                    try:
+                        sink.abort(patience)
+                    except TransactionPending:
+                        pass  # made again at the next pass: nothing of it commits
+                    except TransactionFailed as exc:
+                        if exc.fatal:
+                            self.fatal_error = f"transaction abort failed: {exc}"
                 self._rewind({})
         if not lost:
             self._commit(self.membership.consumer if self.membership else None, force=True)
@@ -415,15 +434,18 @@ class Worker:
             progress = self._progress.get(spec_id)
             old_route = self._routes.get(previous.channel) if previous else None
             old_context = old_route.context if old_route else None
-            lapse = (delivery.lapsed_since, previous.subscription_id) if previous else (None, "")
+            lapse = (delivery.lapsed_since, delivery.lapse_reason)
+            lapsed_id = previous.subscription_id if previous else ""
             if progress is None:
                 restored = self._restored.get(spec_id)
                 progress, old_context = self._resume(spec_id, restored, delivery)
                 self._progress[spec_id] = progress
                 if restored is not None:
-                    lapse = (delivery.lapsed_since or _expired_before(restored, delivery), restored.subscription_id)
+                    lapsed_id = restored.subscription_id
+                    if lapse[0] is None:
+                        lapse = _lapsed_before(restored, delivery)
             if lapse[0] is not None:
-                self._lapses[spec_id] = (lapse[0], lapse[1], delivery)
+                self._lapses[spec_id] = (lapse[0], lapsed_id, delivery, lapse[1])
             # The previous context keeps the key before a rotation, for notifications still in flight
             # (or, after a restart, still unread since the checkpoint).
             context = ChannelContext.from_delivery(delivery, previous=old_context)
@@ -564,8 +586,8 @@ class Worker:
             for spec_id, _ in closed:
                 del self._lapses[spec_id]
         now = time.time()
-        for spec_id, (since, expired_id, replacement) in closed:
-            if replacement.lapse_reason == "gone":  # since: when it was last known alive, not its end
+        for spec_id, (since, expired_id, replacement, reason) in closed:
+            if reason == "gone":  # since: when it was last known alive, not its end
                 self._report_gap(spec_id, expired_id, since, now,
                                  "subscription gone: deleted or expired server-side before its expiry; RingCentral "
                                  "may have published nothing from when it last answered for it until a new "
@@ -728,10 +750,16 @@ class Worker:
         sink = self.sink
         assert isinstance(sink, TransactionalSink)
         on_loop = consumer is None and not force
+        # The checkpoint loop waits on Kafka beating its heartbeat; the membership thread, a handover
+        # and a stop only so long (then the call is made again at the next pass, or the transaction
+        # ends at the coordinator's timeout, aborted).
+        keep_waiting = self._waiting_on_kafka if on_loop else waiting_at_most(GROUP_COMMIT_PATIENCE)
         # Not forced (the checkpoint loop, or the group's membership thread, which must go on polling
         # its consumer): a full producer queue defers the commit rather than waiting for room.
         deadline = now + CHECKPOINT_QUEUE_WAIT
         with sink.lock:
+            if sink.unfinished and not self._finish_transaction(keep_waiting):
+                return
             committed_before: dict[str, int] = {}  # checkpoints as they stood before this transaction
             for spec_id, progress in self._progress_snapshot():
                 if self._state_due(spec_id, progress.produced_tt, progress, now):
@@ -741,14 +769,32 @@ class Worker:
                         self._defer_commit(committed_before)
                         return
                     committed_before[spec_id] = before
-            try:
-                sink.commit(consumer, self._waiting_on_kafka if on_loop else None)
-            except TransactionFailed as exc:
-                self._rewind(committed_before)
-                if exc.fatal:
-                    self.fatal_error = f"transaction fenced: {exc}"
-                    log.error("worker.fenced", error=str(exc))
-                    self.transport.stop()
+            self._end_transaction(lambda: sink.commit(consumer, keep_waiting), committed_before)
+
+    def _finish_transaction(self, keep_waiting: KeepWaiting | None) -> bool:
+        """A pass gave up waiting on Kafka mid-commit: make the call again first (lock held). False
+        while Kafka still does not answer, or when the transaction ended aborted (rewound)."""
+        sink = self.sink
+        assert isinstance(sink, TransactionalSink)
+        return self._end_transaction(lambda: sink.finish(keep_waiting), self._uncommitted)
+
+    def _end_transaction(self, end: Callable[[], None], committed_before: dict[str, int]) -> bool:
+        """Commit (or finish committing) the open transaction; True once committed. Pending: the
+        checkpoints before it are kept for the rewind should it end aborted."""
+        try:
+            end()
+        except TransactionPending:
+            self._uncommitted = committed_before
+            return False
+        except TransactionFailed as exc:
+            self._rewind(committed_before)
+            if exc.fatal:
+                self.fatal_error = f"transaction fenced: {exc}"
+                log.error("worker.fenced", error=str(exc))
+                self.transport.stop()
+            return False
+        self._uncommitted = {}
+        return True
 
     def _defer_commit(self, written: dict[str, int]) -> None:
         """The producer's queue is full: commit at the next pass. The checkpoints written into the
@@ -851,8 +897,14 @@ class Worker:
         return True, "ok"
 
 
-def _expired_before(restored: SpecState, delivery: Delivery) -> float | None:
-    """The recorded subscription's expiry when it lapsed before this (another) one replaced it."""
-    if not restored.subscription_id or restored.subscription_id == delivery.subscription_id:
-        return None
-    return restored.expires_at if 0 < restored.expires_at <= time.time() else None
+def _lapsed_before(restored: SpecState, delivery: Delivery) -> tuple[float | None, str | None]:
+    """Whether the recorded subscription lapsed before this (another) one replaced it after a restart
+    or handover: (since when, "expired" or "gone" as in Delivery.lapse_reason), or (None, None).
+    Replaced before its recorded expiry, it was deleted or expired server-side while no one read it;
+    nothing says when, so from when its state record was last written (it was alive then)."""
+    if not restored.subscription_id or restored.subscription_id == delivery.subscription_id \
+            or restored.expires_at <= 0:
+        return None, None
+    if restored.expires_at <= time.time():
+        return restored.expires_at, "expired"
+    return restored.updated_at, "gone"

@@ -226,3 +226,30 @@ def test_exactly_once_outage_keeps_liveness_and_order(
             "ingest_transactions_total", {"outcome": "producer_replaced"})
         print(f"outage {outage:.1f}s, /healthz 200 in {liveness.polls} polls, 0 out of order, "
               f"probe delivered {recovery:.1f}s after the restart, producer replaced {replaced or 0:.0f} times")
+
+
+def test_exactly_once_group_outage_keeps_the_worker_in_its_group(
+        own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
+    # In a group, exactly-once commits run on the membership thread, which must poll its consumer
+    # within max.poll.interval.ms (30 s). Each send-offsets, commit or abort call waited up to 30 s:
+    # through an outage the abort timed out too and the worker declared itself fenced (exit 3, its
+    # specs handed over and read again by another). A group commit now waits at most 10 s, leaves the
+    # call for the next pass (intake waits meanwhile) and makes it again until Kafka answers.
+    with scenario(tmp_path, own_broker.bootstrap_servers, unique_name,
+                  worker={"delivery_guarantee": "exactly-once", "coordination": "group"}) as s:
+        s.traffic()
+        s.wait_traffic(40)
+        with _broker_down(own_broker) as stopped:
+            seconds = 45  # past max.poll.interval.ms and the coordinator's transaction timeout
+            s.wait_traffic(int(seconds * RATE), timeout=seconds * 3)
+            assert s.worker.failed is None, s.worker.failed
+        outage = time.monotonic() - stopped
+        recovery = s.probe(timeout=120)
+        s.wait_traffic(40)
+        _, duplicates = s.verify("exactly-once group, kafka outage past max.poll.interval.ms")
+        assert duplicates == 0
+        wrong = s.out_of_order()
+        assert not wrong, (len(wrong), wrong[:5])
+        assert s.worker.failed is None, s.worker.failed
+        print(f"outage {outage:.1f}s, worker in its group throughout, 0 duplicates, 0 out of order, "
+              f"probe delivered {recovery:.1f}s after the restart")

@@ -182,7 +182,7 @@ class TransactionalSink(KafkaSink):
         """A transaction call; made again while it times out (Kafka slow or down) and `keep_waiting()`."""
         while True:
             try:
-                _bounded(call, self._timeout if keep_waiting is None else CALL_TIMEOUT)
+                _bounded(call, self._timeout if keep_waiting is None else CALL_TIMEOUT, keep_waiting)
                 return
             except KafkaException as exc:
                 if keep_waiting is None or not exc.args[0].retriable() or not keep_waiting():
@@ -258,12 +258,14 @@ class CallHung(Exception):
     """A transaction call still blocked long past its own timeout."""
 
 
-def _bounded(call: Step, timeout: float) -> None:
-    """Make the call on a thread of its own and wait for it at most `timeout` + HUNG_SLACK seconds.
-    librdkafka's send_offsets_to_transaction was seen blocked for minutes, past its timeout, after a
-    broker restart (the transaction had failed meanwhile: OUT_OF_ORDER_SEQUENCE_NUMBER): it held the
-    group membership thread past max.poll.interval.ms, and the worker lost its partitions and never
-    polled again to rejoin. A hung call's thread and producer are left behind (the producer replaced)."""
+def _bounded(call: Step, timeout: float, keep_waiting: KeepWaiting | None) -> None:
+    """Make the call on a thread of its own and wait for it at most `timeout` + HUNG_SLACK seconds,
+    asking `keep_waiting()` every CALL_TIMEOUT s past `timeout` (the checkpoint loop beats its
+    heartbeat there; False: stop waiting). librdkafka's send_offsets_to_transaction was seen blocked
+    for minutes, past its timeout, during and after a broker restart (the transaction had failed
+    meanwhile: OUT_OF_ORDER_SEQUENCE_NUMBER): it held the group membership thread past
+    max.poll.interval.ms, and the worker lost its partitions and never polled again to rejoin. A
+    hung call's thread and producer are left behind (the producer replaced)."""
     outcome: list[BaseException | None] = []
 
     def make() -> None:
@@ -274,10 +276,15 @@ def _bounded(call: Step, timeout: float) -> None:
             outcome.append(exc)
 
     thread = threading.Thread(target=make, name="transaction-call", daemon=True)
+    started = time.monotonic()
     thread.start()
-    thread.join(timeout + HUNG_SLACK)
+    thread.join(timeout)
+    hung_at = time.monotonic() + HUNG_SLACK
+    while not outcome and time.monotonic() < hung_at and (keep_waiting is None or keep_waiting()):
+        thread.join(min(CALL_TIMEOUT, max(0.0, hung_at - time.monotonic())))
     if not outcome:
-        raise CallHung(f"a transaction call was still blocked {timeout + HUNG_SLACK:.0f}s after it was made")
+        raise CallHung(f"a transaction call was still blocked {time.monotonic() - started:.0f}s after it was "
+                       f"made (timeout {timeout:.0f}s)")
     if outcome[0] is not None:
         raise outcome[0]
 

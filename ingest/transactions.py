@@ -260,8 +260,8 @@ class CallHung(Exception):
 
 def _bounded(call: Step, timeout: float, keep_waiting: KeepWaiting | None) -> None:
     """Make the call on a thread of its own and wait for it at most `timeout` + HUNG_SLACK seconds,
-    asking `keep_waiting()` every CALL_TIMEOUT s past `timeout` (the checkpoint loop beats its
-    heartbeat there; False: stop waiting). librdkafka's send_offsets_to_transaction was seen blocked
+    calling `keep_waiting()` every CALL_TIMEOUT s past `timeout` (the checkpoint loop beats its
+    heartbeat there). librdkafka's send_offsets_to_transaction was seen blocked
     for minutes, past its timeout, during and after a broker restart (the transaction had failed
     meanwhile: OUT_OF_ORDER_SEQUENCE_NUMBER): it held the group membership thread past
     max.poll.interval.ms, and the worker lost its partitions and never polled again to rejoin. A
@@ -280,7 +280,12 @@ def _bounded(call: Step, timeout: float, keep_waiting: KeepWaiting | None) -> No
     thread.start()
     thread.join(timeout)
     hung_at = time.monotonic() + HUNG_SLACK
-    while not outcome and time.monotonic() < hung_at and (keep_waiting is None or keep_waiting()):
+    while not outcome and time.monotonic() < hung_at:
+        if keep_waiting is not None:
+            # Only a heartbeat here: its answer cannot end a call that is under way. Giving up on
+            # it early replaced the producer while the old one's call (an init_transactions) was
+            # still pending, and that one, completing later, fenced its replacement.
+            keep_waiting()
         thread.join(min(CALL_TIMEOUT, max(0.0, hung_at - time.monotonic())))
     if not outcome:
         raise CallHung(f"a transaction call was still blocked {time.monotonic() - started:.0f}s after it was "

@@ -31,7 +31,9 @@ POLL_SECONDS = 0.05
 # Consumer errors that pass: the spec topic a worker has just created is not in every broker's
 # metadata yet (seen failing a fresh group for good, with liveness down); the broker is away.
 _TRANSIENT = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._TRANSPORT,
-                        KafkaError._ALL_BROKERS_DOWN})
+                        KafkaError._ALL_BROKERS_DOWN, KafkaError._UNKNOWN_PARTITION, KafkaError._TIMED_OUT,
+                        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
+UNKNOWN_END = -1  # a partition's end the broker could not give at assignment: asked again while loading
 TRANSIENT_LOG_INTERVAL = 10.0
 STABLE_OFFSETS_TIMEOUT = 60.0  # longer than any transaction may stay open (transaction.timeout.ms)
 
@@ -111,8 +113,7 @@ class GroupMembership:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         mine = [TopicPartition(self.spec_topic, tp.partition, OFFSET_BEGINNING) for tp in partitions]
         for tp in mine:
-            _low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-            self._loading[tp.partition] = (high, {})
+            self._loading[tp.partition] = (self._end_offset(tp.partition, timeout=10), {})
         self.assigned |= {tp.partition for tp in mine}
         consumer.incremental_assign(mine)
         log.info("group.assigned", partitions=sorted(tp.partition for tp in mine))
@@ -142,6 +143,12 @@ class GroupMembership:
             if error.retriable() or error.code() in _TRANSIENT:
                 self._log_transient(error)
                 return
+            if error.code() == KafkaError._MAX_POLL_EXCEEDED:
+                # This thread was held up past max.poll.interval.ms (Kafka slow, a long handover):
+                # librdkafka has left the group and the partitions went as lost (`_on_lost`). The next
+                # poll joins again; raising here ended the thread, and the worker served nothing more.
+                log.warning("group.rejoining", reason=error.str())
+                return
             raise KafkaException(error)
         partition, key = msg.partition(), msg.key()
         if key is None or partition not in self.assigned:
@@ -160,7 +167,7 @@ class GroupMembership:
                 specs.pop(spec_id, None)
             else:
                 specs[spec_id] = spec
-            if msg.offset() + 1 >= end:
+            if end != UNKNOWN_END and msg.offset() + 1 >= end:
                 self._finish_loading(partition)
         else:
             self.owner.spec_changed(partition, spec_id, spec)
@@ -175,13 +182,33 @@ class GroupMembership:
         """A partition is loaded once the position reaches the end seen at assignment."""
         if not self._loading:
             return
-        for partition, (end, _specs) in list(self._loading.items()):
+        for partition, (known_end, specs) in list(self._loading.items()):
+            end = known_end if known_end != UNKNOWN_END else self._end_offset(partition, timeout=1)
+            if end == UNKNOWN_END:
+                continue
+            self._loading[partition] = (end, specs)
             if end == 0:
                 self._finish_loading(partition)
                 continue
             [tp] = self.consumer.position([TopicPartition(self.spec_topic, partition)])
             if tp.offset >= end:
                 self._finish_loading(partition)
+
+    def _end_offset(self, partition: int, timeout: float) -> int:
+        """The partition's end now, or UNKNOWN_END while the broker cannot say (it is restarting:
+        unknown partition, no leader, transport errors). Raising here, inside the assignment
+        callback, ended the membership thread: in the chaos soak a worker exited 3 right after it had
+        created subscriptions it had not recorded yet, and what they received was never read."""
+        try:
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.spec_topic, partition),
+                                                              timeout=timeout, cached=False)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not (error.retriable() or error.code() in _TRANSIENT):
+                raise
+            self._log_transient(error)
+            return UNKNOWN_END
+        return int(high)
 
     def _finish_loading(self, partition: int) -> None:
         loading = self._loading.pop(partition, None)

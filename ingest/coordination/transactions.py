@@ -9,14 +9,24 @@ Zombie fencing: in group mode the commit carries the spec consumer's group metad
 (`send_offsets_to_transaction`), so a worker whose partitions were reassigned (a newer group
 generation) cannot commit any more (KIP-447), and a restarted worker with the same
 `transactional.id` fences its previous incarnation at `init_transactions`.
+
+The coordinator also ends a producer's epoch on its own: a transaction open for longer than
+`transaction.timeout.ms` (Kafka down or slow, a commit that cannot get through) is aborted by it with
+the epoch bumped, and the producer's next transactional request is answered PRODUCER_FENCED, which
+librdkafka reports exactly like a newer instance's fence (fatal `_FENCED`, "Producer fenced by newer
+instance"). Nothing in the error tells the two apart, so the age of the transaction does: a fence of
+a transaction younger than `transaction.timeout.ms` can only come from a newer instance (the worker
+stops); an older one may be the coordinator's, and the producer is replaced (a new one, initialised
+again) while the caller reads the aborted notifications again from the last committed checkpoints.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from ingest.data.pipeline import Outcome
 from ingest.data.sink import REQUIRED_PRODUCER_CONFIG, KafkaSink, SpecProgress, _InFlight
@@ -30,9 +40,19 @@ log = get_logger(__name__)
 # Short: with the loop's Kafka check (3 s) and scheduling on a loaded machine, 5 s left the loop
 # silent for 10.0 s of its allowed 10 s in two loaded runs of the outage test.
 CALL_TIMEOUT = 2.0
+HUNG_SLACK = 10.0  # a transaction call still blocked this long past its own timeout is hung (see _bounded)
 FENCING_ERRORS = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
 KeepWaiting = Callable[[], bool]
 """Called each time a transaction call timed out; True: make the call again."""
+Step = Callable[[float], object]  # one transaction call, given its timeout
+OnError = Callable[[KafkaError, "KeepWaiting | None"], None]
+
+
+def waiting_at_most(seconds: float) -> KeepWaiting:
+    """Patience for the transaction calls of a thread that must get back to other work in time (the
+    group membership thread polls its consumer within max.poll.interval.ms)."""
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() < deadline
 
 
 class TransactionFailed(Exception):
@@ -41,6 +61,12 @@ class TransactionFailed(Exception):
     def __init__(self, message: str, fatal: bool) -> None:
         super().__init__(message)
         self.fatal = fatal
+
+
+class TransactionPending(Exception):
+    """Kafka did not answer a transaction call within the caller's patience. The transaction stays as
+    it is (nothing in it visible, nothing dropped); nothing more goes into it (intake waits) until
+    `TransactionalSink.finish` has made the call again and succeeded."""
 
 
 class TransactionalSink(KafkaSink):
@@ -53,8 +79,9 @@ class TransactionalSink(KafkaSink):
                  timeout: float = 30.0) -> None:
         # A crashed worker's open transaction blocks read_committed consumers of its partitions until
         # the coordinator aborts it: keep that short (Kafka Streams uses 10 s for the same reason).
-        super().__init__({"transaction.timeout.ms": "10000", **producer_config,
-                          "transactional.id": transactional_id}, metrics)
+        config = {"transaction.timeout.ms": "10000", **producer_config, "transactional.id": transactional_id}
+        super().__init__(config, metrics)
+        self._transaction_timeout = int(config["transaction.timeout.ms"]) / 1000
         # Held by the hot path per record and by the committer per commit (re-entrant: the committer
         # writes checkpoints through produce_raw, which takes it too).
         self.lock = threading.RLock()
@@ -62,11 +89,18 @@ class TransactionalSink(KafkaSink):
         self._failed: str | None = None
         self._committed = metrics.transactions.labels("committed")
         self._aborted = metrics.transactions.labels("aborted")
+        self._replaced = metrics.transactions.labels("producer_replaced")
+        self._begun_at = 0.0  # monotonic: when the open transaction was begun
+        self._unfinished: tuple[list[Step], OnError] | None = None  # calls left by a TransactionPending
 
     def start(self) -> None:
         self.producer.init_transactions(self._timeout)
-        self.producer.begin_transaction()
+        self._begin()
         super().start()
+
+    def _begin(self) -> None:
+        self.producer.begin_transaction()
+        self._begun_at = time.monotonic()
 
     def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float,
              *, superseded: Callable[[], bool] | None = None) -> None:
@@ -79,10 +113,12 @@ class TransactionalSink(KafkaSink):
                 # channel (it is read again here): producing it now would commit it twice.
                 if progress.released or (superseded is not None and superseded()):
                     return
-                if self._try_produce(entry) is not None:  # queued, or refused (which dooms the transaction)
+                # Queued, or refused (which dooms the transaction); not while a commit is unfinished.
+                if self._unfinished is None and self._try_produce(entry) is not None:
                     progress.produced_tt = timetoken
                     return
-            # The local queue is full: wait for room without the lock, so that commits go on meanwhile.
+            # The local queue is full, or a commit waits on Kafka: wait without the lock, so that
+            # commits go on meanwhile.
             self.producer.poll(0.1)
 
     def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None,
@@ -111,53 +147,160 @@ class TransactionalSink(KafkaSink):
         Raises TransactionFailed when the transaction was aborted instead: its records are invisible
         to read_committed consumers and must be produced again; if `fatal`, this producer is fenced.
         `keep_waiting`: while Kafka does not answer (retriable timeouts), ask it and call again every
-        `CALL_TIMEOUT` s, instead of giving up after one call of `timeout` s.
+        `CALL_TIMEOUT` s, instead of giving up after one call of `timeout` s; once it says no,
+        TransactionPending: the rest is left for `finish`.
         """
         producer = self.producer
         if self._failed is not None:
             self._abort(KafkaError(KafkaError._STATE, f"a record failed: {self._failed}"), keep_waiting)
-        try:
-            if consumer is not None:
-                self._call(lambda timeout: producer.send_offsets_to_transaction(
-                    consumer.position(consumer.assignment()), consumer.consumer_group_metadata(), timeout),
-                    keep_waiting)
-            self._call(producer.commit_transaction, keep_waiting)
-        except KafkaException as exc:
-            self._abort(exc.args[0], keep_waiting)
-        self._committed.inc()
-        producer.begin_transaction()
+        steps: list[Step] = []
+        if consumer is not None:
+            steps.append(lambda timeout: producer.send_offsets_to_transaction(
+                consumer.position(consumer.assignment()), consumer.consumer_group_metadata(), timeout))
+        steps += [producer.commit_transaction, self._committed_step]
+        self._run(steps, self._abort, keep_waiting)
 
-    def abort(self) -> None:
-        """Abort the open transaction and open the next (the caller holds `lock` and rewinds)."""
+    @property
+    def unfinished(self) -> bool:
+        """A transaction call gave up waiting on Kafka (TransactionPending): `finish` comes first."""
+        return self._unfinished is not None
+
+    def finish(self, keep_waiting: KeepWaiting | None = None) -> None:
+        """Make the calls a pass gave up on again, and the rest of its commit, abort or producer
+        replacement (the caller holds `lock`). Returns once committed; raises as `commit` does."""
+        assert self._unfinished is not None
+        steps, on_error = self._unfinished
+        self._run(steps, on_error, keep_waiting)
+
+    def abort(self, keep_waiting: KeepWaiting | None = None) -> None:
+        """Abort the open transaction and open the next (the caller holds `lock`, has finished any
+        unfinished call, and rewinds). TransactionPending: the abort is made again by `finish`."""
         self._aborted.inc()
-        self._abort_and_reopen(None)
+        self._failed = None
+        self._run([self.producer.abort_transaction, self._begin_step], self._replace_unless_fenced, keep_waiting)
 
-    def _call(self, call: Callable[[float], object], keep_waiting: KeepWaiting | None) -> None:
+    def _call(self, call: Step, keep_waiting: KeepWaiting | None) -> None:
         """A transaction call; made again while it times out (Kafka slow or down) and `keep_waiting()`."""
         while True:
             try:
-                call(self._timeout if keep_waiting is None else CALL_TIMEOUT)
+                _bounded(call, self._timeout if keep_waiting is None else CALL_TIMEOUT, keep_waiting)
                 return
             except KafkaException as exc:
                 if keep_waiting is None or not exc.args[0].retriable() or not keep_waiting():
                     raise
 
-    def _abort_and_reopen(self, keep_waiting: KeepWaiting | None) -> None:
-        self._failed = None
-        try:
-            self._call(self.producer.abort_transaction, keep_waiting)
-            self.producer.begin_transaction()
-        except KafkaException as exc:
-            raise TransactionFailed(str(exc), fatal=True) from None
+    def _run(self, steps: list[Step], on_error: OnError, keep_waiting: KeepWaiting | None) -> None:
+        """Make each call in turn, each again while Kafka does not answer and `keep_waiting()`. When the
+        caller's patience ends first, the calls left are kept for `finish` (TransactionPending): a
+        commit that timed out must be made again, never dropped, as it may already be under way at
+        the coordinator. Any other error goes to `on_error`, which raises TransactionFailed."""
+        self._unfinished = None
+        for i, step in enumerate(steps):
+            try:
+                self._call(step, keep_waiting)
+            except CallHung as exc:
+                # Whatever it was doing, a new producer's init_transactions ends the transaction (it
+                # aborts it, or completes a commit the coordinator had already begun).
+                self._replace(str(exc), keep_waiting)
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if keep_waiting is not None and error.retriable():
+                    self._unfinished = (steps[i:], on_error)
+                    log.warning("transaction.pending", error=error.name(), reason=error.str())
+                    raise TransactionPending(error.str()) from None
+                on_error(error, keep_waiting)
+                return
+
+    def _begin_step(self, _timeout: float) -> None:
+        self._begin()
+
+    def _committed_step(self, _timeout: float) -> None:
+        self._committed.inc()
+        self._begin()
 
     def _abort(self, error: KafkaError, keep_waiting: KeepWaiting | None = None) -> None:
-        """Abort after `error`, reopen unless fenced, and raise TransactionFailed."""
+        """Abort after `error`, reopen unless fenced by a newer instance, and raise TransactionFailed."""
         self._aborted.inc()
         self._failed = None
-        # A transaction the coordinator timed out during an outage reports a fencing code too, but as
-        # abortable: librdkafka bumps the epoch on abort, and this producer goes on.
+        # A record refused for the epoch the coordinator bumped is abortable: librdkafka bumps the
+        # epoch on abort, and this producer goes on.
         fatal = error.fatal() or (error.code() in FENCING_ERRORS and not error.txn_requires_abort())
         log.warning("transaction.aborted", error=error.name(), fatal=fatal, reason=error.str())
-        if not fatal:
-            self._abort_and_reopen(keep_waiting)
-        raise TransactionFailed(error.str(), fatal=fatal)
+        if fatal:
+            self._replace_unless_fenced(error, keep_waiting)
+        self._run([self.producer.abort_transaction, self._begin_step, _fail(error.str())],
+                  self._replace_unless_fenced, keep_waiting)
+
+    def _replace_unless_fenced(self, error: KafkaError, keep_waiting: KeepWaiting | None) -> None:
+        """The producer cannot go on (`error` is fatal). A transaction open for less than
+        `transaction.timeout.ms` cannot have been timed out by the coordinator: a newer instance with
+        our transactional.id fenced it (TransactionFailed, fatal). Otherwise the coordinator may have
+        ended the epoch: replace the producer, initialised again (its open transaction is aborted),
+        and raise TransactionFailed (not fatal) for the caller to read the aborted records again."""
+        open_for = time.monotonic() - self._begun_at
+        fenced = error.code() not in FENCING_ERRORS or open_for < self._transaction_timeout
+        if fenced:
+            raise TransactionFailed(f"{error.str()} (transaction open {open_for:.1f}s)", fatal=True)
+        self._replace(f"the transaction outlived transaction.timeout.ms ({open_for:.1f}s): the coordinator "
+                      f"ended its epoch ({error.name()})", keep_waiting)
+
+    def _replace(self, reason: str, keep_waiting: KeepWaiting | None) -> None:
+        """Go on with a new producer, initialised again (which ends the old one's transaction), and
+        raise TransactionFailed (not fatal) for the caller to read the aborted records again."""
+        log.warning("transaction.producer_replaced", reason=reason)
+        self._replaced.inc()
+        old, self._producer = self._producer, Producer(self._producer_config)
+        old.purge(blocking=False)  # what it still holds was in the aborted transaction: read again from PubNub
+        self._run([self._producer.init_transactions, self._begin_step, _fail(reason)], _init_failed, keep_waiting)
+
+
+class CallHung(Exception):
+    """A transaction call still blocked long past its own timeout."""
+
+
+def _bounded(call: Step, timeout: float, keep_waiting: KeepWaiting | None) -> None:
+    """Make the call on a thread of its own and wait for it at most `timeout` + HUNG_SLACK seconds,
+    calling `keep_waiting()` every CALL_TIMEOUT s past `timeout` (the checkpoint loop beats its
+    heartbeat there). librdkafka's send_offsets_to_transaction was seen blocked
+    for minutes, past its timeout, during and after a broker restart (the transaction had failed
+    meanwhile: OUT_OF_ORDER_SEQUENCE_NUMBER): it held the group membership thread past
+    max.poll.interval.ms, and the worker lost its partitions and never polled again to rejoin. A
+    hung call's thread and producer are left behind (the producer replaced)."""
+    outcome: list[BaseException | None] = []
+
+    def make() -> None:
+        try:
+            call(timeout)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=make, name="transaction-call", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(timeout)
+    hung_at = time.monotonic() + HUNG_SLACK
+    while not outcome and time.monotonic() < hung_at:
+        if keep_waiting is not None:
+            # Only a heartbeat here: its answer cannot end a call that is under way. Giving up on
+            # it early replaced the producer while the old one's call (an init_transactions) was
+            # still pending, and that one, completing later, fenced its replacement.
+            keep_waiting()
+        thread.join(min(CALL_TIMEOUT, max(0.0, hung_at - time.monotonic())))
+    if not outcome:
+        raise CallHung(f"a transaction call was still blocked {time.monotonic() - started:.0f}s after it was "
+                       f"made (timeout {timeout:.0f}s)")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _fail(reason: str) -> Step:
+    """The last step after an abort: the caller hears that the transaction's records must be read again."""
+    def fail(_timeout: float) -> None:
+        raise TransactionFailed(reason, fatal=False)
+    return fail
+
+
+def _init_failed(error: KafkaError, _keep_waiting: KeepWaiting | None) -> None:
+    raise TransactionFailed(f"a new producer could not be initialised: {error.str()}", fatal=True)

@@ -110,7 +110,8 @@ class KafkaSink:
 
     def __init__(self, producer_config: Mapping[str, str], metrics: Metrics) -> None:
         config = {**DEFAULT_PRODUCER_CONFIG, **producer_config, **self.required_config}
-        self._producer = Producer({**config, **kafka_log_config()})
+        self._producer_config = {**config, **kafka_log_config()}  # a replacement producer is made alike
+        self._producer = Producer(self._producer_config)
         self._metrics = metrics
         self._families: dict[str, FamilyMetrics] = {}
         self._dead_letters: dict[tuple[str, str], tuple[Any, ...]] = {}
@@ -138,13 +139,16 @@ class KafkaSink:
         self._thread.start()
 
     def _serve(self) -> None:
-        producer, queue_gauge = self._producer, self._metrics.producer_queue
+        queue_gauge = self._metrics.producer_queue
         while not self._stop.is_set():
+            producer = self._producer  # the exactly-once sink may replace it (TransactionalSink)
             try:
                 producer.poll(0.05)
                 self._settle()
                 self._hold_failed()
                 self._retry_held()
+            except KafkaException as exc:  # poll raises a fatal producer error (fenced) once: the committer acts on it
+                log.warning("kafka.producer_fatal_error", error=exc.args[0].name(), reason=exc.args[0].str())
             except Exception:  # this thread must outlive any one bad report
                 log.error("kafka.delivery_thread_error", exc_info=True)
             queue_gauge.set(len(producer))

@@ -83,7 +83,9 @@ class SpecChannels:
         self.wrapped_tokens: dict[str, str] = {}
         self.drains: dict[str, dict[str, Drain]] = {}  # spec id -> former channel -> its drain
         # spec id -> (when its subscription expired, that subscription's id, the replacement's delivery)
-        self.lapses: dict[str, tuple[float, str, Delivery]] = {}
+        # spec id -> (since when, the lapsed subscription's id, the replacement's delivery, "expired" or
+        # "gone" as in Delivery.lapse_reason)
+        self.lapses: dict[str, tuple[float, str, Delivery, str | None]] = {}
         self.last_state: dict[str, float] = {}  # spec id -> when its state record was last written (monotonic)
 
     def progress_snapshot(self) -> list[tuple[str, SpecProgress]]:
@@ -112,15 +114,18 @@ class SpecChannels:
             progress = self.progress.get(spec_id)
             old_route = self.routes.get(previous.channel) if previous else None
             old_context = old_route.context if old_route else None
-            lapse = (delivery.lapsed_since, previous.subscription_id) if previous else (None, "")
+            lapse = (delivery.lapsed_since, delivery.lapse_reason)
+            lapsed_id = previous.subscription_id if previous else ""
             if progress is None:
                 restored = self.restored.get(spec_id)
                 progress, old_context = self._resume(spec_id, restored, delivery)
                 self.progress[spec_id] = progress
                 if restored is not None:
-                    lapse = (delivery.lapsed_since or _expired_before(restored, delivery), restored.subscription_id)
+                    lapsed_id = restored.subscription_id
+                    if lapse[0] is None:
+                        lapse = _lapsed_before(restored, delivery)
             if lapse[0] is not None:
-                self.lapses[spec_id] = (lapse[0], lapse[1], delivery)
+                self.lapses[spec_id] = (lapse[0], lapsed_id, delivery, lapse[1])
             # The previous context keeps the key before a rotation, for notifications still in flight
             # (or, after a restart, still unread since the checkpoint).
             context = ChannelContext.from_delivery(delivery, previous=old_context)
@@ -275,8 +280,8 @@ class SpecChannels:
             for spec_id, _ in closed:
                 del self.lapses[spec_id]
         now = time.time()
-        for spec_id, (since, expired_id, replacement) in closed:
-            if replacement.lapse_reason == "gone":  # since: when it was last known alive, not its end
+        for spec_id, (since, expired_id, replacement, reason) in closed:
+            if reason == "gone":  # since: when it was last known alive, not its end
                 self.report_gap(spec_id, expired_id, since, now,
                                  "subscription gone: deleted or expired server-side before its expiry; RingCentral "
                                  "may have published nothing from when it last answered for it until a new "
@@ -321,8 +326,14 @@ class SpecChannels:
         self.changed(spec_id)
 
 
-def _expired_before(restored: SpecState, delivery: Delivery) -> float | None:
-    """The recorded subscription's expiry when it lapsed before this (another) one replaced it."""
-    if not restored.subscription_id or restored.subscription_id == delivery.subscription_id:
-        return None
-    return restored.expires_at if 0 < restored.expires_at <= time.time() else None
+def _lapsed_before(restored: SpecState, delivery: Delivery) -> tuple[float | None, str | None]:
+    """Whether the recorded subscription lapsed before this (another) one replaced it after a restart
+    or handover: (since when, "expired" or "gone" as in Delivery.lapse_reason), or (None, None).
+    Replaced before its recorded expiry, it was deleted or expired server-side while no one read it;
+    nothing says when, so from when its state record was last written (it was alive then)."""
+    if not restored.subscription_id or restored.subscription_id == delivery.subscription_id \
+            or restored.expires_at <= 0:
+        return None, None
+    if restored.expires_at <= time.time():
+        return restored.expires_at, "expired"
+    return restored.updated_at, "gone"

@@ -22,7 +22,13 @@ from confluent_kafka import Consumer
 
 from ingest.config import Config
 from ingest.coordination.state import STATE_REFRESH_SECONDS, RecordedChannel, SpecState
-from ingest.coordination.transactions import TransactionalSink, TransactionFailed
+from ingest.coordination.transactions import (
+    KeepWaiting,
+    TransactionalSink,
+    TransactionFailed,
+    TransactionPending,
+    waiting_at_most,
+)
 from ingest.data.pipeline import Outcome
 from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.model import Delivery
@@ -37,6 +43,9 @@ log = get_logger(__name__)
 # The longest one pass of the checkpoint loop waits for room in a full producer queue (Kafka down or
 # slow): the loop feeds the liveness heartbeat, so checkpoints that cannot be queued wait for the next pass.
 CHECKPOINT_QUEUE_WAIT = 1.0
+# How long a group commit on the membership thread waits on Kafka before it leaves the rest for the
+# next pass: the thread must poll its consumer within max.poll.interval.ms (at least 30 s).
+GROUP_COMMIT_PATIENCE = 10.0
 
 
 class Checkpoints(ABC):
@@ -218,6 +227,10 @@ class TransactionalCheckpoints(Checkpoints):
         self._keep_waiting = keep_waiting
         self._next_commit = 0.0
         self._written: dict[str, int] = {}  # channel -> checkpoint written into the open transaction
+        # A commit Kafka has not answered yet (TransactionPending): the checkpoints as they stood before
+        # it (for the rewind, should it end aborted) and the checkpoints to acknowledge once it commits.
+        self._uncommitted: dict[str, int] = {}
+        self._unacknowledged: dict[str, int] = {}
 
     def produce(self, outcome: Outcome, progress: SpecProgress, notification: Received, received_at: float) -> None:
         self.transactions.send(outcome, progress, notification.position, received_at,
@@ -257,10 +270,17 @@ class TransactionalCheckpoints(Checkpoints):
                 if progress is not None:
                     progress.released = True
             if lost:
-                try:
-                    sink.abort()
-                except TransactionFailed as exc:
-                    self.fatal_error = f"transaction abort failed: {exc}"
+                patience = waiting_at_most(GROUP_COMMIT_PATIENCE)
+                # A call under way is finished first; still unanswered, it is made again at the next
+                # pass (nothing more goes into that transaction meanwhile).
+                if not sink.unfinished or self._finish_transaction(patience):
+                    try:
+                        sink.abort(patience)
+                    except TransactionPending:
+                        pass  # made again at the next pass: nothing of it commits
+                    except TransactionFailed as exc:
+                        if exc.fatal:
+                            self.fatal_error = f"transaction abort failed: {exc}"
                 self._rewind({})
         if not lost:
             self._commit(consumer, force=True)
@@ -278,10 +298,16 @@ class TransactionalCheckpoints(Checkpoints):
         self._next_commit = now + self.config.worker.checkpoint_interval_seconds
         sink = self.transactions
         on_loop = consumer is None and not force
+        # The checkpoint loop waits on Kafka beating its heartbeat; the membership thread, a handover
+        # and a stop only so long (then the call is made again at the next pass, or the transaction
+        # ends at the coordinator's timeout, aborted).
+        keep_waiting = self._keep_waiting if on_loop else waiting_at_most(GROUP_COMMIT_PATIENCE)
         # Not forced (the checkpoint loop, or the group's membership thread, which must go on polling
         # its consumer): a full producer queue defers the commit rather than waiting for room.
         deadline = now + CHECKPOINT_QUEUE_WAIT
         with sink.lock:
+            if sink.unfinished and not self._finish_transaction(keep_waiting):
+                return
             committed_before: dict[str, int] = {}  # checkpoints as they stood before this transaction
             for spec_id, progress in self.channels.progress_snapshot():
                 if self.state_due(spec_id, progress.produced_tt, progress, now):
@@ -292,17 +318,35 @@ class TransactionalCheckpoints(Checkpoints):
                         return
                     committed_before[spec_id] = before
             written, self._written = self._written, {}
-            try:
-                sink.commit(consumer, self._keep_waiting if on_loop else None)
-            except TransactionFailed as exc:
-                self._rewind(committed_before)
-                if exc.fatal:
-                    self.fatal_error = f"transaction fenced: {exc}"
-                    log.error("worker.fenced", error=str(exc))
-                    self.transport.stop()
-                return
+            self._end_transaction(lambda: sink.commit(consumer, keep_waiting), committed_before, written)
+
+    def _finish_transaction(self, keep_waiting: KeepWaiting) -> bool:
+        """A pass gave up waiting on Kafka mid-commit: make the call again first (lock held). False
+        while Kafka still does not answer, or when the transaction ended aborted (rewound)."""
+        return self._end_transaction(lambda: self.transactions.finish(keep_waiting), self._uncommitted,
+                                     self._unacknowledged)
+
+    def _end_transaction(self, end: Callable[[], None], committed_before: dict[str, int],
+                         written: dict[str, int]) -> bool:
+        """Commit (or finish committing) the open transaction; True once committed. Pending: the
+        checkpoints before it are kept for the rewind should it end aborted."""
+        try:
+            end()
+        except TransactionPending:
+            self._uncommitted, self._unacknowledged = committed_before, written
+            return False
+        except TransactionFailed as exc:
+            self._uncommitted, self._unacknowledged = {}, {}
+            self._rewind(committed_before)
+            if exc.fatal:
+                self.fatal_error = f"transaction fenced: {exc}"
+                log.error("worker.fenced", error=str(exc))
+                self.transport.stop()
+            return False
+        self._uncommitted, self._unacknowledged = {}, {}
         for channel, timetoken in written.items():
             self.transport.acknowledged(channel, timetoken)
+        return True
 
     def _defer_commit(self, written: dict[str, int]) -> None:
         """The producer's queue is full: commit at the next pass. The checkpoints written into the

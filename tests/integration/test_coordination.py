@@ -6,7 +6,7 @@ import logging
 import threading
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from ingest.coordination.group import GroupMembership
@@ -71,3 +71,82 @@ def test_a_spec_topic_that_does_not_exist_yet_is_waited_for(kafka_bootstrap: str
 
 def _reported(caplog: pytest.LogCaptureFixture, event: str) -> bool:
     return any(record.getMessage() == event for record in caplog.records)
+
+
+class _StuckOnce(_Owner):
+    """An owner whose first tick after the partitions are loaded holds the membership thread past
+    max.poll.interval.ms, as a commit that waited on a slow Kafka did."""
+
+    def __init__(self, hold_seconds: float) -> None:
+        super().__init__()
+        self.hold_seconds = hold_seconds
+        self.held = threading.Event()
+        self.lost: list[int] = []
+
+    def partitions_revoked(self, partitions: list[int], lost: bool) -> None:
+        if lost:
+            self.lost += partitions
+        super().partitions_revoked(partitions, lost)
+
+    def tick(self, consumer: Consumer) -> None:
+        if self.loaded and not self.held.is_set():
+            self.held.set()
+            threading.Event().wait(self.hold_seconds)  # the fault: the thread does not poll meanwhile
+
+
+def test_a_member_held_past_max_poll_interval_rejoins(kafka_bootstrap: str, unique_name: str) -> None:
+    """librdkafka leaves the group for a member that did not poll within max.poll.interval.ms (30 s)
+    and reports _MAX_POLL_EXCEEDED on the next poll. That ended the membership thread: the worker
+    owned nothing more and, before `ingest run` exited 3 on it, served nothing until restarted."""
+    config = {"bootstrap.servers": kafka_bootstrap}
+    topic = f"{unique_name}.specs"
+    ensure_topics(AdminClient(config), [topic], partitions=2, replication_factor=1, config=COMPACTED)
+    spec = SubscriptionSpec(spec_id="acme/messages", account="acme",
+                            event_filters=("/restapi/v1.0/account/~/extension/~/message-store",))
+    apply_specs(config, topic, 2, [spec], prune=False)
+    owner = _StuckOnce(hold_seconds=40)
+    membership = GroupMembership(config, group_id=f"{unique_name}.workers", spec_topic=topic, worker_id="w1",
+                                 session_timeout_ms=6000, owner=owner)
+    membership.start()
+    try:
+        wait_for(owner.held.is_set, 60, what="the partitions loaded and the thread held")
+        wait_for(lambda: owner.lost or membership.error, 120, what="the member to leave the group")
+        assert membership.error is None, membership.error
+        wait_for(lambda: len(owner.loaded) == 2 or membership.error, 120, what="the partitions assigned again")
+        assert membership.error is None, membership.error
+        assert any(spec.spec_id in specs for specs in owner.loaded.values())
+    finally:
+        membership.stop()
+
+
+def test_an_end_offset_the_broker_cannot_give_at_assignment_is_asked_again(
+        kafka_bootstrap: str, unique_name: str) -> None:
+    """Assigned while the broker restarts, the partition's end offset is unknown (`_UNKNOWN_PARTITION`,
+    as a partition the broker does not know yet). Raised from the assignment callback, it ended the
+    membership thread: the worker exited 3 right after creating subscriptions it had not recorded
+    (the chaos soak, 171 notifications lost). Here: an assignment naming a partition the topic does
+    not have (yet); the membership must go on and load the partitions that exist."""
+    config = {"bootstrap.servers": kafka_bootstrap}
+    topic = f"{unique_name}.specs"
+    ensure_topics(AdminClient(config), [topic], partitions=2, replication_factor=1, config=COMPACTED)
+    spec = SubscriptionSpec(spec_id="acme/messages", account="acme",
+                            event_filters=("/restapi/v1.0/account/~/extension/~/message-store",))
+    apply_specs(config, topic, 2, [spec], prune=False)
+    owner = _Owner()
+    membership = GroupMembership(config, group_id=f"{unique_name}.workers", spec_topic=topic, worker_id="w1",
+                                 session_timeout_ms=6000, owner=owner)
+    try:
+        membership._on_assign(membership.consumer, [TopicPartition(topic, p) for p in (0, 1, 7)])
+        assert membership.assigned == {0, 1, 7}
+
+        def loaded() -> bool:  # what the membership thread does, on this thread
+            msg = membership.consumer.poll(0.2)
+            if msg is not None:
+                membership._on_record(msg)
+            membership._check_loaded()
+            return len(owner.loaded) == 2
+
+        wait_for(loaded, 60, what="the partitions that exist loaded", interval=0)
+        assert any(spec.spec_id in specs for specs in owner.loaded.values())
+    finally:
+        membership.consumer.close()

@@ -191,16 +191,14 @@ def test_permanent_delivery_errors_hold_the_spec_in_order_without_crashing(
             close_all(reader, worker)
 
 
-# Issue 14 stays open on this: under CPU load, after the outage the transaction coordinator sometimes
-# fences the producer (`_FENCED`, fatal) instead of bumping its epoch; the worker then stops, which
-# `ingest run` turns into exit 3 for its supervisor. Passed idle and with two CPU hogs; failed in 3 of
-# 5 heavily loaded runs (docs/faults.md, "Not covered here"). Kept running: an xpass shows in the report.
-@pytest.mark.xfail(reason="issue 14: coordinator fencing after a long outage under CPU load", strict=False)
 def test_exactly_once_outage_keeps_liveness_and_order(
         own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
     # The standalone exactly-once worker commits on its checkpoint loop, which feeds the liveness
     # heartbeat; commits wait on Kafka (up to 30 s each) for as long as it is down. The outage outlasts
     # the commit timeout: the worker must neither fail liveness nor give up (fenced) nor lose order.
+    # The open transaction outlives transaction.timeout.ms; when the coordinator's sweep after the
+    # restart aborts it before the worker does, librdkafka reports it as fenced (fatal): the worker
+    # replaces its producer instead of stopping (tests/test_transactions.py).
     with scenario(tmp_path, own_broker.bootstrap_servers, unique_name,
                   worker={"delivery_guarantee": "exactly-once"}) as s, \
             LivenessWatch(lambda: s.worker.health.port) as liveness:
@@ -220,5 +218,34 @@ def test_exactly_once_outage_keeps_liveness_and_order(
         assert not wrong, (len(wrong), wrong[:5])
         assert s.worker.failed is None, s.worker.failed
         assert not liveness.failures, liveness.failures[:3]
+        replaced = s.worker.metrics.registry.get_sample_value(
+            "ingest_transactions_total", {"outcome": "producer_replaced"})
         print(f"outage {outage:.1f}s, /healthz 200 in {liveness.polls} polls, 0 out of order, "
+              f"probe delivered {recovery:.1f}s after the restart, producer replaced {replaced or 0:.0f} times")
+
+
+def test_exactly_once_group_outage_keeps_the_worker_in_its_group(
+        own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
+    # In a group, exactly-once commits run on the membership thread, which must poll its consumer
+    # within max.poll.interval.ms (30 s). Each send-offsets, commit or abort call waited up to 30 s:
+    # through an outage the abort timed out too and the worker declared itself fenced (exit 3, its
+    # specs handed over and read again by another). A group commit now waits at most 10 s, leaves the
+    # call for the next pass (intake waits meanwhile) and makes it again until Kafka answers.
+    with scenario(tmp_path, own_broker.bootstrap_servers, unique_name,
+                  worker={"delivery_guarantee": "exactly-once", "coordination": "group"}) as s:
+        s.traffic()
+        s.wait_traffic(40)
+        with _broker_down(own_broker) as stopped:
+            seconds = 45  # past max.poll.interval.ms and the coordinator's transaction timeout
+            s.wait_traffic(int(seconds * RATE), timeout=seconds * 3)
+            assert s.worker.failed is None, s.worker.failed
+        outage = time.monotonic() - stopped
+        recovery = s.probe(timeout=120)
+        s.wait_traffic(40)
+        _, duplicates = s.verify("exactly-once group, kafka outage past max.poll.interval.ms")
+        assert duplicates == 0
+        wrong = s.out_of_order()
+        assert not wrong, (len(wrong), wrong[:5])
+        assert s.worker.failed is None, s.worker.failed
+        print(f"outage {outage:.1f}s, worker in its group throughout, 0 duplicates, 0 out of order, "
               f"probe delivered {recovery:.1f}s after the restart")

@@ -119,3 +119,79 @@ def test_restart_reads_the_recorded_channels_to_their_end(kafka_bootstrap: str, 
                   f"{duplicates} duplicates")
         finally:
             close_all(reader, first, second)
+
+
+def test_a_subscription_deleted_while_the_worker_was_down_is_reported_gone(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """Stopped; RingCentral deletes one recorded subscription long before its recorded expiry; started
+    again before that expiry. The renewal of the recorded id answers 404 and a new subscription is
+    created: RingCentral published nothing for the spec from the delete until then, so that window is
+    reported as a gap naming the deleted subscription (before: only an INFO `subscription.reuse_gone`)."""
+    with Sandbox(sandbox_settings()) as sandbox:
+        config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name)
+        first = WorkerProcess(config, tmp_path / "first.log")
+        second: WorkerProcess | None = None
+        reader: FaultTolerantReader | None = None
+        try:
+            wait_for(first.ready, 60, what="the first worker ready")
+            reader = FaultTolerantReader(kafka_bootstrap, unique_name)
+            s = Traffic(sandbox, reader)
+            s.traffic()
+            s.wait_traffic(40)
+            assert first.terminate() == 0
+            victim = sandbox.rc.live_subscriptions()[0]
+            deleted_at = time.time()
+            sandbox.faults.delete_subscription(victim.id)
+            assert victim.expires_at > time.time() + 60, "the recorded expiry must still be ahead"
+            second = WorkerProcess(config, tmp_path / "second.log")
+            wait_for(second.ready, 60, what="the second worker ready")
+
+            def gaps() -> list[dict[str, object]]:
+                return [e for e in _events(second, "replay.gap_suspected") if e.get("subscription_id") == victim.id]
+
+            wait_for(gaps, 30, what="the deleted subscription's gap report")
+            [gap] = gaps()
+            assert str(gap["reason"]).startswith("subscription gone"), gap
+            assert float(str(gap["missing_from"])) <= deleted_at <= float(str(gap["missing_until"])), gap
+            s.wait_traffic(40)
+            s.verify("subscription deleted while the worker was down")
+            assert second.terminate() == 0
+            print(f"gap reported over {float(str(gap['missing_until'])) - float(str(gap['missing_from'])):.1f}s "
+                  f"(the delete inside it)")
+        finally:
+            close_all(reader, first, second)
+
+
+def test_a_worker_fenced_by_a_newer_instance_exits_3(kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """Two exactly-once workers with one transactional.id (the same worker id: a second pod started
+    with the first's config, or a restart while the old process still runs): the newer instance's
+    `init_transactions` fences the older, whose next commit is refused within transaction.timeout.ms.
+    The older must stop (`Worker.failed`) and `ingest run` exit 3 for its supervisor, not go on as a
+    zombie; the newer serves on, and read_committed sees every notification exactly once."""
+    with Sandbox(sandbox_settings()) as sandbox:
+        # One config, one worker id (by default it holds the process id): one transactional.id.
+        config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name,
+                                    worker={"delivery_guarantee": "exactly-once", "id": "twin"})
+        first = WorkerProcess(config, tmp_path / "first.log")
+        second: WorkerProcess | None = None
+        reader: FaultTolerantReader | None = None
+        try:
+            wait_for(first.ready, 60, what="the first worker ready")
+            reader = FaultTolerantReader(kafka_bootstrap, unique_name)
+            s = Traffic(sandbox, reader)
+            s.traffic()
+            s.wait_traffic(40)
+            second = WorkerProcess(config, tmp_path / "second.log")
+            wait_for(lambda: first.proc.poll() is not None, 120, what="the fenced first worker to exit")
+            assert first.proc.returncode == 3, first.proc.returncode
+            [exiting] = _events(first, "worker.exiting")
+            assert "fenced" in str(exiting["reason"]), exiting
+            assert not _events(first, "transaction.producer_replaced"), "the zombie replaced its producer"
+            wait_for(second.ready, 60, what="the second worker ready")
+            s.wait_traffic(40)
+            _, duplicates = s.verify("a second worker with the same transactional.id")
+            assert duplicates == 0
+            assert second.terminate() == 0
+            print(f"the first exited 3: {exiting['reason']}")
+        finally:
+            close_all(reader, first, second)

@@ -1,0 +1,108 @@
+"""The exactly-once sink against a real broker: who ended the producer's epoch decides whether it goes on.
+
+A transaction left open past `transaction.timeout.ms` is aborted by the coordinator, which bumps the
+producer's epoch; librdkafka then reports the next commit as fatal `_FENCED`, exactly as when a newer
+instance with the same transactional.id has started. The sink replaces its producer in the first
+case and stops in the second."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient
+
+from ingest.coordination.transactions import TransactionalSink, TransactionFailed
+from ingest.observability.metrics import Metrics
+from ingest.topology import ensure_topics
+from tests.support import wait_for
+
+TIMEOUT_MS = 1000  # transaction.timeout.ms: the broker's sweep (every 5 s in tests) aborts it soon after
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str, unique_name: str) -> str:
+    ensure_topics(AdminClient({"bootstrap.servers": kafka_bootstrap}), [unique_name], partitions=1,
+                  replication_factor=1, timeout=30)
+    return unique_name
+
+
+def _sink(bootstrap: str, transactional_id: str, timeout_ms: int = TIMEOUT_MS) -> TransactionalSink:
+    sink = TransactionalSink({"bootstrap.servers": bootstrap, "transaction.timeout.ms": str(timeout_ms)},
+                             Metrics(), transactional_id)
+    sink.start()
+    return sink
+
+
+@pytest.fixture
+def sinks() -> Iterator[list[TransactionalSink]]:
+    started: list[TransactionalSink] = []
+    yield started
+    for sink in started:
+        sink.close()
+
+
+def _committed_values(bootstrap: str, topic: str, expected: int) -> list[bytes]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-check", "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    consumer.subscribe([topic])
+    values: list[bytes] = []
+
+    def read() -> bool:
+        values.extend(m.value() or b"" for m in consumer.consume(100, 0.5) if not m.error())
+        return len(values) >= expected
+
+    try:
+        wait_for(read, 60, f"{expected} committed records in {topic}", interval=0)
+        values.extend(m.value() or b"" for m in consumer.consume(100, 1.0) if not m.error())  # any extra
+    finally:
+        consumer.close()
+    return values
+
+
+def _produce(sink: TransactionalSink, topic: str, value: bytes) -> None:
+    with sink.lock:
+        sink.produce_raw(topic, b"k", value)
+
+
+def _commit(sink: TransactionalSink) -> None:
+    with sink.lock:
+        sink.commit(None)
+
+
+def test_a_transaction_the_coordinator_timed_out_gets_a_new_producer(
+        kafka_bootstrap: str, topic: str, unique_name: str, sinks: list[TransactionalSink]) -> None:
+    sink = _sink(kafka_bootstrap, unique_name)
+    sinks.append(sink)
+    _produce(sink, topic, b"committed")
+    _commit(sink)
+    _produce(sink, topic, b"timed out")
+    started = time.monotonic()
+
+    def epoch_ended() -> bool:
+        # Records produced with the epoch the coordinator bumped are refused: the transaction is doomed.
+        _produce(sink, topic, b"timed out")
+        return sink._failed is not None
+
+    wait_for(epoch_ended, 60, what="the coordinator to abort the transaction left open", interval=1.0)
+    assert time.monotonic() - started > TIMEOUT_MS / 1000
+    with pytest.raises(TransactionFailed) as failed:
+        _commit(sink)
+    assert not failed.value.fatal, f"the worker would stop: {failed.value}"
+    _produce(sink, topic, b"after")
+    _commit(sink)
+    assert sorted(_committed_values(kafka_bootstrap, topic, 2)) == [b"after", b"committed"]
+
+
+def test_a_newer_instance_with_the_same_transactional_id_fences_for_good(
+        kafka_bootstrap: str, topic: str, unique_name: str, sinks: list[TransactionalSink]) -> None:
+    # The worker's own transaction timeout (10 s): the fence comes well within it.
+    first = _sink(kafka_bootstrap, unique_name, timeout_ms=10_000)
+    sinks.append(first)
+    _produce(first, topic, b"first")
+    sinks.append(_sink(kafka_bootstrap, unique_name, timeout_ms=10_000))  # init_transactions fences the first
+    with pytest.raises(TransactionFailed) as failed:
+        _commit(first)
+    assert failed.value.fatal, "a zombie went on producing"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
@@ -77,6 +78,8 @@ class Worker:
         self.channels = SpecChannels(w, self.metrics, intake, KeyWrapper(config.ringcentral.client_secret),
                                      threading.RLock())
         self.transport.on_access_denied = self.channels.on_access_denied
+        if self.websocket is not None:
+            self.websocket.recorded_sessions = self._recorded_session
         self.transport.on_replay_gap = self.channels.on_replay_gap
         self.checkpoints = checkpointing.for_config(config, self.metrics, topics=self.topics, channels=self.channels,
                                                     transport=intake, keep_waiting=self._waiting_on_kafka)
@@ -177,11 +180,21 @@ class Worker:
         self.checkpoints.spec_changed(spec_id)
 
     def _on_websocket_gap(self, channel: str, gap: Gap) -> None:
-        """RingCentral did not keep what a WebSocket session missed (recovery failed or too late)."""
-        for spec_id, delivery in list(self.channels.deliveries.items()):
-            if delivery.channel == channel:
-                self.channels.report_gap(spec_id, gap.lost_subscription_id or "", gap.since, gap.until,
-                                         f"websocket {gap.reason}: RingCentral did not keep what the session missed")
+        """RingCentral did not keep what a WebSocket session missed (recovery failed or too late). After a
+        restart or a handover the spec has no delivery yet (the recorded session is being recovered): its
+        restored record names the channel."""
+        with self.channels.lock:
+            specs = {spec_id for spec_id, d in self.channels.deliveries.items() if d.channel == channel}
+            specs |= {spec_id for spec_id, st in self.channels.restored.items()
+                      if st.channel == channel and spec_id not in self.channels.deliveries}
+        for spec_id in specs:
+            self.channels.report_gap(spec_id, gap.lost_subscription_id or "", gap.since, gap.until,
+                                     f"websocket {gap.reason}: RingCentral did not keep what the session missed")
+
+    def _recorded_session(self, channel: str) -> dict[str, Any] | None:
+        """The WebSocket session the restored state record of `channel` holds (restart, handover)."""
+        with self.channels.lock:
+            return next((st.session for st in self.channels.restored.values() if st.channel == channel), None)
 
     def _restart_windows_loop(self) -> None:
         while not self._stop.wait(RESTART_WINDOWS_CHECK_SECONDS):

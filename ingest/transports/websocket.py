@@ -187,6 +187,7 @@ class WebSocketSession:
     _thread: threading.Thread | None = None
     connections: int = 0  # connections opened (for tests and logs)
     _recover_next: bool = False  # the next connect sends the wsc whatever its age (a recorded session)
+    _origin: tuple[str, int, float] | None = None  # the wsc, sequence and time of this session's ConnectionDetails
 
     def __post_init__(self) -> None:
         self._filters = tuple(self.event_filters)
@@ -208,6 +209,10 @@ class WebSocketSession:
     @property
     def started(self) -> bool:
         return self._thread is not None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping.is_set()
 
     # ---- API -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -243,6 +248,15 @@ class WebSocketSession:
     def filters(self) -> tuple[str, ...]:
         """The event filters the subscription should carry (applied over the socket when they change)."""
         return self._filters
+
+    def origin(self) -> Position | None:
+        """Where the current session began (its first ConnectionDetails), once subscribed: recovering there
+        replays all of it. None for a session recovered from a record, or before it is subscribed."""
+        with self._lock:
+            if self._origin is None or self._subscription_id is None:
+                return None
+            wsc, sequence, began = self._origin
+            return Position(wsc, sequence, self._subscription_id, began, self._session_started)
 
     def position(self) -> Position | None:
         """The newest position (wsc and sequence), None before the first ConnectionDetails."""
@@ -346,6 +360,7 @@ class WebSocketSession:
             log.info("websocket.recovered", session=self.name, subscription=self._subscription_id)
             return
         self._session_started = int(time.time())
+        self._origin = (self._wsc or "", self._sequence, time.time())
         if recovering:
             self.metrics.websocket_recoveries.labels("Failed").inc()
             self._report_gap("recovery-failed", details.get("recoveryErrorCode"))
@@ -578,6 +593,7 @@ class WebSocketTransport:
         self.settings = settings or WebSocketSettings()
         self.on_gap = on_gap
         self.sessions: dict[str, WebSocketSession] = {}  # channel -> session
+        self._clients: dict[str, WebSocketSubscriptionClient] = {}  # channel -> its account's client
         self._streams: dict[str, _Stream] = {}  # channels the worker reads
         self._pending: dict[str, list[Received]] = {}
         self._intake = threading.Lock()  # one batch at a time, and pending ones released in order
@@ -596,11 +612,23 @@ class WebSocketTransport:
         client = WebSocketSubscriptionClient(server, tokens, self.metrics, http, user=account, timeout=timeout)
         channel = channel_of(account)
         client.recorded = functools.partial(self._recorded_session, channel)
+        client.fresh_session = functools.partial(self._new_session, channel)
+        self._clients[channel] = client
+        self._new_session(channel)
+        return client
+
+    def _new_session(self, channel: str) -> None:
+        """The account's next session (not started: its subscription's creation or recovery starts it): at
+        start, and when a spec handed away (its session stopped) comes back; what the state record holds now
+        was written by the owner in between."""
+        with self._positions:
+            self._unrecorded.pop(channel, None)
+            self._recorded.pop(channel, None)
+        client = self._clients[channel]
         client.websocket = WebSocketSession(
             client, [], functools.partial(self._on_batch, channel), self.metrics, self.settings,
-            on_gap=functools.partial(self._gap, channel), name=account)
+            on_gap=functools.partial(self._gap, channel), name=client.user)
         self.sessions[channel] = client.websocket
-        return client
 
     # ---- Transport ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -629,7 +657,7 @@ class WebSocketTransport:
             self._pending.pop(channel, None)
         session = self.sessions.get(channel)
         if session is not None:  # the spec was removed or handed over: the session ends (RingCentral ends it)
-            session.stop()
+            session.stop()  # its positions stay: the last checkpoint, written after this, records one of them
 
     def rewind(self, channel: str, position: int | None) -> None:
         log.error("websocket.rewind_impossible", channel=channel, position=position)
@@ -660,7 +688,13 @@ class WebSocketTransport:
                 newest = unrecorded.popleft()
             if newest is not None and session is not None:
                 self._recorded[channel] = recorded_session(newest, session.filters)
-            return self._recorded.get(channel)
+            recorded = self._recorded.get(channel)
+        # Nothing of the current session checkpointed yet (it is new: a first start, a failed recovery, a spec
+        # handed over before anything came): its beginning, from which a recovery replays all of it.
+        origin = session.origin() if session is not None else None
+        if origin is not None and (recorded is None or recorded.get("session_started", 0) < origin.session_started):
+            return recorded_session(origin, session.filters if session else ())
+        return recorded
 
     def _recorded_session(self, channel: str) -> dict[str, Any] | None:
         """The session the state record holds for `channel` (what the checkpoints record until one moves)."""
@@ -711,11 +745,14 @@ class WebSocketSubscriptionClient(RingCentralClient):
 
     websocket: WebSocketSession
     recorded: Callable[[], dict[str, Any] | None] = staticmethod(lambda: None)  # the state record's session
+    fresh_session: Callable[[], None] = staticmethod(lambda: None)  # replaces a stopped `websocket`
 
     def list_subscriptions(self) -> list[dict[str, Any]]:
         return []  # nothing to adopt: a session's subscription cannot be taken over without its wsc
 
     def create_subscription(self, event_filters: list[str], expires_in: int) -> dict[str, Any]:
+        if self.websocket.stopped:  # the spec was handed away and has come back
+            self.fresh_session()
         self.websocket.set_event_filters(event_filters)
         self.websocket.start()
         self._wait_subscribed()
@@ -735,6 +772,8 @@ class WebSocketSubscriptionClient(RingCentralClient):
         """The session's subscription; the first call after a restart or a handover (the session not started)
         recovers the recorded session when it held this subscription. 404 when the session's subscription
         is another (the recovery failed: it subscribed again, and the manager takes that one as created)."""
+        if self.websocket.stopped:  # the spec was handed away and has come back
+            self.fresh_session()
         if not self.websocket.started:
             self._recover(subscription_id)
         if self.websocket.subscription_id != subscription_id:

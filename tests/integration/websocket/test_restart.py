@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ingest.sandbox.generator import Generated
-from ingest.sandbox.server import Sandbox
+from ingest.sandbox.server import Sandbox, demo_accounts
 from ingest.sandbox.websocket import WebSocketSettings
 from tests.integration.faults.scenario import KINDS, FaultTolerantReader, close_all, sandbox_settings
 from tests.integration.sandbox.conftest import MESSAGE_STORE, PRESENCE
@@ -30,11 +30,12 @@ RATE = 10.0  # notifications per second, published throughout (also while no wor
 BUFFER = 1000
 
 
-def _websocket_config(tmp_path: Path, sandbox: Sandbox, bootstrap: str, prefix: str) -> Path:
-    path = write_config(tmp_path, sandbox, bootstrap, prefix, accounts=1,
+def _websocket_config(tmp_path: Path, sandbox: Sandbox, bootstrap: str, prefix: str, accounts: int = 1) -> Path:
+    path = write_config(tmp_path, sandbox, bootstrap, prefix, accounts=accounts,
                         subscriptions={"calls-and-messages": [MESSAGE_STORE, PRESENCE]})
     doc = yaml.safe_load(path.read_text())
-    doc["accounts"][0]["transport"] = "websocket"
+    for account in doc["accounts"]:
+        account["transport"] = "websocket"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -135,3 +136,44 @@ def test_sigkill_and_restart_beyond_recovery_timeout_report_exactly_the_loss(
             assert second.stop() == 0
         finally:
             close_all(reader, first, second)
+
+
+def test_group_handover_of_a_killed_worker_recovers_its_sessions(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """Two workers share two WebSocket accounts; one that owns a spec is killed: the other takes its specs over
+    (after the group's session timeout) and recovers their sessions from the state records: 0 lost, no new
+    subscription."""
+    settings = sandbox_settings(accounts=demo_accounts(2), websocket=WebSocketSettings(recovery_buffer=BUFFER))
+    with Sandbox(settings) as sandbox:
+        path = _websocket_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=2)
+        base = yaml.safe_load(path.read_text())
+        base["worker"].update({"coordination": "group", "session_timeout_seconds": 6.0})
+        a, b = WorkerProcess.in_group("a", base, tmp_path), WorkerProcess.in_group("b", base, tmp_path)
+        reader: FaultTolerantReader | None = None
+        try:
+            a.start()
+            b.start()
+            wait_for(lambda: a.ready() and b.ready() and a.owned() + b.owned() == 2
+                     and sandbox.websocket.stats()["connections"] == 2, 120, interval=1, what="both specs served")
+            reader = FaultTolerantReader(kafka_bootstrap, unique_name)
+            # The spec partitions decide who owns what: the victim is a member that owns a spec.
+            victim, survivor = (a, b) if a.owned() >= 1 else (b, a)
+            killed = _start_and_kill(sandbox, reader, victim)
+            wait_for(lambda: survivor.owned() == 2 and survivor.ready()
+                     and sandbox.websocket.stats()["connections"] == 2, 90,
+                     interval=0.5, what="the victim's specs handed over and their sessions recovered")
+            handed_over = time.time() - killed
+            more = sandbox.generator.count() + 20
+            wait_for(lambda: sandbox.generator.count() >= more, 30, what="traffic after the handover")
+            generated, in_kafka = _drain(sandbox, reader)
+            lost = [g for g in generated if g.uuid not in in_kafka]
+            stats = sandbox.websocket.stats()
+            print(f"\n[websocket group handover after SIGKILL] {len(generated)} published, {len(lost)} lost, "
+                  f"handed over and recovered {handed_over:.1f} s after the kill, replayed {stats['replayed']}")
+            assert lost == [], f"{len(lost)} of {len(generated)} lost"
+            # Every handover recovered (the kill's, and any of the start-up rebalance): one subscription per account.
+            assert stats["recovered"] >= 1 and stats["recovery_failed"] == 0 and stats["lost"] == 0
+            assert sum(sandbox.rc.created_count.values()) == 2
+            assert not [e for e in survivor.lines() if e.get("event") == "replay.gap_suspected"]
+        finally:
+            close_all(reader, a, b)

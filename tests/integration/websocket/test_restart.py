@@ -40,14 +40,20 @@ def _websocket_config(tmp_path: Path, sandbox: Sandbox, bootstrap: str, prefix: 
     return path
 
 
-def _start_and_kill(sandbox: Sandbox, reader: FaultTolerantReader, first: WorkerProcess) -> float:
-    """Serve with traffic until notifications are in Kafka and checkpointed, then SIGKILL. When (unix s)."""
+def _start_and_kill(sandbox: Sandbox, reader: FaultTolerantReader, first: WorkerProcess, *,
+                    graceful: bool = False) -> float:
+    """Serve with traffic until notifications are in Kafka and checkpointed, then SIGKILL (or SIGTERM, and
+    wait for the exit). When it was signalled (unix s)."""
     sandbox.generator.start(RATE, kinds=KINDS)
     assert len(reader.poll_until(lambda rs: len(rs) >= 30, 60)) >= 30
     time.sleep(1.0)  # two checkpoint intervals: the newest records are checkpointed (the kill does not wait)
-    first.kill()
-    assert first.proc is not None and first.proc.returncode == -signal.SIGKILL
-    return time.time()
+    signalled = time.time()
+    if graceful:
+        assert first.stop() == 0
+    else:
+        first.kill()
+        assert first.proc is not None and first.proc.returncode == -signal.SIGKILL
+    return signalled
 
 
 def _drain(sandbox: Sandbox, reader: FaultTolerantReader,
@@ -138,11 +144,12 @@ def test_sigkill_and_restart_beyond_recovery_timeout_report_exactly_the_loss(
             close_all(reader, first, second)
 
 
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_group_handover_of_a_killed_worker_recovers_its_sessions(
-        kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
-    """Two workers share two WebSocket accounts; one that owns a spec is killed: the other takes its specs over
-    (after the group's session timeout) and recovers their sessions from the state records: 0 lost, no new
-    subscription."""
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path, how: str) -> None:
+    """Two workers share two WebSocket accounts; one that owns a spec is killed (or stopped: it hands its specs
+    over with a last checkpoint): the other takes its specs over (after the group's session timeout when
+    killed) and recovers their sessions from the state records: 0 lost, no new subscription."""
     settings = sandbox_settings(accounts=demo_accounts(2), websocket=WebSocketSettings(recovery_buffer=BUFFER))
     with Sandbox(settings) as sandbox:
         path = _websocket_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=2)
@@ -158,7 +165,7 @@ def test_group_handover_of_a_killed_worker_recovers_its_sessions(
             reader = FaultTolerantReader(kafka_bootstrap, unique_name)
             # The spec partitions decide who owns what: the victim is a member that owns a spec.
             victim, survivor = (a, b) if a.owned() >= 1 else (b, a)
-            killed = _start_and_kill(sandbox, reader, victim)
+            killed = _start_and_kill(sandbox, reader, victim, graceful=how == "sigterm")
             wait_for(lambda: survivor.owned() == 2 and survivor.ready()
                      and sandbox.websocket.stats()["connections"] == 2, 90,
                      interval=0.5, what="the victim's specs handed over and their sessions recovered")
@@ -168,7 +175,7 @@ def test_group_handover_of_a_killed_worker_recovers_its_sessions(
             generated, in_kafka = _drain(sandbox, reader)
             lost = [g for g in generated if g.uuid not in in_kafka]
             stats = sandbox.websocket.stats()
-            print(f"\n[websocket group handover after SIGKILL] {len(generated)} published, {len(lost)} lost, "
+            print(f"\n[websocket group handover after {how}] {len(generated)} published, {len(lost)} lost, "
                   f"handed over and recovered {handed_over:.1f} s after the kill, replayed {stats['replayed']}")
             assert lost == [], f"{len(lost)} of {len(generated)} lost"
             # Every handover recovered (the kill's, and any of the start-up rebalance): one subscription per account.

@@ -6,6 +6,8 @@ PubNub from the checkpoint timetoken. When the subscription it finds reads anoth
 recorded one expired, or rotated at the first renewal), the recorded channel is still read from its
 checkpoint until drained: the record carries its subscribe key and its AES key, wrapped
 (`ingest.coordination.keywrap`), and channels still draining are recorded in `draining` with their own checkpoint.
+A transport whose position alone cannot resume reading (WebSocket: the session's `wsc`) records what it
+needs at the checkpoint in `session` (`Transport.resume_state`).
 
 The state topic is co-partitioned with the spec topic by construction: both are written with an
 explicit partition, `partition_for(spec_id, n)`, so a worker that owns spec partition p finds the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from ingest.coordination.compacted import read_latest
 from ingest.observability.logs import get_logger
@@ -53,9 +56,15 @@ class SpecState:
     # WebHook: the subscription's verification token, wrapped like the AES key (associated data: the spec
     # id and the subscription id), so that every pod's receiver can check deliveries for any spec.
     wrapped_verification_token: str | None = None
+    # What the transport needs besides the checkpoint to resume there (WebSocket: the wsc of the checkpointed
+    # notification, docs/records.md); None: the position is enough (PubNub).
+    session: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        fields = asdict(self)
+        if self.session is None:
+            del fields["session"]  # records without one stay readable by workers that predate the field
+        return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, value: bytes) -> SpecState:

@@ -25,8 +25,10 @@ encryption key (`Delivery.encryption_key` None), which the pipeline reads as "no
 Acknowledgement: the worker calls `acknowledged(channel, position)` for a spec's current channel when
 everything up to `position` on it is durable in Kafka: at-least-once when the checkpoint is written
 (Kafka acknowledged every record up to it), exactly-once when the transaction holding it commits.
-PubNub ignores it (its positions are resumable). A WebHook receiver holds each request until then and
-answers 200 (or answers 503 when the worker stops first, so that the sender retries).
+PubNub and WebSocket ignore it: PubNub's positions are resumable; a WebSocket checkpoint records
+`resume_state(channel, position)`, the wsc a new owner recovers the session with. A WebHook
+receiver holds each request until then and answers 200 (or answers 503 when the worker stops first,
+so that the sender retries).
 """
 
 from __future__ import annotations
@@ -108,4 +110,9 @@ class Transport(Protocol):
 
     def acknowledged(self, channel: str, position: int) -> None:
         """Everything up to `position` on `channel` is durable in Kafka (see the module docstring)."""
+        ...
+
+    def resume_state(self, channel: str, position: int) -> dict[str, Any] | None:
+        """What a checkpoint at `position` must record besides the position to resume reading there after a
+        restart or a handover (JSON-able; WebSocket: the session's wsc then); None: the position is enough."""
         ...

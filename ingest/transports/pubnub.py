@@ -187,6 +187,10 @@ class PubNubTransport:
     def acknowledged(self, channel: str, position: int) -> None:
         """Nothing to do: PubNub's positions are resumable, a restart replays from the checkpoint."""
 
+    def resume_state(self, channel: str, position: int) -> dict[str, Any] | None:
+        """None: a timetoken is all a restart needs."""
+        return None
+
     def caught_up_at(self, channel: str) -> float | None:
         """When (monotonic) the connection now reading `channel` last had a response that was not
         full: PubNub then held nothing newer for it. None until that connection has had one."""

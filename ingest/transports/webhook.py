@@ -569,6 +569,10 @@ class WebhookTransport:
         stream = self._streams.get(channel)
         return None if stream is None else stream.last_position
 
+    def resume_state(self, channel: str, position: int) -> dict[str, Any] | None:
+        """None: nothing to resume from (the sender retries what was not answered 200)."""
+        return None
+
     def caught_up_at(self, channel: str) -> float | None:
         # Nothing waits unread at RingCentral for a WebHook channel: what is not answered 200 is retried.
         return time.monotonic() if channel in self._streams else None

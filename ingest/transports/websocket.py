@@ -25,9 +25,9 @@ import random
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
@@ -95,6 +95,25 @@ class Position:
     def ordinal(self) -> int:
         """Grows along an account's notifications across sessions (the worker's position)."""
         return self.session_started * SEQUENCES_PER_SESSION + self.sequence
+
+
+def recorded_session(position: Position, event_filters: Sequence[str]) -> dict[str, Any]:
+    """What the state record keeps to recover a session at `position` (docs/records.md, `session`)."""
+    return {**asdict(position), "event_filters": list(event_filters)}
+
+
+def session_of_record(recorded: dict[str, Any] | None) -> tuple[Position, list[str]] | None:
+    """The position and event filters a `recorded_session` holds; None if there is none or it is unreadable."""
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        filters = [str(f) for f in recorded["event_filters"]]
+        return Position(str(recorded["wsc"]), int(recorded["sequence"]),
+                        None if recorded["subscription_id"] is None else str(recorded["subscription_id"]),
+                        float(recorded["received_at"]), int(recorded["session_started"])), filters
+    except (KeyError, TypeError, ValueError):
+        log.warning("websocket.unreadable_recorded_session")
+        return None
 
 
 # One notification: its raw JSON bytes and its position. A batch of them, with when they arrived.
@@ -167,14 +186,33 @@ class WebSocketSession:
     _ws: ClientConnection | None = None
     _thread: threading.Thread | None = None
     connections: int = 0  # connections opened (for tests and logs)
+    _recover_next: bool = False  # the next connect sends the wsc whatever its age (a recorded session)
+    _origin: tuple[str, int, float] | None = None  # the wsc, sequence and time of this session's ConnectionDetails
 
     def __post_init__(self) -> None:
         self._filters = tuple(self.event_filters)
         if self.resume is not None:
-            self._wsc, self._sequence = self.resume.wsc, self.resume.sequence
-            self._subscription_id, self._lost_at = self.resume.subscription_id, self.resume.received_at
-            self._session_started = self.resume.session_started
-            self._applied = self._filters  # the subscription carried these when it was checkpointed
+            self.resume_from(self.resume, self._filters)
+
+    def resume_from(self, position: Position, event_filters: Sequence[str]) -> None:
+        """Before `start()`: recover the session of a checkpoint (a restart, a handover) whose subscription
+        carried `event_filters`. Its first connect sends that wsc even if it looks older than
+        `recoveryTimeout` (the old connection may have lived long after its newest notification: the server
+        decides); `Failed` subscribes again and reports the gap from the checkpointed notification on."""
+        self.resume = position
+        self._wsc, self._sequence = position.wsc, position.sequence
+        self._subscription_id, self._lost_at = position.subscription_id, position.received_at
+        self._session_started = position.session_started
+        self._filters = self._applied = tuple(event_filters)  # the subscription carried these when checkpointed
+        self._recover_next = True
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping.is_set()
 
     # ---- API -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -210,6 +248,15 @@ class WebSocketSession:
     def filters(self) -> tuple[str, ...]:
         """The event filters the subscription should carry (applied over the socket when they change)."""
         return self._filters
+
+    def origin(self) -> Position | None:
+        """Where the current session began (its first ConnectionDetails), once subscribed: recovering there
+        replays all of it. None for a session recovered from a record, or before it is subscribed."""
+        with self._lock:
+            if self._origin is None or self._subscription_id is None:
+                return None
+            wsc, sequence, began = self._origin
+            return Position(wsc, sequence, self._subscription_id, began, self._session_started)
 
     def position(self) -> Position | None:
         """The newest position (wsc and sequence), None before the first ConnectionDetails."""
@@ -248,7 +295,9 @@ class WebSocketSession:
         """One connection, from token to close. Returns why it ended."""
         token = self.client.ws_token()
         register_secret(str(token["ws_access_token"]))
-        recovering = self._wsc is not None and time.time() - self._lost_at < self._recovery_timeout
+        recovering = self._wsc is not None and (
+            self._recover_next or time.time() - self._lost_at < self._recovery_timeout)
+        self._recover_next = False
         query = {"access_token": token["ws_access_token"], **({"wsc": self._wsc} if recovering else {})}
         s = self.settings
         with connect(f"{token['uri']}?{urlencode(query)}", proxy=None, open_timeout=s.open_timeout,
@@ -311,6 +360,7 @@ class WebSocketSession:
             log.info("websocket.recovered", session=self.name, subscription=self._subscription_id)
             return
         self._session_started = int(time.time())
+        self._origin = (self._wsc or "", self._sequence, time.time())
         if recovering:
             self.metrics.websocket_recoveries.labels("Failed").inc()
             self._report_gap("recovery-failed", details.get("recoveryErrorCode"))
@@ -543,9 +593,17 @@ class WebSocketTransport:
         self.settings = settings or WebSocketSettings()
         self.on_gap = on_gap
         self.sessions: dict[str, WebSocketSession] = {}  # channel -> session
+        self._clients: dict[str, WebSocketSubscriptionClient] = {}  # channel -> its account's client
         self._streams: dict[str, _Stream] = {}  # channels the worker reads
         self._pending: dict[str, list[Received]] = {}
         self._intake = threading.Lock()  # one batch at a time, and pending ones released in order
+        # The positions handed on and not checkpointed yet (at most the records in flight), and what the
+        # newest checkpoint recorded, per channel: a checkpoint records the wsc of its own notification.
+        self._unrecorded: dict[str, deque[Position]] = {}
+        self._recorded: dict[str, dict[str, Any]] = {}
+        self._positions = threading.Lock()  # not `_intake`: the checkpoint thread must not wait on the hot path
+        # channel -> the session recorded in the state topic (set by the worker: the restored state records)
+        self.recorded_sessions: Callable[[str], dict[str, Any] | None] = lambda channel: None
 
     def client_for(self, account: str, server: str, tokens: TokenSource, http: Any,
                    timeout: tuple[float, float]) -> WebSocketSubscriptionClient:
@@ -553,11 +611,24 @@ class WebSocketTransport:
         for the subscription."""
         client = WebSocketSubscriptionClient(server, tokens, self.metrics, http, user=account, timeout=timeout)
         channel = channel_of(account)
+        client.recorded = functools.partial(self._recorded_session, channel)
+        client.fresh_session = functools.partial(self._new_session, channel)
+        self._clients[channel] = client
+        self._new_session(channel)
+        return client
+
+    def _new_session(self, channel: str) -> None:
+        """The account's next session (not started: its subscription's creation or recovery starts it): at
+        start, and when a spec handed away (its session stopped) comes back; what the state record holds now
+        was written by the owner in between."""
+        with self._positions:
+            self._unrecorded.pop(channel, None)
+            self._recorded.pop(channel, None)
+        client = self._clients[channel]
         client.websocket = WebSocketSession(
             client, [], functools.partial(self._on_batch, channel), self.metrics, self.settings,
-            on_gap=functools.partial(self._gap, channel), name=account)
+            on_gap=functools.partial(self._gap, channel), name=client.user)
         self.sessions[channel] = client.websocket
-        return client
 
     # ---- Transport ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -569,7 +640,8 @@ class WebSocketTransport:
         self.metrics.websocket_connections.set(0)
 
     def add_channel(self, source: str, channel: str, resume: int | None = None) -> None:
-        if resume and channel not in self._streams:
+        session = self.sessions.get(channel)
+        if resume and channel not in self._streams and (session is None or session.resume is None):
             self._unrecoverable(channel, resume)
         with self._intake:
             stream = self._streams.setdefault(channel, _Stream(channel, position=resume or 0))
@@ -585,7 +657,7 @@ class WebSocketTransport:
             self._pending.pop(channel, None)
         session = self.sessions.get(channel)
         if session is not None:  # the spec was removed or handed over: the session ends (RingCentral ends it)
-            session.stop()
+            session.stop()  # its positions stay: the last checkpoint, written after this, records one of them
 
     def rewind(self, channel: str, position: int | None) -> None:
         log.error("websocket.rewind_impossible", channel=channel, position=position)
@@ -604,8 +676,38 @@ class WebSocketTransport:
     def acknowledged(self, channel: str, position: int) -> None:
         """Nothing to do: a recovery replays what followed the newest notification handed on."""
 
+    def resume_state(self, channel: str, position: int) -> dict[str, Any] | None:
+        """The session at the newest notification at or before `position` (a checkpoint: Kafka acknowledged
+        everything up to it), never beyond it: a new owner that recovers with its wsc gets what followed it
+        replayed. Checkpoints only move forward, so what lies at or before `position` is forgotten."""
+        session = self.sessions.get(channel)
+        with self._positions:
+            unrecorded = self._unrecorded.get(channel)
+            newest = None
+            while unrecorded and unrecorded[0].ordinal <= position:
+                newest = unrecorded.popleft()
+            if newest is not None and session is not None:
+                self._recorded[channel] = recorded_session(newest, session.filters)
+            recorded = self._recorded.get(channel)
+        # Nothing of the current session checkpointed yet (it is new: a first start, a failed recovery, a spec
+        # handed over before anything came): its beginning, from which a recovery replays all of it.
+        origin = session.origin() if session is not None else None
+        if origin is not None and (recorded is None or recorded.get("session_started", 0) < origin.session_started):
+            return recorded_session(origin, session.filters if session else ())
+        return recorded
+
+    def _recorded_session(self, channel: str) -> dict[str, Any] | None:
+        """The session the state record holds for `channel` (what the checkpoints record until one moves)."""
+        recorded = self.recorded_sessions(channel)
+        if recorded is not None:
+            with self._positions:
+                self._recorded.setdefault(channel, recorded)
+        return recorded
+
     # ---- from the sessions ---------------------------------------------------------------------------------
     def _on_batch(self, channel: str, batch: list[Notification], received_at: float) -> None:
+        with self._positions:
+            self._unrecorded.setdefault(channel, deque()).extend(position for _, position in batch)
         with self._intake:
             stream = self._streams.get(channel)
             if stream is None:
@@ -624,9 +726,9 @@ class WebSocketTransport:
             log.error("websocket.pending_overflow", channel=channel, dropped=len(batch) - room)
 
     def _unrecoverable(self, channel: str, checkpoint: int) -> None:
-        """A checkpoint of an earlier worker (a restart, a handover): its session cannot be recovered here (its
-        wsc is not kept), so what followed the checkpoint and what RingCentral published until the new
-        subscription is lost. Reported from the start of that session (the checkpoint holds no time)."""
+        """A checkpoint of an earlier worker (a restart, a handover) without a recorded session (a record of a
+        version that did not keep the wsc): what followed the checkpoint and what RingCentral published until
+        the new subscription is lost. Reported from the start of that session (the checkpoint holds no time)."""
         session = self.sessions.get(channel)
         self._gap(channel, Gap(session.subscription_id if session else None, "worker-restart",
                                float(checkpoint // SEQUENCES_PER_SESSION), time.time()))
@@ -642,13 +744,21 @@ class WebSocketSubscriptionClient(RingCentralClient):
     subscription needs no renewal, so `renew` and `get` only report it)."""
 
     websocket: WebSocketSession
+    recorded: Callable[[], dict[str, Any] | None] = staticmethod(lambda: None)  # the state record's session
+    fresh_session: Callable[[], None] = staticmethod(lambda: None)  # replaces a stopped `websocket`
 
     def list_subscriptions(self) -> list[dict[str, Any]]:
         return []  # nothing to adopt: a session's subscription cannot be taken over without its wsc
 
     def create_subscription(self, event_filters: list[str], expires_in: int) -> dict[str, Any]:
+        if self.websocket.stopped:  # the spec was handed away and has come back
+            self.fresh_session()
         self.websocket.set_event_filters(event_filters)
         self.websocket.start()
+        self._wait_subscribed()
+        return self._info(expires_in)
+
+    def _wait_subscribed(self) -> None:
         deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
         while not (self.websocket.connected and self.websocket.subscription_id):
             error = self.websocket.last_error
@@ -657,10 +767,27 @@ class WebSocketSubscriptionClient(RingCentralClient):
             if time.monotonic() > deadline:
                 raise NetworkError("websocket: not subscribed within 30 s")
             time.sleep(0.05)
-        return self._info(expires_in)
 
     def renew_subscription(self, subscription_id: str) -> dict[str, Any]:
+        """The session's subscription; the first call after a restart or a handover (the session not started)
+        recovers the recorded session when it held this subscription. 404 when the session's subscription
+        is another (the recovery failed: it subscribed again, and the manager takes that one as created)."""
+        if self.websocket.stopped:  # the spec was handed away and has come back
+            self.fresh_session()
+        if not self.websocket.started:
+            self._recover(subscription_id)
+        if self.websocket.subscription_id != subscription_id:
+            raise ApiError(404, "CMN-102", "the WebSocket session holds another subscription", None,
+                           "subscription.renew")
         return self._info(None)
+
+    def _recover(self, subscription_id: str) -> None:
+        recorded = session_of_record(self.recorded())
+        if recorded is None or recorded[0].subscription_id != subscription_id:
+            return  # nothing recorded for it: the manager creates a subscription
+        self.websocket.resume_from(*recorded)
+        self.websocket.start()
+        self._wait_subscribed()
 
     def get_subscription(self, subscription_id: str) -> dict[str, Any]:
         return self._info(None)
@@ -718,3 +845,6 @@ class WithWebSocket:
 
     def acknowledged(self, channel: str, position: int) -> None:
         self._for(channel).acknowledged(channel, position)
+
+    def resume_state(self, channel: str, position: int) -> dict[str, Any] | None:
+        return self._for(channel).resume_state(channel, position)

@@ -129,7 +129,8 @@ class Checkpoints(ABC):
         return SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
                          delivery.channel, timetoken, time.time(), self.config.worker.id, expires_at,
                          self.channels.wrapped_keys.get(spec_id), self._draining(spec_id, timetoken),
-                         self.channels.wrapped_tokens.get(spec_id))
+                         self.channels.wrapped_tokens.get(spec_id),
+                         self.transport.resume_state(delivery.channel, timetoken))
 
     def _draining(self, spec_id: str, spec_tt: int) -> tuple[RecordedChannel, ...]:
         """The spec's former channels still draining, each with its checkpoint: the spec's own

@@ -9,6 +9,7 @@ is one more branch here, none in the worker.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ingest.config import Config
 from ingest.model import Delivery
@@ -50,6 +51,8 @@ class Intake:
         self._channels = channels
         self.pubnub.on_access_denied = channels.on_access_denied
         self.pubnub.on_replay_gap = channels.on_replay_gap
+        if self.websocket is not None:
+            self.websocket.recorded_sessions = self._recorded_session
 
     def on_delivery(self, spec_id: str, delivery: Delivery | None) -> None:
         if self.webhook is not None:  # the receiver checks deliveries against the current token
@@ -61,11 +64,24 @@ class Intake:
         return None
 
     def _on_websocket_gap(self, channel: str, gap: Gap) -> None:
-        """RingCentral did not keep what a WebSocket session missed (recovery failed or too late)."""
+        """RingCentral did not keep what a WebSocket session missed (recovery failed or too late). After a
+        restart or a handover the spec has no delivery yet (the recorded session is being recovered): its
+        restored record names the channel."""
         channels = self._channels
         if channels is None:
             return
-        for spec_id, delivery in list(channels.deliveries.items()):
-            if delivery.channel == channel:
-                channels.report_gap(spec_id, gap.lost_subscription_id or "", gap.since, gap.until,
-                                    f"websocket {gap.reason}: RingCentral did not keep what the session missed")
+        with channels.lock:
+            specs = {spec_id for spec_id, d in channels.deliveries.items() if d.channel == channel}
+            specs |= {spec_id for spec_id, st in channels.restored.items()
+                      if st.channel == channel and spec_id not in channels.deliveries}
+        for spec_id in specs:
+            channels.report_gap(spec_id, gap.lost_subscription_id or "", gap.since, gap.until,
+                                f"websocket {gap.reason}: RingCentral did not keep what the session missed")
+
+    def _recorded_session(self, channel: str) -> dict[str, Any] | None:
+        """The WebSocket session the restored state record of `channel` holds (restart, handover)."""
+        channels = self._channels
+        if channels is None:
+            return None
+        with channels.lock:
+            return next((st.session for st in channels.restored.values() if st.channel == channel), None)

@@ -9,6 +9,7 @@ import pytest
 
 from ingest.coordination.keywrap import KeyWrapper, UnwrapError
 from ingest.coordination.state import RecordedChannel, SpecState
+from ingest.transports.websocket import Position, recorded_session, session_of_record
 from tests.support.vectors import VECTOR_KEY
 
 SECRET = "client-secret-of-the-app"
@@ -43,3 +44,17 @@ def test_a_record_written_before_keys_were_recorded_still_decodes() -> None:
     decoded = SpecState.decode(json.dumps(legacy).encode())
     assert decoded.draining == () and decoded.wrapped_key is None  # None: the key is not known
     assert decoded.recorded_channels() == [RecordedChannel("sub-1", "sub-c-1", "ch-1", 5, None)]
+
+
+def test_a_websocket_session_round_trips_and_pubnub_records_do_not_carry_one() -> None:
+    filters = ["/restapi/v1.0/account/~/extension/~/message-store"]
+    position = Position("session-1.41", 41, "sub-2", 1700000000.5, 1700000000)
+    state = SpecState("acme/messages", "4001", "sub-2", "websocket", "websocket:acme", position.ordinal, 1.0, "w1",
+                      session=recorded_session(position, filters))
+    decoded = SpecState.decode(state.encode())
+    assert decoded == state
+    assert session_of_record(decoded.session) == (position, filters)
+    pubnub = SpecState("acme/messages", "4001", "sub-1", "sub-c-1", "ch-1", 5, 1.0, "w1", 2.0, "")
+    assert "session" not in json.loads(pubnub.encode())  # readable by workers that predate the field
+    assert SpecState.decode(pubnub.encode()).session is None
+    assert session_of_record({"wsc": "session-1.41"}) is None  # unreadable: the worker subscribes again

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
+from ingest.config import load_config
 from ingest.coordination.state import STATE_REFRESH_SECONDS
 from ingest.data.sink import KafkaSink
 from ingest.sandbox.kafka import LocalKafka
@@ -21,6 +22,7 @@ from ingest.sandbox.server import Sandbox
 from ingest.topology import TopicNames
 from ingest.worker.runtime import Worker
 from tests.integration.faults.scenario import (
+    FILTERS,
     RATE,
     FaultTolerantReader,
     LivenessWatch,
@@ -32,6 +34,7 @@ from tests.integration.faults.scenario import (
     worker_config_file,
 )
 from tests.support import WorkerProcess, wait_for
+from tests.support.harness import good, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -249,3 +252,46 @@ def test_exactly_once_group_outage_keeps_the_worker_in_its_group(
         assert s.worker.failed is None, s.worker.failed
         print(f"outage {outage:.1f}s, worker in its group throughout, 0 duplicates, 0 out of order, "
               f"probe delivered {recovery:.1f}s after the restart")
+
+
+def test_kafka_outage_under_websocket_traffic_loses_nothing(
+        own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
+    """A `transport: websocket` account through a 30-s broker outage: the session reads on into the producer's
+    queue, `/healthz` stays 200, and once Kafka is back every notification is there, in order per spec."""
+    bootstrap = own_broker.bootstrap_servers
+    with Sandbox(sandbox_settings()) as sandbox:
+        path = write_config(tmp_path, sandbox, bootstrap, unique_name, accounts=1,
+                            subscriptions={"calls-and-messages": FILTERS["messages"] + FILTERS["presence"]})
+        worker = Worker(load_config(path, {"INGEST__ACCOUNTS__0__TRANSPORT": "websocket"}))
+        worker.start()
+        reader: FaultTolerantReader | None = None
+        try:
+            with LivenessWatch(lambda: worker.health.port) as liveness:
+                wait_for(lambda: worker.subscriptions_serving() == 1, 30, what="the WebSocket subscription read")
+                reader = FaultTolerantReader(bootstrap, unique_name)
+                s = Traffic(sandbox, reader)
+                s.traffic()
+                s.wait_traffic(40)
+                with _broker_down(own_broker) as stopped:
+                    wait_for(lambda: worker.metrics.kafka_up._value.get() == 0, 20, what="Kafka seen down")
+                    s.wait_traffic(int(30 * RATE), timeout=90)
+                outage = time.monotonic() - stopped
+                recovery = s.probe(timeout=90)
+                s.wait_traffic(40)
+            sandbox.generator.stop()
+            wanted = {g.uuid for g in good(sandbox.generator.generated)}
+            records = reader.poll_until(lambda rs: wanted <= {r.headers.get("uuid") for r in rs}, 90)
+            uuids = [r.headers.get("uuid") for r in records]
+            lost = wanted - set(uuids)
+            print(f"\n[websocket kafka outage] {len(wanted)} notifications, {len(lost)} lost, "
+                  f"{len(uuids) - len(set(uuids))} duplicates, outage {outage:.1f}s, probe delivered {recovery:.1f}s "
+                  f"after the restart, /healthz 200 in {liveness.polls} polls")
+            assert not lost, f"{len(lost)} of {len(wanted)} lost"
+            assert not s.out_of_order()
+            assert not liveness.failures, liveness.failures[:3]
+            assert worker.metrics.replay_gaps._value.get() == 0
+        finally:
+            sandbox.generator.stop()
+            if reader is not None:
+                reader.close()
+            worker.stop(delete_subscriptions=True)

@@ -129,22 +129,22 @@ def test_a_subscription_deleted_while_the_worker_was_down_is_reported_gone(
     reported as a gap naming the deleted subscription (before: only an INFO `subscription.reuse_gone`)."""
     with Sandbox(sandbox_settings()) as sandbox:
         config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name)
-        first = WorkerProcess(config, tmp_path / "first.log")
+        first = WorkerProcess(config, tmp_path / "first.log").start()
         second: WorkerProcess | None = None
         reader: FaultTolerantReader | None = None
         try:
-            wait_for(first.ready, 60, what="the first worker ready")
+            first.wait_ready(60, "the first worker ready")
             reader = FaultTolerantReader(kafka_bootstrap, unique_name)
             s = Traffic(sandbox, reader)
             s.traffic()
             s.wait_traffic(40)
-            assert first.terminate() == 0
+            assert first.stop() == 0
             victim = sandbox.rc.live_subscriptions()[0]
             deleted_at = time.time()
             sandbox.faults.delete_subscription(victim.id)
             assert victim.expires_at > time.time() + 60, "the recorded expiry must still be ahead"
-            second = WorkerProcess(config, tmp_path / "second.log")
-            wait_for(second.ready, 60, what="the second worker ready")
+            second = WorkerProcess(config, tmp_path / "second.log").start()
+            second.wait_ready(60, "the second worker ready")
 
             def gaps() -> list[dict[str, object]]:
                 return [e for e in _events(second, "replay.gap_suspected") if e.get("subscription_id") == victim.id]
@@ -155,7 +155,7 @@ def test_a_subscription_deleted_while_the_worker_was_down_is_reported_gone(
             assert float(str(gap["missing_from"])) <= deleted_at <= float(str(gap["missing_until"])), gap
             s.wait_traffic(40)
             s.verify("subscription deleted while the worker was down")
-            assert second.terminate() == 0
+            assert second.stop() == 0
             print(f"gap reported over {float(str(gap['missing_until'])) - float(str(gap['missing_from'])):.1f}s "
                   f"(the delete inside it)")
         finally:
@@ -172,26 +172,26 @@ def test_a_worker_fenced_by_a_newer_instance_exits_3(kafka_bootstrap: str, uniqu
         # One config, one worker id (by default it holds the process id): one transactional.id.
         config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name,
                                     worker={"delivery_guarantee": "exactly-once", "id": "twin"})
-        first = WorkerProcess(config, tmp_path / "first.log")
+        first = WorkerProcess(config, tmp_path / "first.log").start()
         second: WorkerProcess | None = None
         reader: FaultTolerantReader | None = None
         try:
-            wait_for(first.ready, 60, what="the first worker ready")
+            first.wait_ready(60, "the first worker ready")
             reader = FaultTolerantReader(kafka_bootstrap, unique_name)
             s = Traffic(sandbox, reader)
             s.traffic()
             s.wait_traffic(40)
-            second = WorkerProcess(config, tmp_path / "second.log")
+            second = WorkerProcess(config, tmp_path / "second.log").start()
             wait_for(lambda: first.proc.poll() is not None, 120, what="the fenced first worker to exit")
             assert first.proc.returncode == 3, first.proc.returncode
             [exiting] = _events(first, "worker.exiting")
             assert "fenced" in str(exiting["reason"]), exiting
             assert not _events(first, "transaction.producer_replaced"), "the zombie replaced its producer"
-            wait_for(second.ready, 60, what="the second worker ready")
+            second.wait_ready(60, "the second worker ready")
             s.wait_traffic(40)
             _, duplicates = s.verify("a second worker with the same transactional.id")
             assert duplicates == 0
-            assert second.terminate() == 0
+            assert second.stop() == 0
             print(f"the first exited 3: {exiting['reason']}")
         finally:
             close_all(reader, first, second)

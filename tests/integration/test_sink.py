@@ -6,7 +6,6 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
@@ -15,6 +14,7 @@ from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.observability.metrics import INTERNAL_BUCKETS, BatchHistogram, Metrics
 from ingest.topology import ensure_topics
 from tests.support import wait_for
+from tests.support.records import read_values
 
 TT = 17_000_000_000_000_000
 
@@ -40,24 +40,6 @@ def sink(kafka_bootstrap: str) -> Iterator[KafkaSink]:
     sink.close()
 
 
-def _read_values(bootstrap: str, topic: str, expected: int) -> list[bytes]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-check",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
-    values: list[bytes] = []
-
-    def read() -> bool:
-        values.extend(m.value() or b"" for m in consumer.consume(100, 0.5) if not m.error())
-        return len(values) >= expected
-
-    try:
-        wait_for(read, 30, f"{expected} records in {topic}", interval=0)
-        values.extend(m.value() or b"" for m in consumer.consume(100, 1.0) if not m.error())  # any extra
-    finally:
-        consumer.close()
-    return values
-
-
 def test_watermark_and_metrics_follow_acknowledgements(sink: KafkaSink, kafka_bootstrap: str,
                                                        unique_name: str) -> None:
     topic = f"{unique_name}.events"
@@ -76,7 +58,7 @@ def test_watermark_and_metrics_follow_acknowledgements(sink: KafkaSink, kafka_bo
     assert _sample(metrics, "ingest_validation_failures_total", {"family": "message-store"}) == 4
     assert _sample(metrics, "ingest_lag_seconds_count", {"family": "message-store"}) == 196
     assert _sample(metrics, "ingest_internal_latency_seconds_count") == 200
-    assert sorted(_read_values(kafka_bootstrap, topic, 200)) == sorted(b'{"n":%d}' % n for n in range(1, 201))
+    assert sorted(read_values(kafka_bootstrap, topic, 200)) == sorted(b'{"n":%d}' % n for n in range(1, 201))
 
 
 def test_records_refused_for_a_missing_topic_are_kept_until_it_exists(sink: KafkaSink, kafka_bootstrap: str,
@@ -99,7 +81,7 @@ def test_records_refused_for_a_missing_topic_are_kept_until_it_exists(sink: Kafk
     ensure_topics(AdminClient({"bootstrap.servers": kafka_bootstrap}), [topic], partitions=1, replication_factor=1)
     wait_for(lambda: progress.acked_tt == TT + 5, 60, "the kept records to be delivered once the topic exists")
     # Held in order and produced again in order: the partition holds them as sent.
-    assert _read_values(kafka_bootstrap, topic, 5) == [b'{"n":%d}' % n for n in range(1, 6)]
+    assert read_values(kafka_bootstrap, topic, 5) == [b'{"n":%d}' % n for n in range(1, 6)]
 
 
 def test_batch_histogram_exposes_what_prometheus_client_would() -> None:
@@ -149,7 +131,7 @@ def test_a_held_spec_keeps_at_most_a_queue_of_records_then_delivers_them_in_orde
                       replication_factor=1)
         wait_for(lambda: progress.acked_tt == TT + 20, 60, "every record delivered once the topic exists")
         thread.join(10)
-        assert _read_values(kafka_bootstrap, topic, 20) == [b'{"n":%d}' % n for n in range(1, 21)]
+        assert read_values(kafka_bootstrap, topic, 20) == [b'{"n":%d}' % n for n in range(1, 21)]
     finally:
         sink.flush(10)
         sink.close()

@@ -11,13 +11,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from ingest.coordination.transactions import TransactionalSink, TransactionFailed
 from ingest.observability.metrics import Metrics
 from ingest.topology import ensure_topics
 from tests.support import wait_for
+from tests.support.records import read_values
 
 TIMEOUT_MS = 1000  # transaction.timeout.ms: the broker's sweep (every 5 s in tests) aborts it soon after
 
@@ -42,24 +42,6 @@ def sinks() -> Iterator[list[TransactionalSink]]:
     yield started
     for sink in started:
         sink.close()
-
-
-def _committed_values(bootstrap: str, topic: str, expected: int) -> list[bytes]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-check", "auto.offset.reset": "earliest",
-                         "enable.auto.commit": False, "isolation.level": "read_committed"})
-    consumer.subscribe([topic])
-    values: list[bytes] = []
-
-    def read() -> bool:
-        values.extend(m.value() or b"" for m in consumer.consume(100, 0.5) if not m.error())
-        return len(values) >= expected
-
-    try:
-        wait_for(read, 60, f"{expected} committed records in {topic}", interval=0)
-        values.extend(m.value() or b"" for m in consumer.consume(100, 1.0) if not m.error())  # any extra
-    finally:
-        consumer.close()
-    return values
 
 
 def _produce(sink: TransactionalSink, topic: str, value: bytes) -> None:
@@ -93,7 +75,7 @@ def test_a_transaction_the_coordinator_timed_out_gets_a_new_producer(
     assert not failed.value.fatal, f"the worker would stop: {failed.value}"
     _produce(sink, topic, b"after")
     _commit(sink)
-    assert sorted(_committed_values(kafka_bootstrap, topic, 2)) == [b"after", b"committed"]
+    assert sorted(read_values(kafka_bootstrap, topic, 2, committed=True)) == [b"after", b"committed"]
 
 
 def test_a_newer_instance_with_the_same_transactional_id_fences_for_good(

@@ -73,10 +73,6 @@ def _stable(workers: list[WorkerProcess], config_path: Path, specs: int = SPECS)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "REGRESSION from the issue-14 exactly-once merge (stop 24), to fix first: during a handover a "
-    "transaction call blocks past HUNG_SLACK, the producer is replaced and the handover's state records "
-    "are lost; the next owners create new subscriptions (SUB-505). Failed 3 of 4 runs after the merge."))
 def test_three_workers_share_200_specs_and_hand_over_exactly_once(
         sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
     base = _base_config(tmp_path, sandbox, kafka_bootstrap, unique_name, "exactly-once")

@@ -98,13 +98,13 @@ def _serve_receiver(bootstrap: str, prefix: str, answer_first: bool, ports: Queu
     from ingest.topology import TopicNames, ensure_topics
     from ingest.transports.webhook import (
         DeliveryHandler,
-        KafkaHandler,
         SubscriptionTable,
         WebhookApp,
         WebhookDelivery,
         WebhookServer,
         WebhookSubscription,
     )
+    from tests.support.webhook_kafka import KafkaHandler
 
     topics = TopicNames(prefix)
     ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), topics.all_output_topics(), partitions=6,

@@ -17,12 +17,12 @@ from ingest.data.sink import KafkaSink
 from ingest.observability.metrics import Metrics
 from ingest.topology import TopicNames, ensure_topics
 from ingest.transports.webhook import (
-    KafkaHandler,
     SubscriptionTable,
     WebhookApp,
     WebhookServer,
     WebhookSubscription,
 )
+from tests.support.webhook_kafka import KafkaHandler
 
 PATH = "/ringcentral/webhook"
 ACCOUNT_ID = "809646016"

@@ -86,6 +86,8 @@ class SpecChannels:
         # spec id -> (since when, the lapsed subscription's id, the replacement's delivery, "expired" or
         # "gone" as in Delivery.lapse_reason)
         self.lapses: dict[str, tuple[float, str, Delivery, str | None]] = {}
+        # (spec id, subscription id) -> the window last reported as a gap for it
+        self._gaps_reported: dict[tuple[str, str], tuple[float, float]] = {}
         self.last_state: dict[str, float] = {}  # spec id -> when its state record was last written (monotonic)
 
     def progress_snapshot(self) -> list[tuple[str, SpecProgress]]:
@@ -231,7 +233,15 @@ class SpecChannels:
 
     def report_gap(self, spec_id: str, subscription_id: str, missing_from: float, missing_until: float,
                    reason: str, *, counted: bool = False, **extra: object) -> None:
-        """A window (unix seconds) whose notifications may be missing; `counted`: the metric already is."""
+        """A window (unix seconds) whose notifications may be missing; `counted`: the metric already is.
+        One loss is reported once: a window that overlaps the last one reported for the same subscription
+        is the same loss seen twice (a WebSocket recovery that failed is also a subscription replaced
+        before its recorded expiry, "gone")."""
+        with self.lock:
+            last = self._gaps_reported.get((spec_id, subscription_id))
+            if last is not None and missing_from <= last[1] and last[0] <= missing_until:
+                return
+            self._gaps_reported[(spec_id, subscription_id)] = (missing_from, missing_until)
         if not counted:
             self.metrics.replay_gaps.inc()
         log.warning("replay.gap_suspected", spec=spec_id, subscription_id=subscription_id,

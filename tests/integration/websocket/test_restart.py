@@ -46,7 +46,10 @@ def _start_and_kill(sandbox: Sandbox, reader: FaultTolerantReader, first: Worker
     wait for the exit). When it was signalled (unix s)."""
     sandbox.generator.start(RATE, kinds=KINDS)
     assert len(reader.poll_until(lambda rs: len(rs) >= 30, 60)) >= 30
-    time.sleep(1.0)  # two checkpoint intervals: the newest records are checkpointed (the kill does not wait)
+    # Two more checkpoints written after those records reached Kafka: the kill comes after a checkpoint
+    # that covers them (it does not wait for one).
+    written = first.metric("ingest_checkpoints_total")
+    wait_for(lambda: first.metric("ingest_checkpoints_total") >= written + 2, 60, what="two more checkpoints")
     signalled = time.time()
     if graceful:
         assert first.stop() == 0

@@ -185,7 +185,8 @@ def test_planned_closes_reconnect_at_once_and_recover(start_session: Callable[..
 
 def test_heartbeats_keep_an_idle_connection_open(start_session: Callable[..., Running]) -> None:
     run = start_session(idle_timeout=1.0)
-    time.sleep(3.0)  # three idle timeouts with no notification: only Heartbeats keep it open
+    # Four Heartbeats span over two idle timeouts with no notification: only they keep it open.
+    wait_for(lambda: run.sandbox.websocket.stats()["heartbeats"] >= 4, timeout=60)
     stats = run.sandbox.websocket.stats()
     assert stats["idle_closes"] == 0 and stats["heartbeats"] >= 4 and stats["opened"] == 1
 

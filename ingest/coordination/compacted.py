@@ -17,15 +17,20 @@ def read_latest(consumer_config: Mapping[str, str], topic: str, partitions: Iter
                 timeout: float = 30.0) -> dict[str, bytes]:
     """key -> value of the newest record per key, tombstoned keys left out.
 
-    Reads with read_committed, so records of aborted or open transactions are never taken.
+    Reads with read_committed, so records of aborted transactions are never taken, and up to the
+    high watermark, so a transaction still open (a previous owner's commit under way, a paused or
+    killed worker's) is waited for until it ends: reading only to the last stable offset (what a
+    read_committed consumer's watermarks report) took the checkpoints from before it, and when it
+    then committed, its notifications were produced again by the new owner (a duplicate through
+    read_committed in the three-worker exactly-once test).
     """
+    ends = _high_watermarks(consumer_config, topic, partitions, timeout)
+    if not ends:
+        return {}
     consumer = Consumer({**consumer_config, "group.id": f"ingest-table-reader-{topic}", **kafka_log_config(),
                          "enable.auto.commit": "false", "isolation.level": "read_committed"})
     try:
-        ends = _end_offsets(consumer, topic, partitions, timeout)
         table: dict[str, bytes] = {}
-        if not ends:
-            return table
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         deadline = time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
@@ -48,14 +53,26 @@ def read_latest(consumer_config: Mapping[str, str], topic: str, partitions: Iter
             if offset + 1 >= ends.get(partition, 0):
                 ends.pop(partition, None)
         if ends:
-            raise TimeoutError(f"reading {topic} did not reach the end of partitions {sorted(ends)}")
+            raise TimeoutError(f"reading {topic} did not reach the end of partitions {sorted(ends)} (a transaction "
+                               f"still open?)")
         return table
     finally:
         consumer.close()
 
 
+def _high_watermarks(consumer_config: Mapping[str, str], topic: str, partitions: Iterable[int] | None,
+                     timeout: float) -> dict[int, int]:
+    """partition -> high watermark (open transactions included), for the non-empty partitions wanted."""
+    consumer = Consumer({**consumer_config, "group.id": f"ingest-table-reader-{topic}", **kafka_log_config(),
+                         "enable.auto.commit": "false", "isolation.level": "read_uncommitted"})
+    try:
+        return _end_offsets(consumer, topic, partitions, timeout)
+    finally:
+        consumer.close()
+
+
 def _end_offsets(consumer: Consumer, topic: str, partitions: Iterable[int] | None, timeout: float) -> dict[int, int]:
-    """partition -> end offset, for the non-empty partitions wanted."""
+    """partition -> end offset (as the consumer's isolation level sees it), for the non-empty partitions wanted."""
     metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
     if metadata is None or metadata.error is not None:
         return {}

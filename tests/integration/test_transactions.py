@@ -7,12 +7,14 @@ case and stops in the second."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from ingest.coordination.compacted import read_latest
 from ingest.coordination.transactions import TransactionalSink, TransactionFailed
 from ingest.observability.metrics import Metrics
 from ingest.topology import ensure_topics
@@ -88,3 +90,23 @@ def test_a_newer_instance_with_the_same_transactional_id_fences_for_good(
     with pytest.raises(TransactionFailed) as failed:
         _commit(first)
     assert failed.value.fatal, "a zombie went on producing"
+
+
+def test_a_table_read_waits_for_a_transaction_still_open_on_it(
+        kafka_bootstrap: str, topic: str, unique_name: str, sinks: list[TransactionalSink]) -> None:
+    """A new owner restoring checkpoints while the previous owner's commit is still under way (or a
+    paused worker's transaction still open) must see how that transaction ends: taken from before
+    it, the checkpoints were older than what then committed, and those notifications came twice."""
+    sink = _sink(kafka_bootstrap, unique_name, timeout_ms=30_000)
+    sinks.append(sink)
+    _produce(sink, topic, b"v1")
+    _commit(sink)
+    _produce(sink, topic, b"v2")
+    sink.flush(10)  # on the broker, in a transaction still open
+    # The previous owner commits 2 s into the read (the scenario, not a wait for an event).
+    committer = threading.Timer(2.0, _commit, (sink,))
+    committer.start()
+    try:
+        assert read_latest({"bootstrap.servers": kafka_bootstrap}, topic) == {"k": b"v2"}
+    finally:
+        committer.join()

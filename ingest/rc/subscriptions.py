@@ -189,6 +189,14 @@ class SubscriptionManager:
         for entry in removed:
             self._announce_removal(entry)
 
+    def halt(self) -> None:
+        """Schedule no more calls, at once and without waiting for those in flight (`stop` does the
+        rest). For a worker that was fenced: a newer instance serves its specs, and a subscription it
+        created now would be named by no state record and read by no one."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
     def stop(self, delete_subscriptions: bool = False) -> None:
         """Stop scheduling, finish in-flight calls, optionally delete every subscription, end sessions."""
         with self._cond:

@@ -281,7 +281,7 @@ class TransactionalCheckpoints(Checkpoints):
                         pass  # made again at the next pass: nothing of it commits
                     except TransactionFailed as exc:
                         if exc.fatal:
-                            self.fatal_error = f"transaction abort failed: {exc}"
+                            self._fenced(f"transaction abort failed: {exc}")
                 self._rewind({})
         if not lost:
             self._commit(consumer, force=True)
@@ -340,14 +340,22 @@ class TransactionalCheckpoints(Checkpoints):
             self._uncommitted, self._unacknowledged = {}, {}
             self._rewind(committed_before)
             if exc.fatal:
-                self.fatal_error = f"transaction fenced: {exc}"
-                log.error("worker.fenced", error=str(exc))
-                self.transport.stop()
+                self._fenced(f"transaction fenced: {exc}")
             return False
         self._uncommitted, self._unacknowledged = {}, {}
         for channel, timetoken in written.items():
             self.transport.acknowledged(channel, timetoken)
         return True
+
+    def _fenced(self, reason: str) -> None:
+        """A newer instance serves our specs: read nothing more, and create or renew nothing more (a
+        subscription created now would be named by no record: the soak lost what such orphans
+        received), until the worker is stopped."""
+        self.fatal_error = reason
+        log.error("worker.fenced", error=reason)
+        self.transport.stop()
+        if self.channels.manager is not None:
+            self.channels.manager.halt()
 
     def _defer_commit(self, written: dict[str, int]) -> None:
         """The producer's queue is full: commit at the next pass. The checkpoints written into the

@@ -522,3 +522,20 @@ def test_missing_read_accounts_fails_the_account_id_lookup_once_naming_it(sb: Sa
 ])
 def test_missing_permission_is_read_from_the_error(status: int, message: str, permission: str | None) -> None:
     assert missing_permission(ApiError(status, "CMN-401", message)) == permission
+
+
+def test_a_halted_manager_creates_and_renews_nothing(sb: Sandbox) -> None:
+    """A fenced worker halts its control plane at once: specs it is given afterwards get no
+    subscription (one created then would be named by no state record: the soak lost what such
+    orphans received), and what it has is no longer renewed."""
+    account = sb.accounts[0].name
+    with manager(sb) as (mgr, _rec, _m):
+        mgr.set_specs([spec(account, "before")])
+        wait_for(lambda: active(mgr, f"{account}/before"), 30, what="the first subscription active")
+        created, [before] = sb.rc.created_total, sb.rc.live_subscriptions()
+        mgr.halt()
+        mgr.set_specs([spec(account, "before"), spec(account, "after")])
+        # Renewed every ~3 s while the manager runs (6-s lifetimes): expiring shows that renewals
+        # stopped (one already on its way at the halt may still land).
+        wait_for(lambda: not sb.rc.is_live(before.id), 30, what="the subscription expiring unrenewed")
+        assert sb.rc.created_total == created

@@ -39,8 +39,11 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# Two processes, each test file in one of them (its module fixtures start once, its tests keep their
+# order); each process starts its own broker.
+TEST_PROCESSES ?= 2
 test: lint typecheck tools
-	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(BIN)/pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 # The unit tests alone (tests/unit): no broker, no sandbox, no subprocess, no tools.
 test-fast: venv

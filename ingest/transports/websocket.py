@@ -412,8 +412,7 @@ class WebSocketSession:
             self._pump(ws, min(0.5, self._heartbeat_every - silent_for))
         if self._delete_on_stop and self._subscription_id is not None:
             self._request(ws, "DELETE", f"{SUBSCRIPTION}/{self._subscription_id}", "subscription.delete", None)
-            self.metrics.deletions.labels("ok").inc()
-            self._subscription_id = None
+            self._subscription_id = None  # counted by the caller (the manager counts its deletions)
 
     def _send(self, ws: ClientConnection, frame: list[Any]) -> None:
         ws.send(json.dumps(frame, separators=(",", ":")))
@@ -793,7 +792,14 @@ class WebSocketSubscriptionClient(RingCentralClient):
         return self._info(None)
 
     def delete_subscription(self, subscription_id: str) -> None:
-        self.websocket.stop(delete_subscription=True)
+        """Over the socket while the session holds the subscription and runs; through REST otherwise: the
+        worker stops its intake (the sessions) before the manager deletes, and a stale id is no session's."""
+        session = self.websocket
+        if session.subscription_id == subscription_id:
+            session.stop(delete_subscription=True)
+            if session.subscription_id is None:
+                return  # deleted over the socket
+        super().delete_subscription(subscription_id)
 
     def _info(self, expires_in: int | None) -> dict[str, Any]:
         """A SubscriptionInfo as REST gives it; the channel is the account's, the expiry only when to look again."""

@@ -131,3 +131,20 @@ def test_a_restart_recovers_the_session_from_the_state_record(
         reader.close()
         if second is not None:
             second.stop(delete_subscriptions=True)
+
+
+def test_stop_with_delete_subscriptions_deletes_the_websocket_subscription(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """The worker stops its intake (the session) before the manager deletes: the deletion goes through REST
+    then. (Before: it was asked of the stopped session, which sent nothing; the subscription stayed Active.)"""
+    worker = Worker(load_config(write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                                             subscriptions={"messages": [MESSAGE_STORE]}), WEBSOCKET))
+    worker.start()
+    try:
+        wait_for(lambda: worker.subscriptions_serving() == 1, 30, what="the WebSocket subscription read")
+        (subscription,) = sandbox.rc.live_subscriptions()
+    finally:
+        worker.stop(delete_subscriptions=True)
+    assert sandbox.rc.live_subscriptions() == []
+    assert {s.id: s.status for s in sandbox.rc.subscriptions()}[subscription.id] == "Deleted"
+    assert worker.metrics.registry.get_sample_value("ingest_subscription_deletions_total", {"outcome": "ok"}) == 1

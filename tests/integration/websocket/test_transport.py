@@ -266,6 +266,20 @@ def test_filters_are_updated_and_the_subscription_deleted_over_the_socket(
     assert {s.id: s.status for s in run.sandbox.rc.subscriptions()}[subscription] == "Deleted"
 
 
+def test_the_client_keeps_within_max_active_requests(start_session: Callable[..., Running]) -> None:
+    """The server announces 1 and answers after 0.3 s: the client's create, updates and delete never overlap."""
+    run = start_session(max_active_requests=1, request_delay=0.3)
+    subscription = run.session.subscription_id
+    for filters in ([MESSAGE_STORE, PRESENCE], [PRESENCE]):
+        run.session.set_event_filters(filters)
+        wait_for(lambda f=filters: [e.rsplit("/", 1)[-1] for e in run.subscription().event_filters] ==
+                 [e.rsplit("/", 1)[-1] for e in f], timeout=60)
+    run.session.stop(delete_subscription=True)
+    assert {s.id: s.status for s in run.sandbox.rc.subscriptions()}[subscription] == "Deleted"
+    stats = run.sandbox.websocket.stats()
+    assert stats["requests"] == 4 and stats["requests_refused"] == 0  # create, 2 updates, delete
+
+
 def test_a_new_session_resumes_from_a_kept_position(start_session: Callable[..., Running]) -> None:
     first = start_session()
     sb = first.sandbox

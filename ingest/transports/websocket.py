@@ -19,6 +19,7 @@ no decryption on this path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -33,6 +34,7 @@ from urllib.parse import urlencode
 
 import orjson
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
 
 from ingest.observability.logs import get_logger, register_secret
@@ -152,6 +154,73 @@ class _Reconnect(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass
+class _Pings:
+    interval: float
+    timeout: float
+    next_ping: float  # monotonic
+    pong: threading.Event | None = None  # the ping in flight
+    sent: float = 0.0
+
+
+class Keepalive:
+    """RFC 6455 pings for every connection of the process from one thread, instead of `websockets`' keepalive
+    thread per connection (a user costs two threads, not three: its session's and the library's reader).
+    A ping every `interval`; a pong missing `timeout` later fails the connection with 1011 as `websockets`'
+    own keepalive does, so the session reconnects (`pong-timeout`). Independent of the session threads: a
+    session blocked in its handler (Kafka slow) stops reading, and this still notices."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[ClientConnection, _Pings] = {}
+        self._changed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, ws: ClientConnection, interval: float, timeout: float) -> None:
+        with self._lock:
+            self._watched[ws] = _Pings(interval, timeout, time.monotonic() + interval)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="websocket-keepalive", daemon=True)
+                self._thread.start()
+        self._changed.set()
+
+    def forget(self, ws: ClientConnection) -> None:
+        with self._lock:
+            self._watched.pop(ws, None)
+
+    def _run(self) -> None:
+        while True:
+            self._changed.clear()  # before the snapshot: a connection watched after it wakes the wait below
+            with self._lock:
+                watched = list(self._watched.items())
+            now = time.monotonic()
+            due = [self._check(ws, pings, now) for ws, pings in watched]
+            self._changed.wait(max(0.01, min(due, default=now + 60.0) - time.monotonic()))
+
+    def _check(self, ws: ClientConnection, pings: _Pings, now: float) -> float:
+        """Ping, or give up on a missing pong; returns when this connection needs looking at again."""
+        if pings.pong is not None:
+            if pings.pong.is_set():
+                pings.pong, pings.next_ping = None, pings.sent + pings.interval
+            elif now >= pings.sent + pings.timeout:
+                self.forget(ws)
+                with contextlib.suppress(ConnectionClosed), ws.send_context():  # what websockets' keepalive does
+                    ws.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                return now + pings.interval
+            else:
+                return pings.sent + pings.timeout
+        if now < pings.next_ping:
+            return pings.next_ping
+        try:
+            pings.pong, pings.sent = ws.ping(ack_on_close=True), now
+        except ConnectionClosed:
+            self.forget(ws)
+        return now + min(pings.timeout, pings.interval)
+
+
+KEEPALIVE = Keepalive()
 
 
 @dataclass
@@ -306,9 +375,10 @@ class WebSocketSession:
         recovering_from = self._sequence
         query = {"access_token": token["ws_access_token"], **({"wsc": self._wsc} if recovering else {})}
         s = self.settings
+        # No keepalive thread per connection: the process's one `KEEPALIVE` pings them all.
         with connect(f"{token['uri']}?{urlencode(query)}", proxy=None, open_timeout=s.open_timeout,
-                     ping_interval=s.ping_interval, ping_timeout=s.ping_timeout, close_timeout=s.close_timeout,
-                     max_size=None) as ws:
+                     ping_interval=None, close_timeout=s.close_timeout, max_size=None) as ws:
+            KEEPALIVE.watch(ws, s.ping_interval, s.ping_timeout)
             self._ws, self._close_code = ws, None
             self.connections += 1
             self.metrics.websocket_connections.inc()
@@ -321,6 +391,7 @@ class WebSocketSession:
             except ConnectionClosed as exc:
                 return self._closed_reason(exc)
             finally:
+                KEEPALIVE.forget(ws)
                 self._connected.clear()
                 self._lost_at = time.time()
                 self.metrics.websocket_connections.dec()

@@ -242,6 +242,19 @@ def test_stalled_pongs_are_detected_and_the_session_recovered(start_session: Cal
     assert run.count("ingest_websocket_recoveries_total", outcome="Successful") == 1
 
 
+def test_a_session_costs_two_threads_and_one_keepalive_thread_pings_them_all(
+        start_session: Callable[..., Running]) -> None:
+    """The session's thread and `websockets`' reader; the pings come from the process's one keepalive thread
+    (that they still notice a silent server: `test_stalled_pongs_are_detected_and_the_session_recovered`).
+    (Before: also `websockets`' keepalive thread per connection, three threads a user.)"""
+    first = start_session()
+    second = start_session(sandbox=first.sandbox)
+    for run in (first, second):
+        ws = run.session._ws
+        assert ws is not None and ws.keepalive_thread is None and ws.recv_events_thread.is_alive()
+    assert [t.name for t in threading.enumerate()].count("websocket-keepalive") == 1
+
+
 def test_rate_limited_subscription_waits_for_the_penalty(start_session: Callable[..., Running]) -> None:
     run = start_session()
     sb = run.sandbox

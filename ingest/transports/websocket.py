@@ -196,8 +196,17 @@ class Keepalive:
             with self._lock:
                 watched = list(self._watched.items())
             now = time.monotonic()
-            due = [self._check(ws, pings, now) for ws, pings in watched]
+            due = [self._guarded_check(ws, pings, now) for ws, pings in watched]
             self._changed.wait(max(0.01, min(due, default=now + 60.0) - time.monotonic()))
+
+    def _guarded_check(self, ws: ClientConnection, pings: _Pings, now: float) -> float:
+        """One connection's failure must not end the pings of all the others."""
+        try:
+            return self._check(ws, pings, now)
+        except Exception:
+            log.error("websocket.keepalive_failed", exc_info=True)
+            self.forget(ws)
+            return now + pings.interval
 
     def _check(self, ws: ClientConnection, pings: _Pings, now: float) -> float:
         """Ping, or give up on a missing pong; returns when this connection needs looking at again."""

@@ -18,6 +18,9 @@ The server is `websockets`' threaded server (a thread per connection, like the H
   is UNVERIFIED, this reading is the one that lets a server know what the client has). A recovery
   replays the buffered notifications after that sequence; what the buffer no longer holds is counted
   as lost (`lost` in the stats). The ConnectionDetails of a recovery carries the recovered position.
+- A ClientRequest is in flight from its arrival to its answer: the server answers what has arrived (during
+  `request_delay`, and whatever is already waiting) together, and refuses the requests beyond
+  `maxActiveRequests` among them: status 429, `WSG-906` (the emulator's choice of code).
 - RFC 6455 pings every `ping_interval` (pong within `pong_timeout`, else the server closes);
   `Heartbeat` frames are answered. A connection with no client frame for `idle_timeout` gets
   `Error` WSG-902 and is closed; every connection is closed after `absolute_timeout` with WSG-903.
@@ -58,6 +61,7 @@ IDLE_CLOSE = "WSG-902"
 ABSOLUTE_CLOSE = "WSG-903"
 RECOVERY_FAILED = "WSG-904"  # the emulator's choice: the reference names no code for a failed recovery
 EARLY_FRAME = "WSG-905"  # the emulator's choice: a client frame before ConnectionDetails
+TOO_MANY_REQUESTS = "WSG-906"  # the emulator's choice: the reference documents the limit, not its error
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class WebSocketSettings:
     ping_interval: float = 30.0
     pong_timeout: float = 10.0
     details_delay: float = 0.05  # a short pause before ConnectionDetails: exposes clients that send first
+    request_delay: float = 0.0  # how long a ClientRequest takes to answer: what arrives meanwhile is in flight too
 
 
 def _iso(ts: float) -> str:
@@ -144,7 +149,8 @@ class WebSocketEmulator:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self.counts = {"opened": 0, "recovered": 0, "recovery_failed": 0, "replayed": 0, "refused": 0,
-                       "idle_closes": 0, "absolute_closes": 0, "early_frames": 0, "requests": 0, "heartbeats": 0}
+                       "idle_closes": 0, "absolute_closes": 0, "early_frames": 0, "requests": 0, "heartbeats": 0,
+                       "requests_refused": 0}
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self, host: str, port: int) -> None:
@@ -278,10 +284,26 @@ class WebSocketEmulator:
             except ConnectionClosed:
                 return
             last_frame = time.monotonic()
-            answer = self._answer(session, raw)
-            if answer is not None:
-                with contextlib.suppress(ConnectionClosed):
-                    conn.send(answer)
+            try:
+                frames = [raw, *self._arrived_meanwhile(conn)]
+            except ConnectionClosed:
+                return
+            active = 0
+            for frame in frames:
+                answer, active = self._answer(session, frame, active)
+                if answer is not None:
+                    with contextlib.suppress(ConnectionClosed):
+                        conn.send(answer)
+
+    def _arrived_meanwhile(self, conn: _Connection) -> list[str | bytes]:
+        """The frames that arrive while the first is being answered (`request_delay`) and those waiting."""
+        frames: list[str | bytes] = []
+        deadline = time.monotonic() + self.settings.request_delay
+        while True:
+            try:
+                frames.append(conn.recv(timeout=max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                return frames
 
     def _replay(self, conn: _Connection, session: _WsSession, position: int) -> None:
         """After a recovery: the buffered notifications after the client's position (session lock held)."""
@@ -322,19 +344,28 @@ class WebSocketEmulator:
                         self._end(session)
 
     # ---- frames from the client ------------------------------------------------------------------
-    def _answer(self, session: _WsSession, raw: str | bytes) -> str | None:
+    def _answer(self, session: _WsSession, raw: str | bytes, active: int) -> tuple[str | None, int]:
+        """The answer to one client frame, and the ClientRequests in flight with it (`active` before it)."""
         try:
             frame = json.loads(raw)
             meta = frame[0]
             kind, message_id = meta["type"], str(meta.get("messageId") or "")
         except (ValueError, KeyError, IndexError, TypeError):
-            return _frame(_meta("Error", status=400), {"errorCode": "WSG-400", "message": "Malformed frame"})
+            return _frame(_meta("Error", status=400), {"errorCode": "WSG-400", "message": "Malformed frame"}), active
         if kind == "Heartbeat":
             self.counts["heartbeats"] += 1
-            return _frame(_meta("Heartbeat", message_id))
+            return _frame(_meta("Heartbeat", message_id)), active
         if kind != "ClientRequest":
-            return _frame(_meta("Error", message_id, 400), {"errorCode": "WSG-400", "message": f"Unexpected {kind}"})
+            return _frame(_meta("Error", message_id, 400),
+                          {"errorCode": "WSG-400", "message": f"Unexpected {kind}"}), active
         self.counts["requests"] += 1
+        if active >= self.settings.max_active_requests:
+            self.counts["requests_refused"] += 1
+            return _frame(_meta("ClientRequest", message_id, 429),
+                          {"errorCode": TOO_MANY_REQUESTS, "message": "Too many active requests"}), active
+        return self._client_answer(session, meta, frame, message_id), active + 1
+
+    def _client_answer(self, session: _WsSession, meta: dict[str, Any], frame: list[Any], message_id: str) -> str:
         body = frame[1] if len(frame) > 1 and isinstance(frame[1], dict) else {}
         try:
             status, answer, headers = self._client_request(session, str(meta.get("method", "")).upper(),

@@ -19,6 +19,7 @@ no decryption on this path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -33,6 +34,7 @@ from urllib.parse import urlencode
 
 import orjson
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
 
 from ingest.observability.logs import get_logger, register_secret
@@ -123,12 +125,14 @@ BatchHandler = Callable[[list[Notification], float], None]
 
 @dataclass(frozen=True)
 class Gap:
-    """Notifications RingCentral did not keep for us: the subscription was lost and created again."""
+    """Notifications RingCentral did not keep for us: the subscription was lost and created again, or a
+    `Successful` recovery replayed only the newest `recoveryBufferSize` of what was missed."""
 
-    lost_subscription_id: str | None
-    reason: str  # "recovery-failed" | "recovery-expired" | "subscription-gone"
+    lost_subscription_id: str | None  # for "recovery-incomplete" the subscription kept (it was not lost)
+    reason: str  # "recovery-failed" | "recovery-expired" | "subscription-gone" | "recovery-incomplete"
     since: float  # unix seconds: the connection was lost (nothing older is missing)
     until: float  # unix seconds: the new connection was there (nothing newer is missing)
+    missed: int | None = None  # how many, when the wsc sequences tell ("recovery-incomplete")
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,82 @@ class _Reconnect(Exception):
 
 
 @dataclass
+class _Pings:
+    interval: float
+    timeout: float
+    next_ping: float  # monotonic
+    pong: threading.Event | None = None  # the ping in flight
+    sent: float = 0.0
+
+
+class Keepalive:
+    """RFC 6455 pings for every connection of the process from one thread, instead of `websockets`' keepalive
+    thread per connection (a user costs two threads, not three: its session's and the library's reader).
+    A ping every `interval`; a pong missing `timeout` later fails the connection with 1011 as `websockets`'
+    own keepalive does, so the session reconnects (`pong-timeout`). Independent of the session threads: a
+    session blocked in its handler (Kafka slow) stops reading, and this still notices."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[ClientConnection, _Pings] = {}
+        self._changed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, ws: ClientConnection, interval: float, timeout: float) -> None:
+        with self._lock:
+            self._watched[ws] = _Pings(interval, timeout, time.monotonic() + interval)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="websocket-keepalive", daemon=True)
+                self._thread.start()
+        self._changed.set()
+
+    def forget(self, ws: ClientConnection) -> None:
+        with self._lock:
+            self._watched.pop(ws, None)
+
+    def _run(self) -> None:
+        while True:
+            self._changed.clear()  # before the snapshot: a connection watched after it wakes the wait below
+            with self._lock:
+                watched = list(self._watched.items())
+            now = time.monotonic()
+            due = [self._guarded_check(ws, pings, now) for ws, pings in watched]
+            self._changed.wait(max(0.01, min(due, default=now + 60.0) - time.monotonic()))
+
+    def _guarded_check(self, ws: ClientConnection, pings: _Pings, now: float) -> float:
+        """One connection's failure must not end the pings of all the others."""
+        try:
+            return self._check(ws, pings, now)
+        except Exception:
+            log.error("websocket.keepalive_failed", exc_info=True)
+            self.forget(ws)
+            return now + pings.interval
+
+    def _check(self, ws: ClientConnection, pings: _Pings, now: float) -> float:
+        """Ping, or give up on a missing pong; returns when this connection needs looking at again."""
+        if pings.pong is not None:
+            if pings.pong.is_set():
+                pings.pong, pings.next_ping = None, pings.sent + pings.interval
+            elif now >= pings.sent + pings.timeout:
+                self.forget(ws)
+                with contextlib.suppress(ConnectionClosed), ws.send_context():  # what websockets' keepalive does
+                    ws.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                return now + pings.interval
+            else:
+                return pings.sent + pings.timeout
+        if now < pings.next_ping:
+            return pings.next_ping
+        try:
+            pings.pong, pings.sent = ws.ping(ack_on_close=True), now
+        except ConnectionClosed:
+            self.forget(ws)
+        return now + min(pings.timeout, pings.interval)
+
+
+KEEPALIVE = Keepalive()
+
+
+@dataclass
 class WebSocketSession:
     """One user's WebSocket session: connection, recovery and its one subscription. Thread-safe API."""
 
@@ -164,6 +244,7 @@ class WebSocketSession:
     on_gap: Callable[[Gap], None] | None = None
     resume: Position | None = None  # from a checkpoint: recover that session if it is young enough
     name: str = ""  # for logs and thread names (the spec or user)
+    started_after: int = 0  # the newest session start (unix seconds) of the channel so far: the next is later
     _filters: tuple[str, ...] = ()
     _applied: tuple[str, ...] = ()
     _subscription_id: str | None = None
@@ -188,6 +269,7 @@ class WebSocketSession:
     connections: int = 0  # connections opened (for tests and logs)
     _recover_next: bool = False  # the next connect sends the wsc whatever its age (a recorded session)
     _origin: tuple[str, int, float] | None = None  # the wsc, sequence and time of this session's ConnectionDetails
+    _replay_after: int | None = None  # a Successful recovery from this sequence: its first replay must follow it
 
     def __post_init__(self) -> None:
         self._filters = tuple(self.event_filters)
@@ -203,6 +285,7 @@ class WebSocketSession:
         self._wsc, self._sequence = position.wsc, position.sequence
         self._subscription_id, self._lost_at = position.subscription_id, position.received_at
         self._session_started = position.session_started
+        self.started_after = max(self.started_after, position.session_started)
         self._filters = self._applied = tuple(event_filters)  # the subscription carried these when checkpointed
         self._recover_next = True
 
@@ -298,16 +381,18 @@ class WebSocketSession:
         recovering = self._wsc is not None and (
             self._recover_next or time.time() - self._lost_at < self._recovery_timeout)
         self._recover_next = False
+        recovering_from = self._sequence
         query = {"access_token": token["ws_access_token"], **({"wsc": self._wsc} if recovering else {})}
         s = self.settings
+        # No keepalive thread per connection: the process's one `KEEPALIVE` pings them all.
         with connect(f"{token['uri']}?{urlencode(query)}", proxy=None, open_timeout=s.open_timeout,
-                     ping_interval=s.ping_interval, ping_timeout=s.ping_timeout, close_timeout=s.close_timeout,
-                     max_size=None) as ws:
+                     ping_interval=None, close_timeout=s.close_timeout, max_size=None) as ws:
+            KEEPALIVE.watch(ws, s.ping_interval, s.ping_timeout)
             self._ws, self._close_code = ws, None
             self.connections += 1
             self.metrics.websocket_connections.inc()
             try:
-                self._open(ws, recovering)
+                self._open(ws, recovering_from if recovering else None)
                 self._serve(ws)
                 return "stopped"
             except _Reconnect as exc:
@@ -315,6 +400,7 @@ class WebSocketSession:
             except ConnectionClosed as exc:
                 return self._closed_reason(exc)
             finally:
+                KEEPALIVE.forget(ws)
                 self._connected.clear()
                 self._lost_at = time.time()
                 self.metrics.websocket_connections.dec()
@@ -333,8 +419,9 @@ class WebSocketSession:
                     close_code=closed.rcvd.code if closed.rcvd is not None else None)
         return "drop"
 
-    def _open(self, ws: ClientConnection, recovering: bool) -> None:
-        """Read ConnectionDetails (sending nothing before), settle recovery, make sure of the subscription."""
+    def _open(self, ws: ClientConnection, recovering_from: int | None) -> None:
+        """Read ConnectionDetails (sending nothing before), settle recovery (`recovering_from`: the sequence of
+        the wsc sent), make sure of the subscription."""
         try:
             text = ws.recv(timeout=self.settings.open_timeout)
         except TimeoutError:
@@ -343,12 +430,14 @@ class WebSocketSession:
         if meta["type"] != "ConnectionDetails" or body is None:
             raise _Reconnect("error")
         details: dict[str, Any] = orjson.loads(body)
-        self._on_details(meta, details, recovering)
+        self._on_details(meta, details, recovering_from)
         self._ensure_subscription(ws)
         self._connected.set()
 
-    def _on_details(self, meta: dict[str, Any], details: dict[str, Any], recovering: bool) -> None:
+    def _on_details(self, meta: dict[str, Any], details: dict[str, Any], recovering_from: int | None) -> None:
         self._details = details
+        self._replay_after = None
+        recovering = recovering_from is not None
         self._recovery_timeout = float(details.get("recoveryTimeout") or DEFAULT_RECOVERY_TIMEOUT)
         idle = float(details.get("idleTimeout") or 0)
         self._heartbeat_every = min(self.settings.heartbeat_interval, idle / 2) if idle else \
@@ -357,9 +446,10 @@ class WebSocketSession:
         state = details.get("recoveryState")
         if recovering and state == "Successful":
             self.metrics.websocket_recoveries.labels("Successful").inc()
+            self._replay_after = recovering_from
             log.info("websocket.recovered", session=self.name, subscription=self._subscription_id)
             return
-        self._session_started = int(time.time())
+        self._begin_session()
         self._origin = (self._wsc or "", self._sequence, time.time())
         if recovering:
             self.metrics.websocket_recoveries.labels("Failed").inc()
@@ -368,11 +458,32 @@ class WebSocketSession:
             self.metrics.websocket_recoveries.labels("expired").inc()
             self._report_gap("recovery-expired", None)
 
+    def _begin_session(self) -> None:
+        """A new session: its start orders its positions after every earlier session's, also one begun in the
+        same second (a failed recovery at once) or on a worker whose clock is ahead (a handover)."""
+        self._session_started = self.started_after = max(int(time.time()), self.started_after + 1)
+
     def _report_gap(self, reason: str, code: Any) -> None:
-        gap = Gap(self._subscription_id, reason, self._lost_at, time.time())
-        log.warning("websocket.gap", session=self.name, reason=reason, code=code,
-                    subscription=gap.lost_subscription_id, seconds=round(gap.until - gap.since, 3))
+        """The subscription is lost: what it missed is reported, and it is created again."""
+        self._emit_gap(Gap(self._subscription_id, reason, self._lost_at, time.time()), code)
         self._subscription_id, self._applied = None, ()
+
+    def _check_replay(self, sequence: int | None) -> None:
+        """The first notification after a Successful recovery follows the wsc sent, unless the server's
+        buffer (`recoveryBufferSize`, 100) no longer held the oldest of what was missed: those are lost,
+        the subscription stays. (Read as the sandbox numbers them: one sequence per notification; a
+        RingCentral that also numbered other frames would make this report more than was lost, never less.)"""
+        expected = self._replay_after
+        if expected is None or sequence is None or sequence <= expected:
+            return  # not after a recovery, no sequence to tell, or a replay of what was handed on already
+        self._replay_after = None
+        if sequence > expected + 1:
+            self._emit_gap(Gap(self._subscription_id, "recovery-incomplete", self._lost_at, time.time(),
+                               sequence - expected - 1), None)
+
+    def _emit_gap(self, gap: Gap, code: Any) -> None:
+        log.warning("websocket.gap", session=self.name, reason=gap.reason, code=code, missed=gap.missed,
+                    subscription=gap.lost_subscription_id, seconds=round(gap.until - gap.since, 3))
         if self.on_gap is not None:
             self.on_gap(gap)
 
@@ -412,8 +523,7 @@ class WebSocketSession:
             self._pump(ws, min(0.5, self._heartbeat_every - silent_for))
         if self._delete_on_stop and self._subscription_id is not None:
             self._request(ws, "DELETE", f"{SUBSCRIPTION}/{self._subscription_id}", "subscription.delete", None)
-            self.metrics.deletions.labels("ok").inc()
-            self._subscription_id = None
+            self._subscription_id = None  # counted by the caller (the manager counts its deletions)
 
     def _send(self, ws: ClientConnection, frame: list[Any]) -> None:
         ws.send(json.dumps(frame, separators=(",", ":")))
@@ -478,6 +588,7 @@ class WebSocketSession:
             self._note_wsc(meta.get("wsc"))
             kind = meta["type"]
             if kind == "ServerNotification" and body is not None:
+                self._check_replay(_sequence_of(meta.get("wsc")))
                 if self._seen_before(body):
                     duplicates += 1
                     continue
@@ -510,15 +621,22 @@ class WebSocketSession:
     def _note_wsc(self, wsc: Any, force: bool = False) -> None:
         """Keep the newest wsc: on every ConnectionDetails, and whenever a frame's sequence is higher
         (a replay carries older ones). Not logged anywhere: it names the session."""
-        if not isinstance(wsc, dict) or not wsc.get("token"):
-            return
-        try:
-            sequence = int(wsc.get("sequence") or 0)
-        except (TypeError, ValueError):
+        sequence = _sequence_of(wsc)
+        if sequence is None or not isinstance(wsc, dict) or not wsc.get("token"):
             return
         with self._lock:
             if force or sequence > self._sequence:
                 self._wsc, self._sequence = str(wsc["token"]), sequence
+
+
+def _sequence_of(wsc: Any) -> int | None:
+    """The `sequence` of a frame's `wsc` (None: no wsc or an unreadable one)."""
+    if not isinstance(wsc, dict):
+        return None
+    try:
+        return int(wsc.get("sequence") or 0)
+    except (TypeError, ValueError):
+        return None
 
 
 def _loads(text: str | None) -> Any:
@@ -625,9 +743,11 @@ class WebSocketTransport:
             self._unrecorded.pop(channel, None)
             self._recorded.pop(channel, None)
         client = self._clients[channel]
+        previous = self.sessions.get(channel)
         client.websocket = WebSocketSession(
             client, [], functools.partial(self._on_batch, channel), self.metrics, self.settings,
-            on_gap=functools.partial(self._gap, channel), name=client.user)
+            on_gap=functools.partial(self._gap, channel), name=client.user,
+            started_after=previous.started_after if previous is not None else 0)
         self.sessions[channel] = client.websocket
 
     # ---- Transport ---------------------------------------------------------------------------------------
@@ -793,7 +913,14 @@ class WebSocketSubscriptionClient(RingCentralClient):
         return self._info(None)
 
     def delete_subscription(self, subscription_id: str) -> None:
-        self.websocket.stop(delete_subscription=True)
+        """Over the socket while the session holds the subscription and runs; through REST otherwise: the
+        worker stops its intake (the sessions) before the manager deletes, and a stale id is no session's."""
+        session = self.websocket
+        if session.subscription_id == subscription_id:
+            session.stop(delete_subscription=True)
+            if session.subscription_id is None:
+                return  # deleted over the socket
+        super().delete_subscription(subscription_id)
 
     def _info(self, expires_in: int | None) -> dict[str, Any]:
         """A SubscriptionInfo as REST gives it; the channel is the account's, the expiry only when to look again."""

@@ -64,7 +64,8 @@ class Intake:
         return None
 
     def _on_websocket_gap(self, channel: str, gap: Gap) -> None:
-        """RingCentral did not keep what a WebSocket session missed (recovery failed or too late). After a
+        """RingCentral did not keep what a WebSocket session missed (recovery failed, too late, or beyond its
+        recovery buffer: `missed` says how many when the sequences tell). After a
         restart or a handover the spec has no delivery yet (the recorded session is being recovered): its
         restored record names the channel."""
         channels = self._channels
@@ -76,7 +77,8 @@ class Intake:
                       if st.channel == channel and spec_id not in channels.deliveries}
         for spec_id in specs:
             channels.report_gap(spec_id, gap.lost_subscription_id or "", gap.since, gap.until,
-                                f"websocket {gap.reason}: RingCentral did not keep what the session missed")
+                                f"websocket {gap.reason}: RingCentral did not keep what the session missed",
+                                missed=gap.missed)
 
     def _recorded_session(self, channel: str) -> dict[str, Any] | None:
         """The WebSocket session the restored state record of `channel` holds (restart, handover)."""

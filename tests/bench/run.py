@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import failover, report, subscriptions, throughput
+from tests.bench import failover, report, subscriptions, throughput, websocket
 from tests.bench.common import machine, versions
 
-SCENARIOS = ("throughput", "subscriptions", "failover")
+SCENARIOS = ("throughput", "subscriptions", "failover", "websocket")
 
 
 def _guarded(scenario: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 # Scenario 3: kill -9 of one of two group workers (tests/bench/failover.py).
                 print(f"[bench] run {i + 1}/{args.runs}: failover", file=sys.stderr, flush=True)
                 result["failover"] = _guarded(lambda: failover.run(bootstrap, workdir))
+            if "websocket" in chosen:  # many users, sparse traffic, over WebSocket (tests/bench/websocket.py)
+                print(f"[bench] run {i + 1}/{args.runs}: websocket", file=sys.stderr, flush=True)
+                result["websocket"] = _guarded(lambda: websocket.run(
+                    bootstrap, workdir, users=20 if args.quick else 100, seconds=10.0 if args.quick else 30.0))
             (args.out / f"run-{i + 1}.json").write_text(json.dumps(result, indent=1, default=str))
             runs.append(result)
     finally:

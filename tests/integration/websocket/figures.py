@@ -117,7 +117,8 @@ def main() -> None:
 
 def many_users(users: int = 100, seconds: float = 30.0, rate: float = 20.0) -> None:
     """The realistic scenario (many users, sparse traffic) in the client: one session (thread, socket,
-    `websockets`' reader and keepalive threads) per user; RSS, threads and CPU of this process."""
+    `websockets`' reader thread) per user, the pings from one shared thread; RSS, threads and CPU of this
+    process. Through the worker: tests/bench/websocket.py."""
     proc = subprocess.Popen([sys.executable, "-m", "ingest", "sandbox", "--json", "--no-rate-limits",
                              "--accounts", str(users), "--extensions", "1"], stdout=subprocess.PIPE, text=True)
     sessions: list[WebSocketSession] = []

@@ -157,6 +157,22 @@ def test_client_requests_share_the_rest_faults_and_rate_limits(rc: RC, sandbox: 
         assert expired[0]["status"] == 401
 
 
+def test_requests_beyond_max_active_requests_are_refused(make_sandbox: Any) -> None:
+    sandbox = make_sandbox(websocket=WebSocketSettings(max_active_requests=2, request_delay=0.2))
+    client = RC(sandbox, sandbox.accounts[0])
+    client.login()
+    with open_socket(client) as (conn, details):
+        assert details[1]["maxActiveRequests"] == 2
+        for n in range(3):  # three in flight together
+            conn.send(json.dumps([{"type": "ClientRequest", "messageId": f"list-{n}", "method": "GET",
+                                   "path": SUBSCRIPTION}]))
+        answers = {a[0]["messageId"]: a for a in (json.loads(conn.recv(timeout=10)) for _ in range(3))}
+        assert [answers[f"list-{n}"][0]["status"] for n in range(3)] == [200, 200, 429]
+        assert answers["list-2"][1]["errorCode"] == "WSG-906"
+        assert request(conn, "GET", SUBSCRIPTION)[0]["status"] == 200  # one at a time is never refused
+    assert sandbox.websocket.stats()["requests_refused"] == 1
+
+
 def test_recovery_replays_what_was_missed_within_the_timeout(rc: RC, sandbox: Sandbox) -> None:
     with open_socket(rc) as (conn, details):
         info = subscribe(conn)

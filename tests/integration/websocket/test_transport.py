@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -148,6 +149,31 @@ def test_failed_recovery_subscribes_again_and_reports_the_gap(start_session: Cal
     assert run.count("ingest_websocket_recoveries_total", outcome="Failed") == 1
 
 
+def test_recovery_beyond_the_buffer_reports_the_notifications_it_could_not_replay(
+        start_session: Callable[..., Running]) -> None:
+    """`Successful`, but 130 were published while away and the server buffer holds 100: the replay begins
+    30 sequences after the client's wsc. (Before: the 30 were lost silently.)"""
+    run = start_session()
+    sb = run.sandbox
+    before = sb.generator.publish(5)
+    run.received_all(before)
+    subscription = run.session.subscription_id
+    stalled = time.time()
+    assert sb.faults.ws_stall() == 1  # nothing leaves the server until the client reconnects
+    missed = sb.generator.publish(130)
+    wait_for(lambda: run.collector.gaps, timeout=60)
+    run.received_all(before + missed[30:])
+    (gap,) = run.collector.gaps
+    assert gap.reason == "recovery-incomplete" and gap.missed == 30
+    assert gap.lost_subscription_id == subscription == run.session.subscription_id  # the subscription stays
+    assert stalled - 1 <= gap.since <= gap.until <= time.time()
+    assert run.count("ingest_websocket_recoveries_total", outcome="Successful") == 1
+    assert sb.websocket.stats()["lost"] == 30
+    live = sb.generator.publish(5)
+    run.received_all(before + missed[30:] + live)
+    assert len(run.collector.gaps) == 1
+
+
 def test_refused_tokens_are_retried_as_the_rest_client_does(start_session: Callable[..., Running]) -> None:
     run = start_session()
     sb = run.sandbox
@@ -216,6 +242,19 @@ def test_stalled_pongs_are_detected_and_the_session_recovered(start_session: Cal
     assert run.count("ingest_websocket_recoveries_total", outcome="Successful") == 1
 
 
+def test_a_session_costs_two_threads_and_one_keepalive_thread_pings_them_all(
+        start_session: Callable[..., Running]) -> None:
+    """The session's thread and `websockets`' reader; the pings come from the process's one keepalive thread
+    (that they still notice a silent server: `test_stalled_pongs_are_detected_and_the_session_recovered`).
+    (Before: also `websockets`' keepalive thread per connection, three threads a user.)"""
+    first = start_session()
+    second = start_session(sandbox=first.sandbox)
+    for run in (first, second):
+        ws = run.session._ws
+        assert ws is not None and ws.keepalive_thread is None and ws.recv_events_thread.is_alive()
+    assert [t.name for t in threading.enumerate()].count("websocket-keepalive") == 1
+
+
 def test_rate_limited_subscription_waits_for_the_penalty(start_session: Callable[..., Running]) -> None:
     run = start_session()
     sb = run.sandbox
@@ -240,6 +279,20 @@ def test_filters_are_updated_and_the_subscription_deleted_over_the_socket(
     assert {s.id: s.status for s in run.sandbox.rc.subscriptions()}[subscription] == "Deleted"
 
 
+def test_the_client_keeps_within_max_active_requests(start_session: Callable[..., Running]) -> None:
+    """The server announces 1 and answers after 0.3 s: the client's create, updates and delete never overlap."""
+    run = start_session(max_active_requests=1, request_delay=0.3)
+    subscription = run.session.subscription_id
+    for filters in ([MESSAGE_STORE, PRESENCE], [PRESENCE]):
+        run.session.set_event_filters(filters)
+        wait_for(lambda f=filters: [e.rsplit("/", 1)[-1] for e in run.subscription().event_filters] ==
+                 [e.rsplit("/", 1)[-1] for e in f], timeout=60)
+    run.session.stop(delete_subscription=True)
+    assert {s.id: s.status for s in run.sandbox.rc.subscriptions()}[subscription] == "Deleted"
+    stats = run.sandbox.websocket.stats()
+    assert stats["requests"] == 4 and stats["requests_refused"] == 0  # create, 2 updates, delete
+
+
 def test_a_new_session_resumes_from_a_kept_position(start_session: Callable[..., Running]) -> None:
     first = start_session()
     sb = first.sandbox
@@ -252,6 +305,27 @@ def test_a_new_session_resumes_from_a_kept_position(start_session: Callable[...,
     second = start_session(sandbox=sb, resume=position)
     assert second.session.subscription_id == position.subscription_id
     second.received_all(missed)  # exactly what came after the kept position
+
+
+def test_positions_keep_growing_when_a_session_follows_one_begun_the_same_second(
+        start_session: Callable[..., Running]) -> None:
+    """A failed recovery begins a new session at once, and a handover may land on a worker whose clock is
+    behind: the new session's positions (start second * 10**7 + sequence) must still follow the old one's.
+    (Before: the start was the current second, so the new sequences 1, 2, ... fell at or below the old ones.)"""
+    first = start_session()
+    sb = first.sandbox
+    first.received_all(sb.generator.publish(3))
+    kept = first.session.position()
+    assert kept is not None
+    first.session.stop()
+    kept = dataclasses.replace(kept, session_started=int(time.time()) + 1)  # begun this second, a clock ahead
+    sb.faults.ws_fail_recovery(count=1)
+    second = start_session(sandbox=sb, resume=kept)
+    assert [g.reason for g in second.collector.gaps] == ["recovery-failed"]
+    published = sb.generator.publish(3)
+    second.received_all(published)
+    ordinals = [p.ordinal for _, p in second.collector.notes]
+    assert ordinals == sorted(ordinals) and ordinals[0] > kept.ordinal
 
 
 def test_a_slow_handler_loses_nothing(start_session: Callable[..., Running]) -> None:

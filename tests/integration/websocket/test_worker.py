@@ -131,3 +131,50 @@ def test_a_restart_recovers_the_session_from_the_state_record(
         reader.close()
         if second is not None:
             second.stop(delete_subscriptions=True)
+
+
+def test_stop_with_delete_subscriptions_deletes_the_websocket_subscription(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """The worker stops its intake (the session) before the manager deletes: the deletion goes through REST
+    then. (Before: it was asked of the stopped session, which sent nothing; the subscription stayed Active.)"""
+    worker = Worker(load_config(write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                                             subscriptions={"messages": [MESSAGE_STORE]}), WEBSOCKET))
+    worker.start()
+    try:
+        wait_for(lambda: worker.subscriptions_serving() == 1, 30, what="the WebSocket subscription read")
+        (subscription,) = sandbox.rc.live_subscriptions()
+    finally:
+        worker.stop(delete_subscriptions=True)
+    assert sandbox.rc.live_subscriptions() == []
+    assert {s.id: s.status for s in sandbox.rc.subscriptions()}[subscription.id] == "Deleted"
+    assert worker.metrics.registry.get_sample_value("ingest_subscription_deletions_total", {"outcome": "ok"}) == 1
+
+
+def test_a_recovery_beyond_the_buffer_is_reported_with_what_it_missed(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The reconnect waits out a 429 on wstoken while 130 are published: `Successful`, the newest 100 replayed,
+    the 30 older ones reported as a gap of the subscription (which stays), not lost silently."""
+    worker = Worker(load_config(write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, accounts=1,
+                                             subscriptions={"messages": [MESSAGE_STORE]}), WEBSOCKET))
+    worker.start()
+    reader = TopicReader(kafka_bootstrap, unique_name)
+    try:
+        wait_for(lambda: worker.subscriptions_serving() == 1, 30, what="the WebSocket subscription read")
+        (subscription,) = sandbox.rc.live_subscriptions()
+        before = sandbox.generator.publish(5)
+        reader.poll_until(lambda rs: len(rs) >= 5, timeout=60)
+        sandbox.faults.rc_error("wstoken", 429, count=1, retry_after=3)
+        sandbox.faults.ws_drop_connections()
+        wait_for(lambda: sandbox.book.fired.get("rc-error", 0) == 1, 30, what="the refused wstoken")
+        missed = sandbox.generator.publish(130)  # while the Auth group is silent
+        wait_for(lambda: worker.metrics.replay_gaps._value.get() == 1, 60, what="the gap reported")
+        records = reader.poll_until(lambda rs: len(rs) >= 105, timeout=60)
+        assert {r.headers["uuid"] for r in records} == {g.uuid for g in before + missed[30:]}
+        assert [s.id for s in sandbox.rc.live_subscriptions()] == [subscription.id]
+        gaps = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "replay.gap_suspected"]
+        assert [(g.get("reason"), g.get("missed")) for g in gaps] == \
+            [("websocket recovery-incomplete: RingCentral did not keep what the session missed", 30)]
+    finally:
+        reader.close()
+        worker.stop(delete_subscriptions=True)

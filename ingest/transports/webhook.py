@@ -85,6 +85,7 @@ class SubscriptionTable:
         self._by_id: dict[str, tuple[WebhookSubscription, bytes]] = {}
         self._by_spec: dict[str, str] = {}  # spec id -> its current subscription id
         self._lock = threading.Lock()
+        self.removed: Callable[[str], None] = lambda subscription_id: None  # told each id removed
 
     def put(self, subscription: WebhookSubscription) -> None:
         register_secret(subscription.verification_token)
@@ -95,6 +96,7 @@ class SubscriptionTable:
     def remove(self, subscription_id: str) -> None:
         with self._lock:
             self._by_id = {k: v for k, v in self._by_id.items() if k != subscription_id}
+        self.removed(subscription_id)
 
     def apply(self, spec_id: str, delivery: Delivery | None) -> None:
         """The control plane's word for a spec (`SubscriptionManager.on_delivery`): its current WebHook
@@ -393,7 +395,8 @@ class WebhookTransport:
     is handed on as one `Received` (payload: the body's bytes, position its receive time) by one intake
     thread, in arrival order, and held until the worker calls `acknowledged` past its position
     (durable in Kafka with its checkpoint; exactly-once: committed): 200. 503 when the deadline passes
-    first, when the channel is not read here (yet), when Kafka is unreachable or the intake queue full,
+    first, when the channel is not read here (yet; in a group, a channel of a spec another worker
+    owns is read here from its first delivery: `read_foreign`), when Kafka is unreachable or the intake queue full,
     or when the channel is rewound or removed meanwhile (the sender retries: nothing to replay here).
     A retry of a notification (channel, `uuid`) within the de-duplication window is not handed on
     again: it waits for the first copy's acknowledgement."""
@@ -410,6 +413,9 @@ class WebhookTransport:
         self._lock = threading.Lock()
         self._intake: queue.Queue[tuple[Received, float] | None] = queue.Queue(settings.max_queued_records)
         self._intake_thread: threading.Thread | None = None
+        # Group mode: read the channel of a spec another worker owns when a delivery for it arrives here
+        # (the table knows every pod's subscriptions); None: only this worker's channels are read.
+        self.read_foreign: Callable[[WebhookSubscription], None] | None = None
         app = WebhookApp(path=settings.path, table=self.table, handler=self._deliver, metrics=metrics,
                          max_body_bytes=settings.max_body_bytes, answer_timeout=settings.answer_timeout_seconds,
                          retry_after=settings.retry_after_seconds)
@@ -473,6 +479,9 @@ class WebhookTransport:
     def _deliver(self, delivery: WebhookDelivery, deadline: float) -> bool:
         channel = delivery.subscription.subscription_id
         stream = self._streams.get(channel)
+        if stream is None and self.read_foreign is not None:
+            self.read_foreign(delivery.subscription)
+            stream = self._streams.get(channel)
         if stream is None or not self._kafka_reachable():
             return False  # not read here (starting, handed over) or Kafka down: come back later
         key = (channel, delivery.uuid) if delivery.uuid else None

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import failover, report, subscriptions, throughput
+from tests.bench import failover, report, subscriptions, throughput, webhook
 from tests.bench.common import machine, versions
 
-SCENARIOS = ("throughput", "subscriptions", "failover")
+SCENARIOS = ("throughput", "subscriptions", "failover", "webhook")
 
 
 def _guarded(scenario: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 # Scenario 3: kill -9 of one of two group workers (tests/bench/failover.py).
                 print(f"[bench] run {i + 1}/{args.runs}: failover", file=sys.stderr, flush=True)
                 result["failover"] = _guarded(lambda: failover.run(bootstrap, workdir))
+            if "webhook" in chosen:  # WebHook receiver: 200 after the Kafka ack vs before (tests/bench/webhook.py)
+                print(f"[bench] run {i + 1}/{args.runs}: webhook", file=sys.stderr, flush=True)
+                result["webhook"] = _guarded(lambda: webhook.run(bootstrap))
             (args.out / f"run-{i + 1}.json").write_text(json.dumps(result, indent=1, default=str))
             runs.append(result)
     finally:

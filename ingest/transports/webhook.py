@@ -409,7 +409,8 @@ class WebhookTransport:
         self._kafka_reachable = kafka_reachable
         self._settings = settings
         self._streams: dict[str, _Stream] = {}
-        self._recent: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        # (channel, uuid) -> (position, the stream and its epoch when handed on, expiry (monotonic))
+        self._recent: OrderedDict[tuple[str, str], tuple[int, _Stream, int, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._intake: queue.Queue[tuple[Received, float] | None] = queue.Queue(settings.max_queued_records)
         self._intake_thread: threading.Thread | None = None
@@ -486,7 +487,7 @@ class WebhookTransport:
             return False  # not read here (starting, handed over) or Kafka down: come back later
         key = (channel, delivery.uuid) if delivery.uuid else None
         with stream.cond:
-            seen = self._seen(key)
+            seen = self._seen(key, stream)
             if seen is not None:  # RingCentral sent it again: wait for the first copy, do not hand it on twice
                 self._metrics.notifications_duplicate.inc()
                 position, epoch = seen, stream.epoch
@@ -497,7 +498,7 @@ class WebhookTransport:
                     self._intake.put_nowait((received, delivery.received_at))
                 except queue.Full:
                     return False
-                self._remember(key, position)
+                self._remember(key, position, stream, epoch)
             while stream.acked < position:
                 left = deadline - time.monotonic()
                 if left <= 0 or stream.removed or stream.epoch != epoch:
@@ -505,21 +506,28 @@ class WebhookTransport:
                 stream.cond.wait(left)
         return True
 
-    def _seen(self, key: tuple[str, str] | None) -> int | None:
+    def _seen(self, key: tuple[str, str] | None, stream: _Stream) -> int | None:
+        """The position of the first copy, if it was handed on in the stream's current epoch. A copy
+        handed on before a rewind (exactly-once: its transaction aborted) or to a stream since removed
+        is not in Kafka, or not known to be: the retry is handed on again. Waiting for the stream's
+        acknowledgement past the old position answered it 200 with nothing stored."""
         if key is None:
             return None
         with self._lock:
             now = time.monotonic()
             recent = self._recent
-            while recent and next(iter(recent.values()))[1] <= now:
+            while recent and next(iter(recent.values()))[3] <= now:
                 recent.popitem(last=False)
             seen = recent.get(key)
-        return None if seen is None else seen[0]
+        if seen is None or seen[1] is not stream or seen[2] != stream.epoch:
+            return None
+        return seen[0]
 
-    def _remember(self, key: tuple[str, str] | None, position: int) -> None:
+    def _remember(self, key: tuple[str, str] | None, position: int, stream: _Stream, epoch: int) -> None:
         if key is not None:
             with self._lock:
-                self._recent[key] = (position, time.monotonic() + self._settings.dedup_window_seconds)
+                self._recent[key] = (position, stream, epoch, time.monotonic() + self._settings.dedup_window_seconds)
+                self._recent.move_to_end(key)  # kept in expiry order (a retry after a rewind is remembered anew)
 
     def _hand_on(self) -> None:
         """One thread hands requests on in arrival order, a batch of whatever has queued meanwhile."""

@@ -11,12 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from ingest.config import load_config
 from ingest.sandbox.server import Sandbox, SandboxSettings
-from ingest.sandbox.worker_config import write_worker_config
 from ingest.worker.runtime import Worker
+from tests.integration.webhook.workers import webhook_worker
 from tests.support import free_port, wait_for
 from tests.support.harness import TopicReader
 
@@ -36,15 +34,10 @@ def _worker(sandbox: Sandbox, tmp_path: Path, bootstrap: str, prefix: str, *, na
             port: int, address_port: int) -> Worker:
     """A group worker receiving on `port`, whose subscriptions RingCentral POSTs to `address_port`."""
     subscriptions = {a.name: [(f"s{i}", FILTERS) for i in range(SPECS_PER_ACCOUNT)] for a in sandbox.accounts}
-    path = write_worker_config(tmp_path / name, sandbox.describe(), bootstrap, prefix, subscriptions, partitions=2,
-                               worker={"id": name, "coordination": "group", "delivery_guarantee": guarantee,
-                                       "checkpoint_interval_seconds": 0.2, "session_timeout_seconds": 6})
-    raw = yaml.safe_load(path.read_text())
-    raw["topics"]["spec_partitions"] = 3  # one account each (partition_for)
-    raw["transport"] = "webhook"
-    raw["webhook"] = {"public_url": f"http://127.0.0.1:{address_port}", "host": "127.0.0.1", "port": port}
-    path.write_text(yaml.safe_dump(raw))
-    return Worker(load_config(path))
+    return webhook_worker(tmp_path / name, sandbox, bootstrap, prefix, subscriptions, port=port,
+                          address_port=address_port, topics={"spec_partitions": 3},  # one account each (partition_for)
+                          worker={"id": name, "coordination": "group", "delivery_guarantee": guarantee,
+                                  "checkpoint_interval_seconds": 0.2, "session_timeout_seconds": 6})
 
 
 @pytest.fixture(params=["at-least-once", "exactly-once"])

@@ -16,14 +16,12 @@ from pathlib import Path
 import orjson
 import pytest
 import requests
-import yaml
 
-from ingest.config import load_config
 from ingest.sandbox.kafka import LocalKafka
 from ingest.sandbox.server import Sandbox
-from ingest.sandbox.worker_config import write_worker_config
 from ingest.worker.runtime import Worker
 from tests.integration.webhook.receiver import Receiver, notification, running_receiver
+from tests.integration.webhook.workers import webhook_worker
 from tests.support.harness import TopicReader
 from tests.support.waiting import free_port, wait_for
 
@@ -105,18 +103,11 @@ def worker_on_broker(request: pytest.FixtureRequest, broker: LocalKafka, unique_
     """A `transport: webhook` worker on its own broker: (worker, delivery address, verification token)."""
     with Sandbox() as sandbox:
         account = sandbox.accounts[0]
-        path = write_worker_config(tmp_path, sandbox.describe(), broker.bootstrap_servers, unique_name,
-                                   {account.name: [("presence", ["/restapi/v1.0/account/~/extension/~/presence"])]},
-                                   partitions=2, worker={"checkpoint_interval_seconds": 0.2,
-                                                         "delivery_guarantee": request.param})
-        raw = yaml.safe_load(path.read_text())
-        port = free_port()
-        raw["transport"] = "webhook"
-        raw["webhook"] = {"public_url": f"http://127.0.0.1:{port}", "host": "127.0.0.1", "port": port,
-                          "answer_timeout_seconds": ANSWER_TIMEOUT, "retry_after_seconds": 3}
-        raw["kafka"]["reconnect.backoff.max.ms"] = 1000
-        path.write_text(yaml.safe_dump(raw))
-        worker = Worker(load_config(path))
+        worker = webhook_worker(tmp_path, sandbox, broker.bootstrap_servers, unique_name,
+                                {account.name: [("presence", ["/restapi/v1.0/account/~/extension/~/presence"])]},
+                                port=free_port(), kafka={"reconnect.backoff.max.ms": 1000},
+                                worker={"checkpoint_interval_seconds": 0.2, "delivery_guarantee": request.param},
+                                webhook={"answer_timeout_seconds": ANSWER_TIMEOUT, "retry_after_seconds": 3})
         worker.start()
         try:
             wait_for(lambda: worker.subscriptions_serving() == 1, 90, "the WebHook subscription served")

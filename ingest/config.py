@@ -539,12 +539,6 @@ class _Validator:
             transport=transport,
             webhook=self.webhook(top.get("webhook"), metrics) if transport == "webhook" else None,
         )
-        if config.webhook is not None and config.worker.coordination == "group":
-            # A Service spreads deliveries over every pod; only the owner of a spec knows its token
-            # until the pods' tables follow the state topic (docs/scaling.md): the others would
-            # answer 403, and RingCentral blacklists an address that keeps failing.
-            raise self.fail("worker.coordination", "group is not supported with transport: webhook yet "
-                                                   "(run one standalone worker; docs/scaling.md)")
         if config.worker.delivery_guarantee == "at-least-once":
             self.no_message_timeout(config.kafka)
         websocket = [i for i, account in enumerate(config.accounts) if account.transport == "websocket"]

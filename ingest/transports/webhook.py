@@ -85,6 +85,7 @@ class SubscriptionTable:
         self._by_id: dict[str, tuple[WebhookSubscription, bytes]] = {}
         self._by_spec: dict[str, str] = {}  # spec id -> its current subscription id
         self._lock = threading.Lock()
+        self.removed: Callable[[str], None] = lambda subscription_id: None  # told each id removed
 
     def put(self, subscription: WebhookSubscription) -> None:
         register_secret(subscription.verification_token)
@@ -95,6 +96,7 @@ class SubscriptionTable:
     def remove(self, subscription_id: str) -> None:
         with self._lock:
             self._by_id = {k: v for k, v in self._by_id.items() if k != subscription_id}
+        self.removed(subscription_id)
 
     def apply(self, spec_id: str, delivery: Delivery | None) -> None:
         """The control plane's word for a spec (`SubscriptionManager.on_delivery`): its current WebHook
@@ -393,7 +395,8 @@ class WebhookTransport:
     is handed on as one `Received` (payload: the body's bytes, position its receive time) by one intake
     thread, in arrival order, and held until the worker calls `acknowledged` past its position
     (durable in Kafka with its checkpoint; exactly-once: committed): 200. 503 when the deadline passes
-    first, when the channel is not read here (yet), when Kafka is unreachable or the intake queue full,
+    first, when the channel is not read here (yet; in a group, a channel of a spec another worker
+    owns is read here from its first delivery: `read_foreign`), when Kafka is unreachable or the intake queue full,
     or when the channel is rewound or removed meanwhile (the sender retries: nothing to replay here).
     A retry of a notification (channel, `uuid`) within the de-duplication window is not handed on
     again: it waits for the first copy's acknowledgement."""
@@ -406,10 +409,14 @@ class WebhookTransport:
         self._kafka_reachable = kafka_reachable
         self._settings = settings
         self._streams: dict[str, _Stream] = {}
-        self._recent: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        # (channel, uuid) -> (position, the stream and its epoch when handed on, expiry (monotonic))
+        self._recent: OrderedDict[tuple[str, str], tuple[int, _Stream, int, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._intake: queue.Queue[tuple[Received, float] | None] = queue.Queue(settings.max_queued_records)
         self._intake_thread: threading.Thread | None = None
+        # Group mode: read the channel of a spec another worker owns when a delivery for it arrives here
+        # (the table knows every pod's subscriptions); None: only this worker's channels are read.
+        self.read_foreign: Callable[[WebhookSubscription], None] | None = None
         app = WebhookApp(path=settings.path, table=self.table, handler=self._deliver, metrics=metrics,
                          max_body_bytes=settings.max_body_bytes, answer_timeout=settings.answer_timeout_seconds,
                          retry_after=settings.retry_after_seconds)
@@ -473,11 +480,14 @@ class WebhookTransport:
     def _deliver(self, delivery: WebhookDelivery, deadline: float) -> bool:
         channel = delivery.subscription.subscription_id
         stream = self._streams.get(channel)
+        if stream is None and self.read_foreign is not None:
+            self.read_foreign(delivery.subscription)
+            stream = self._streams.get(channel)
         if stream is None or not self._kafka_reachable():
             return False  # not read here (starting, handed over) or Kafka down: come back later
         key = (channel, delivery.uuid) if delivery.uuid else None
         with stream.cond:
-            seen = self._seen(key)
+            seen = self._seen(key, stream)
             if seen is not None:  # RingCentral sent it again: wait for the first copy, do not hand it on twice
                 self._metrics.notifications_duplicate.inc()
                 position, epoch = seen, stream.epoch
@@ -488,7 +498,7 @@ class WebhookTransport:
                     self._intake.put_nowait((received, delivery.received_at))
                 except queue.Full:
                     return False
-                self._remember(key, position)
+                self._remember(key, position, stream, epoch)
             while stream.acked < position:
                 left = deadline - time.monotonic()
                 if left <= 0 or stream.removed or stream.epoch != epoch:
@@ -496,21 +506,28 @@ class WebhookTransport:
                 stream.cond.wait(left)
         return True
 
-    def _seen(self, key: tuple[str, str] | None) -> int | None:
+    def _seen(self, key: tuple[str, str] | None, stream: _Stream) -> int | None:
+        """The position of the first copy, if it was handed on in the stream's current epoch. A copy
+        handed on before a rewind (exactly-once: its transaction aborted) or to a stream since removed
+        is not in Kafka, or not known to be: the retry is handed on again. Waiting for the stream's
+        acknowledgement past the old position answered it 200 with nothing stored."""
         if key is None:
             return None
         with self._lock:
             now = time.monotonic()
             recent = self._recent
-            while recent and next(iter(recent.values()))[1] <= now:
+            while recent and next(iter(recent.values()))[3] <= now:
                 recent.popitem(last=False)
             seen = recent.get(key)
-        return None if seen is None else seen[0]
+        if seen is None or seen[1] is not stream or seen[2] != stream.epoch:
+            return None
+        return seen[0]
 
-    def _remember(self, key: tuple[str, str] | None, position: int) -> None:
+    def _remember(self, key: tuple[str, str] | None, position: int, stream: _Stream, epoch: int) -> None:
         if key is not None:
             with self._lock:
-                self._recent[key] = (position, time.monotonic() + self._settings.dedup_window_seconds)
+                self._recent[key] = (position, stream, epoch, time.monotonic() + self._settings.dedup_window_seconds)
+                self._recent.move_to_end(key)  # kept in expiry order (a retry after a rewind is remembered anew)
 
     def _hand_on(self) -> None:
         """One thread hands requests on in arrival order, a batch of whatever has queued meanwhile."""

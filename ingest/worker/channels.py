@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prometheus_client import Gauge
+
 from ingest.config import WorkerConfig
 from ingest.coordination.keywrap import KeyWrapper, UnwrapError
 from ingest.coordination.state import RecordedChannel, SpecState
@@ -33,6 +35,9 @@ log = get_logger(__name__)
 # more for it, everything read is checkpointed, and neither has moved for this long (and at least two checkpoint
 # intervals, so that an exactly-once checkpoint is committed).
 DRAIN_QUIET_SECONDS = 5.0
+# A foreign channel's spec is the owner's to report (its last-notification age feeds an alert): what is
+# received here for it goes to a gauge no registry exports.
+_FOREIGN_SPEC_METRICS = SpecMetrics(Gauge("ingest_foreign_last_notification", "not exported", registry=None))
 
 
 @dataclass(eq=False)  # hashed by identity: the hot path collects the routes a batch touched
@@ -89,10 +94,18 @@ class SpecChannels:
         # (spec id, subscription id) -> the window last reported as a gap for it
         self._gaps_reported: dict[tuple[str, str], tuple[float, float]] = {}
         self.last_state: dict[str, float] = {}  # spec id -> when its state record was last written (monotonic)
+        # WebHook in a group: channel (subscription id) -> the progress of deliveries received here for a
+        # spec another worker owns. Produced like the owner's, acknowledged once in Kafka (exactly-once:
+        # committed), but never checkpointed here: the owner's state record is the spec's.
+        self.foreign: dict[str, SpecProgress] = {}
 
     def progress_snapshot(self) -> list[tuple[str, SpecProgress]]:
         with self.lock:  # control-plane callbacks add and drop specs concurrently
             return list(self.progress.items())
+
+    def foreign_snapshot(self) -> list[tuple[str, SpecProgress]]:
+        with self.lock:
+            return list(self.foreign.items())
 
     def serving(self, active: set[str]) -> int:
         """How many of these active specs have their current channel read by the transport."""
@@ -105,6 +118,8 @@ class SpecChannels:
     def deliver(self, spec_id: str, delivery: Delivery) -> None:
         """Read the spec's (new) channel; a former one is drained, a restored checkpoint resumed."""
         with self.lock:
+            if delivery.channel in self.foreign:  # now ours (a handover): read with the spec's own progress
+                self.forget_foreign(delivery.channel)
             previous = self.deliveries.get(spec_id)
             self.deliveries[spec_id] = delivery
             previous_key = self.wrapped_keys.get(spec_id)
@@ -219,6 +234,30 @@ class SpecChannels:
                 self.transport.remove_channel(previous.channel)
                 self.routes.pop(previous.channel, None)
         self.metrics.forget_spec(spec_id)
+
+    # ---- WebHook in a group: deliveries of specs another worker owns ---------------------------
+
+    def read_foreign(self, spec_id: str, account_id: str, channel: str) -> None:
+        """Produce what arrives on `channel` (a subscription of a spec this worker does not own: a
+        Service hands any pod any delivery) with a progress of its own, which writes no state record."""
+        with self.lock:
+            if channel in self.routes:
+                return  # ours, or already read as foreign
+            delivery = Delivery(spec_id, account_id, channel, "", channel, None, 0.0, transport="WebHook")
+            progress = self.foreign[channel] = SpecProgress(spec_id)
+            self.routes[channel] = Route(ChannelContext.from_delivery(delivery), progress, _FOREIGN_SPEC_METRICS)
+            self.transport.add_channel("", channel)
+        log.info("webhook.foreign_channel", spec=spec_id, subscription_id=channel)
+
+    def forget_foreign(self, channel: str) -> None:
+        """Stop reading a foreign channel (its subscription is gone, or its spec became ours); requests
+        still held on it are answered 503, and the sender retries them."""
+        with self.lock:
+            progress = self.foreign.pop(channel, None)
+            if progress is None:
+                return
+            self.routes.pop(channel, None)
+            self.transport.remove_channel(channel)
 
     # ---- gaps: windows whose notifications may be missing -------------------------------------
 

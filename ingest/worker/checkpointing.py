@@ -185,6 +185,7 @@ class StateTopicCheckpoints(Checkpoints):
         return progress.acked_tt
 
     def on_interval(self) -> None:
+        self._acknowledge_foreign()
         now = time.monotonic()
         due = [spec_id for spec_id, progress in self.channels.progress_snapshot()
                if self.state_due(spec_id, progress.acked_tt, progress, now)]
@@ -194,6 +195,14 @@ class StateTopicCheckpoints(Checkpoints):
                 # The producer's queue is full: these stay due (their checkpoints did not move).
                 self.metrics.checkpoints_deferred.inc(len(due) - written)
                 return
+
+    def _acknowledge_foreign(self) -> None:
+        """Deliveries of specs another worker owns are answered once Kafka has them (no state record:
+        the owner's is the spec's)."""
+        for channel, progress in self.channels.foreign_snapshot():
+            if progress.acked_tt > progress.checkpointed_tt:
+                progress.checkpointed_tt = progress.acked_tt
+                self.transport.acknowledged(channel, progress.acked_tt)
 
     def on_group_tick(self, consumer: Consumer) -> None:
         """Nothing: state records are written on the checkpoint thread in a group too."""
@@ -319,6 +328,10 @@ class TransactionalCheckpoints(Checkpoints):
                         return
                     committed_before[spec_id] = before
             written, self._written = self._written, {}
+            # Deliveries of specs another worker owns: answered once this transaction commits (no state
+            # record: the owner's is the spec's; an abort rewinds them all, `_rewind`).
+            written.update((channel, progress.produced_tt) for channel, progress in self.channels.foreign_snapshot()
+                           if progress.produced_tt)
             self._end_transaction(lambda: sink.commit(consumer, keep_waiting), committed_before, written)
 
     def _finish_transaction(self, keep_waiting: KeepWaiting) -> bool:
@@ -386,6 +399,8 @@ class TransactionalCheckpoints(Checkpoints):
             for spec_id, drains in channels.drains.items():
                 for channel, drain in drains.items():
                     self._rewind_drain(spec_id, channel, drain, rewound, committed_before)
+            for channel in channels.foreign:  # what is held there is answered 503: the sender retries it
+                self.transport.rewind(channel, None)
         log.warning("worker.rewound", specs=len(channels.progress))
 
     def _rewind_drain(self, spec_id: str, channel: str, drain: Drain, rewound: set[str],

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ingest.config import Config
+from ingest.coordination.keywrap import KeyWrapper
 from ingest.model import Delivery
 from ingest.observability.metrics import Metrics
 from ingest.transports.base import BatchHandler, Received, Transport
 from ingest.transports.pubnub import PubNubTransport, TransportSettings
-from ingest.transports.webhook import WebhookTransport
+from ingest.transports.webhook import StateTableFeed, WebhookTransport
 from ingest.transports.websocket import Gap, WebSocketTransport, WithWebSocket
 from ingest.worker.channels import SpecChannels
 
@@ -30,8 +31,9 @@ def _labelled(handler: LabelledHandler, name: str) -> BatchHandler:
 
 class Intake:
     def __init__(self, config: Config, handler: LabelledHandler, metrics: Metrics, *,
-                 kafka_reachable: Callable[[], bool]) -> None:
+                 kafka_reachable: Callable[[], bool], state_topic: str) -> None:
         w, rc = config.worker, config.ringcentral
+        self._group = w.coordination == "group"
         self.pubnub = PubNubTransport(
             TransportSettings(user_id=w.id, origin=rc.pubnub_origin, ssl=rc.pubnub_ssl,
                               channels_per_connection=w.channels_per_connection,
@@ -42,6 +44,9 @@ class Intake:
         # `webhook:` configured: RingCentral POSTs every account's notifications to the receiver.
         self.webhook = None if config.webhook is None else WebhookTransport(
             config.webhook, _labelled(handler, "webhook"), metrics, kafka_reachable=kafka_reachable)
+        # In a group every pod checks any delivery against the tokens the owners record in the state topic.
+        self.feed = None if self.webhook is None or not self._group else StateTableFeed(
+            config.kafka, state_topic, self.webhook.table, KeyWrapper(rc.client_secret))
         self.transport: Transport = self.webhook or (
             self.pubnub if self.websocket is None else WithWebSocket(self.pubnub, self.websocket))
         self._channels: SpecChannels | None = None
@@ -53,6 +58,18 @@ class Intake:
         self.pubnub.on_replay_gap = channels.on_replay_gap
         if self.websocket is not None:
             self.websocket.recorded_sessions = self._recorded_session
+        if self.webhook is not None and self._group:  # a Service hands any pod any delivery
+            self.webhook.read_foreign = lambda s: channels.read_foreign(s.spec_id, s.account_id, s.subscription_id)
+            self.webhook.table.removed = channels.forget_foreign
+
+    def load(self, until_kafka_answers: Callable[[str, Callable[[], None]], None]) -> None:
+        """Before the transport starts: load the WebHook table from the state topic (group mode)."""
+        if self.feed is not None:
+            until_kafka_answers("load the WebHook subscription table", self.feed.start)
+
+    def stop(self) -> None:
+        if self.feed is not None:
+            self.feed.stop()
 
     def on_delivery(self, spec_id: str, delivery: Delivery | None) -> None:
         if self.webhook is not None:  # the receiver checks deliveries against the current token
@@ -61,6 +78,8 @@ class Intake:
     def not_ready(self) -> str | None:
         if self.webhook is not None and not self.webhook.server.listening():
             return "webhook receiver not listening"
+        if self.feed is not None and not self.feed.ready():
+            return "webhook subscription table not loaded"
         return None
 
     def _on_websocket_gap(self, channel: str, gap: Gap) -> None:

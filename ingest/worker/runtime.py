@@ -65,7 +65,8 @@ class Worker:
         self.topics = TopicNames(config.topics.prefix, config.topics.routing, catalogue)
         self.pipeline = Pipeline(catalogue, self.topics)
         self.kafka = KafkaReachability(self.metrics)
-        self.intake = Intake(config, self._on_notifications, self.metrics, kafka_reachable=lambda: self.kafka.ok)
+        self.intake = Intake(config, self._on_notifications, self.metrics, kafka_reachable=lambda: self.kafka.ok,
+                             state_topic=self.topics.state)
         self.channels = SpecChannels(w, self.metrics, self.intake.transport,
                                      KeyWrapper(config.ringcentral.client_secret), threading.RLock())
         self.intake.attach(self.channels)
@@ -109,6 +110,7 @@ class Worker:
         self.kafka.until_answers("create topics", self._ensure_topics, self._stop)
         self.kafka.report(True, quiet=True)
         self.kafka.until_answers("start the producer", self.sink.start, self._stop)
+        self.intake.load(lambda what, step: self.kafka.until_answers(what, step, self._stop))
         self.channels.transport.start()
         self.manager = self.channels.manager = SubscriptionManager(
             accounts=build_sessions(cfg, self.metrics, websocket=self.intake.websocket), metrics=self.metrics,
@@ -145,6 +147,7 @@ class Worker:
         delete = cfg.delete_subscriptions_on_shutdown if delete_subscriptions is None else delete_subscriptions
         log.info("worker.stopping", delete_subscriptions=delete)
         self.channels.transport.stop()
+        self.intake.stop()
         self.ownership.stop()
         self._stop.set()
         for thread in self._threads:

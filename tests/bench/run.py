@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import failover, report, subscriptions, throughput, websocket
+from tests.bench import failover, report, subscriptions, throughput, webhook, websocket
 from tests.bench.common import machine, versions
 
-SCENARIOS = ("throughput", "subscriptions", "failover", "websocket")
+SCENARIOS = ("throughput", "subscriptions", "failover", "websocket", "webhook")
 
 
 def _guarded(scenario: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] run {i + 1}/{args.runs}: websocket", file=sys.stderr, flush=True)
                 result["websocket"] = _guarded(lambda: websocket.run(
                     bootstrap, workdir, users=20 if args.quick else 100, seconds=10.0 if args.quick else 30.0))
+            if "webhook" in chosen:  # WebHook receiver: 200 after the Kafka ack vs before (tests/bench/webhook.py)
+                print(f"[bench] run {i + 1}/{args.runs}: webhook", file=sys.stderr, flush=True)
+                result["webhook"] = _guarded(lambda: webhook.run(bootstrap))
             (args.out / f"run-{i + 1}.json").write_text(json.dumps(result, indent=1, default=str))
             runs.append(result)
     finally:

@@ -698,3 +698,81 @@ def test_packaged_chart_renders_the_same(helm: str, all_text: str, tmp_path: Pat
     listing = subprocess.run(["tar", "tzf", str(archive)], capture_output=True, text=True, check=True).stdout.split()
     assert "ingest/files/prometheus-rules.yaml" in listing and "ingest/files/grafana-dashboard.json" in listing
     assert not [name for name in listing if name.endswith(".test.yaml")]
+
+
+# --------------------------------------------------------------------------------------------------
+# WebHook ingress (webhook.enabled): a Service and an optional Ingress in front of the receiver
+
+VALUES_WEBHOOK = REPO / "tests" / "integration" / "helm" / "values-webhook.yaml"
+
+
+@pytest.fixture(scope="session")
+def webhook_text(helm: str) -> str:
+    return template(helm, "-f", str(VALUES_WEBHOOK))
+
+
+def test_webhook_chart_lints_and_validates_strictly(helm: str, webhook_text: str, tmp_path: Path) -> None:
+    lint = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(VALUES_WEBHOOK), check=False)
+    assert lint.returncode == 0 and "[WARNING]" not in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    rendered = tmp_path / "webhook.yaml"
+    rendered.write_text(webhook_text, encoding="utf-8")
+    proc = subprocess.run([_find_kubernetes_validate(), "--strict", "-k", K8S_VERSIONS[-1], str(rendered)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "ERROR" not in out, out
+    assert len(re.findall(r"passed for resource (\S+) against version", out)) == len(docs_of(webhook_text)), out
+
+
+def test_webhook_service_and_ingress_reach_the_receiver_of_ready_pods(webhook_text: str) -> None:
+    docs = docs_of(webhook_text)
+    ports = {p["name"]: p["containerPort"] for p in container(docs)["ports"]}
+    assert ports == {"metrics": 9095, "webhook": 8443}
+    # A Service sends only to ready pods; /readyz fails while the receiver is not listening or its
+    # subscription table is not loaded (tests/integration/webhook/test_worker.py::test_readiness_covers_the_receiver).
+    assert container(docs)["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    service = one(docs, "Service", "ingest-webhook")
+    assert service["spec"]["selector"].items() <= one(docs, "Deployment")["spec"]["template"]["metadata"][
+        "labels"].items()
+    assert service["spec"]["ports"] == [{"name": "webhook", "port": 8080, "targetPort": "webhook", "protocol": "TCP"}]
+    assert service["metadata"]["annotations"] == {"example.com/owner": "platform"}
+    ingress = one(docs, "Ingress", "ingest-webhook")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["hooks.example.com"], "secretName": "hooks-example-com-tls"}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "hooks.example.com"
+    assert rule["http"]["paths"] == [{"path": "/rc/ringcentral/webhook", "pathType": "Exact", "backend": {
+        "service": {"name": "ingest-webhook", "port": {"name": "webhook"}}}}]
+
+
+def test_webhook_rendered_config_loads_and_listens_where_the_service_points(webhook_text: str,
+                                                                           tmp_path: Path) -> None:
+    docs = docs_of(webhook_text)
+    secret_data = {("ingest-ringcentral", "client_secret"): "s3cret", ("ingest-account-acme", "jwt"): "jwt-acme"}
+    config_path, env = materialize_pod(docs, tmp_path, secret_data)
+    cfg = load_config(config_path, environ=env)
+    assert cfg.transport == "webhook" and cfg.worker.coordination == "group"
+    assert cfg.webhook is not None
+    # RingCentral POSTs to the public URL; the pod sees the same path (the Ingress does not rewrite it).
+    assert cfg.webhook.address == "https://hooks.example.com/rc/ringcentral/webhook"
+    assert (cfg.webhook.host, cfg.webhook.port, cfg.webhook.path) == ("0.0.0.0", 8443, "/rc/ringcentral/webhook")
+    assert cfg.webhook.answer_timeout_seconds == 1.5  # config.webhook passes through
+
+
+def test_webhook_values_are_checked_at_render_time(helm: str) -> None:
+    cases = {
+        ("--set", "webhook.enabled=true"): 'webhook.publicUrl: an https URL is required with webhook.enabled',
+        ("--set", "webhook.enabled=true,webhook.publicUrl=https://h.example,webhook.port=9095"):
+            "webhook.port: must differ from metrics.port (9095)",
+        ("--set", "webhook.port=http"): "at '/webhook/port'",
+        ("--set", "webhook.publicUrl=http://h.example"): "at '/webhook/publicUrl'",
+        ("--set", "webhook.ingress.host=h.example"): "additional properties 'host' not allowed",
+    }
+    for args, message in cases.items():
+        proc = run_helm(helm, "template", RELEASE, str(CHART), *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+
+
+def test_webhook_objects_only_when_enabled(default_docs: list[Doc]) -> None:
+    assert [s["metadata"]["name"] for s in default_docs if s["kind"] == "Service"] == ["ingest-metrics"]
+    assert "transport" not in worker_config(default_docs) and "webhook" not in worker_config(default_docs)
+    assert [p["name"] for p in container(default_docs)["ports"]] == ["metrics"]

@@ -22,6 +22,11 @@ def test_webhook_defaults_and_address(tmp_path: Path) -> None:
     assert (cfg.webhook.host, cfg.webhook.port, cfg.webhook.answer_timeout_seconds) == ("0.0.0.0", 8080, 2.0)
 
 
+def test_webhook_workers_may_share_their_specs_in_a_group(tmp_path: Path) -> None:
+    cfg = load(tmp_path, WEBHOOK + "worker:\n  coordination: group\n")  # any pod receives any delivery
+    assert (cfg.transport, cfg.worker.coordination) == ("webhook", "group")
+
+
 def test_pubnub_stays_the_default(tmp_path: Path) -> None:
     cfg = load(tmp_path)
     assert cfg.transport == "pubnub" and cfg.webhook is None
@@ -48,8 +53,6 @@ def test_webhook_subscriptions_may_live_longer_than_pubnub_ones(tmp_path: Path) 
      "webhook.answer_timeout_seconds: must be at most 2.5"),
     ("transport: webhook\nwebhook:\n  public_url: https://x.example\n  verification_token: abc\n",
      "webhook.verification_token: unknown key"),
-    ("transport: webhook\nwebhook:\n  public_url: https://x.example\nworker:\n  coordination: group\n",
-     "worker.coordination: group is not supported with transport: webhook yet"),
     ("transport: webhook\nwebhook:\n  public_url: https://x.example\n",
      "accounts[0].transport: websocket cannot be used with transport: webhook"),
 ])

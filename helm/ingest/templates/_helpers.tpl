@@ -115,6 +115,20 @@ so that any librdkafka property stays overridable.
 {{- $_ := set $metrics "host" "0.0.0.0" -}}
 {{- $_ := set $metrics "port" (int .Values.metrics.port) -}}
 {{- $_ := set $cfg "metrics" $metrics -}}
+{{- /* WebHook: the receiver listens where the container port and the Service point */ -}}
+{{- if .Values.webhook.enabled -}}
+{{- $webhook := default dict $cfg.webhook -}}
+{{- /* The pod sees the whole URL path (no rewrite in the Ingress): a path in publicUrl moves into `path` */ -}}
+{{- $url := urlParse .Values.webhook.publicUrl -}}
+{{- $_ := set $webhook "public_url" (printf "%s://%s" $url.scheme $url.host) -}}
+{{- $_ := set $webhook "path" (include "ingest.webhookPath" .) -}}
+{{- $_ := set $webhook "host" "0.0.0.0" -}}
+{{- $_ := set $webhook "port" (int .Values.webhook.port) -}}
+{{- $_ := set $cfg "webhook" $webhook -}}
+{{- $_ := set $cfg "transport" "webhook" -}}
+{{- else -}}
+{{- $_ := unset $cfg "webhook" -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end }}
 
@@ -144,7 +158,20 @@ so that any librdkafka property stays overridable.
 {{- if and (ne $coordination "group") (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) -}}
 {{- fail "config.worker.coordination must be \"group\" with more than one pod (replicaCount > 1 or autoscaling): standalone pods would each own every spec" -}}
 {{- end -}}
+{{- if .Values.webhook.enabled -}}
+{{- if not (hasPrefix "https://" .Values.webhook.publicUrl) -}}
+{{- fail (printf "webhook.publicUrl: an https URL is required with webhook.enabled (RingCentral POSTs only to https), got %q" .Values.webhook.publicUrl) -}}
+{{- end -}}
+{{- if eq (int .Values.webhook.port) (int .Values.metrics.port) -}}
+{{- fail (printf "webhook.port: must differ from metrics.port (%d)" (int .Values.metrics.port)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes through the Service" -}}
 {{- end -}}
+{{- end }}
+
+{{/* The URL path of the deliveries: the path part of `webhook.publicUrl`, then `webhook.path`. */}}
+{{- define "ingest.webhookPath" -}}
+{{- printf "%s%s" (trimSuffix "/" (urlParse .Values.webhook.publicUrl).path) .Values.webhook.path }}
 {{- end }}

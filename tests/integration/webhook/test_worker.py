@@ -4,31 +4,22 @@ record is in Kafka with its checkpoint."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from ingest.config import load_config
 from ingest.coordination.keywrap import KeyWrapper
 from ingest.coordination.state import restore
 from ingest.sandbox.server import Sandbox, SandboxSettings
-from ingest.sandbox.worker_config import write_worker_config
 from ingest.topology import TopicNames
 from ingest.worker.runtime import Worker
+from tests.integration.webhook.workers import webhook_worker
 from tests.support.harness import TopicReader
-from tests.support.waiting import wait_for
+from tests.support.waiting import free_port, wait_for
 
 FILTERS = ["/restapi/v1.0/account/~/extension/~/message-store", "/restapi/v1.0/account/~/extension/~/presence"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -40,15 +31,9 @@ def sandbox() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def worker(sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> Iterator[Worker]:
-    path = write_worker_config(tmp_path, sandbox.describe(), kafka_bootstrap, unique_name,
-                               {a.name: [("events", FILTERS)] for a in sandbox.accounts[:2]}, partitions=2,
-                               worker={"checkpoint_interval_seconds": 0.2})
-    raw = yaml.safe_load(path.read_text())
-    port = _free_port()
-    raw["transport"] = "webhook"
-    raw["webhook"] = {"public_url": f"http://127.0.0.1:{port}", "host": "127.0.0.1", "port": port}
-    path.write_text(yaml.safe_dump(raw))
-    w = Worker(load_config(path))
+    w = webhook_worker(tmp_path, sandbox, kafka_bootstrap, unique_name,
+                       {a.name: [("events", FILTERS)] for a in sandbox.accounts[:2]}, port=free_port(),
+                       worker={"checkpoint_interval_seconds": 0.2})
     w.start()
     try:
         wait_for(lambda: w.subscriptions_serving() == 2, 90, "both WebHook subscriptions served")
@@ -117,3 +102,31 @@ def test_a_notification_posted_again_is_answered_200_and_not_stored_twice(
     finally:
         reader.close()
     assert [r.value for r in records] == [first.plaintext]
+
+
+def test_renewal_reminders_delivered_by_webhook_are_stored_like_any_event(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """RingCentral's reminder filter (`/restapi/v1.0/subscription/~?threshold=S&interval=S`, body
+    `{"expiresIn": N}`) is an event filter like the others: a spec that asks for it gets its reminders
+    in the `subscription-reminder` topic. Renewal does not wait for them (the control plane renews on
+    its own schedule, `worker.renewal_margin_seconds` before the expiry)."""
+    reminder = "/restapi/v1.0/subscription/~?threshold=120&interval=60"
+    account = sandbox.accounts[0]
+    w = webhook_worker(tmp_path, sandbox, kafka_bootstrap, unique_name, {account.name: [("reminders", [reminder])]},
+                       port=free_port(), worker={"checkpoint_interval_seconds": 0.2})
+    w.start()
+    try:
+        wait_for(lambda: w.subscriptions_serving() == 1, 90, "the WebHook subscription served")
+        generated = sandbox.generator.publish(3, kinds=["subscription-reminder"])
+        assert len(generated) == 3
+        wait_for(sandbox.rc.webhooks.idle, 60, "every reminder answered")
+        assert all(a.delivered for a in sandbox.rc.webhooks.attempted)
+        reader = TopicReader(kafka_bootstrap, unique_name)
+        try:
+            records = reader.poll_until(lambda rs: len(rs) >= 3, 60)
+        finally:
+            reader.close()
+    finally:
+        w.stop(delete_subscriptions=True)
+    assert {r.topic for r in records} == {TopicNames(unique_name).for_family("subscription-reminder")}
+    assert sorted(r.value for r in records) == sorted(g.plaintext for g in generated)

@@ -103,6 +103,7 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restart_at: float | None = None  # set while it waits to be started again
+    answered: bool = False  # its health port has answered since it was (last) started
     ends: deque[float] = field(default_factory=deque)  # when it ended, within the restart window
 
     @property
@@ -205,6 +206,7 @@ class Supervisor:
         child.proc = subprocess.Popen(command, env=env)  # its output is the pod's (stdout, stderr)
         child.started_at = time.monotonic()
         child.restart_at = None
+        child.answered = False
         log.info("supervisor.worker_started", child=child.worker_id, pid=child.proc.pid, port=child.port)
 
     def _tend(self) -> int | None:
@@ -280,9 +282,13 @@ class Supervisor:
             try:
                 status, body = _get(child.port, "/healthz")
             except OSError:
-                if time.monotonic() - child.started_at > STARTUP_GRACE_SECONDS:
+                # Not yet listening while it starts; silent once it has answered (hung, or paused);
+                # or it has just ended (the supervising loop has not seen it yet).
+                ended = child.proc is not None and child.proc.poll() is not None
+                if not ended and (child.answered or time.monotonic() - child.started_at > STARTUP_GRACE_SECONDS):
                     problems.append(f"{child.worker_id}: its health port does not answer")
                 continue
+            child.answered = True
             if status != 200:
                 problems.append(f"{child.worker_id}: {_reason(body)}")
         return (False, "; ".join(problems)) if problems else (True, "ok")

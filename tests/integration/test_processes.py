@@ -82,6 +82,12 @@ def _sharing(pod: WorkerProcess) -> bool:
     return sorted(owned) == list(CHILDREN) and all(owned.values()) and sum(owned.values()) == SPECS and pod.ready()
 
 
+def _probe(pod: WorkerProcess, path: str) -> str | None:
+    """The reason a probe (/healthz, /readyz) of the pod fails, None when it passes."""
+    answer = json.loads(pod.get(path))
+    return None if answer["status"] == "ok" else str(answer["reason"])
+
+
 def _child_pids(pod: WorkerProcess) -> dict[str, list[int]]:
     """Each child's pids, in the order the parent started them."""
     pids: dict[str, list[int]] = {}
@@ -110,9 +116,23 @@ def test_two_processes_share_the_specs_survive_a_killed_one_and_stop_on_sigterm(
             sandbox.generator.start(50)
             wait_for(lambda: sandbox.generator.count() > 50, 30, what="traffic")
 
-            # A child killed outright: the parent starts it again under the same worker id.
+            # A child that stops answering (paused) fails the pod's liveness; resumed, it passes again.
+            paused = _child_pids(pod)["pod-0"][0]
+            os.kill(paused, signal.SIGSTOP)
+            try:
+                failing = wait_for(lambda: _probe(pod, "/healthz"), 30, interval=0.2, what="liveness failing")
+                assert failing == "pod-0: its health port does not answer"
+            finally:
+                os.kill(paused, signal.SIGCONT)
+            wait_for(lambda: _probe(pod, "/healthz") is None, 30, interval=0.2, what="liveness passing again")
+
+            # A child killed outright: the pod is not ready meanwhile, and the parent starts it again
+            # under the same worker id.
             victim = _child_pids(pod)["pod-1"][0]
             os.kill(victim, signal.SIGKILL)
+            reason = wait_for(lambda: _probe(pod, "/readyz"), 30, interval=0.1, what="the pod not ready")
+            assert reason.startswith("pod-1: "), reason
+            assert _probe(pod, "/healthz") is None  # being started again: alive
             wait_for(lambda: len(_child_pids(pod).get("pod-1", [])) == 2, 30, what="the killed child started again")
             assert pod.metric("ingest_worker_process_restarts_total") == 1
             wait_for(lambda: _sharing(pod), 120, interval=0.5, what="both processes sharing the specs again")

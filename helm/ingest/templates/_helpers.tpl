@@ -144,6 +144,9 @@ so that any librdkafka property stays overridable.
 {{- if and (ne $coordination "group") (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) -}}
 {{- fail "config.worker.coordination must be \"group\" with more than one pod (replicaCount > 1 or autoscaling): standalone pods would each own every spec" -}}
 {{- end -}}
+{{- if and (ne $coordination "group") (gt (int .Values.processes) 1) -}}
+{{- fail "config.worker.coordination must be \"group\" with more than one process per pod (processes > 1): the processes share the specs through the group" -}}
+{{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes through the Service" -}}
 {{- end -}}

@@ -17,6 +17,7 @@ counts on the same machine in minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -32,7 +33,8 @@ import yaml
 from ingest.sandbox.server import SandboxSettings, demo_accounts
 from ingest.sandbox.worker_config import write_worker_config
 from tests.bench.common import SandboxProcess, machine
-from tests.support import WorkerProcess, free_port, samples, wait_for
+from tests.support import WorkerProcess, samples, wait_for
+from tests.support.waiting import free_ports
 
 SUBS_PER_ACCOUNT = 25
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -121,7 +123,7 @@ def measure(bootstrap: str, workdir: Path, sandbox: SandboxProcess, *, processes
     for account in config["accounts"]:
         account["subscriptions"] = []
     config["worker"]["id"] = "bench"
-    config["metrics"]["port"] = port = free_port()
+    config["metrics"]["port"] = port = free_ports(1 + processes)
     path.write_text(yaml.safe_dump(config))
     args = ["--processes", str(processes)] if processes > 1 else []
     pod = WorkerProcess(path, path.with_suffix(".log"), port=port, args=args).start()
@@ -166,8 +168,9 @@ def measure(bootstrap: str, workdir: Path, sandbox: SandboxProcess, *, processes
         out["max_sustained_rate"] = max(sustained, default=0)
         out["exit_status"] = pod.stop(timeout=60)
     finally:
-        sandbox.call("rate", 0, None)
-        pod.stop(timeout=60)
+        pod.stop(timeout=60)  # first: a sandbox that failed must not leave the worker running
+        with contextlib.suppress(OSError, EOFError, TimeoutError):
+            sandbox.call("rate", 0, None)
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from tests.support.metrics import total
-from tests.support.waiting import free_port, wait_for
+from tests.support.waiting import free_port, free_ports, wait_for
 
 
 class WorkerProcess:
@@ -39,7 +39,8 @@ class WorkerProcess:
         """Write `<directory>/<name>.yaml`: the base config with this worker's id and a free metrics port."""
         config = json.loads(json.dumps(base_config))
         config["worker"]["id"] = name
-        config["metrics"]["port"] = port = free_port()
+        processes = int(args[list(args).index("--processes") + 1]) if "--processes" in args else 1
+        config["metrics"]["port"] = port = free_ports(1 + processes) if processes > 1 else free_port()
         config_path = directory / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config))
         return cls(config_path, directory / f"{name}.log", name=name, port=port, args=args)

@@ -98,11 +98,12 @@ def _child_pids(pod: WorkerProcess) -> dict[str, list[int]]:
 
 
 def _alive(pid: int) -> bool:
+    """Running (an ended orphan may stay a zombie until whoever adopted it reaps it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
         return False
-    return True
+    return state != "Z"
 
 
 def test_two_processes_share_the_specs_survive_a_killed_one_and_stop_on_sigterm(
@@ -157,6 +158,24 @@ def test_two_processes_share_the_specs_survive_a_killed_one_and_stop_on_sigterm(
     finally:
         reader.close()
         sandbox.generator.stop()
+
+
+def test_processes_stop_when_their_parent_is_killed(sandbox: Sandbox, kafka_bootstrap: str, unique_name: str,
+                                                   tmp_path: Path) -> None:
+    config = _group_config(tmp_path, sandbox, kafka_bootstrap, unique_name)
+    with _pod(tmp_path, config) as pod:
+        wait_for(lambda: len([line for line in pod.lines() if line.get("event") == "worker.started"]) == 2, 60,
+                 what="both processes started")
+        pids = [pid for child in _child_pids(pod).values() for pid in child]
+        assert pod.proc is not None
+        os.kill(pod.proc.pid, signal.SIGKILL)  # the parent only: nothing passes a signal on
+        pod.wait(10)
+        wait_for(lambda: not [pid for pid in pids if _alive(pid)], 60, what="the orphaned processes stopping")
+        lines = pod.lines()
+        assert sorted(str(line["worker"]) for line in lines if line.get("event") == "worker.parent_gone") == \
+            list(CHILDREN)
+        assert sorted(str(line["worker"]) for line in lines if line.get("event") == "worker.stopped") == \
+            list(CHILDREN)
 
 
 def test_several_processes_need_group_coordination(sandbox: Sandbox, kafka_bootstrap: str, unique_name: str,

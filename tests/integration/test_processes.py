@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -55,10 +56,10 @@ def _group_config(tmp_path: Path, sandbox: Sandbox, bootstrap: str, prefix: str)
 
 @contextlib.contextmanager
 def _pod(tmp_path: Path, config: dict[str, Any]) -> Iterator[WorkerProcess]:
-    """`ingest run --processes 2` as worker id "pod"; its whole session is killed at the end."""
+    """`ingest run --processes 2` as worker id "pod", not started yet; its whole session is killed at the end."""
     pod = WorkerProcess.in_group("pod", config, tmp_path, args=["--processes", "2"])
     try:
-        yield pod.start()
+        yield pod
     finally:
         pod.stop()
         if pod.proc is not None:
@@ -112,6 +113,7 @@ def test_two_processes_share_the_specs_survive_a_killed_one_and_stop_on_sigterm(
     reader = TopicReader(kafka_bootstrap, unique_name, isolation="read_uncommitted")
     try:
         with _pod(tmp_path, config) as pod:
+            pod.start()
             wait_for(lambda: _sharing(pod), 120, interval=0.5, what="two processes sharing the specs, ready")
             assert json.loads(pod.get("/healthz")) == {"status": "ok"}
             sandbox.generator.start(50)
@@ -164,6 +166,7 @@ def test_processes_stop_when_their_parent_is_killed(sandbox: Sandbox, kafka_boot
                                                    tmp_path: Path) -> None:
     config = _group_config(tmp_path, sandbox, kafka_bootstrap, unique_name)
     with _pod(tmp_path, config) as pod:
+        pod.start()
         wait_for(lambda: len([line for line in pod.lines() if line.get("event") == "worker.started"]) == 2, 60,
                  what="both processes started")
         pids = [pid for child in _child_pids(pod).values() for pid in child]
@@ -176,6 +179,22 @@ def test_processes_stop_when_their_parent_is_killed(sandbox: Sandbox, kafka_boot
             list(CHILDREN)
         assert sorted(str(line["worker"]) for line in lines if line.get("event") == "worker.stopped") == \
             list(CHILDREN)
+
+
+def test_a_process_with_a_bad_configuration_stops_the_pod_with_exit_2(
+        sandbox: Sandbox, kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    config = _group_config(tmp_path, sandbox, kafka_bootstrap, unique_name)
+    with _pod(tmp_path, config) as pod, socket.socket() as taken:
+        assert pod.port is not None
+        taken.bind(("127.0.0.1", pod.port + 2))  # process 1's port: it cannot listen, which no restart mends
+        taken.listen()
+        assert pod.start().wait(120) == 2
+        lines = pod.lines()
+        assert [line["child"] for line in lines if line.get("event") == "supervisor.worker_invalid_config"] == \
+            ["pod-1"]
+        assert f"metrics.port: cannot listen on 127.0.0.1:{pod.port + 2}" in pod.log_path.read_text()
+        assert not [line for line in lines if line.get("event") == "supervisor.worker_started"
+                    and line["child"] == "pod-1"][1:], "a configuration error is not restarted"
 
 
 def test_several_processes_need_group_coordination(sandbox: Sandbox, kafka_bootstrap: str, unique_name: str,

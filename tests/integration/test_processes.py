@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from ingest.sandbox.server import Sandbox, demo_accounts
+from tests.integration.test_alert_rules import find_promtool
 from tests.support import WorkerProcess, samples, wait_for
 from tests.support.harness import TopicReader, drain_and_compare, write_config
 
@@ -116,6 +117,10 @@ def test_two_processes_share_the_specs_survive_a_killed_one_and_stop_on_sigterm(
             pod.start()
             wait_for(lambda: _sharing(pod), 120, interval=0.5, what="two processes sharing the specs, ready")
             assert json.loads(pod.get("/healthz")) == {"status": "ok"}
+            # One exposition for the pod, every family once: promtool's linter accepts it.
+            lint = subprocess.run([find_promtool(), "check", "metrics"], input=pod.get("/metrics"),
+                                  capture_output=True, text=True, timeout=60, check=False)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
             sandbox.generator.start(50)
             wait_for(lambda: sandbox.generator.count() > 50, 30, what="traffic")
 

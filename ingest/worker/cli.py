@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=_positive, default=1, metavar="N",
                         help="run N worker processes in this pod (one per core), sharing the specs through the "
                              "group (needs worker.coordination: group); they serve metrics.port together, and "
-                             "listen on 127.0.0.1:port+1..port+N each (docs/deployment.md)")
+                             "listen on 127.0.0.1:port+1..port+N each (default: 1; docs/deployment.md)")
     # Given by `--processes` to its children: the parent's pid (the child stops when it is gone).
     parser.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -24,9 +24,10 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from confluent_kafka import KafkaError, KafkaException
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from ingest.observability.logs import get_logger, redact
@@ -39,6 +40,13 @@ Check = Callable[[], tuple[bool, str]]
 """A health check: (ok, reason). The reason is shown in the 503 body; it must hold no secret."""
 
 MAX_REASONS = 5  # a readiness answer names at most this many failing subscriptions
+
+
+class Exposition(Protocol):
+    """What `/metrics` serves: a worker's `Metrics`, or the registry of `ingest run --processes N`'s parent."""
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
 
 
 class Heartbeats:
@@ -270,7 +278,7 @@ class HealthServer:
     served on its own thread and gets `request_deadline` seconds in total, then it is closed.
     """
 
-    def __init__(self, metrics: Metrics, host: str, port: int, *, liveness: Check, readiness: Check,
+    def __init__(self, metrics: Exposition, host: str, port: int, *, liveness: Check, readiness: Check,
                  request_deadline: float = REQUEST_DEADLINE_SECONDS) -> None:
         self.metrics = metrics
         self.liveness = liveness

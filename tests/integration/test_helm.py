@@ -205,6 +205,7 @@ def test_crd_objects_have_the_operator_shape(all_docs: list[Doc], values_all: di
 
 @pytest.mark.parametrize(("setting", "path", "expected"), [
     ("replicaCount=many", "/replicaCount", "want integer"),
+    ("processes=0", "/processes", "minimum"),
     ("metrics.port=http", "/metrics/port", "want integer"),
     ("credentials.kafka.sasl.enabled=yes", "/credentials/kafka/sasl/enabled", "want boolean"),
     ("config.worker.delivery_guarantee=maybe", "/config/worker/delivery_guarantee", "at-least-once"),
@@ -227,6 +228,11 @@ def test_render_time_checks_name_the_problem(helm: str) -> None:
             'accounts: the name "a" appears twice',
         ("--set", "config.worker.coordination=standalone,replicaCount=2"):
             'config.worker.coordination must be "group" with more than one pod',
+        ("--set", "config.worker.coordination=standalone,replicaCount=1,processes=2"):
+            'config.worker.coordination must be "group" with more than one process per pod',
+        ("--set", "config.worker.coordination=group,processes=2,webhook.enabled=true,"
+                  "webhook.publicUrl=https://in.example.com"):
+            "processes must be 1 with webhook.enabled",
     }
     for args, message in cases.items():
         proc = run_helm(helm, "template", RELEASE, str(CHART), *args, check=False)
@@ -386,6 +392,13 @@ def test_chart_args_are_flags_of_ingest_run(helm: str) -> None:
     assert str(parsed.config) == "/etc/ingest/config.yaml"
     mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
     assert str(parsed.config) == f"{mount['mountPath']}/config.yaml"
+
+
+def test_processes_per_pod_are_passed_to_ingest_run(helm: str) -> None:
+    assert "--processes" not in container(docs_of(template(helm)))["args"]  # one process: the flag's default
+    args = container(docs_of(template(helm, "--set", "processes=3")))["args"]
+    parsed = build_parser().parse_args(args)
+    assert parsed.processes == 3
 
 
 # --------------------------------------------------------------------------------------------------

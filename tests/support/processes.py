@@ -9,39 +9,46 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.support.metrics import total
-from tests.support.waiting import free_port, wait_for
+from tests.support.waiting import free_port, free_ports, wait_for
 
 
 class WorkerProcess:
     """`python -m ingest run --config FILE` in a session of its own, its output (JSON log lines) in a file."""
 
-    def __init__(self, config_path: Path, log_path: Path, *, name: str = "worker", port: int | None = None) -> None:
-        """Not started yet (`start()`). `port`: the metrics port of the config, if fixed (else read from the log)."""
+    def __init__(self, config_path: Path, log_path: Path, *, name: str = "worker", port: int | None = None,
+                 args: Sequence[str] = ()) -> None:
+        """Not started yet (`start()`). `port`: the metrics port of the config, if fixed (else read from the log).
+        `args`: more flags of `ingest run` (`--processes 2`)."""
         self.config_path = config_path
         self.log_path = log_path
         self.name = name
         self.port = port
+        self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def in_group(cls, name: str, base_config: dict[str, Any], directory: Path) -> WorkerProcess:
+    def in_group(cls, name: str, base_config: dict[str, Any], directory: Path,
+                 args: Sequence[str] = ()) -> WorkerProcess:
         """Write `<directory>/<name>.yaml`: the base config with this worker's id and a free metrics port."""
         config = json.loads(json.dumps(base_config))
         config["worker"]["id"] = name
-        config["metrics"]["port"] = port = free_port()
+        processes = int(args[list(args).index("--processes") + 1]) if "--processes" in args else 1
+        config["metrics"]["port"] = port = free_ports(1 + processes) if processes > 1 else free_port()
         config_path = directory / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        return cls(config_path, directory / f"{name}.log", name=name, port=port)
+        return cls(config_path, directory / f"{name}.log", name=name, port=port, args=args)
 
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ingest", "run", "--config", str(self.config_path)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "ingest", "run", "--config", str(self.config_path),
+                                          *self.args],
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ingest.sandbox.kafka import free_port
 
-__all__ = ["free_port", "holds", "wait_for"]
+__all__ = ["free_port", "free_ports", "holds", "wait_for"]
 
 T = TypeVar("T")
 
@@ -35,3 +36,21 @@ def holds(predicate: Callable[[], Any], seconds: float, interval: float = 0.05) 
             return False
         time.sleep(interval)
     return bool(predicate())
+
+
+def free_ports(count: int) -> int:
+    """A port p such that p .. p+count-1 are all free now (`ingest run --processes N` listens on
+    metrics.port and the N ports after it)."""
+    while True:
+        base = free_port()
+        if base + count - 1 <= 65535 and all(_free(port) for port in range(base + 1, base + count)):
+            return base
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

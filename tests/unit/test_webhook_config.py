@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from test_config import BASE, CLIENT_SECRET, ENV, JWT, error, load, write
 
+from ingest.worker.supervisor import check_processes
+
 WEBHOOK = BASE + """
 transport: webhook
 webhook:
@@ -25,6 +27,14 @@ def test_webhook_defaults_and_address(tmp_path: Path) -> None:
 def test_webhook_workers_may_share_their_specs_in_a_group(tmp_path: Path) -> None:
     cfg = load(tmp_path, WEBHOOK + "worker:\n  coordination: group\n")  # any pod receives any delivery
     assert (cfg.transport, cfg.worker.coordination) == ("webhook", "group")
+
+
+def test_webhook_workers_run_one_process_per_pod(tmp_path: Path) -> None:
+    """The processes of one pod cannot all listen on the receiver's port: `--processes N` is refused."""
+    cfg = load(tmp_path, WEBHOOK + "worker:\n  coordination: group\n")
+    assert check_processes(cfg, 1) is None
+    key, problem = check_processes(cfg, 2) or ("", "")
+    assert key == "transport" and "WebHook receiver's port" in problem
 
 
 def test_pubnub_stays_the_default(tmp_path: Path) -> None:

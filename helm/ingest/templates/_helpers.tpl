@@ -166,6 +166,12 @@ so that any librdkafka property stays overridable.
 {{- fail (printf "webhook.port: must differ from metrics.port (%d)" (int .Values.metrics.port)) -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.webhook.enabled (gt (int .Values.processes) 1) -}}
+{{- fail "processes must be 1 with webhook.enabled: the processes of a pod cannot share the receiver's port (run more pods)" -}}
+{{- end -}}
+{{- if and (ne $coordination "group") (gt (int .Values.processes) 1) -}}
+{{- fail "config.worker.coordination must be \"group\" with more than one process per pod (processes > 1): the processes share the specs through the group" -}}
+{{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes through the Service" -}}
 {{- end -}}

@@ -53,12 +53,13 @@ class _DecodedOnce(httpx.Response):
                 doc = orjson.loads(self.content)
             except orjson.JSONDecodeError:
                 doc = None
-            if _only_string_payloads(doc):
+            if only_string_payloads(doc):
                 return doc
         return json.loads(self.text, **kwargs)
 
 
-def _only_string_payloads(doc: Any) -> bool:
+def only_string_payloads(doc: Any) -> bool:
+    """Every message payload of a subscribe response is a string: orjson's parse of it is exact."""
     messages = doc.get("m") if type(doc) is dict else None
     return type(messages) is list and all(type(m) is dict and type(m.get("d")) is str for m in messages)
 

@@ -1,9 +1,10 @@
 """A lean PubNub subscribe client: the hot loop of the PubNub transport, without the SDK's machinery.
 
 Every subscribe connection is one coroutine on one asyncio loop (one thread for all of them), holding
-one keep-alive HTTP/1.1 connection (aiohttp) and parsing the subscribe JSON itself. The messages of
-each answer are handed on in one more thread, in the order they were read, while the loop reads on;
-a connection polls again once its batch is handed on (memory stays bounded, as with the SDK). The SDK's threaded
+one keep-alive HTTP/1.1 connection of its own (asyncio streams: a GET and its answer are all it needs)
+and parsing the subscribe JSON itself. The messages of
+each answer are handed on in one more thread, in the order they were read, while the loop reads on
+(at most MAX_QUEUED_BATCHES wait: memory stays bounded). The SDK's threaded
 client spent ~7 ms of CPU per long-poll (a thread per request, httpx, endpoint, envelope and status
 objects) and ran ~380 OS threads at 2,000 subscriptions; the figures are in docs/benchmarks.md.
 
@@ -24,20 +25,20 @@ client does (reference: pubnub-protocol.md §2 and §5):
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import queue
 import random
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 from pubnub.endpoints.pubsub.subscribe import Subscribe
 from pubnub.pnconfiguration import PNConfiguration
 from pubnub.utils import join_channels, url_encode
-from yarl import URL
 
 from ingest.observability.logs import get_logger
 from ingest.transports.pubnub_sdk import only_string_payloads
@@ -50,6 +51,9 @@ StatusHandler = Callable[[str, bool], None]
 MessagesHandler = Callable[[list[dict[str, Any]]], None]
 
 CONNECT_TIMEOUT_SECONDS = 10.0  # the SDK's default `connect_timeout`
+# Batches read but not yet handed on, at most (each up to 100 messages): then every connection waits.
+MAX_QUEUED_BATCHES = 64
+QUEUE_FULL_RECHECK_SECONDS = 0.01
 _PNSDK = url_encode("PubNub-Python-ingest-lean")
 
 
@@ -62,6 +66,10 @@ class PollSettings(Protocol):
     reconnection_interval: float
     maximum_reconnection_interval: float
     subscribe_request_timeout: int
+
+
+class NoAnswer(Exception):
+    """The request got no HTTP answer: refused, dropped, not HTTP, or no connection within the timeout."""
 
 
 class MalformedResponse(ValueError):
@@ -96,53 +104,124 @@ class Poll:
 
 class _Intake:
     """The thread that hands batches on (the transport serialises them anyway), so that a handler
-    waiting (on Kafka's back-pressure, or on a test) never holds up the loop's other connections."""
+    waiting (on Kafka's back-pressure, or on a test) never holds up the loop's other connections.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._jobs: queue.SimpleQueue[tuple[Poll, list[dict[str, Any]], asyncio.Future[None]] | None] = \
-            queue.SimpleQueue()
+    A connection polls again as soon as its batch is queued: waiting for each batch to be handed on
+    cost a second cross-thread wake-up per poll (46 vs 33 us of CPU per notification,
+    docs/benchmarks.md). Memory stays bounded by the queue's length instead."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Poll, list[dict[str, Any]]] | None] = queue.SimpleQueue()
         # A daemon, as the SDK's threads: a handler still waiting must not pin the process at exit.
         threading.Thread(target=self._run, name="pubnub-intake", daemon=True).start()
 
-    def hand_on(self, poll: Poll, messages: list[dict[str, Any]]) -> asyncio.Future[None]:
-        """Queue the batch (called in the loop); the future is done once it was handed on."""
-        done = self._loop.create_future()
-        self._jobs.put((poll, messages, done))
-        return done
+    async def hand_on(self, poll: Poll, messages: list[dict[str, Any]]) -> None:
+        """Queue the batch (called in the loop), once fewer than MAX_QUEUED_BATCHES wait."""
+        while self._jobs.qsize() >= MAX_QUEUED_BATCHES:  # the handler is behind (Kafka's back-pressure)
+            await asyncio.sleep(QUEUE_FULL_RECHECK_SECONDS)
+        self._jobs.put((poll, messages))
 
     def stop(self) -> None:
         self._jobs.put(None)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            poll, messages, done = job
-            if not poll.closed:
-                try:
-                    poll.on_messages(messages)
-                except Exception:  # pragma: no cover - the handler must not raise
-                    log.error("transport.handler_failed", exc_info=True, messages=len(messages))
+            poll, messages = job
+            if poll.closed:
+                continue
             try:
-                self._loop.call_soon_threadsafe(_resolve, done)
-            except RuntimeError:  # the loop is closed: the client stopped meanwhile
-                return
+                poll.on_messages(messages)
+            except Exception:  # pragma: no cover - the handler must not raise
+                log.error("transport.handler_failed", exc_info=True, messages=len(messages))
 
 
-def _resolve(done: asyncio.Future[None]) -> None:
-    if not done.done():  # not cancelled with its poll
-        done.set_result(None)
+class _HttpConnection:
+    """One keep-alive HTTP/1.1 connection to PubNub's origin, (re)opened when a request needs it."""
+
+    def __init__(self, origin: str, tls: ssl.SSLContext | None) -> None:
+        host, _, port = origin.rpartition(":")
+        if not port.isdigit():  # no port given (`ps.pndsn.com`)
+            host, port = origin, ""
+        self._host, self._tls = host, tls
+        self._port = int(port) if port else (443 if tls else 80)
+        self._request = (b"GET %%b HTTP/1.1\r\nHost: %b\r\nUser-Agent: PubNub-Python\r\nAccept: */*\r\n"
+                         b"Connection: keep-alive\r\n\r\n" % origin.encode())
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def get(self, target: str, read_timeout: float) -> tuple[int, bytes]:
+        """(status, body) of `GET target`. Raises TimeoutError when the answer takes longer than
+        `read_timeout`, NoAnswer when there is none; the connection is closed after either."""
+        try:
+            reader, writer = await self._connected()
+            writer.write(self._request % target.encode())
+            async with asyncio.timeout(read_timeout):
+                return await self._read_response(reader)
+        except TimeoutError:
+            self.close()
+            raise
+        except (OSError, EOFError, ValueError, IndexError, asyncio.LimitOverrunError) as e:
+            self.close()
+            raise NoAnswer(f"{type(e).__name__}: {e}") from None
+
+    async def _connected(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._reader is None or self._writer is None:
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                    self._reader, self._writer = await asyncio.open_connection(
+                        self._host, self._port, ssl=self._tls, server_hostname=self._host if self._tls else None)
+            except TimeoutError:
+                raise NoAnswer("connect timeout") from None
+        return self._reader, self._writer
+
+    async def _read_response(self, reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        lines = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+        status = int(lines[0].split(None, 2)[1])
+        length, chunked, gzipped, close = -1, False, False, False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value
+            elif name == b"content-encoding":
+                gzipped = value == b"gzip"
+            elif name == b"connection":
+                close = value == b"close"
+        if chunked:
+            body = await _read_chunked(reader)
+        elif length >= 0:
+            body = await reader.readexactly(length)
+        else:  # no length: the body ends with the connection
+            body, close = await reader.read(), True
+        if close:
+            self.close()
+        return status, gzip.decompress(body) if gzipped else body
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts = []
+    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+        parts.append((await reader.readexactly(size + 2))[:-2])
+    await reader.readuntil(b"\r\n")  # the empty trailer
+    return b"".join(parts)
 
 
 class LeanClient:
-    """Runs every `Poll` on one asyncio loop in one thread, over one aiohttp connection pool; batches
+    """Runs every `Poll` on one asyncio loop in one thread, each over its own HTTP connection; batches
     are handed on in a second thread."""
 
     def __init__(self, settings: PollSettings) -> None:
         self._settings = settings
-        origin = settings.origin or PNConfiguration().origin
-        self._base = f"{'https' if settings.ssl else 'http'}://{origin}"
+        self._origin = settings.origin or PNConfiguration().origin
+        self._tls = ssl.create_default_context() if settings.ssl else None  # one for every connection
         self._loop = asyncio.new_event_loop()
-        self._session: aiohttp.ClientSession | None = None
         self._thread: threading.Thread | None = None
         self._intake: _Intake | None = None
 
@@ -150,13 +229,13 @@ class LeanClient:
 
     def start(self) -> None:
         ready = threading.Event()
-        self._intake = _Intake(self._loop)
+        self._intake = _Intake()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="pubnub-lean", daemon=True)
         self._thread.start()
         ready.wait(10)
 
     def stop(self) -> None:
-        """Cancel every poll and close the pool. A batch being handed on may finish; none is handed on
+        """Cancel every poll and close its connection. A batch being handed on may finish; none is handed on
         for a poll closed before (the transport closes every connection first)."""
         if self._thread is None or self._intake is None:
             return
@@ -177,7 +256,6 @@ class LeanClient:
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
-        self._session = self._loop.run_until_complete(self._new_session())
         ready.set()
         try:
             self._loop.run_forever()
@@ -185,18 +263,11 @@ class LeanClient:
             self._loop.run_until_complete(self._shutdown())
             self._loop.close()
 
-    @staticmethod
-    async def _new_session() -> aiohttp.ClientSession:
-        # No connection limit: each poll holds its connection for up to a whole long-poll.
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers={"User-Agent": "PubNub-Python"})
-
     async def _shutdown(self) -> None:
         tasks = [t for t in asyncio.all_tasks(self._loop) if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
 
     def _spawn(self, poll: Poll) -> None:
         if not poll.closed:
@@ -208,18 +279,23 @@ class LeanClient:
             poll.task.cancel()
 
     async def _poll_forever(self, poll: Poll) -> None:
+        http = _HttpConnection(self._origin, self._tls)
+        try:
+            await self._poll_over(http, poll)
+        finally:
+            http.close()
+
+    async def _poll_over(self, http: _HttpConnection, poll: Poll) -> None:
         path = Subscribe.SUBSCRIBE_PATH % (poll.subscribe_key, join_channels(sorted(poll.channels)))
-        prefix = f"{self._base}{path}?uuid={url_encode(self._settings.user_id)}&pnsdk={_PNSDK}&tt="
+        prefix = f"{path}?uuid={url_encode(self._settings.user_id)}&pnsdk={_PNSDK}&tt="
         tt, region, failures, answered = poll.resume_tt, None, 0, False
         while not poll.closed:
-            url = f"{prefix}{tt}" if region is None else f"{prefix}{tt}&tr={region}"
+            target = f"{prefix}{tt}" if region is None else f"{prefix}{tt}&tr={region}"
             try:
-                status, body = await self._get(url, self._settings.subscribe_request_timeout)
-            except aiohttp.ConnectionTimeoutError:
-                status, body = 0, b""
+                status, body = await http.get(target, self._settings.subscribe_request_timeout)
             except TimeoutError:  # a read timeout: the SDK re-polls at once with the same cursor, silently
                 continue
-            except aiohttp.ClientError:
+            except NoAnswer:
                 status, body = 0, b""
             if status == 403:
                 poll.on_status("AccessDenied", True)
@@ -239,27 +315,21 @@ class LeanClient:
                     continue
             poll.on_status(_error_category(status), True)
             failures += 1
-            await self._reconnect(failures)
+            await self._reconnect(http, failures)
 
-    async def _reconnect(self, failures: int) -> None:
+    async def _reconnect(self, http: _HttpConnection, failures: int) -> None:
         """The SDK's reconnect loop: back off, probe `/time/0` until it answers, then poll again."""
         while True:
             interval = self._settings.reconnection_interval
             delay = min(self._settings.maximum_reconnection_interval, interval * 2 ** (failures - 1))
             await asyncio.sleep(delay + random.random())
             try:
-                status, _ = await self._get(f"{self._base}/time/0", CONNECT_TIMEOUT_SECONDS)
-            except (TimeoutError, aiohttp.ClientError):
+                status, _ = await http.get("/time/0", CONNECT_TIMEOUT_SECONDS)
+            except (TimeoutError, NoAnswer):
                 status = 0
             if status == 200:
                 return
             failures += 1
-
-    async def _get(self, url: str, read_timeout: float) -> tuple[int, bytes]:
-        assert self._session is not None
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_SECONDS, sock_read=read_timeout)
-        async with self._session.get(URL(url, encoded=True), timeout=timeout) as response:
-            return response.status, await response.read()
 
 
 def _error_category(status: int) -> str:

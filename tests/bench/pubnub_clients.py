@@ -168,7 +168,8 @@ def measure(client: str, channels: int, rate: float, seconds: float, payload_siz
             "notifications_per_second": round(received / wall), "polls_per_second": round(polls / wall, 1),
             "messages_per_poll": round(received / max(polls, 1), 1),
             "cores": round(cpu / wall, 3),
-            "cpu_us_per_poll": round(cpu / max(polls, 1) * 1e6), "cpu_us_per_notification": round(cpu / max(received, 1) * 1e6),
+            "cpu_us_per_poll": round(cpu / max(polls, 1) * 1e6),
+            "cpu_us_per_notification": round(cpu / max(received, 1) * 1e6),
             "threads": _proc_status("Threads"), "rss_mib": round(_proc_status("VmRSS") / 1024),
             "sandbox_cores": round((server_cpu1 - server_cpu0) / wall, 3),
         }

@@ -135,7 +135,7 @@ class _Intake:
                 log.error("transport.handler_failed", exc_info=True, messages=len(messages))
 
 
-class _HttpConnection:
+class HttpConnection:
     """One keep-alive HTTP/1.1 connection to PubNub's origin, (re)opened when a request needs it."""
 
     def __init__(self, origin: str, tls: ssl.SSLContext | None) -> None:
@@ -279,13 +279,13 @@ class LeanClient:
             poll.task.cancel()
 
     async def _poll_forever(self, poll: Poll) -> None:
-        http = _HttpConnection(self._origin, self._tls)
+        http = HttpConnection(self._origin, self._tls)
         try:
             await self._poll_over(http, poll)
         finally:
             http.close()
 
-    async def _poll_over(self, http: _HttpConnection, poll: Poll) -> None:
+    async def _poll_over(self, http: HttpConnection, poll: Poll) -> None:
         path = Subscribe.SUBSCRIBE_PATH % (poll.subscribe_key, join_channels(sorted(poll.channels)))
         prefix = f"{path}?uuid={url_encode(self._settings.user_id)}&pnsdk={_PNSDK}&tt="
         tt, region, failures, answered = poll.resume_tt, None, 0, False
@@ -317,7 +317,7 @@ class LeanClient:
             failures += 1
             await self._reconnect(http, failures)
 
-    async def _reconnect(self, http: _HttpConnection, failures: int) -> None:
+    async def _reconnect(self, http: HttpConnection, failures: int) -> None:
         """The SDK's reconnect loop: back off, probe `/time/0` until it answers, then poll again."""
         while True:
             interval = self._settings.reconnection_interval

@@ -4,8 +4,8 @@ The sandbox runs in its own process and publishes itself (pre-encoded Base64 pay
 over every channel), so this process does nothing but read: the PubNub transport with a counting
 handler, or the SDK's asyncio client (`PubNubAsyncio`, one instance per connection of 50 channels, a
 listener counting messages). Over a measured window after every connection answered: CPU of this
-process per poll and per notification, messages per poll (polls counted by the sandbox), OS threads,
-RSS, and the sandbox's own CPU.
+process per poll and per notification (and the kernel's share of it), messages per poll (polls
+counted by the sandbox), OS threads, RSS, and the sandbox's own CPU.
 
     python -m tests.bench.pubnub_clients [--client lean|sdk|sdk-asyncio] [--channels 2000] [--rate 1000]
                                          [--seconds 20]
@@ -44,6 +44,10 @@ def _channel(i: int) -> str:
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _system_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def _proc_status(field: str) -> int:
@@ -157,17 +161,18 @@ def measure(client: str, channels: int, rate: float, seconds: float, payload_siz
         time.sleep(5)  # warm-up: every connection in its steady long-poll rhythm
         parent.send("stats")
         polls0, server_cpu0 = parent.recv()
-        received0, cpu0, wall0 = counter.received, _cpu_seconds(), time.monotonic()
+        received0, cpu0, system0, wall0 = counter.received, _cpu_seconds(), _system_seconds(), time.monotonic()
         time.sleep(seconds)
         parent.send("stats")
         polls1, server_cpu1 = parent.recv()
         received, cpu, wall = counter.received - received0, _cpu_seconds() - cpu0, time.monotonic() - wall0
+        system = _system_seconds() - system0
         polls = polls1 - polls0
         result = {
             "client": client, "channels": channels, "rate": rate, "seconds": round(wall, 1),
             "notifications_per_second": round(received / wall), "polls_per_second": round(polls / wall, 1),
             "messages_per_poll": round(received / max(polls, 1), 1),
-            "cores": round(cpu / wall, 3),
+            "cores": round(cpu / wall, 3), "system_share": round(system / max(cpu, 1e-9), 2),
             "cpu_us_per_poll": round(cpu / max(polls, 1) * 1e6),
             "cpu_us_per_notification": round(cpu / max(received, 1) * 1e6),
             "threads": _proc_status("Threads"), "rss_mib": round(_proc_status("VmRSS") / 1024),

@@ -2,11 +2,11 @@
 
 Every subscribe connection is one coroutine on one asyncio loop (one thread for all of them), holding
 one keep-alive HTTP/1.1 connection of its own (asyncio streams: a GET and its answer are all it needs)
-and parsing the subscribe JSON itself. The messages of
-each answer are handed on in one more thread, in the order they were read, while the loop reads on
-(at most MAX_QUEUED_BATCHES wait: memory stays bounded). The SDK's threaded
-client spent ~7 ms of CPU per long-poll (a thread per request, httpx, endpoint, envelope and status
-objects) and ran ~380 OS threads at 2,000 subscriptions; the figures are in docs/benchmarks.md.
+and parsing the subscribe JSON itself. The messages of each answer are handed on in one more thread,
+in the order they were read, while the loop reads on (at most MAX_QUEUED_BATCHES wait: memory stays
+bounded). At 2,000 subscriptions and 1,000 notifications/s the SDK's threaded client cost 1.8 ms of
+CPU per poll and ran 122 OS threads (a thread per request, httpx, endpoint, envelope and status
+objects); this client 0.35 ms and 4 threads, whatever the number of subscriptions (docs/benchmarks.md).
 
 The `pubnub` package still defines the protocol: its configuration defaults (origin), its subscribe
 path and channel encoding, its status category names. The client speaks it as the SDK's native
@@ -107,8 +107,8 @@ class _Intake:
     waiting (on Kafka's back-pressure, or on a test) never holds up the loop's other connections.
 
     A connection polls again as soon as its batch is queued: waiting for each batch to be handed on
-    cost a second cross-thread wake-up per poll (46 vs 33 us of CPU per notification,
-    docs/benchmarks.md). Memory stays bounded by the queue's length instead."""
+    cost a second cross-thread wake-up per poll (435 vs 352 us of CPU per poll, docs/benchmarks.md).
+    Memory stays bounded by the queue's length instead."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[Poll, list[dict[str, Any]]] | None] = queue.SimpleQueue()

@@ -41,7 +41,7 @@ from pubnub.pnconfiguration import PNConfiguration
 from pubnub.utils import join_channels, url_encode
 
 from ingest.observability.logs import get_logger
-from ingest.transports.pubnub_sdk import only_string_payloads
+from ingest.transports.pubnub_sdk import only_string_payloads, ssl_context
 
 log = get_logger(__name__)
 
@@ -220,7 +220,7 @@ class LeanClient:
     def __init__(self, settings: PollSettings) -> None:
         self._settings = settings
         self._origin = settings.origin or PNConfiguration().origin
-        self._tls = ssl.create_default_context() if settings.ssl else None  # one for every connection
+        self._tls = ssl_context() if settings.ssl else None  # the SDK client's: the same CA bundle (certifi)
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._intake: _Intake | None = None

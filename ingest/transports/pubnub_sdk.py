@@ -24,7 +24,7 @@ log = get_logger(__name__)
 
 
 @functools.cache
-def _ssl_context() -> ssl.SSLContext:
+def ssl_context() -> ssl.SSLContext:
     """One TLS context for every connection: building one (CA bundle included) costs ~30 ms of CPU."""
     return httpx.create_ssl_context()
 
@@ -87,7 +87,7 @@ class RequestHandler(HttpxRequestHandler):  # type: ignore[misc]
     def _ensure_session(self) -> httpx.Client:
         with self._session_lock:
             if self._session is None or self._session.is_closed:
-                self._session = httpx.Client(transport=_Transport(http2=True, verify=_ssl_context()))
+                self._session = httpx.Client(transport=_Transport(http2=True, verify=ssl_context()))
             return self._session
 
 

@@ -25,6 +25,7 @@ client does (reference: pubnub-protocol.md §2 and §5):
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import json
 import queue
@@ -105,34 +106,43 @@ class Poll:
 class _Intake:
     """The thread that hands batches on (the transport serialises them anyway), so that a handler
     waiting (on Kafka's back-pressure, or on a test) never holds up the loop's other connections.
+    `AccessDenied` goes the same way, after the connection's batches: its handler calls into the
+    worker (reports a gap, asks for a verification) and takes its locks. The other statuses only set
+    a flag and count, in the loop (a new connection is `reading` while an older batch is still held).
 
     A connection polls again as soon as its batch is queued: waiting for each batch to be handed on
     cost a second cross-thread wake-up per poll (435 vs 352 us of CPU per poll, docs/benchmarks.md).
     Memory stays bounded by the queue's length instead."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Poll, list[dict[str, Any]]] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Poll, Callable[[], None]] | None] = queue.SimpleQueue()
         # A daemon, as the SDK's threads: a handler still waiting must not pin the process at exit.
         threading.Thread(target=self._run, name="pubnub-intake", daemon=True).start()
 
     async def hand_on(self, poll: Poll, messages: list[dict[str, Any]]) -> None:
-        """Queue the batch (called in the loop), once fewer than MAX_QUEUED_BATCHES wait."""
+        await self._queue(poll, functools.partial(poll.on_messages, messages))
+
+    async def report(self, poll: Poll, category: str, is_error: bool) -> None:
+        await self._queue(poll, functools.partial(poll.on_status, category, is_error))
+
+    async def _queue(self, poll: Poll, job: Callable[[], None]) -> None:
+        """Queue a job (called in the loop), once fewer than MAX_QUEUED_BATCHES wait."""
         while self._jobs.qsize() >= MAX_QUEUED_BATCHES:  # the handler is behind (Kafka's back-pressure)
             await asyncio.sleep(QUEUE_FULL_RECHECK_SECONDS)
-        self._jobs.put((poll, messages))
+        self._jobs.put((poll, job))
 
     def stop(self) -> None:
         self._jobs.put(None)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            poll, messages = job
+        while (item := self._jobs.get()) is not None:
+            poll, job = item
             if poll.closed:
                 continue
             try:
-                poll.on_messages(messages)
-            except Exception:  # pragma: no cover - the handler must not raise
-                log.error("transport.handler_failed", exc_info=True, messages=len(messages))
+                job()
+            except Exception:  # pragma: no cover - the handlers must not raise
+                log.error("transport.handler_failed", exc_info=True)
 
 
 class HttpConnection:
@@ -289,6 +299,8 @@ class LeanClient:
         path = Subscribe.SUBSCRIBE_PATH % (poll.subscribe_key, join_channels(sorted(poll.channels)))
         prefix = f"{path}?uuid={url_encode(self._settings.user_id)}&pnsdk={_PNSDK}&tt="
         tt, region, failures, answered = poll.resume_tt, None, 0, False
+        intake = self._intake
+        assert intake is not None  # started
         while not poll.closed:
             target = f"{prefix}{tt}" if region is None else f"{prefix}{tt}&tr={region}"
             try:
@@ -298,7 +310,7 @@ class LeanClient:
             except NoAnswer:
                 status, body = 0, b""
             if status == 403:
-                poll.on_status("AccessDenied", True)
+                await intake.report(poll, "AccessDenied", True)
                 return
             if status == 200:
                 try:
@@ -309,8 +321,7 @@ class LeanClient:
                     if failures or not answered:
                         poll.on_status("Reconnected" if answered else "Connected", False)
                     failures, answered = 0, True
-                    assert self._intake is not None
-                    await self._intake.hand_on(poll, messages)
+                    await intake.hand_on(poll, messages)
                     tt, region = next_tt, next_region
                     continue
             poll.on_status(_error_category(status), True)

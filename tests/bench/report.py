@@ -298,6 +298,47 @@ notifications/s within two days (13,800 to 19,300 in the medians of `make bench`
 baseline (b), pure Python on one core, between 56 and 103/s. The worker's ratio to baseline (b)
 stayed at 195-207x across those days: compare the ratios.
 
+## WebHook receiver (`python -m tests.bench.webhook`, run by hand; not yet part of `make bench`)
+
+**The HTTP server** (`servers`): the same trivial WSGI application (read the ~0.9 KiB body, answer
+200) in each server, in a process of its own; load from two other processes, 8 keep-alive
+connections each, 8 s; then again while 64 more connections have sent their headers and one body
+byte and stall (a slow or stuck sender). 2026-12-01, 2 shared cores, load average 15-20:
+
+| server | answers/s | p50 ms | p99 ms | with 64 stalled senders: answers/s | p50 ms | p99 ms |
+|---|---:|---:|---:|---:|---:|---:|
+| stdlib `ThreadingHTTPServer` (Nagle off) | 3,545 | 3.2 | 22.0 | 3,634 | 3.4 | 20.3 |
+| waitress 3.0.2 (16 threads) | 3,271 | 3.4 | 29.5 | 3,051 | 4.0 | 21.4 |
+| cheroot 11.1.2 (16 threads) | 2,659 | 4.6 | 26.0 | 4 | 13,226 | 13,288 |
+
+An earlier quiet run: stdlib 5,182/s, waitress 5,217/s, cheroot 4,166/s; the stdlib with its default
+(Nagle on) 350/s, p50 44 ms (each answer waits for a delayed ACK). cheroot gives each connection a
+pool thread until its request is complete: 64 stalled senders starve it. The stdlib keeps up but
+spends a thread per connection without bound, has no body limit, no idle-connection timeout and
+a listen backlog of 5 (64 connections opened at once were refused in one run), and Python's
+documentation advises against it in production. **waitress** reads each request completely in its
+event loop before a pool thread sees it (a stalled sender costs no thread), bounds connections
+(`connection_limit`), bodies (`max_request_body_size`, 413) and idle time (`channel_timeout`), and
+is as fast as the stdlib within this machine's noise: it is the receiver's server.
+
+**200 after the Kafka acknowledgement** (`ack BOOTSTRAP`): the real receiver (token check, pipeline,
+`KafkaSink`, 16 threads) against the shared single broker (acks=all, idempotence, linger 5 ms, 6
+partitions), same load as above, every POST a distinct notification. Baseline in the same run: the
+same server producing each record and answering 200 without waiting for its acknowledgement.
+
+| run (same load, 2 shared cores, load average 15-20) | answers/s | p50 ms | p99 ms | not 200 |
+|---|---:|---:|---:|---:|
+| 200 before the ack (baseline), run 1 | 2,125 | 4.6 | 60.7 | 0 |
+| 200 after the ack, run 1 | 1,269 | 9.5 | 80.1 | 0 |
+| 200 before the ack (baseline), run 2 | 1,923 | 5.8 | 38.2 | 0 |
+| 200 after the ack, run 2 | 815 | 10.5 | 135.7 | 0 |
+
+Waiting for the acknowledgement costs a broker round trip plus the producer's linger (~5-6 ms at
+p50) and holds a pool thread meanwhile: with 16 threads and ~10 ms per answer the ceiling is ~1,600
+answers/s per process (raise `webhook.threads` for more). The p99 stays below 0.14 s, far from
+RingCentral's 3 s; the answer deadline (`webhook.answer_timeout_seconds`, 2 s) bounds it when
+Kafka does not answer (docs/faults.md).
+
 ## PubNub clients (`python -m tests.bench.pubnub_clients`, run by hand; issue 18)
 
 Production is many subscriptions with sparse traffic: a poll returns a handful of messages, and what
@@ -369,45 +410,4 @@ What it means for the worker: at 1,000/s on 2,000 subscriptions the SDK's intake
 of a core, of the 0.40-0.46 measured for the whole worker (issue 18); the lean poller's, 0.03-0.04.
 The worker-level figures (pipeline and Kafka included, lag, the maximum sustained rate) belong to the
 realistic scenario of `make bench`; `worker.pubnub_client: sdk` keeps the SDK client for comparison.
-
-## WebHook receiver (`python -m tests.bench.webhook`, run by hand; not yet part of `make bench`)
-
-**The HTTP server** (`servers`): the same trivial WSGI application (read the ~0.9 KiB body, answer
-200) in each server, in a process of its own; load from two other processes, 8 keep-alive
-connections each, 8 s; then again while 64 more connections have sent their headers and one body
-byte and stall (a slow or stuck sender). 2026-12-01, 2 shared cores, load average 15-20:
-
-| server | answers/s | p50 ms | p99 ms | with 64 stalled senders: answers/s | p50 ms | p99 ms |
-|---|---:|---:|---:|---:|---:|---:|
-| stdlib `ThreadingHTTPServer` (Nagle off) | 3,545 | 3.2 | 22.0 | 3,634 | 3.4 | 20.3 |
-| waitress 3.0.2 (16 threads) | 3,271 | 3.4 | 29.5 | 3,051 | 4.0 | 21.4 |
-| cheroot 11.1.2 (16 threads) | 2,659 | 4.6 | 26.0 | 4 | 13,226 | 13,288 |
-
-An earlier quiet run: stdlib 5,182/s, waitress 5,217/s, cheroot 4,166/s; the stdlib with its default
-(Nagle on) 350/s, p50 44 ms (each answer waits for a delayed ACK). cheroot gives each connection a
-pool thread until its request is complete: 64 stalled senders starve it. The stdlib keeps up but
-spends a thread per connection without bound, has no body limit, no idle-connection timeout and
-a listen backlog of 5 (64 connections opened at once were refused in one run), and Python's
-documentation advises against it in production. **waitress** reads each request completely in its
-event loop before a pool thread sees it (a stalled sender costs no thread), bounds connections
-(`connection_limit`), bodies (`max_request_body_size`, 413) and idle time (`channel_timeout`), and
-is as fast as the stdlib within this machine's noise: it is the receiver's server.
-
-**200 after the Kafka acknowledgement** (`ack BOOTSTRAP`): the real receiver (token check, pipeline,
-`KafkaSink`, 16 threads) against the shared single broker (acks=all, idempotence, linger 5 ms, 6
-partitions), same load as above, every POST a distinct notification. Baseline in the same run: the
-same server producing each record and answering 200 without waiting for its acknowledgement.
-
-| run (same load, 2 shared cores, load average 15-20) | answers/s | p50 ms | p99 ms | not 200 |
-|---|---:|---:|---:|---:|
-| 200 before the ack (baseline), run 1 | 2,125 | 4.6 | 60.7 | 0 |
-| 200 after the ack, run 1 | 1,269 | 9.5 | 80.1 | 0 |
-| 200 before the ack (baseline), run 2 | 1,923 | 5.8 | 38.2 | 0 |
-| 200 after the ack, run 2 | 815 | 10.5 | 135.7 | 0 |
-
-Waiting for the acknowledgement costs a broker round trip plus the producer's linger (~5-6 ms at
-p50) and holds a pool thread meanwhile: with 16 threads and ~10 ms per answer the ceiling is ~1,600
-answers/s per process (raise `webhook.threads` for more). The p99 stays below 0.14 s, far from
-RingCentral's 3 s; the answer deadline (`webhook.answer_timeout_seconds`, 2 s) bounds it when
-Kafka does not answer (docs/faults.md).
 """

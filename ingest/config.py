@@ -38,6 +38,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DELIVERY_GUARANTEES = ("at-least-once", "exactly-once")
 COORDINATION_MODES = ("standalone", "group")
+# Who reads PubNub: the lean poller (one asyncio loop) or the SDK's threaded client (docs/benchmarks.md).
+PUBNUB_CLIENTS = ("lean", "sdk")
 # The top-level `transport`: how RingCentral reaches the worker (an account's own `transport`, pubnub or
 # websocket, is read by the worker; webhook: RingCentral POSTs to it, for every account).
 WORKER_TRANSPORTS = ("pubnub", "webhook")
@@ -122,6 +124,7 @@ class WorkerConfig:
     session_timeout_seconds: float = 10.0  # group mode: a silent worker loses its specs after this
     replay_buffer_seconds: float = 1200.0  # PubNub keeps messages this long; older checkpoints may miss some
     replay_buffer_messages: int = 100  # ... and this many per connection; a full catch-up may have lost some
+    pubnub_client: str = "lean"  # who reads PubNub: the lean poller, or the SDK's threaded client ("sdk")
 
 
 @dataclass(frozen=True)
@@ -720,7 +723,8 @@ class _Validator:
                                   "channels_per_connection", "checkpoint_interval_seconds",
                                   "shutdown_timeout_seconds", "delete_subscriptions_on_shutdown",
                                   "delivery_guarantee", "coordination", "apply_specs_on_start",
-                                  "session_timeout_seconds", "replay_buffer_seconds", "replay_buffer_messages"))
+                                  "session_timeout_seconds", "replay_buffer_seconds", "replay_buffer_messages",
+                                  "pubnub_client"))
         worker_id = self.string(m, "id", p, None, nullable=True) or f"{socket.gethostname()}-{os.getpid()}"
         longest = MAX_WEBHOOK_EXPIRES_IN if transport == "webhook" else MAX_PUBNUB_EXPIRES_IN
         expires_in = self.integer(m, "expires_in_seconds", p, d.expires_in_seconds, lo=1, hi=longest)
@@ -751,6 +755,8 @@ class _Validator:
             replay_buffer_seconds=self.number(m, "replay_buffer_seconds", p, d.replay_buffer_seconds, lo=0,
                                               exclusive_lo=True),
             replay_buffer_messages=self.integer(m, "replay_buffer_messages", p, d.replay_buffer_messages, lo=1),
+            pubnub_client=self.choice(m, "pubnub_client", p, d.pubnub_client, options=PUBNUB_CLIENTS,
+                                      normalize=str.lower),
         )
 
     def metrics(self, raw: Any) -> MetricsConfig:

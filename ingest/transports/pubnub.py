@@ -1,6 +1,7 @@
-"""PubNub intake with the real SDK (native `PubNub` class).
+"""PubNub intake: connections planned here, each read by the lean client (`pubnub_lean.py`, the default)
+or by the real SDK's native `PubNub` class (`worker.pubnub_client: sdk`).
 
-One PubNub instance is one subscribe connection: a single subscribe key (baked into its URLs) and
+With the SDK, one PubNub instance is one subscribe connection: a single subscribe key (baked into its URLs) and
 a bounded set of multiplexed channels. The SDK's traps (reference: pubnub-protocol.md §6) decide
 the shape of this module:
 
@@ -8,6 +9,9 @@ the shape of this module:
 - `with_timetoken` only works on a fresh instance, and `unsubscribe_all()` + `subscribe()` breaks it,
   so changing a connection's channels means replacing the instance and resuming from a cursor;
 - after a 403 (or a give-up) the SDK stops for good, so the connection is replaced the same way.
+
+The lean client keeps that shape (a connection's channels never change; it is replaced), so both
+clients share everything here but `_open` and `_close`.
 
 Resuming is always safe because each channel remembers the last timetoken it delivered: a replayed
 message is dropped here (and counted), never handed on twice.
@@ -23,13 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pubnub.callbacks import SubscribeCallback
-from pubnub.enums import PNReconnectionPolicy, PNStatusCategory
+from pubnub.enums import PNReconnectionPolicy
 from pubnub.pnconfiguration import PNConfiguration
 from pubnub.pubnub import PubNub
 
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import Metrics
 from ingest.transports.base import AccessDeniedHandler, BatchHandler, GapHandler, Received
+from ingest.transports.pubnub_lean import LeanClient, Poll
 from ingest.transports.pubnub_sdk import RequestHandler, drop_registry_listener, install_batch_intake
 
 log = get_logger(__name__)
@@ -68,13 +73,15 @@ class Cursor:
 
 @dataclass
 class _Connection:
-    """One PubNub instance; replaced, never re-subscribed, when its channel set changes."""
+    """One subscribe connection (a PubNub instance, or a lean `Poll`); replaced, never re-subscribed,
+    when its channel set changes."""
 
     conn_id: int
     subscribe_key: str
     channels: frozenset[str]
     pubnub: PubNub | None = None
     listener: _Listener | None = None
+    poll: Poll | None = None
     retired: bool = False
     connected: bool = False  # PubNub answered this instance's first poll
     resume_tt: int = 0  # where this instance started reading
@@ -115,6 +122,7 @@ class TransportSettings:
     maximum_reconnection_interval: float = 30.0
     subscribe_request_timeout: int = 310
     replay_buffer_messages: int = 100  # PubNub's per-connection buffer (a per-key setting at PubNub)
+    client: str = "lean"  # or "sdk" (config: worker.pubnub_client)
 
 
 @dataclass
@@ -137,6 +145,7 @@ class PubNubTransport:
     _stopping: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _retry_at: dict[int, float] = field(default_factory=dict)
+    _lean: LeanClient | None = None
 
     # ---- control-plane facing API -------------------------------------------------------------
 
@@ -200,6 +209,9 @@ class PubNubTransport:
         return max(times, default=None)
 
     def start(self) -> None:
+        if self.settings.client == "lean":
+            self._lean = LeanClient(self.settings)
+            self._lean.start()
         self._thread = threading.Thread(target=self._run, name="pubnub-transport", daemon=True)
         self._thread.start()
 
@@ -212,6 +224,8 @@ class PubNubTransport:
             for conn in self._connections.values():
                 self._close(conn)
             self._connections.clear()
+        if self._lean is not None:
+            self._lean.stop()
         self.metrics.pubnub_connections.set(0)
 
     @property
@@ -288,25 +302,30 @@ class PubNubTransport:
                 self.on_replay_gap(sorted(conn.channels), conn.resume_tt, conn.first_replayed_tt)
 
     def _on_status(self, conn: _Connection, status: Any) -> None:
+        """An SDK status: its category, named as the lean client names it (`PNAccessDeniedCategory` ->
+        `AccessDenied`)."""
         category = status.category
         name = getattr(category, "name", str(category)).removeprefix("PN").removesuffix("Category")
+        self._on_connection_status(conn, name, status.is_error())
+
+    def _on_connection_status(self, conn: _Connection, name: str, is_error: bool) -> None:
         self.metrics.pubnub_status.labels(name).inc()
         if conn.retired:
             return
-        if category in (PNStatusCategory.PNConnectedCategory, PNStatusCategory.PNReconnectedCategory):
+        if name in ("Connected", "Reconnected"):
             conn.connected = True
-        elif category in (PNStatusCategory.PNAccessDeniedCategory, PNStatusCategory.PNDisconnectedCategory):
-            # The SDK has stopped for good. Replace the instance, resuming from each channel's cursor.
+        elif name in ("AccessDenied", "Disconnected"):
+            # The client has stopped for good. Replace the connection, resuming from each channel's cursor.
             log.warning("transport.connection_lost", category=name, connection=conn.conn_id,
                         channels=len(conn.channels))
-            delay = ACCESS_DENIED_RETRY_SECONDS if category == PNStatusCategory.PNAccessDeniedCategory else 0.5
+            delay = ACCESS_DENIED_RETRY_SECONDS if name == "AccessDenied" else 0.5
             with self._lock:
                 self._retry_at[conn.conn_id] = time.monotonic() + delay
                 self._dirty.add(conn.conn_id)
             self._wake.set()
-            if category == PNStatusCategory.PNAccessDeniedCategory and self.on_access_denied:
+            if name == "AccessDenied" and self.on_access_denied:
                 self.on_access_denied(sorted(conn.channels))
-        elif status.is_error():
+        elif is_error:
             log.info("transport.error", category=name, connection=conn.conn_id)
 
     # ---- connection planning -------------------------------------------------------------------
@@ -369,8 +388,21 @@ class PubNubTransport:
 
     def _open(self, subscribe_key: str, channels: frozenset[str] | set[str]) -> None:
         conn = _Connection(next(self._ids), subscribe_key, frozenset(channels))
+        # Resume where the least advanced channel stopped; the others drop what they already had.
+        resume = min(self._channels[name].last_tt for name in channels)
+        conn.resume_tt, conn.opened_tt = resume, timetoken_at(time.time())
+        self._connections[conn.conn_id] = conn
+        if self._lean is not None:
+            conn.poll = Poll(subscribe_key, sorted(channels), resume, functools.partial(self._on_batch, conn),
+                             functools.partial(self._on_connection_status, conn))
+            self._lean.open(conn.poll)
+        else:
+            self._open_sdk(conn)
+        log.info("transport.connection_opened", connection=conn.conn_id, channels=len(channels), resume_tt=resume)
+
+    def _open_sdk(self, conn: _Connection) -> None:
         cfg = PNConfiguration()
-        cfg.subscribe_key = subscribe_key
+        cfg.subscribe_key = conn.subscribe_key
         cfg.user_id = self.settings.user_id
         cfg.daemon = True  # a blocked long-poll must not pin the process at exit
         cfg.ssl = self.settings.ssl
@@ -382,21 +414,18 @@ class PubNubTransport:
         cfg.maximum_reconnection_interval = self.settings.maximum_reconnection_interval
         cfg.subscribe_request_timeout = self.settings.subscribe_request_timeout
         cfg.suppress_leave_events = True
-        # Resume where the least advanced channel stopped; the others drop what they already had.
-        resume = min(self._channels[name].last_tt for name in channels)
-        conn.resume_tt, conn.opened_tt = resume, timetoken_at(time.time())
         pubnub = PubNub(cfg, custom_request_handler=RequestHandler)
         listener = _Listener(self, conn)
         pubnub.add_listener(listener)
         install_batch_intake(pubnub, functools.partial(self._on_batch, conn))
         conn.pubnub, conn.listener = pubnub, listener
-        self._connections[conn.conn_id] = conn
-        pubnub.subscribe().channels(sorted(channels)).with_timetoken(resume).execute()
+        pubnub.subscribe().channels(sorted(conn.channels)).with_timetoken(conn.resume_tt).execute()
         drop_registry_listener(pubnub)
-        log.info("transport.connection_opened", connection=conn.conn_id, channels=len(channels), resume_tt=resume)
 
     def _close(self, conn: _Connection) -> None:
         conn.retired = True
+        if conn.poll is not None and self._lean is not None:
+            self._lean.close(conn.poll)
         if conn.pubnub is not None:
             try:
                 conn.pubnub.stop()

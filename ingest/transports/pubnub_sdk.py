@@ -24,7 +24,7 @@ log = get_logger(__name__)
 
 
 @functools.cache
-def _ssl_context() -> ssl.SSLContext:
+def ssl_context() -> ssl.SSLContext:
     """One TLS context for every connection: building one (CA bundle included) costs ~30 ms of CPU."""
     return httpx.create_ssl_context()
 
@@ -53,12 +53,13 @@ class _DecodedOnce(httpx.Response):
                 doc = orjson.loads(self.content)
             except orjson.JSONDecodeError:
                 doc = None
-            if _only_string_payloads(doc):
+            if only_string_payloads(doc):
                 return doc
         return json.loads(self.text, **kwargs)
 
 
-def _only_string_payloads(doc: Any) -> bool:
+def only_string_payloads(doc: Any) -> bool:
+    """Every message payload of a subscribe response is a string: orjson's parse of it is exact."""
     messages = doc.get("m") if type(doc) is dict else None
     return type(messages) is list and all(type(m) is dict and type(m.get("d")) is str for m in messages)
 
@@ -86,7 +87,7 @@ class RequestHandler(HttpxRequestHandler):  # type: ignore[misc]
     def _ensure_session(self) -> httpx.Client:
         with self._session_lock:
             if self._session is None or self._session.is_closed:
-                self._session = httpx.Client(transport=_Transport(http2=True, verify=_ssl_context()))
+                self._session = httpx.Client(transport=_Transport(http2=True, verify=ssl_context()))
             return self._session
 
 

@@ -37,7 +37,7 @@ class Intake:
         self.pubnub = PubNubTransport(
             TransportSettings(user_id=w.id, origin=rc.pubnub_origin, ssl=rc.pubnub_ssl,
                               channels_per_connection=w.channels_per_connection,
-                              replay_buffer_messages=w.replay_buffer_messages),
+                              replay_buffer_messages=w.replay_buffer_messages, client=w.pubnub_client),
             handler=_labelled(handler, "pubnub"), metrics=metrics)
         self.websocket = WebSocketTransport(_labelled(handler, "websocket"), metrics, on_gap=self._on_websocket_gap) \
             if any(a.transport == "websocket" for a in config.accounts) else None

@@ -348,4 +348,76 @@ p50) and holds a pool thread meanwhile: with 16 threads and ~10 ms per answer th
 answers/s per process (raise `webhook.threads` for more). The p99 stays below 0.14 s, far from
 RingCentral's 3 s; the answer deadline (`webhook.answer_timeout_seconds`, 2 s) bounds it when
 Kafka does not answer (docs/faults.md).
+
+## PubNub clients (`python -m tests.bench.pubnub_clients`, run by hand; issue 18)
+
+Production is many subscriptions with sparse traffic: a poll returns a handful of messages, and what
+a poll costs decides the worker's CPU. 2,000 channels on 40 connections (50 each); the sandbox, in
+its own process, publishes 1,000/s round-robin over all of them (pre-encoded 1 KiB Base64 payloads,
+10-s hold); this process only reads (the transport and a counting handler: no pipeline, no Kafka).
+15-s window after a 5-s warm-up; CPU is the reading process's user+system time, all threads; polls
+are counted by the sandbox. 2026-12-02, 2 shared cores (other test suites running); median of 3
+runs (min-max), single runs where marked.
+
+| client | us CPU per poll | us per notification | messages per poll | OS threads | RSS MiB |
+|---|---:|---:|---:|---:|---:|
+| (1) SDK, threaded (the default before) | 1,795 (1,722-1,804) | 191 (183-198) | 9.1-9.4 | 122-123 | 79-85 |
+| (2) SDK, asyncio | 2,805 (2,760-3,075) | 232 (193-286) | 9.8-16.0 | 2 | 92-93 |
+| (3) lean over aiohttp 3.14 (single run) | 685 | 70 | 9.8 | 4 | 63 |
+| (4) lean, own HTTP/1.1, awaiting each hand-on (single run) | 435 | 46 | 9.5 | 4 | 52 |
+| (5) **lean** (`worker.pubnub_client: lean`, the default now) | 352 (297-359) | 40 (33-40) | 8.9-9.5 | 4 | 52-53 |
+| (6) lean, handler in the loop thread (rejected; single run) | 321 | 22 | 14.9 | 4 | 56 |
+
+(1) the native `PubNub` with the patches of `pubnub_sdk.py`; (2) `PubNubAsyncio`, one per connection
+on one loop, a plain listener; (3)-(6) `pubnub_lean.py`: (4) its own HTTP/1.1 over asyncio streams,
+each poll waiting until the intake thread handed its batch on; (5) the batch only queued.
+
+The lean poller (`ingest/transports/pubnub_lean.py`): every connection is one coroutine on one
+asyncio loop, over one keep-alive HTTP/1.1 connection of its own, parsing the subscribe JSON with
+orjson; one more thread hands batches on in reading order. It speaks the protocol as the native SDK
+does (first poll `tt=<resume>` without `tr`; read timeout: silent re-poll; 403: the connection ends
+and is replaced; other errors: `/time/0` probes with the SDK's exponential backoff, then a poll from
+the saved cursor) and reports the SDK's status category names, so the PubNub fault tests run
+unchanged. Its threads: the loop, the intake thread, the transport's planner, whatever the number of
+connections (`tests/integration/sandbox/test_transport.py::test_the_transport_threads_do_not_grow_with_the_channels`:
+3 at 50 and at 500 channels; the SDK client: 4 and 31). A hostname origin adds asyncio's resolver
+threads (at most 6 on 2 cores), not per connection.
+
+More lean figures (single runs): 2,000 channels at 3,000/s: 420-561 us per poll, 18-24 us per
+notification, 24 messages per poll, kernel 11-37% of it. 10,000 channels (200 connections) at
+1,000/s asked: 4 threads, 75 MiB; the sandbox delivered only 420/s there (0.77 of a core: every
+publish wakes all 200 held polls of the key), so the client's 496 us per poll was not measured at
+the asked rate; making the sandbox's serving path cheap is part of the realistic scenario.
+
+Idle, 10,000 channels (200 connections, no traffic, 10-s hold: 20 empty polls/s; single runs):
+lean 0.004 of a core (204 us per empty poll), 4 threads, 55 MiB; the SDK client 0.059 of a core
+(2,956 us per poll), 602 threads, 95 MiB. With PubNub's real ~280-s hold a poll comes 28x less often.
+
+Where the lean poller's time goes (py-spy `--gil`, 3,000/s): the transport's cursor checks and
+`Received` objects ~20%, handing a batch to the intake thread (a futex wake-up and a GIL hand-over
+per poll) 17%, orjson 14%, asyncio streams and timeouts most of the rest.
+
+Why not the others:
+- **SDK, threaded**: a thread per in-flight request (its `Call`), httpx with h2, endpoint, envelope
+  and status objects per poll; about 3 OS threads per connection (122 at 2,000 subscriptions).
+- **SDK, asyncio**: one thread, but more CPU per poll than the threaded client (its event engine
+  builds effects, states and invocations per poll, over aiohttp); it also handshakes with `tt=0`
+  and re-delivers after a receive-reconnect (reference: pubnub-protocol.md §6, hazard 9).
+- **aiohttp** under the lean loop: ~250 us more per poll than plain asyncio streams (request and
+  response objects, URL and header handling), for nothing a long-poll GET needs.
+- **The handler in the loop thread**: 20% less CPU per poll, but a handler that waits (Kafka's
+  back-pressure, a starved machine) would stop every connection's reading, and a moved channel's new
+  connection could not read meanwhile (`test_a_channel_moved_to_a_new_connection_is_handed_on_in_order`).
+
+The dense drain of `make bench` (throughput scenario, one run each, same hour, alternating): lean
+13,718 and 11,729/s at 0.509 and 0.446 s of CPU per 10,000; with 100 messages per response (real
+PubNub's cap) 10,989 and 16,396/s at 0.528 and 0.439 s; the SDK client 10,511/s at 0.504 s, and
+6,894/s at 0.747 s with 100 per response; ratio to the naive pipeline 440x and 348x (lean) vs 180x
+(SDK); 18 instead of 31 threads, 158-173 instead of 255 MiB peak RSS. Lag p99 of the steady stream:
+228 and 118 ms (lean), 133 ms (SDK): this machine's noise (25 ms in the quiet medians above).
+
+What it means for the worker: at 1,000/s on 2,000 subscriptions the SDK's intake alone took 0.18-0.20
+of a core, of the 0.40-0.46 measured for the whole worker (issue 18); the lean poller's, 0.03-0.04.
+The worker-level figures (pipeline and Kafka included, lag, the maximum sustained rate) belong to the
+realistic scenario of `make bench`; `worker.pubnub_client: sdk` keeps the SDK client for comparison.
 """

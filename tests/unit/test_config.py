@@ -61,6 +61,7 @@ def test_minimal_config_defaults_and_specs(tmp_path: Path) -> None:
     assert cfg.accounts[0].jwt == JWT
     assert cfg.worker.renewal_margin_seconds == 120 and cfg.worker.renewal_jitter_seconds == 15
     assert cfg.worker.expires_in_seconds == 900 and cfg.worker.delivery_guarantee == "at-least-once"
+    assert cfg.worker.pubnub_client == "lean"
     assert cfg.worker.id  # hostname-pid
     assert cfg.metrics.port == 9095 and cfg.logging.level == "INFO"
     [spec] = cfg.specs()
@@ -118,6 +119,7 @@ def test_secret_from_file_relative_to_config(tmp_path: Path) -> None:
      "worker.delete_subscriptions_on_shutdown:", "expected a boolean"),
     (BASE + "metrics:\n  port: 70000\n", {}, "metrics.port:", "at most 65535"),
     (BASE + "worker:\n  coordination: mesh\n", {}, "worker.coordination:", "standalone, group"),
+    (BASE + "worker:\n  pubnub_client: asyncio\n", {}, "worker.pubnub_client:", "must be one of lean, sdk"),
     (BASE + "topics:\n  spec_partitions: 0\n", {}, "topics.spec_partitions:", "at least 1"),
     (BASE + "metrics:\n  port: 1.5\n", {}, "metrics.port:", "expected an integer"),
     (BASE + "logging:\n  level: LOUD\n", {}, "logging.level:", "must be one of"),

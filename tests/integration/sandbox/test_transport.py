@@ -84,3 +84,32 @@ def test_a_channel_moved_to_a_new_connection_is_handed_on_in_order(sandbox: Sand
     finally:
         release_first_call.set()
         transport.stop()
+
+
+def _threads_started_since(before: set[threading.Thread]) -> int:
+    """Threads started since `before`, but the in-process sandbox's (one per HTTP connection it serves)."""
+    return sum(1 for t in threading.enumerate()
+               if t not in before and not t.name.endswith("(process_request_thread)"))
+
+
+def _threads_reading(sandbox: Sandbox, channels: int) -> int:
+    """How many threads a transport started to read `channels` channels (50 per connection)."""
+    before = set(threading.enumerate())
+    transport = PubNubTransport(TransportSettings(user_id="test", origin=sandbox.pubnub_origin, ssl=False),
+                                handler=lambda batch, received_at: None, metrics=Metrics())
+    for i in range(channels):
+        transport.add_channel("sub-c-threads", f"threads-{channels}-{i}")
+    transport.start()
+    try:
+        wait_for(lambda: len(transport.reading()) == channels, 60, what=f"{channels} channels read")
+        assert transport.connection_count == channels // 50
+        return _threads_started_since(before)
+    finally:
+        transport.stop()
+
+
+def test_the_transport_threads_do_not_grow_with_the_channels(sandbox: Sandbox) -> None:
+    """1 connection (50 channels) and 10 connections (500): the same few threads. The SDK's threaded
+    client ran several per connection (380 at 2,000 subscriptions, docs/benchmarks.md)."""
+    threads = {channels: _threads_reading(sandbox, channels) for channels in (50, 500)}
+    assert threads[500] == threads[50] <= 3, f"threads started per channel count: {threads}"

@@ -38,6 +38,10 @@ def _pct(v: float) -> str:
     return f"{v * 100:.1f} %"
 
 
+def _us(v: float) -> str:
+    return f"{v:,.0f} us" if v >= 10 else f"{v:.1f} us"
+
+
 ROWS: list[tuple[str, str, Callable[[float], str], str, Check]] = [
     ("throughput.worker.notifications_per_second", "worker: notifications/s", _rate, ">= 20,000 /s",
      lambda v: v >= 20_000),
@@ -61,7 +65,7 @@ ROWS: list[tuple[str, str, Callable[[float], str], str, Check]] = [
     ("throughput.baseline_b_naive.notifications_per_second", "baseline (b) naive pipeline: notifications/s", _rate,
      "", None),
     ("throughput.baseline_b_naive.cpu_seconds_per_10k", "baseline (b): CPU seconds per 10,000", _secs, "", None),
-    ("throughput.ratios.worker_vs_raw_producer", "ratio worker / baseline (a)", _x, ">= 0.40x", lambda v: v >= 0.4),
+    ("throughput.ratios.worker_vs_raw_producer", "ratio worker / baseline (a)", _x, "", None),
     ("throughput.ratios.worker_vs_naive", "ratio worker / baseline (b)", _x, ">= 3x", lambda v: v >= 3),
     ("throughput.avg_plaintext_bytes", "average notification (plaintext)", lambda v: f"{v:,.0f} B", "~1 KiB",
      None),
@@ -87,8 +91,47 @@ ROWS: list[tuple[str, str, Callable[[float], str], str, Check]] = [
     ("failover.duplicated", "failover: notifications duplicated (at-least-once)", _n, "", None),
     ("failover.moved_specs", "failover: specs moved", _n, "", None),
     ("failover.notifications", "failover: notifications published", _n, "", None),
+    ("realistic.steady.rates.1000.worker_cpu_us_per_notification",
+     "realistic, 2,000 subscriptions at 1,000/s: worker CPU per notification", _us, "<= 100 us",
+     lambda v: v <= 100),
+    ("realistic.steady.rates.1000.lag_p99_seconds", "realistic at 1,000/s: lag p99", _ms, "<= 500 ms",
+     lambda v: v <= 0.5),
+    ("realistic.steady.max_sustained_rate", "realistic: maximum sustained rate (lag p99 <= 1 s)", _rate,
+     ">= 10,000 /s", lambda v: v >= 10_000),
+    ("realistic.steady.floor.loop_thread_us_per_notification",
+     "C-level floor: `Pipeline.process` + `produce()`, tight loop, its thread", _us, "", None),
+    ("realistic.steady.floor.cpu_us_per_notification", "C-level floor with librdkafka's threads and flush", _us,
+     "", None),
+    ("realistic.steady.ratio_cpu_1000_vs_floor", "worker CPU per notification at 1,000/s / floor (with librdkafka)",
+     _x, "", None),
+    ("realistic.steady.startup_seconds", "realistic: 2,000 subscriptions active after", _secs, "", None),
+    ("realistic.steady.idle_os_threads", "realistic: OS threads, 2,000 subscriptions, no traffic", _n, "", None),
+    ("realistic.idle.lapses", "realistic idle, 10,000 subscriptions: lapses over 3 renewal cycles", _n, "0",
+     lambda v: v == 0),
+    ("realistic.idle.worker.renewal_cycles", "realistic idle: renewal cycles observed", _n, ">= 3", lambda v: v >= 3),
+    ("realistic.idle.worker.os_threads_max", "realistic idle: OS threads (max)", _n, "<= 100", lambda v: v <= 100),
+    ("realistic.idle.worker.rss_max_bytes", "realistic idle: RSS (max)", _mib, "< 1 GiB", lambda v: v < 1024 * _MIB),
+    ("realistic.idle.worker.cpu_per_1000_subscriptions", "realistic idle: CPU per 1,000 subscriptions (30 s lifetimes)",
+     _pct, "", None),
+    ("realistic.idle.startup_seconds", "realistic idle: 10,000 subscriptions active after", _secs, "", None),
 ]
-METRICS = [row[0] for row in ROWS]
+# The realistic scenario's per-rate figures: (key in each rate's results, column, formatter).
+RATE_COLUMNS: list[tuple[str, str, Callable[[float], str]]] = [
+    ("delivered_per_second", "delivered", _rate),
+    ("worker_cpu_us_per_notification", "worker CPU / notification", _us),
+    ("worker_cores", "worker cores", _n),
+    ("sandbox_cores", "sandbox cores", _n),
+    ("broker_cores", "broker cores", _n),
+    ("polls_per_second", "polls/s", _n),
+    ("messages_per_poll", "messages / poll", _n),
+    ("lag_p50_seconds", "lag p50", _ms),
+    ("lag_p99_seconds", "lag p99", _ms),
+    ("os_threads", "OS threads", _n),
+    ("rss_bytes", "RSS", _mib),
+]
+REALISTIC_RATES = (200, 1000, 3000)  # tests/bench/realistic.py FIXED_RATES
+METRICS = [row[0] for row in ROWS] + [f"realistic.steady.rates.{rate}.{key}" for rate in REALISTIC_RATES
+                                      for key, _label, _fmt in RATE_COLUMNS]
 
 
 def _fmt(value: Any, fmt: Callable[[float], str]) -> str:
@@ -126,8 +169,8 @@ def render(summary: dict[str, Any]) -> str:
         met = "" if check is None or median is None else ("yes" if check(median) else "**no**")
         lines.append(f"| {label} | {_fmt(median, fmt)} | {_fmt(stat.get('min'), fmt)} | "
                      f"{_fmt(stat.get('max'), fmt)} | {target} | {met} |")
-    failed = [f"run {r['run']} {name}: {r[name]['error']}" for r in runs for name in ("throughput", "subscriptions",
-                                                                                     "failover")
+    failed = [f"run {r['run']} {name}: {r[name]['error']}" for r in runs
+              for name in ("throughput", "subscriptions", "failover", "realistic")
               if isinstance(r.get(name), dict) and "error" in r[name]]
     if failed:
         lines += ["", "Failed scenarios (not in the figures above):", ""] + [f"- {f}" for f in failed]
@@ -204,8 +247,64 @@ def render(summary: dict[str, Any]) -> str:
             f"{f['session_timeout_seconds']:g} s (the default).",
             "",
         ]
+    lines += _realistic(summary)
     lines += [NOTES, ""]
     return "\n".join(lines)
+
+
+def _realistic(summary: dict[str, Any]) -> list[str]:
+    """The realistic scenario's settings and its per-rate table (medians of the runs)."""
+    runs = summary["runs"]
+    steady = next((r["realistic"]["steady"] for r in runs if "steady" in r.get("realistic", {})), None)
+    if steady is None:
+        return []
+    idle = next((r["realistic"]["idle"] for r in runs if "idle" in r.get("realistic", {})), None)
+    st = steady["settings"]
+    lines = [
+        f"**Realistic** (`tests/bench/realistic.py`): the production regime. {st['subscriptions']:,} subscriptions "
+        f"({st['accounts']} accounts x {st['per_account']}, presence) on "
+        f"{-(-st['subscriptions'] // st['channels_per_connection'])} PubNub connections, the worker as `ingest run` "
+        "(a subprocess, default settings). The sandbox replays notifications encrypted once before the clock "
+        "starts, round-robin over every subscription, at each rate for "
+        f"{st['warmup_seconds']:g} s of warm-up and a {st['window_seconds']:g} s window; it answers at most "
+        f"{st['max_messages_per_response']} messages per poll, as PubNub does, and holds polls "
+        f"{st['pubnub_hold_seconds']:g} s. CPU is read from /proc/<pid>/stat (all threads) for the worker, the "
+        "sandbox and the broker (the shared broker serves the other users of the machine too). Polls and "
+        "messages per poll are the sandbox's count of the subscribe polls it answered. Lag is every record's "
+        "broker append time (the topics are created with LogAppendTime) minus its PubNub timetoken (publish "
+        "time), for every record published in the window. After the fixed rates the rate steps up by "
+        f"x{st['step_factor']:g} (then halves the gap to the first failure) while the worker sustains it: "
+        f">= {st['sustained_share']:.0%} of the rate delivered in the window, lag p99 <= "
+        f"{st['sustained_p99_seconds']:g} s, backlog gone within 30 s. The floor is `Pipeline.process` and "
+        "`produce()` in a tight loop over the same payloads in the same run (its thread's CPU; and the "
+        "process's, with librdkafka's threads and the final flush).",
+        "",
+    ]
+    if idle:
+        i = idle["settings"]
+        lines += [
+            f"The idle part (first run only, ~3 min): {i['subscriptions']:,} subscriptions in one `ingest run`, "
+            f"lifetimes {i['lifetime_seconds']:g} s (margin {i['renewal_margin_seconds']:g} s, jitter "
+            f"{i['renewal_jitter_seconds']:g} s; the sandbox's rate-limit windows shortened by the same factor), "
+            f"no traffic, observed {i['observe_seconds']:.0f} s (three renewal cycles). With lifetimes "
+            f"{900 / i['lifetime_seconds']:.0f}x shorter than real, the idle CPU is mostly renewals and "
+            "overstates a real deployment's.",
+            "",
+        ]
+    lines += ["| rate | " + " | ".join(label for _k, label, _f in RATE_COLUMNS) + " |",
+              "|---:|" + "---:|" * len(RATE_COLUMNS)]
+    for rate in REALISTIC_RATES:
+        cells = [_fmt((summary["summary"].get(f"realistic.steady.rates.{rate}.{key}") or {}).get("median"), fmt)
+                 for key, _label, fmt in RATE_COLUMNS]
+        lines.append(f"| {rate:,}/s | " + " | ".join(cells) + " |")
+    lines += ["", "Steps of the search for the maximum sustained rate (each run):", ""]
+    for r in runs:
+        steps = r.get("realistic", {}).get("steady", {}).get("steps", [])
+        lines.append(f"- run {r['run']}: " + ", ".join(
+            f"{s['rate_offered']:,.0f}/s {'held' if s['sustained'] else 'not held'} "
+            f"(p99 {_fmt(s['lag_p99_seconds'], _ms)}, {_fmt(s['worker_cpu_us_per_notification'], _us)})"
+            for s in steps))
+    return [*lines, ""]
 
 
 NOTES = """## What was optimised (before -> after, same machine)
@@ -287,11 +386,15 @@ Each subscribe poll costs the worker a fixed 1-4 ms of CPU: httpx takes 1.3 ms f
 objects). At 1,000 messages per response that is ~2-4 us per notification; at real PubNub's 100,
 20-40 us, hence the lower figure of the "100 per response" drain.
 
-Baseline (a) spends 9-12 us per record. Reaching 40% of it would mean the whole worker, PubNub
-intake and delivery accounting included, in 2.5 x (9-12) = 23-30 us per notification: the C-level
-work measured inside the worker alone (~22 us) leaves nothing for the rest. That takes more than one
-core per process (a free-threaded Python, or several worker processes per pod: each owns its own
-subscriptions, so the group coordination needs no change), or a data plane in a compiled language.
+Baseline (a) spends 9-12 us per record. The former target of 40 % of it per process is dropped
+(issue 18): the whole worker, PubNub intake and delivery accounting included, would have to run in
+2.5 x (9-12) = 23-30 us per notification, and the C-level work measured inside the worker alone
+(~22 us) leaves nothing for the rest, in one CPython process. Baseline (a) and the dense drain stay
+as they were, as a reference. The yardstick instead is the realistic scenario's worker CPU per
+notification against the C-level floor measured in the same run, in a tight loop over the same
+payloads (`Pipeline.process` + `produce()`; the rows "C-level floor" and "worker CPU per
+notification at 1,000/s / floor"). More than a core per pod is the job of several worker processes
+per pod (issue 18, part 3), each owning its share of the subscriptions through the group coordination.
 
 The machine is shared and its speed drifts: the same code measured between 13,000 and 26,000
 notifications/s within two days (13,800 to 19,300 in the medians of `make bench`), and the naive

@@ -9,9 +9,10 @@
   the topics are created with LogAppendTime), and the sandbox's and the broker's CPU beside the
   worker's. A rate is sustained when the worker delivers >= 95 % of it in the window, its lag p99
   is <= 1 s and its backlog is gone within 30 s of the traffic stopping.
-- idle: 10,000 subscriptions in one `ingest run` with lifetimes shortened to 30 s (the sandbox's
+- idle: 10,000 subscriptions in one `ingest run` with lifetimes shortened to 90 s (the sandbox's
   rate-limit windows shortened by the same factor), no traffic, three renewal cycles: lapses (from
-  the sandbox), OS threads, RSS and CPU per 1,000 subscriptions.
+  the sandbox), OS threads, RSS and CPU per 1,000 subscriptions. (With 30 s lifetimes, ~500
+  renewals/s, one loaded process had only 5,800 of 10,000 active after 6 minutes: renewals go first.)
 - floor: the C-level work per notification in a tight loop, in the same run on the same payloads
   (`Pipeline.process`: Base64, AES, JSON, routing, validation; then `produce()` and `flush()`).
 
@@ -345,7 +346,7 @@ def run_steady(bootstrap: str, workdir: Path, *, subscriptions: int = 2000, warm
 # ---- the idle scenario ------------------------------------------------------------------------------
 
 
-def run_idle(bootstrap: str, workdir: Path, *, subscriptions: int = 10_000, lifetime: float = 30.0,
+def run_idle(bootstrap: str, workdir: Path, *, subscriptions: int = 10_000, lifetime: float = 90.0,
              cycles: int = 3) -> dict[str, Any]:
     accounts = demo_accounts(-(-subscriptions // SUBS_PER_ACCOUNT), extensions_per_account=SUBS_PER_ACCOUNT)
     margin, jitter = lifetime / 3, lifetime / 6
@@ -398,9 +399,18 @@ def _renewed(worker: WorkerProcess) -> float:
 
 
 def run(bootstrap: str, workdir: Path, *, idle: bool, quick: bool = False) -> dict[str, Any]:
-    """The steady scenario, and the idle one when `idle` (`make bench` runs it once: it takes ~3 minutes)."""
-    out = {"steady": run_steady(bootstrap, workdir, subscriptions=500 if quick else 2000,
-                                search_steps=1 if quick else 3)}
+    """The steady scenario, and the idle one when `idle` (`make bench` runs it once: it takes ~5 minutes).
+    A failed part is recorded as such; the other's figures are kept."""
+    out = {"steady": _kept(lambda: run_steady(bootstrap, workdir, subscriptions=500 if quick else 2000,
+                                              search_steps=1 if quick else 3))}
     if idle:
-        out["idle"] = run_idle(bootstrap, workdir, subscriptions=1000 if quick else 10_000)
+        out["idle"] = _kept(lambda: run_idle(bootstrap, workdir, subscriptions=1000 if quick else 10_000,
+                                             lifetime=30.0 if quick else 90.0))
     return out
+
+
+def _kept(part: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return part()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}

@@ -59,6 +59,10 @@ class FaultBook:
         with self._lock:
             self._rules.append(Rule(kind, params, remaining, until))
 
+    def armed_any(self) -> bool:
+        """Whether any rule is armed (read without the lock: a hot path asks it before `take`)."""
+        return bool(self._rules)
+
     def take(self, kind: str, **match: str) -> dict[str, Any] | None:
         """The parameters of a live rule of `kind` whose match keys fit, or None. Consumes one use."""
         if not self._rules:  # fast path: no faults armed (read without the lock is fine for a list)

@@ -16,12 +16,13 @@ invalid JSON, or a well-formed envelope whose body violates the schema.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import random
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -459,6 +460,7 @@ class Generator:
         self._stop = threading.Event()
         # transportType -> route, for transports other than PubNub (they carry the JSON unencrypted)
         self.routes: dict[str, Route] = {}
+        self.replayed = 0  # messages published by start_prepared()
 
     # ---- recorded output ---------------------------------------------------------------------
     @property
@@ -617,10 +619,37 @@ class Generator:
             raise ValueError("rate_per_second must be > 0")
         kind_list = None if kinds is None else list(kinds)
         self.targets(kind_list)  # validates the kinds now, not in the thread
-        self._stop.clear()
 
         def reason() -> str | None:
             return self._rng.choice(MALFORMED) if malformed_ratio and self._rng.random() < malformed_ratio else None
+
+        # Counted even with no live target: the rate is a rate of attempts.
+        self._pace(rate_per_second, lambda due: self._publish(due, kind_list, reason))
+
+    def start_prepared(self, rate_per_second: float, messages: Sequence[tuple[str, str, str]]) -> None:
+        """Publish pre-built (subscribe key, channel, data JSON text) messages round-robin at about
+        `rate_per_second` until stop(): load that costs the sandbox no generation or encryption (the
+        benchmarks' steady traffic). Not recorded in `generated`; `replayed` counts them."""
+        self.stop()
+        if rate_per_second <= 0 or not messages:
+            raise ValueError("rate_per_second must be > 0 and messages not empty")
+        by_key: dict[str, list[tuple[str, str]]] = {}
+        for sub_key, channel, data_json in messages:
+            by_key.setdefault(sub_key, []).append((channel, data_json))
+        # Cycled as one sequence per key (the sandbox has one key), keeping the round-robin order.
+        cycles = {key: itertools.cycle(items) for key, items in by_key.items()}
+
+        def publish_due(due: int) -> None:
+            per_key = -(-due // len(cycles))
+            for key, cycle in cycles.items():
+                self._pubnub.publish_many(key, itertools.islice(cycle, per_key))
+                self.replayed += per_key
+
+        self._pace(rate_per_second, publish_due)
+
+    def _pace(self, rate_per_second: float, publish_due: Callable[[int], object]) -> None:
+        """Call `publish_due(n)` every 20 ms in a background thread with what the rate owes since the start."""
+        self._stop.clear()
 
         def run() -> None:
             start = time.monotonic()
@@ -628,8 +657,8 @@ class Generator:
             while not self._stop.wait(0.02):
                 due = int((time.monotonic() - start) * rate_per_second) - sent
                 if due > 0:
-                    self._publish(due, kind_list, reason)
-                    sent += due  # counted even with no live target: the rate is a rate of attempts
+                    publish_due(due)
+                    sent += due
 
         self._thread = threading.Thread(target=run, name="sandbox-generator", daemon=True)
         self._thread.start()

@@ -12,7 +12,11 @@ Fidelity rules (docs/reference pubnub-protocol.md §2-§4, §8):
   that make overflow observable; timetokens are strictly monotonic 17-digit integers.
 
 Speed: each envelope is serialized to JSON bytes once, at publish time; a response is a join of
-those bytes, written with one `write` on a keep-alive HTTP/1.1 connection.
+those bytes, written with one `write` on a keep-alive HTTP/1.1 connection. A publish wakes only the
+held polls that read its channel (one condition per held poll, sharing the key's lock), not every
+held poll of the key; `publish_many` buffers a batch under one lock. A connection's channel list is
+parsed once (the SDK repeats the same list on every poll). That keeps the serving path cheap next to
+the worker in the benchmarks (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar
@@ -68,12 +73,16 @@ class _KeyBuffer:
 
     Parallel lists with a moving start index: bisect finds the first entry after a cursor in
     O(log n), and dropping the oldest entries is O(1) (the lists are compacted now and then).
+    `waiters` maps a channel to the conditions of the polls held on it (all built on `cond`'s lock).
     """
 
-    __slots__ = ("blobs", "channels", "cond", "dropped_expired", "dropped_overflow", "published", "start", "tts")
+    __slots__ = ("blobs", "channels", "cond", "dropped_expired", "dropped_overflow", "lock", "published", "start",
+                 "tts", "waiters")
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.waiters: dict[str, set[threading.Condition]] = {}
         self.tts: list[int] = []
         self.channels: list[str] = []
         self.blobs: list[bytes] = []
@@ -84,6 +93,31 @@ class _KeyBuffer:
 
     def __len__(self) -> int:
         return len(self.tts) - self.start
+
+    def wake(self, channel: str) -> None:
+        """Wake the polls held on `channel`. Caller holds `cond`."""
+        for waiter in self.waiters.get(channel, ()):
+            waiter.notify()
+
+    def wake_all(self) -> None:
+        """Wake every held poll (on close). Caller holds `cond`."""
+        for waiters in self.waiters.values():
+            for waiter in waiters:
+                waiter.notify()
+
+    def hold(self, channels: frozenset[str], seconds: float) -> None:
+        """Wait up to `seconds` for a publish on one of `channels`. Caller holds `cond`."""
+        waiter = threading.Condition(self.lock)
+        for channel in channels:
+            self.waiters.setdefault(channel, set()).add(waiter)
+        try:
+            waiter.wait(seconds)
+        finally:
+            for channel in channels:
+                held = self.waiters[channel]
+                held.discard(waiter)
+                if not held:
+                    del self.waiters[channel]
 
     def drop_front(self, n: int) -> None:
         self.start += n
@@ -110,6 +144,8 @@ class PubNubEmulator:
         self._keys_lock = threading.Lock()
         self._closed = threading.Event()
         self.polls = 0  # subscribe requests answered (for stats)
+        self._channel_sets: dict[str, frozenset[str]] = {}
+        self.messages_served = 0  # messages in those answers (for stats: messages per poll)
 
     # ---- buffer ------------------------------------------------------------------------------
     def _key(self, sub_key: str) -> _KeyBuffer:
@@ -148,19 +184,44 @@ class PubNubEmulator:
             tail += ',"u":' + json.dumps(meta, separators=_COMPACT)
         tail += "}"
         with kb.cond:
-            tt = self.clock.next()
-            blob = f'{head}"p":{{"t":"{tt}","r":{self.region}}}{tail}'.encode()
-            kb.tts.append(tt)
-            kb.channels.append(channel)
-            kb.blobs.append(blob)
-            kb.published += 1
-            over = len(kb) - self.buffer_size
-            if over > 0:
-                kb.dropped_overflow += over
-                kb.drop_front(over)
-            self._expire(kb)
-            kb.cond.notify_all()
+            tt = self._append(kb, channel, head, tail)
+            self._trim(kb)
+            kb.wake(channel)
         return tt
+
+    def publish_many(self, sub_key: str, messages: Iterable[tuple[str, str]]) -> int:
+        """Buffer (channel, data JSON text) messages under one lock, as `publish_serialized` would one
+        by one (no publisher, meta or signal); wakes the polls held on their channels. Returns the
+        last timetoken (0 for no messages)."""
+        kb = self._key(sub_key)
+        head, key_part = '{"a":"1","f":0,', ',"k":' + json.dumps(sub_key) + ',"c":'
+        tt = 0
+        with kb.cond:
+            touched = set()
+            for channel, data_json in messages:
+                tt = self._append(kb, channel, head, f'{key_part}{json.dumps(channel)},"d":{data_json}}}')
+                touched.add(channel)
+            self._trim(kb)
+            for channel in touched:
+                kb.wake(channel)
+        return tt
+
+    def _append(self, kb: _KeyBuffer, channel: str, head: str, tail: str) -> int:
+        """One envelope into the buffer, stamped with the next timetoken. Caller holds kb.cond."""
+        tt = self.clock.next()
+        kb.tts.append(tt)
+        kb.channels.append(channel)
+        kb.blobs.append(f'{head}"p":{{"t":"{tt}","r":{self.region}}}{tail}'.encode())
+        kb.published += 1
+        return tt
+
+    def _trim(self, kb: _KeyBuffer) -> None:
+        """Drop what exceeds `buffer_size` (oldest first) and what has aged out. Caller holds kb.cond."""
+        over = len(kb) - self.buffer_size
+        if over > 0:
+            kb.dropped_overflow += over
+            kb.drop_front(over)
+        self._expire(kb)
 
     def overflow(self, sub_key: str) -> int:
         """Publish buffer_size filler messages on a channel nobody reads, so that everything buffered
@@ -183,12 +244,22 @@ class PubNubEmulator:
             return list(self._keys)
 
     # ---- subscribe ---------------------------------------------------------------------------
+    def channel_set(self, segment: str) -> frozenset[str]:
+        """The channels of a subscribe URL's channel segment, parsed once per distinct segment (a
+        connection repeats its list on every poll)."""
+        channels = self._channel_sets.get(segment)
+        if channels is None:
+            if len(self._channel_sets) >= 10_000:  # bounded: channel lists change as subscriptions move
+                self._channel_sets.clear()
+            channels = self._channel_sets[segment] = frozenset(split_channels(segment))
+        return channels
+
     def handshake(self) -> bytes:
         return b'{"t":{"t":"%d","r":%d},"m":[]}' % (self.clock.next(), self.region)
 
     def poll(self, sub_key: str, channels: frozenset[str], tt: int, hold: float | None = None) -> bytes:
         """The body of a subscribe response for cursor `tt` (blocking up to the hold time)."""
-        self.polls += 1
+        self.polls += 1  # not under a lock: a statistic, a lost increment does not matter
         if tt <= 0:
             return self.handshake()
         kb = self._key(sub_key)
@@ -217,7 +288,8 @@ class PubNubEmulator:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed.is_set():
                     return b'{"t":{"t":"%d","r":%d},"m":[]}' % (tt, self.region)
-                kb.cond.wait(remaining)
+                kb.hold(channels, remaining)
+        self.messages_served += len(out)
         return b'{"t":{"t":"%d","r":%d},"m":[%b]}' % (cursor, self.region, b",".join(out))
 
     def close(self) -> None:
@@ -227,7 +299,7 @@ class PubNubEmulator:
             keys = list(self._keys.values())
         for kb in keys:
             with kb.cond:
-                kb.cond.notify_all()
+                kb.wake_all()
 
     @property
     def closed(self) -> bool:
@@ -260,6 +332,15 @@ def _send_all(sock: socket.socket, head: bytes, body: bytes) -> None:
 def split_channels(segment: str) -> list[str]:
     """`a,ch%2Fb` -> ["a", "ch/b"]; a lone `,` means no channels."""
     return [unquote(part) for part in segment.split(",") if part]
+
+
+def _query_value(query: str, name: str) -> str | None:
+    """The first value of `name` in a URL query (what `parse_qs` would give, at a fraction of its cost)."""
+    for pair in query.split("&"):
+        key, _, value = pair.partition("=")
+        if key == name:
+            return unquote(value)
+    return None
 
 
 class PubNubHandler(BaseHTTPRequestHandler):
@@ -346,30 +427,28 @@ class PubNubHandler(BaseHTTPRequestHandler):
 
     def _subscribe(self, sub_key: str, channel_segment: str, query: str) -> None:
         emulator = self.emulator
-        channels = split_channels(channel_segment)
-        tt = 0
-        if query:
-            # Only `tt` matters; `tr`, `uuid`, `pnsdk`, `ee`, `heartbeat`, `state`, ... are ignored.
-            values = parse_qs(query).get("tt")
-            if values:
-                tt = int(values[0])
+        channels = emulator.channel_set(channel_segment)
+        # Only `tt` matters; `tr`, `uuid`, `pnsdk`, `ee`, `heartbeat`, `state`, ... are ignored.
+        tt = int(_query_value(query, "tt") or 0)
         book = emulator.faults
-        if _first(book, "pubnub-drop", channels) is not None:
-            self._drop()
-            return
-        fault = _first(book, "pubnub-error", channels)
-        if fault is not None:
-            status = int(fault["status"])
-            if status == 403:
-                names = b",".join(json.dumps(c).encode() for c in channels)
-                self._send(403, _FORBIDDEN % names)
-            else:
-                self._send(status, _ERROR % (_REASONS.get(status, "Error").encode(), status))
-            return
-        stall = _first(book, "pubnub-stall", channels)
-        if stall is not None:
-            emulator._closed.wait(float(stall["seconds"]))
-        self._send(200, emulator.poll(sub_key, frozenset(channels), tt))
+        if book.armed_any():
+            ordered = split_channels(channel_segment)
+            if _first(book, "pubnub-drop", ordered) is not None:
+                self._drop()
+                return
+            fault = _first(book, "pubnub-error", ordered)
+            if fault is not None:
+                status = int(fault["status"])
+                if status == 403:
+                    names = b",".join(json.dumps(c).encode() for c in ordered)
+                    self._send(403, _FORBIDDEN % names)
+                else:
+                    self._send(status, _ERROR % (_REASONS.get(status, "Error").encode(), status))
+                return
+            stall = _first(book, "pubnub-stall", ordered)
+            if stall is not None:
+                emulator._closed.wait(float(stall["seconds"]))
+        self._send(200, emulator.poll(sub_key, channels, tt))
 
     def _time(self) -> None:
         if self.emulator.faults.take("pubnub-time-fail") is not None:

@@ -55,6 +55,7 @@ def _sandbox_main(settings: SandboxSettings, conn: Connection) -> None:
     with Sandbox(settings) as sb:
         ciphers: dict[str, Cipher] = {}
         ready: list[tuple[str, str, str]] = []  # (sub key, channel, data json) waiting for "release"
+        pool: list[tuple[str, str, str]] = []  # what "steady" replays round-robin
         conn.send(sb.describe())
         while True:
             command, args = conn.recv()
@@ -73,6 +74,18 @@ def _sandbox_main(settings: SandboxSettings, conn: Connection) -> None:
                     publish(sub_key, channel, data)
                 conn.send(len(ready))
                 ready = []
+            elif command == "steady-prepare":  # `args[0]` encrypted notifications per target for "steady"
+                prepared, pool = _prepare(sb, ciphers, args[0] * len(sb.generator.targets()), None)
+                conn.send(prepared)
+            elif command == "steady":  # replay the pool at `args[0]` per second (0: stop); answers the count
+                if args[0] > 0:
+                    sb.generator.start_prepared(args[0], pool)
+                else:
+                    sb.generator.stop()
+                conn.send(sb.generator.replayed)
+            elif command == "stats":
+                conn.send({"polls": sb.pubnub.polls, "messages_served": sb.pubnub.messages_served,
+                           "replayed": sb.generator.replayed})
             elif command == "per_response":  # messages per subscribe response from now on
                 sb.pubnub.max_per_response = args[0]
                 conn.send(None)

@@ -12,6 +12,7 @@ also reports ratios against baselines measured in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -21,10 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import failover, report, subscriptions, throughput, webhook, websocket
+from tests.bench import failover, realistic, report, subscriptions, throughput, webhook, websocket
 from tests.bench.common import machine, versions
 
-SCENARIOS = ("throughput", "subscriptions", "failover", "websocket", "webhook")
+SCENARIOS = ("throughput", "subscriptions", "failover", "realistic", "websocket", "webhook")
 
 
 def _guarded(scenario: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -116,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 # Scenario 3: kill -9 of one of two group workers (tests/bench/failover.py).
                 print(f"[bench] run {i + 1}/{args.runs}: failover", file=sys.stderr, flush=True)
                 result["failover"] = _guarded(lambda: failover.run(bootstrap, workdir))
+            if "realistic" in chosen:
+                # Scenario 4: the production regime (tests/bench/realistic.py); its idle part runs once.
+                print(f"[bench] run {i + 1}/{args.runs}: realistic", file=sys.stderr, flush=True)
+                result["realistic"] = _guarded(functools.partial(realistic.run, bootstrap, workdir, idle=i == 0,
+                                                                 quick=args.quick))
             if "websocket" in chosen:  # many users, sparse traffic, over WebSocket (tests/bench/websocket.py)
                 print(f"[bench] run {i + 1}/{args.runs}: websocket", file=sys.stderr, flush=True)
                 result["websocket"] = _guarded(lambda: websocket.run(

@@ -162,11 +162,20 @@ def run(bootstrap: str, workdir: Path, *, subscriptions: int = 5000, lifetime: f
             proc.join(120)
             if proc.is_alive():
                 proc.kill()
+    out["sandbox"] = {"statuses": _statuses(subs), "created_total": created,
+                      "renewals_total": sum(r for *_, r, _c in subs)}
+    out["lapses"] = lapses(subs, created, subscriptions)
+    return out
+
+
+def _statuses(subs: list[tuple[Any, ...]]) -> dict[str, int]:
     statuses: dict[str, int] = {}
     for _id, status, _exp, _renewals, _created in subs:
         statuses[status] = statuses.get(status, 0) + 1
-    out["sandbox"] = {"statuses": statuses, "created_total": created,
-                      "renewals_total": sum(r for *_, r, _c in subs)}
-    # A lapse: a subscription that expired (events stopped), or one that had to be created again.
-    out["lapses"] = statuses.get("Expired", 0) + max(0, created - subscriptions)
-    return out
+    return statuses
+
+
+def lapses(subs: list[tuple[Any, ...]], created: int, subscriptions: int) -> int:
+    """From the sandbox's view (its "subscriptions" and "created_total"): subscriptions that expired
+    (events stopped), plus those that had to be created again."""
+    return _statuses(subs).get("Expired", 0) + max(0, created - subscriptions)

@@ -225,3 +225,17 @@ def test_every_documented_family_has_a_schema_violation(sandbox: Sandbox, rc: RC
             for g in sandbox.generator.publish(len(info["eventFilters"]), malformed="schema-violation")]
     assert {o.error for o in outs} == {SCHEMA_VIOLATION}
     assert {o.family for o in outs} == FAMILIES
+
+
+def test_prepared_traffic_is_replayed_round_robin_at_its_rate(sandbox: Sandbox) -> None:
+    key = sandbox.subscriber_key
+    sandbox.generator.start_prepared(200, [(key, "ch-1", '"first"'), (key, "ch-2", '"second"')])
+    assert sandbox.generator.running
+    wait_for(lambda: sandbox.generator.replayed >= 40, timeout=5)
+    sandbox.generator.stop()
+    assert not sandbox.generator.running
+    replayed = sandbox.generator.replayed
+    assert sandbox.pubnub.stats(key).published == replayed
+    assert sandbox.generator.count() == 0  # prepared traffic is not recorded as generated
+    body = json.loads(sandbox.pubnub.poll(key, frozenset({"ch-1", "ch-2"}), 1, hold=0))
+    assert [(m["c"], m["d"]) for m in body["m"][:4]] == [("ch-1", "first"), ("ch-2", "second")] * 2

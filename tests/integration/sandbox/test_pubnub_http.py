@@ -12,7 +12,7 @@ from urllib.parse import quote
 import requests
 
 from ingest.sandbox.server import Sandbox
-from tests.support import wait_for
+from tests.support import holds, wait_for
 
 
 def poll(sb: Sandbox, channels: str, tt: int | str | None = None, **params: Any) -> requests.Response:
@@ -206,3 +206,28 @@ def test_injected_errors_have_pubnub_bodies(sandbox: Sandbox) -> None:
         raise AssertionError("the connection should have been dropped")
     except requests.ConnectionError:
         pass
+
+
+def test_publish_many_wakes_only_the_polls_of_its_channels_with_the_whole_batch(
+        make_sandbox: Callable[..., Sandbox]) -> None:
+    sb = make_sandbox(pubnub_hold_seconds=20)
+    tt = int(poll(sb, "a,b", 0).json()["t"]["t"])
+    answers: dict[str, dict[str, Any]] = {}
+
+    def hold(channel: str) -> None:
+        answers[channel] = poll(sb, channel, tt).json()
+
+    threads = {c: threading.Thread(target=hold, args=(c,)) for c in ("a", "b")}
+    for t in threads.values():
+        t.start()
+    wait_for(lambda: sb.pubnub.polls >= 3)
+    served = sb.pubnub.messages_served
+    last = sb.pubnub.publish_many(sb.subscriber_key, [("a", '{"n":1}'), ("c", '"elsewhere"'), ("a", '{"n":2}')])
+    threads["a"].join(5)
+    assert [m["d"] for m in answers["a"]["m"]] == [{"n": 1}, {"n": 2}]  # one answer: the batch was buffered whole
+    assert int(answers["a"]["m"][-1]["p"]["t"]) == last
+    assert holds(lambda: "b" not in answers, 0.5)  # nothing for b: its poll is still held
+    sent = publish(sb, "b", "for b")
+    threads["b"].join(5)
+    assert [(m["d"], int(m["p"]["t"])) for m in answers["b"]["m"]] == [("for b", sent)]
+    assert sb.pubnub.messages_served == served + 3

@@ -5,7 +5,8 @@
 # Starts Debian's etcd and a kube-apiserver built by .ci/tools/install-kube-apiserver.sh (no
 # controllers, no nodes: the server stores and validates objects, nothing runs pods), applies the
 # ServiceMonitor and PrometheusRule CRDs from prometheus-operator's published definitions (its Go
-# module ships them), then, for the default values and for tests/integration/helm/values-all.yaml:
+# module ships them), then, for the default values, tests/integration/helm/values-all.yaml and
+# tests/integration/helm/values-webhook.yaml:
 #
 #   1. every rendered object through a server-side dry run with strict field validation
 #      (`kubectl apply --server-side --dry-run=server --validate=strict`);
@@ -152,4 +153,5 @@ verify_values() {  # verify_values RELEASE NAMESPACE [HELM ARGS...]
 
 verify_values ingest-default verify-default
 verify_values ingest-all verify-all -f tests/integration/helm/values-all.yaml
+verify_values ingest-webhook verify-webhook -f tests/integration/helm/values-webhook.yaml
 say "PASSED: chart $(sed -n 's/^version: //p' "$CHART/Chart.yaml") against kube-apiserver $server_version"

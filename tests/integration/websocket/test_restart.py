@@ -6,9 +6,11 @@ reports the gap, and what is lost is exactly what RingCentral did not keep, insi
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -70,81 +72,88 @@ def _drain(sandbox: Sandbox, reader: FaultTolerantReader,
     return generated, {str(r.headers.get("uuid")) for r in records}
 
 
+@dataclass
+class _Restart:
+    """A single worker served, was SIGKILLed (`killed`, unix s); the test starts `second` itself."""
+
+    config: Path
+    reader: FaultTolerantReader
+    killed: float
+    second: WorkerProcess | None = None
+
+
+@contextlib.contextmanager
+def _killed_worker(sandbox: Sandbox, tmp_path: Path, bootstrap: str, prefix: str) -> Iterator[_Restart]:
+    """A worker on the sandbox's WebSocket sessions, served with traffic, then SIGKILLed; everything
+    started here (and the test's `second` worker) is stopped on exit, also when the test fails."""
+    config = _websocket_config(tmp_path, sandbox, bootstrap, prefix)
+    first = WorkerProcess(config, tmp_path / "first.log").start()
+    reader: FaultTolerantReader | None = None
+    restart: _Restart | None = None
+    try:
+        first.wait_ready(60, "the first worker ready")  # its topics exist: the reader assigns their partitions
+        reader = FaultTolerantReader(bootstrap, prefix)
+        restart = _Restart(config, reader, _start_and_kill(sandbox, reader, first))
+        yield restart
+    finally:
+        close_all(reader, first, restart.second if restart else None)
+
+
 def test_sigkill_and_restart_inside_recovery_timeout_recover_the_session(
         kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
     settings = sandbox_settings(websocket=WebSocketSettings(recovery_timeout=120.0, recovery_buffer=BUFFER))
-    with Sandbox(settings) as sandbox:
-        config = _websocket_config(tmp_path, sandbox, kafka_bootstrap, unique_name)
-        first = WorkerProcess(config, tmp_path / "first.log").start()
-        second: WorkerProcess | None = None
-        reader: FaultTolerantReader | None = None
-        try:
-            first.wait_ready(60, "the first worker ready")  # its topics exist: the reader assigns their partitions
-            reader = FaultTolerantReader(kafka_bootstrap, unique_name)
-            killed = _start_and_kill(sandbox, reader, first)
-            subscriptions = {s.id for s in sandbox.rc.live_subscriptions()}
-            target = sandbox.generator.count() + 20  # published while no worker runs: only the session buffer
-            wait_for(lambda: sandbox.generator.count() >= target, 30, what="traffic while down")
-            second = WorkerProcess(config, tmp_path / "second.log").start()
-            second.wait_ready(60, "the second worker ready")
-            down = time.time() - killed
-            more = sandbox.generator.count() + 20
-            wait_for(lambda: sandbox.generator.count() >= more, 30, what="traffic after the restart")
-            generated, in_kafka = _drain(sandbox, reader)
-            lost = [g for g in generated if g.uuid not in in_kafka]
-            stats = sandbox.websocket.stats()
-            gaps = [e for e in second.lines() if e.get("event") == "replay.gap_suspected"]
-            print(f"\n[websocket SIGKILL inside recoveryTimeout] {len(generated)} published, {len(lost)} lost, "
-                  f"down {down:.1f} s, replayed {stats['replayed']}, gaps {len(gaps)}")
-            assert lost == [], f"{len(lost)} of {len(generated)} lost"
-            assert stats["recovered"] == 1 and stats["recovery_failed"] == 0 and stats["lost"] == 0
-            assert gaps == []
-            assert {s.id for s in sandbox.rc.live_subscriptions()} == subscriptions  # the same one, recovered
-            assert second.stop() == 0
-        finally:
-            close_all(reader, first, second)
+    with Sandbox(settings) as sandbox, _killed_worker(sandbox, tmp_path, kafka_bootstrap, unique_name) as run:
+        subscriptions = {s.id for s in sandbox.rc.live_subscriptions()}
+        target = sandbox.generator.count() + 20  # published while no worker runs: only the session buffer
+        wait_for(lambda: sandbox.generator.count() >= target, 30, what="traffic while down")
+        second = run.second = WorkerProcess(run.config, tmp_path / "second.log").start()
+        second.wait_ready(60, "the second worker ready")
+        down = time.time() - run.killed
+        more = sandbox.generator.count() + 20
+        wait_for(lambda: sandbox.generator.count() >= more, 30, what="traffic after the restart")
+        generated, in_kafka = _drain(sandbox, run.reader)
+        lost = [g for g in generated if g.uuid not in in_kafka]
+        stats = sandbox.websocket.stats()
+        gaps = [e for e in second.lines() if e.get("event") == "replay.gap_suspected"]
+        print(f"\n[websocket SIGKILL inside recoveryTimeout] {len(generated)} published, {len(lost)} lost, "
+              f"down {down:.1f} s, replayed {stats['replayed']}, gaps {len(gaps)}")
+        assert lost == [], f"{len(lost)} of {len(generated)} lost"
+        assert stats["recovered"] == 1 and stats["recovery_failed"] == 0 and stats["lost"] == 0
+        assert gaps == []
+        assert {s.id for s in sandbox.rc.live_subscriptions()} == subscriptions  # the same one, recovered
+        assert second.stop() == 0
 
 
 def test_sigkill_and_restart_beyond_recovery_timeout_report_exactly_the_loss(
         kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
     timeout = 5.0
     settings = sandbox_settings(websocket=WebSocketSettings(recovery_timeout=timeout, recovery_buffer=BUFFER))
-    with Sandbox(settings) as sandbox:
-        config = _websocket_config(tmp_path, sandbox, kafka_bootstrap, unique_name)
-        first = WorkerProcess(config, tmp_path / "first.log").start()
-        second: WorkerProcess | None = None
-        reader: FaultTolerantReader | None = None
-        try:
-            first.wait_ready(60, "the first worker ready")  # its topics exist: the reader assigns their partitions
-            reader = FaultTolerantReader(kafka_bootstrap, unique_name)
-            killed = _start_and_kill(sandbox, reader, first)
-            (old,) = [s.id for s in sandbox.rc.live_subscriptions()]
-            # RingCentral ends the session recoveryTimeout after the socket went, and its subscription with it.
-            wait_for(lambda: sandbox.websocket.stats()["sessions"] == 0, timeout + 30, what="the session ended")
-            second = WorkerProcess(config, tmp_path / "second.log").start()
-            second.wait_ready(60, "the second worker ready")
-            more = sandbox.generator.count() + 20
-            wait_for(lambda: sandbox.generator.count() >= more, 30, what="traffic after the restart")
-            generated, in_kafka = _drain(sandbox, reader, lambda g: g.subscription_id != old)
-            lost = [g for g in generated if g.uuid not in in_kafka]
-            (gap,) = [e for e in second.lines() if e.get("event") == "replay.gap_suspected"]
-            since, until = float(str(gap["missing_from"])), float(str(gap["missing_until"]))
-            print(f"\n[websocket SIGKILL beyond recoveryTimeout] {len(generated)} published, {len(lost)} lost, "
-                  f"all in the reported window of {until - since:.1f} s; unread at the kill "
-                  f"{sum(1 for g in lost if g.published_at < killed)}")
-            assert "websocket recovery-failed" in str(gap["reason"])
-            assert since <= killed <= until
-            # The loss is exactly what RingCentral did not keep: everything published after the kill, nothing
-            # before the newest checkpointed notification, nothing outside the window, nothing of the new session.
-            assert lost, "nothing was published while no worker ran"
-            assert {g.uuid for g in generated if g.published_at > killed and g.subscription_id == old} <= \
-                {g.uuid for g in lost}
-            assert all(since <= g.published_at <= until for g in lost), [
-                (g.published_at, since, until) for g in lost if not since <= g.published_at <= until][:3]
-            assert str(gap["subscription_id"]) == old and all(g.subscription_id == old for g in lost)
-            assert second.stop() == 0
-        finally:
-            close_all(reader, first, second)
+    with Sandbox(settings) as sandbox, _killed_worker(sandbox, tmp_path, kafka_bootstrap, unique_name) as run:
+        (old,) = [s.id for s in sandbox.rc.live_subscriptions()]
+        # RingCentral ends the session recoveryTimeout after the socket went, and its subscription with it.
+        wait_for(lambda: sandbox.websocket.stats()["sessions"] == 0, timeout + 30, what="the session ended")
+        second = run.second = WorkerProcess(run.config, tmp_path / "second.log").start()
+        second.wait_ready(60, "the second worker ready")
+        more = sandbox.generator.count() + 20
+        wait_for(lambda: sandbox.generator.count() >= more, 30, what="traffic after the restart")
+        generated, in_kafka = _drain(sandbox, run.reader, lambda g: g.subscription_id != old)
+        lost = [g for g in generated if g.uuid not in in_kafka]
+        (gap,) = [e for e in second.lines() if e.get("event") == "replay.gap_suspected"]
+        since, until = float(str(gap["missing_from"])), float(str(gap["missing_until"]))
+        print(f"\n[websocket SIGKILL beyond recoveryTimeout] {len(generated)} published, {len(lost)} lost, "
+              f"all in the reported window of {until - since:.1f} s; unread at the kill "
+              f"{sum(1 for g in lost if g.published_at < run.killed)}")
+        assert "websocket recovery-failed" in str(gap["reason"])
+        assert since <= run.killed <= until
+        # The loss is exactly what RingCentral did not keep: everything published after the kill, nothing
+        # before the newest checkpointed notification, nothing outside the window, nothing of the new session.
+        assert lost, "nothing was published while no worker ran"
+        assert {g.uuid for g in generated if g.published_at > run.killed and g.subscription_id == old} <= \
+            {g.uuid for g in lost}
+        assert all(since <= g.published_at <= until for g in lost), [
+            (g.published_at, since, until) for g in lost if not since <= g.published_at <= until][:3]
+        assert str(gap["subscription_id"]) == old and all(g.subscription_id == old for g in lost)
+        assert second.stop() == 0
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])

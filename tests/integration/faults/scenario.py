@@ -169,12 +169,16 @@ class Traffic:
         before = [tt for tt in stored if tt < missing.timetoken][-1:]
         after = [tt for tt in stored if tt > missing.timetoken][:1]
         same_event = sum(1 for r in self.reader.records if r.headers.get("event") == missing.event)
+        # Anything that carries its timetoken (a dead letter has no uuid header when its payload did not parse).
+        same_tt = [f"{r.topic}: {r.headers.get('error-class')} {r.headers.get('error-message')}"
+                   for r in self.reader.records if r.headers.get("timetoken") == str(missing.timetoken)]
         worker: Worker | None = getattr(self, "worker", None)  # a Scenario's in-process worker
         sink = [f"{spec}: acked_tt={p.acked_tt} pending={[e.timetoken for e in list(p.pending)[:3]]} held={p.held}"
                 for spec, p in (worker.channels.progress_snapshot() if worker else [])
                 if (d := worker.channels.deliveries.get(spec)) and d.subscription_id == missing.subscription_id]
         return (f"{missing.channel} tt={missing.timetoken} uuid={missing.uuid} published_at={missing.published_at:.3f}"
-                f" stored before={before} after={after}; {same_event} records of its event {missing.event}; "
+                f" stored before={before} after={after}; with its timetoken: {same_tt}; "
+                f"{same_event} records of its event {missing.event}; "
                 f"the worker's sink: {sink}")
 
     def out_of_order(self) -> list[str]:

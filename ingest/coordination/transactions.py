@@ -132,6 +132,11 @@ class TransactionalSink(KafkaSink):
                 self._failed = exc.args[0].name()
                 return True
 
+    def _producer_failed(self, error: KafkaError) -> None:
+        # Fenced, or the coordinator ended our epoch: the committer meets the error at its next
+        # transaction call, tells the two apart and stops or replaces the producer (`_abort`).
+        log.warning("kafka.producer_fatal_error", error=error.name(), reason=error.str())
+
     def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
         # Inside a delivery callback (or produce): only record, never call the producer.
         if err.code() == KafkaError._PURGE_QUEUE:

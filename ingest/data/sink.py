@@ -14,6 +14,14 @@ produces the rest in order. Nothing is dropped, and no checkpoint passes a held 
 Delivery callbacks run inside librdkafka's poll: they only record the outcome. Producing or polling
 from inside one re-enters the client (RecursionError, then librdkafka's CallState assertion aborts
 the process), so all re-producing happens on the delivery thread.
+
+A fatal producer error (the idempotent producer cannot keep its guarantees: sequence desynchronised
+with the broker, `enable.gapless.guarantee` after a permanent error, ...) ends this producer: every
+later produce is refused with `_FATAL`. confluent-kafka never hands it to an `error_cb`: the poll (or
+flush) that serves it raises it, on whichever thread polls. The at-least-once sink records it in
+`fatal_error` and the worker stops (`Worker.failed`, `ingest run` exits 3); started again, it resumes from
+its checkpoints, none of which passed an unacknowledged record (docs/faults.md says why it does not
+replace the producer instead).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +137,7 @@ class KafkaSink:
         self._max_waiting = int(config.get("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES))
         self._settle_lock = threading.Lock()
         self.acknowledged = 0  # records acknowledged and accounted for since start
+        self.fatal_error: str | None = None  # the producer's fatal error: the worker must stop (at-least-once)
 
     @property
     def producer(self) -> Producer:
@@ -143,12 +152,11 @@ class KafkaSink:
         while not self._stop.is_set():
             producer = self._producer  # the exactly-once sink may replace it (TransactionalSink)
             try:
-                producer.poll(0.05)
+                self._poll(0.05)
                 self._settle()
                 self._hold_failed()
-                self._retry_held()
-            except KafkaException as exc:  # poll raises a fatal producer error (fenced) once: the committer acts on it
-                log.warning("kafka.producer_fatal_error", error=exc.args[0].name(), reason=exc.args[0].str())
+                if self.fatal_error is None:  # a failed producer refuses every record: retrying only logs
+                    self._retry_held()
             except Exception:  # this thread must outlive any one bad report
                 log.error("kafka.delivery_thread_error", exc_info=True)
             queue_gauge.set(len(producer))
@@ -184,7 +192,29 @@ class KafkaSink:
     def _produce(self, entry: _InFlight) -> None:
         """Intake: produce, waiting while the local queue is full (Kafka slow or down: back-pressure)."""
         while self._try_produce(entry) is None:
-            self._producer.poll(0.1)  # callbacks only record, so serving them here is safe
+            self._poll(0.1)  # callbacks only record, so serving them here is safe
+
+    def _poll(self, timeout: float) -> None:
+        self._serving_reports(lambda: self._producer.poll(timeout))
+
+    def _serving_reports(self, serve: Callable[[], int]) -> int:
+        """Call `serve` (a poll or flush of the producer) and return what it returns; a fatal producer
+        error it raises goes to `_producer_failed` (then: the records still in the producer)."""
+        try:
+            return serve()
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if not error.fatal():
+                raise
+            self._producer_failed(error)
+            return len(self._producer)
+
+    def _producer_failed(self, error: KafkaError) -> None:
+        """The producer failed for good (raised once, by the poll that served it). At-least-once: the
+        worker stops and is started again, resuming from its checkpoints."""
+        if self.fatal_error is None:
+            self.fatal_error = f"kafka producer fatal error {error.name()}: {error.str()}"
+            log.error("kafka.producer_fatal_error", error=error.name(), reason=error.str())
 
     def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
         """Record a failed or refused record (possibly inside a delivery callback: nothing more)."""
@@ -325,7 +355,7 @@ class KafkaSink:
         """A record outside the notification flow (checkpoints); delivery errors are only counted.
 
         While the local queue is full, waits at most `wait` seconds (None: until there is room) and
-        returns False if the record could not be queued."""
+        returns False if the record could not be queued (also once the producer failed: `fatal_error`)."""
         def on_delivery(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
                 self._metrics.delivery_errors.labels(err.name()).inc()
@@ -340,11 +370,18 @@ class KafkaSink:
             except BufferError:
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
-                self._producer.poll(0.1)
+                self._poll(0.1)
+            except KafkaException:
+                # Refused with _FATAL: the producer failed. Its cause waits to be served by a poll (here,
+                # unless another thread's poll has served it); at-least-once this record is then not queued.
+                self._poll(0)
+                if self.fatal_error is None:
+                    raise
+                return False
 
     def flush(self, timeout: float) -> int:
         """Wait up to `timeout` s for every delivery; returns how many are still undelivered."""
-        left = int(self._producer.flush(timeout))
+        left = self._serving_reports(lambda: int(self._producer.flush(timeout)))
         self._settle()
         return left
 

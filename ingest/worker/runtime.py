@@ -225,9 +225,9 @@ class Worker:
 
     @property
     def failed(self) -> str | None:
-        """Why the worker cannot go on (fenced, or its group membership thread died), or None: the
-        process should stop and be started again (`ingest run` exits 3)."""
-        return self.checkpoints.fatal_error or self.ownership.error
+        """Why the worker cannot go on (fenced, its producer failed for good, or its group membership
+        thread died), or None: the process should stop and be started again (`ingest run` exits 3)."""
+        return self.checkpoints.fatal_error or self.sink.fatal_error or self.ownership.error
 
     def subscriptions_serving(self) -> int:
         """How many owned subscriptions are active with their channel read by the transport: the one

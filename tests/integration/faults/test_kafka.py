@@ -194,6 +194,77 @@ def test_permanent_delivery_errors_hold_the_spec_in_order_without_crashing(
             close_all(reader, worker)
 
 
+# A property any config may set: a permanent refusal by the broker is then the idempotent producer's
+# fatal error (`_GAPLESS_GUARANTEE`) instead of a held record. With it, a record too large for its topic
+# provokes a REAL fatal producer error from the real broker. (The config check asks for idempotence
+# beside it, although the sink sets it anyway.)
+GAPLESS = {"enable.idempotence": "true", "enable.gapless.guarantee": "true"}
+
+
+def test_a_fatal_producer_error_fails_liveness_at_once(kafka_bootstrap: str, unique_name: str,
+                                                       tmp_path: Path) -> None:
+    """A fatal producer error from the real broker and librdkafka (no callback called by hand): with
+    `enable.gapless.guarantee`, the broker's MSG_SIZE_TOO_LARGE for a presence batch makes librdkafka fail
+    the producer for good, and confluent-kafka raises that error from the poll that serves it (it never
+    reaches an `error_cb`). Before: `kafka.producer_fatal_error` was logged, the at-least-once worker went
+    on with a producer that refuses every record, and `/healthz` said 200. Now `Worker.failed` names the
+    error and `/healthz` answers 503 at once."""
+    presence = TopicNames(unique_name).for_family("presence")
+    with scenario(tmp_path, kafka_bootstrap, unique_name, kafka=GAPLESS) as s, \
+            LivenessWatch(lambda: s.worker.health.port) as liveness:
+        s.traffic()
+        s.wait_traffic(20)
+        assert not liveness.failures, liveness.failures[:3]
+        refused = time.monotonic()
+        _set_max_message_bytes(kafka_bootstrap, presence, "16")
+        failed = wait_for(lambda: s.worker.failed, 30, what="the worker to report its producer's fatal error")
+        reported = time.monotonic() - refused
+        assert "_GAPLESS_GUARANTEE" in failed and "Message size too large" in failed, failed
+        wait_for(lambda: liveness.failures, 5, what="/healthz to fail")
+        unhealthy = time.monotonic() - refused
+        assert liveness.failures[0].startswith("503") and "_GAPLESS_GUARANTEE" in liveness.failures[0], \
+            liveness.failures[0]
+        print(f"failed {reported:.1f}s after the topic refused records, /healthz 503 after {unhealthy:.1f}s: {failed}")
+
+
+def test_a_fatal_producer_error_exits_3_and_the_restart_loses_nothing(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
+    """`ingest run` whose producer fails for good (the real fatal error of the test above) exits 3 for
+    its supervisor; started again, it resumes from its checkpoints, which never passed an unacknowledged
+    record: nothing is lost (verdict by uuid), including what was published while no worker ran."""
+    presence = TopicNames(unique_name).for_family("presence")
+    with Sandbox(sandbox_settings()) as sandbox:
+        config = worker_config_file(tmp_path, sandbox, kafka_bootstrap, unique_name, kafka=GAPLESS)
+        first = WorkerProcess(config, tmp_path / "first.log").start()
+        second: WorkerProcess | None = None
+        reader: FaultTolerantReader | None = None
+        try:
+            first.wait_ready(60, "the first worker ready")
+            reader = FaultTolerantReader(kafka_bootstrap, unique_name)
+            s = Traffic(sandbox, reader)
+            s.traffic()
+            s.wait_traffic(40)
+            refused = time.monotonic()
+            _set_max_message_bytes(kafka_bootstrap, presence, "16")
+            wait_for(lambda: first.proc.poll() is not None, 60, what="the worker to exit after the fatal error")
+            exited = time.monotonic() - refused
+            assert first.proc.returncode == 3, first.proc.returncode
+            [exiting] = [e for e in first.lines() if e.get("event") == "worker.exiting"]
+            assert "_GAPLESS_GUARANTEE" in str(exiting["reason"]), exiting
+            _set_max_message_bytes(kafka_bootstrap, presence, None)
+            s.wait_traffic(40)  # published while no worker runs: only PubNub's buffer holds it
+            second = WorkerProcess(config, tmp_path / "second.log").start()
+            second.wait_ready(60, "the second worker ready")
+            down = time.monotonic() - refused
+            s.wait_traffic(40)
+            _, duplicates = s.verify("fatal producer error, exit 3 and restart")
+            assert second.stop() == 0
+            print(f"exited 3 {exited:.1f}s after the topic refused records, serving again {down:.1f}s after, "
+                  f"{duplicates} duplicates: {exiting['reason']}")
+        finally:
+            close_all(reader, first, second)
+
+
 @pytest.mark.xfail(strict=False, reason=(
     "issue 14, open: with two CPU hogs beside the suite this failed once more after the producer "
     "replacement (docs/faults.md); it passed alone and 4 of 4 loaded runs of its own"))

@@ -372,8 +372,8 @@ class KafkaSink:
                     return False
                 self._poll(0.1)
             except KafkaException:
-                # Refused with _FATAL: the producer failed. Its cause waits to be served by a poll (here,
-                # unless another thread's poll has served it); at-least-once this record is then not queued.
+                # Refused. After a fatal error (`_FATAL`) the poll that serves its cause records it (this
+                # one, unless another thread's did): the record is not queued. Any other refusal is raised.
                 self._poll(0)
                 if self.fatal_error is None:
                     raise

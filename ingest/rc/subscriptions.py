@@ -589,9 +589,11 @@ class SubscriptionManager:
         if self.webhook_address is not None:
             token = secrets.token_urlsafe(VERIFICATION_TOKEN_BYTES)
             register_secret(token)
+        intent: dict[str, float] = {}
         if self.record_intent is not None:
             # Durable before the POST (see the module docstring); a spec released meanwhile is not created.
             self.record_intent(entry.spec.spec_id, lambda: entry.removed or self._stopping)
+            intent["intent_seconds"] = round(self.clock() - started, 3)  # what the intent costs a creation
         try:
             if token is not None and self.webhook_address is not None:
                 info = session.client.create_webhook_subscription(filters, self.expires_in, self.webhook_address,
@@ -605,7 +607,7 @@ class SubscriptionManager:
         if token is not None:
             entry.webhook_token = (str(info.get("id") or ""), token)
         self.metrics.creations.labels(reason).inc()
-        self._activate(entry, info, deliveries, how="created", started=started)
+        self._activate(entry, info, deliveries, how="created", started=started, **intent)
 
     def _renew(self, entry: _Entry, deliveries: list[Delivery]) -> None:
         session = entry.session
@@ -686,8 +688,9 @@ class SubscriptionManager:
             entry.action = "attach"
 
     def _activate(self, entry: _Entry, info: dict[str, Any], deliveries: list[Delivery], *, how: str,
-                  started: float | None = None) -> bool:
-        """Adopt a SubscriptionInfo; returns whether channel, subscribe key or encryption key changed."""
+                  started: float | None = None, **logged: object) -> bool:
+        """Adopt a SubscriptionInfo; returns whether channel, subscribe key or encryption key changed.
+        `logged`: more fields for its log line."""
         session = entry.session
         assert session is not None
         now = self.clock()
@@ -743,7 +746,7 @@ class SubscriptionManager:
         emit = log.debug if how == "renewed" and not changed else log.info
         emit(f"subscription.{how}", spec=entry.spec.spec_id, subscription_id=sub_id,
              expires_in=round(expires_at - now, 1), changed=changed and previous is not None,
-             renew_in=round(due - now, 1))
+             renew_in=round(due - now, 1), **logged)
         for old in stale:
             if old != sub_id:
                 self._delete_id(session, old)

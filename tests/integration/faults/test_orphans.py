@@ -97,7 +97,9 @@ def test_a_subscription_created_by_a_worker_that_died_before_recording_it_is_rea
                      what="the orphan renewed by the heir")
             assert not sandbox.rc.is_live(recorded.id)
             received = sum(1 for g in sandbox.generator.generated if g.subscription_id == orphan)
-            print(f"orphan {orphan}: {received} notifications published to it, 0 lost; the heir adopted it "
-                  f"{took_over:.1f}s after the kill; {duplicates} duplicates")
+            intents = sorted(float(str(e["intent_seconds"])) for w in workers
+                             for e in _events(w, "subscription.created") if "intent_seconds" in e)
+            print(f"orphan: {received} notifications published to it, 0 lost; the heir served both specs "
+                  f"{took_over:.1f}s after the kill; {duplicates} duplicates; an intent cost its creation {intents} s")
         finally:
             close_all(reader, *workers)

@@ -65,6 +65,9 @@ class Checkpoints(ABC):
         self.transport = transport
         self.sink = sink
         self.fatal_error: str | None = None  # why this worker must not go on (fenced)
+        # Held while a state record is built and queued, and while an intent is noted: a record built
+        # before the intent and queued after it would drop the intent while the creation goes on.
+        self._records_lock = threading.RLock()
         channels.changed = self.spec_changed
 
     @abstractmethod
@@ -119,10 +122,16 @@ class Checkpoints(ABC):
             return True
         tt = progress.acked_tt if timetoken is None else timetoken
         tt = max(tt, progress.checkpointed_tt)
-        state = self.state_record(spec_id, delivery, tt)
-        if not self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
-                                     partition_for(spec_id, self.config.topics.spec_partitions), wait=wait):
+        # Bounded like the queue's wait: another writer may be waiting for room with the lock held.
+        if not self._records_lock.acquire(timeout=-1 if wait is None else wait):
             return False
+        try:
+            state = self.state_record(spec_id, delivery, tt)
+            if not self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                                         partition_for(spec_id, self.config.topics.spec_partitions), wait=wait):
+                return False
+        finally:
+            self._records_lock.release()
         progress.checkpointed_tt = tt
         channels.last_state[spec_id] = time.monotonic()
         self.metrics.checkpoints.inc()
@@ -181,7 +190,8 @@ class Checkpoints(ABC):
         docs/records.md). An intent still pending keeps its time: a creation that failed may have
         created one all the same (its answer lost). IntentNotRecorded: not durable in time, or the
         creation was `abandoned()` meanwhile (the spec handed over: a group commit waits for that)."""
-        since = self.channels.creating.setdefault(spec_id, time.time())
+        with self._records_lock:
+            since = self.channels.creating.setdefault(spec_id, time.time())
         self._write_durably(spec_id, replace(self._current_record(spec_id), creating_since=since), abandoned)
 
     def _current_record(self, spec_id: str) -> SpecState:

@@ -529,14 +529,18 @@ class SubscriptionManager:
                 continue
             found.append((created, sub_id))
         for created, sub_id in sorted(found):
+            info: dict[str, Any] | None = None
             with self._cond:
                 if sub_id in self._claimed:
                     continue  # another spec (with the same filters) has it
                 self._claimed.add(sub_id)
-            info = self._renew_existing(entry, sub_id)
+            try:
+                info = self._renew_existing(entry, sub_id)
+            finally:
+                if info is None:  # gone, or a transient failure (raised: the next attempt looks again)
+                    with self._cond:
+                        self._claimed.discard(sub_id)
             if info is None:
-                with self._cond:
-                    self._claimed.discard(sub_id)
                 continue
             log.warning("subscription.orphan_adopted", spec=entry.spec.spec_id, subscription_id=sub_id,
                         created_at=created, intent_since=entry.orphan_since, recorded=entry.candidate_id)

@@ -528,30 +528,47 @@ class SubscriptionManager:
                     or normalize_filters(record.get("eventFilters") or [], account_id, extension_id) != wanted:
                 continue
             found.append((created, sub_id))
+        intent = entry.orphan_since
         for created, sub_id in sorted(found):
             info: dict[str, Any] | None = None
             with self._cond:
                 if sub_id in self._claimed:
                     continue  # another spec (with the same filters) has it
                 self._claimed.add(sub_id)
+                entry.orphan_since = None  # no longer waiting for one (`_awaiting_orphans`)
             try:
                 info = self._renew_existing(entry, sub_id)
             finally:
                 if info is None:  # gone, or a transient failure (raised: the next attempt looks again)
                     with self._cond:
                         self._claimed.discard(sub_id)
+                        entry.orphan_since = intent
             if info is None:
                 continue
             log.warning("subscription.orphan_adopted", spec=entry.spec.spec_id, subscription_id=sub_id,
-                        created_at=created, intent_since=entry.orphan_since, recorded=entry.candidate_id)
+                        created_at=created, intent_since=intent, recorded=entry.candidate_id)
             with self._cond:
                 if entry.candidate_id and entry.candidate_id != sub_id:
                     entry.stale_ids.append(entry.candidate_id)  # replaced by the orphan: deleted once active
                     self._claimed.discard(entry.candidate_id)
                 entry.candidate_id = None
+                if not self._awaiting_orphans(entry, wanted, account_id, extension_id):
+                    # Later ones with the same filters (a creation retried after its answer was lost):
+                    # all they received, the adopted one received too. Deleted once it is active.
+                    extra = [i for c, i in found if c >= created and i != sub_id and i not in self._claimed]
+                    entry.stale_ids.extend(extra)
+                    if extra:
+                        log.warning("subscription.orphans_deleted", spec=entry.spec.spec_id, subscription_ids=extra)
             self._activate(entry, info, deliveries, how="adopted")
             return True
         return False
+
+    def _awaiting_orphans(self, entry: _Entry, wanted: tuple[str, ...], account_id: str, extension_id: str) -> bool:
+        """Whether another spec of the entry's account with the same filters has yet to claim an
+        orphan (lock held)."""
+        return any(other is not entry and other.session is entry.session and other.orphan_since is not None
+                   and normalize_filters(other.spec.event_filters, account_id, extension_id) == wanted
+                   for other in self._entries.values())
 
     def _renew_existing(self, entry: _Entry, sub_id: str) -> dict[str, Any] | None:
         """Renew a subscription we want to adopt; None if it is gone (404)."""

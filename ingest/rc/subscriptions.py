@@ -71,6 +71,9 @@ MAX_FAILED_BACKOFF = 300.0  # permanent-looking failures (403 limit, 400 filters
 MIN_LIFETIME_FRACTION = 0.5  # a margin longer than the granted lifetime: renew half-way instead
 PER_USER_LIMIT = 30  # subscriptions per user per app in the current spec (20 before 2025); warn beyond
 BLACKLISTED = "Blacklisted"
+# How long a creation waits for the deliveries of the spec's previous task to be announced (a callback stuck
+# longer does not hold creations up for good).
+ANNOUNCE_PATIENCE = 10.0
 # How far the clocks of an intent's writer, RingCentral (`creationTime`) and PubNub (timetokens) may differ.
 CLOCK_SKEW_SECONDS = 5.0
 VERIFICATION_TOKEN_BYTES = 32  # WebHook tokens: secrets.token_urlsafe(32), 43 characters
@@ -110,6 +113,7 @@ class _Entry:
     gone_reason: str = "gone"  # the Delivery.lapse_reason of a replacement for a subscription found gone
     # WebHook: (subscription id, verification token) of the subscription this entry created. A secret.
     webhook_token: tuple[str, str] | None = field(default=None, repr=False)
+    announcing: bool = False  # the deliveries of its last task are being handed to the data plane
     delivery: Delivery | None = None
     renewals: int = 0
     failures: int = 0
@@ -446,6 +450,7 @@ class SubscriptionManager:
         finally:
             with self._cond:
                 entry.busy = False
+                entry.announcing = bool(deliveries)
                 self._in_flight -= 1
                 self._cond.notify_all()  # the scheduler (a free API thread) and release() may wait for this
                 if entry.removed and not was_removed and not self._stopping:
@@ -458,6 +463,10 @@ class SubscriptionManager:
                 if not entry.removed:
                     for delivery in deliveries:
                         self._callback(entry.spec.spec_id, delivery)
+            if deliveries:
+                with self._cond:
+                    entry.announcing = False
+                    self._cond.notify_all()
 
     def _callback(self, spec_id: str, delivery: Delivery | None) -> None:
         try:
@@ -612,6 +621,10 @@ class SubscriptionManager:
             register_secret(token)
         intent: dict[str, float] = {}
         if self.record_intent is not None:
+            with self._cond:  # the announcement of the previous creation ends its intent: not this one's
+                deadline = time.monotonic() + ANNOUNCE_PATIENCE
+                while entry.announcing and time.monotonic() < deadline:
+                    self._cond.wait(0.1)
             # Durable before the POST (see the module docstring); a spec released meanwhile is not created.
             self.record_intent(entry.spec.spec_id, lambda: entry.removed or self._stopping)
             intent["intent_seconds"] = round(self.clock() - started, 3)  # what the intent costs a creation

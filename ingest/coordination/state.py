@@ -10,9 +10,10 @@ A transport whose position alone cannot resume reading (WebSocket: the session's
 needs at the checkpoint in `session` (`Transport.resume_state`).
 
 Group mode writes an intent before each subscription it creates (`creating_since`, made durable before
-the `POST /subscription`), and the record that names the created subscription drops it: a record
+the `POST /subscription`), and the record that names the created subscription and its channel drops it: a record
 restored with an intent tells the next owner that a subscription may exist that no record names (its
-creator died before recording it), created at or after that time; it looks for it (`orphans`).
+creator died before recording it), created at or after that time; it looks for it and adopts it
+(`ingest.rc.subscriptions`, "Orphans of a group member").
 
 The state topic is co-partitioned with the spec topic by construction: both are written with an
 explicit partition, `partition_for(spec_id, n)`, so a worker that owns spec partition p finds the

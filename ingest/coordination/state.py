@@ -9,6 +9,12 @@ checkpoint until drained: the record carries its subscribe key and its AES key, 
 A transport whose position alone cannot resume reading (WebSocket: the session's `wsc`) records what it
 needs at the checkpoint in `session` (`Transport.resume_state`).
 
+Group mode writes an intent before each subscription it creates (`creating_since`, made durable before
+the `POST /subscription`), and the record that names the created subscription and its channel drops it: a record
+restored with an intent tells the next owner that a subscription may exist that no record names (its
+creator died before recording it), created at or after that time; it looks for it and adopts it
+(`ingest.rc.subscriptions`, "Orphans of a group member").
+
 The state topic is co-partitioned with the spec topic by construction: both are written with an
 explicit partition, `partition_for(spec_id, n)`, so a worker that owns spec partition p finds the
 state of its specs in state partition p, whatever partitioner a client library defaults to.
@@ -59,11 +65,15 @@ class SpecState:
     # What the transport needs besides the checkpoint to resume there (WebSocket: the wsc of the checkpointed
     # notification, docs/records.md); None: the position is enough (PubNub).
     session: dict[str, Any] | None = None
+    # Group mode: a creation of a subscription for the spec began at this unix time and no record written
+    # since names what it created (the intent, docs/records.md); None: none pending.
+    creating_since: float | None = None
 
     def encode(self) -> bytes:
         fields = asdict(self)
-        if self.session is None:
-            del fields["session"]  # records without one stay readable by workers that predate the field
+        for optional in ("session", "creating_since"):
+            if fields[optional] is None:
+                del fields[optional]  # records without one stay readable by workers that predate the field
         return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod

@@ -26,6 +26,16 @@ the gap since `blacklistedData.blacklistedAt`.
 
 Unmatched subscriptions of a user are left alone: with several workers they belong to other owners,
 and an orphan that nobody renews expires by itself within 15 minutes.
+
+Orphans of a group member (`record_intent` set): before each creation the worker records an intent (the
+spec, since when) and waits until it is durable. A worker that died between a creation and the record
+naming it leaves the intent in the spec's record; the next owner (`set_specs(intents=...)`) lists the
+user's subscriptions and adopts the one created since the intent (its `creationTime`, before this owner
+took the spec over) whose filters are the spec's and that no state record names, instead of renewing
+the recorded one or creating another. All specs of an account have their records in one partition, so
+the owner of the spec knows every id its account's records name. Two specs with identical filters
+and intents may adopt each other's orphans: identical filters receive the same events, so nothing is
+lost or read twice either way.
 """
 
 from __future__ import annotations
@@ -61,7 +71,16 @@ MAX_FAILED_BACKOFF = 300.0  # permanent-looking failures (403 limit, 400 filters
 MIN_LIFETIME_FRACTION = 0.5  # a margin longer than the granted lifetime: renew half-way instead
 PER_USER_LIMIT = 30  # subscriptions per user per app in the current spec (20 before 2025); warn beyond
 BLACKLISTED = "Blacklisted"
+# How long a creation waits for the deliveries of the spec's previous task to be announced (a callback stuck
+# longer does not hold creations up for good).
+ANNOUNCE_PATIENCE = 10.0
+# How far the clocks of an intent's writer, RingCentral (`creationTime`) and PubNub (timetokens) may differ.
+CLOCK_SKEW_SECONDS = 5.0
 VERIFICATION_TOKEN_BYTES = 32  # WebHook tokens: secrets.token_urlsafe(32), 43 characters
+
+
+class IntentNotRecorded(Exception):
+    """The intent before a creation could not be made durable (Kafka down or slow): create later."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,10 @@ class _Entry:
     action: str = "attach"  # attach | renew | verify | delete
     subscription_id: str | None = None
     candidate_id: str | None = None  # known id to try first (restored state / cancelled removal)
+    # A restored intent: a subscription created since then by the previous owner may be named by no record;
+    # look for it among those created before `orphan_until` (when this worker took the spec over).
+    orphan_since: float | None = None
+    orphan_until: float = 0.0
     create_reason: str = "new"
     expires_at: float | None = None
     confirmed_at: float | None = None  # when RingCentral last answered for the current subscription
@@ -90,6 +113,7 @@ class _Entry:
     gone_reason: str = "gone"  # the Delivery.lapse_reason of a replacement for a subscription found gone
     # WebHook: (subscription id, verification token) of the subscription this entry created. A secret.
     webhook_token: tuple[str, str] | None = field(default=None, repr=False)
+    announcing: bool = False  # the deliveries of its last task are being handed to the data plane
     delivery: Delivery | None = None
     renewals: int = 0
     failures: int = 0
@@ -132,6 +156,11 @@ class SubscriptionManager:
         # Adopting a live subscription whose filters match is right for a worker that owns all of a
         # user's specs; in a group, another worker's spec may hold it, so only recorded ids are reused.
         self.adopt_matching = adopt_matching
+        # Group mode: records the intent before each creation, returning once it is durable (raises
+        # IntentNotRecorded otherwise). Set by the ownership before the first specs.
+        # The second argument says whether the creation was abandoned meanwhile (the spec removed or released).
+        self.record_intent: Callable[[str, Callable[[], bool]], None] | None = None
+        self._named: frozenset[str] = frozenset()  # subscription ids the restored state records name
         self.webhook_address = webhook_address  # None: PubNub delivery
         self._cond = threading.Condition(threading.RLock())
         self._entries: dict[str, _Entry] = {}
@@ -160,14 +189,19 @@ class SubscriptionManager:
             self._thread = threading.Thread(target=self._schedule_loop, name="rc-scheduler", daemon=True)
             self._thread.start()
 
-    def set_specs(self, specs: Iterable[SubscriptionSpec], known_ids: Mapping[str, str] | None = None) -> None:
+    def set_specs(self, specs: Iterable[SubscriptionSpec], known_ids: Mapping[str, str] | None = None,
+                  intents: Mapping[str, float] | None = None, named_ids: Collection[str] = ()) -> None:
         """Make `specs` the desired state: add new ones, update changed ones, remove the rest.
 
         `known_ids` maps spec id -> a subscription id believed to belong to it (restored state); it is
         renewed before anything else is tried, so a new owner continues the existing subscription.
+        `intents` maps spec id -> a restored intent's time: an added spec first looks for an orphan
+        created since then (see the module docstring); `named_ids`: every subscription id the restored
+        records name (none of them is an orphan).
         """
         desired = {s.spec_id: s for s in specs}
         known = dict(known_ids or {})
+        pending_intents = dict(intents or {})
         per_account = Counter(s.account for s in desired.values())
         for account, count in per_account.items():
             if count > PER_USER_LIMIT:
@@ -176,13 +210,14 @@ class SubscriptionManager:
                 log.warning("subscription.per_user_limit", account=account, specs=count, limit=PER_USER_LIMIT)
         removed: list[_Entry] = []
         with self._cond:
+            self._named = frozenset(named_ids)
             for spec_id, entry in list(self._entries.items()):
                 if spec_id not in desired:
                     removed.append(self._remove_locked(entry))
             for spec_id, spec in desired.items():
                 current = self._entries.get(spec_id)
                 if current is None:
-                    self._add_locked(spec, known.get(spec_id))
+                    self._add_locked(spec, known.get(spec_id), pending_intents.get(spec_id))
                 elif current.spec.event_filters != spec.event_filters or current.spec.account != spec.account:
                     self._change_locked(current, spec)
             self._publish_states_locked()
@@ -271,7 +306,7 @@ class SubscriptionManager:
 
     # ---- desired-state bookkeeping (lock held) ---------------------------------------------------
 
-    def _add_locked(self, spec: SubscriptionSpec, known_id: str | None) -> None:
+    def _add_locked(self, spec: SubscriptionSpec, known_id: str | None, intent: float | None = None) -> None:
         old = self._removing.pop(spec.spec_id, None)
         self._finished.pop(spec.spec_id, None)
         entry = _Entry(spec=spec, session=self.accounts.get(spec.account))
@@ -285,6 +320,8 @@ class SubscriptionManager:
             entry.state, entry.action = "pending", "attach"
         elif known_id:
             entry.candidate_id = known_id
+        if intent is not None:
+            entry.orphan_since, entry.orphan_until = intent, self.clock()
         if entry.candidate_id:
             self._claimed.add(entry.candidate_id)
         if entry.session is None:
@@ -413,6 +450,7 @@ class SubscriptionManager:
         finally:
             with self._cond:
                 entry.busy = False
+                entry.announcing = bool(deliveries)
                 self._in_flight -= 1
                 self._cond.notify_all()  # the scheduler (a free API thread) and release() may wait for this
                 if entry.removed and not was_removed and not self._stopping:
@@ -425,6 +463,10 @@ class SubscriptionManager:
                 if not entry.removed:
                     for delivery in deliveries:
                         self._callback(entry.spec.spec_id, delivery)
+            if deliveries:
+                with self._cond:
+                    entry.announcing = False
+                    self._cond.notify_all()
 
     def _callback(self, spec_id: str, delivery: Delivery | None) -> None:
         try:
@@ -439,6 +481,11 @@ class SubscriptionManager:
         assert session is not None
         account_id, extension_id = session.resolve()
         wanted = normalize_filters(entry.spec.event_filters, account_id, extension_id)
+        if entry.orphan_since is not None:
+            adopted = self._adopt_orphan(entry, deliveries, wanted, account_id, extension_id)
+            entry.orphan_since = None  # looked for (a failed look raised before this: looked for again)
+            if adopted:
+                return
         candidate = entry.candidate_id
         if candidate:
             info = self._renew_existing(entry, candidate)  # on a transient error the candidate stays
@@ -471,6 +518,66 @@ class SubscriptionManager:
             with self._cond:
                 self._claimed.discard(sub_id)
         self._create(entry, deliveries)
+
+    def _adopt_orphan(self, entry: _Entry, deliveries: list[Delivery], wanted: tuple[str, ...], account_id: str,
+                      extension_id: str) -> bool:
+        """Adopt the subscription the previous owner created since its intent and died before recording:
+        live, the spec's filters, created within (intent, takeover), claimed by no spec and named by no
+        record. Its renewal gives its channel and key; the data plane reads the channel from the
+        intent's time (`SpecChannels._resume`), so nothing it received is lost. The recorded one (being
+        replaced when the previous owner died) is deleted. False when there is none."""
+        session = entry.session
+        assert session is not None and entry.orphan_since is not None
+        since, until = entry.orphan_since - CLOCK_SKEW_SECONDS, entry.orphan_until
+        found = []
+        for record in self._inventory(session, listed_after=until):
+            sub_id, created = str(record.get("id") or ""), _parse_time(record.get("creationTime"))
+            if not sub_id or created is None or not since <= created <= until or sub_id in self._named \
+                    or record.get("status", "Active") != "Active" or not self._reusable(entry, record) \
+                    or normalize_filters(record.get("eventFilters") or [], account_id, extension_id) != wanted:
+                continue
+            found.append((created, sub_id))
+        intent = entry.orphan_since
+        for created, sub_id in sorted(found):
+            info: dict[str, Any] | None = None
+            with self._cond:
+                if sub_id in self._claimed:
+                    continue  # another spec (with the same filters) has it
+                self._claimed.add(sub_id)
+                entry.orphan_since = None  # no longer waiting for one (`_awaiting_orphans`)
+            try:
+                info = self._renew_existing(entry, sub_id)
+            finally:
+                if info is None:  # gone, or a transient failure (raised: the next attempt looks again)
+                    with self._cond:
+                        self._claimed.discard(sub_id)
+                        entry.orphan_since = intent
+            if info is None:
+                continue
+            log.warning("subscription.orphan_adopted", spec=entry.spec.spec_id, subscription_id=sub_id,
+                        created_at=created, intent_since=intent, recorded=entry.candidate_id)
+            with self._cond:
+                if entry.candidate_id and entry.candidate_id != sub_id:
+                    entry.stale_ids.append(entry.candidate_id)  # replaced by the orphan: deleted once active
+                    self._claimed.discard(entry.candidate_id)
+                entry.candidate_id = None
+                if not self._awaiting_orphans(entry, wanted, account_id, extension_id):
+                    # Later ones with the same filters (a creation retried after its answer was lost):
+                    # all they received, the adopted one received too. Deleted once it is active.
+                    extra = [i for c, i in found if c >= created and i != sub_id and i not in self._claimed]
+                    entry.stale_ids.extend(extra)
+                    if extra:
+                        log.warning("subscription.orphans_deleted", spec=entry.spec.spec_id, subscription_ids=extra)
+            self._activate(entry, info, deliveries, how="adopted")
+            return True
+        return False
+
+    def _awaiting_orphans(self, entry: _Entry, wanted: tuple[str, ...], account_id: str, extension_id: str) -> bool:
+        """Whether another spec of the entry's account with the same filters has yet to claim an
+        orphan (lock held)."""
+        return any(other is not entry and other.session is entry.session and other.orphan_since is not None
+                   and normalize_filters(other.spec.event_filters, account_id, extension_id) == wanted
+                   for other in self._entries.values())
 
     def _renew_existing(self, entry: _Entry, sub_id: str) -> dict[str, Any] | None:
         """Renew a subscription we want to adopt; None if it is gone (404)."""
@@ -512,6 +619,15 @@ class SubscriptionManager:
         if self.webhook_address is not None:
             token = secrets.token_urlsafe(VERIFICATION_TOKEN_BYTES)
             register_secret(token)
+        intent: dict[str, float] = {}
+        if self.record_intent is not None:
+            with self._cond:  # the announcement of the previous creation ends its intent: not this one's
+                deadline = time.monotonic() + ANNOUNCE_PATIENCE
+                while entry.announcing and time.monotonic() < deadline:
+                    self._cond.wait(0.1)
+            # Durable before the POST (see the module docstring); a spec released meanwhile is not created.
+            self.record_intent(entry.spec.spec_id, lambda: entry.removed or self._stopping)
+            intent["intent_seconds"] = round(self.clock() - started, 3)  # what the intent costs a creation
         try:
             if token is not None and self.webhook_address is not None:
                 info = session.client.create_webhook_subscription(filters, self.expires_in, self.webhook_address,
@@ -525,7 +641,7 @@ class SubscriptionManager:
         if token is not None:
             entry.webhook_token = (str(info.get("id") or ""), token)
         self.metrics.creations.labels(reason).inc()
-        self._activate(entry, info, deliveries, how="created", started=started)
+        self._activate(entry, info, deliveries, how="created", started=started, **intent)
 
     def _renew(self, entry: _Entry, deliveries: list[Delivery]) -> None:
         session = entry.session
@@ -606,8 +722,9 @@ class SubscriptionManager:
             entry.action = "attach"
 
     def _activate(self, entry: _Entry, info: dict[str, Any], deliveries: list[Delivery], *, how: str,
-                  started: float | None = None) -> bool:
-        """Adopt a SubscriptionInfo; returns whether channel, subscribe key or encryption key changed."""
+                  started: float | None = None, **logged: object) -> bool:
+        """Adopt a SubscriptionInfo; returns whether channel, subscribe key or encryption key changed.
+        `logged`: more fields for its log line."""
         session = entry.session
         assert session is not None
         now = self.clock()
@@ -663,7 +780,7 @@ class SubscriptionManager:
         emit = log.debug if how == "renewed" and not changed else log.info
         emit(f"subscription.{how}", spec=entry.spec.spec_id, subscription_id=sub_id,
              expires_in=round(expires_at - now, 1), changed=changed and previous is not None,
-             renew_in=round(due - now, 1))
+             renew_in=round(due - now, 1), **logged)
         for old in stale:
             if old != sub_id:
                 self._delete_id(session, old)
@@ -760,7 +877,8 @@ class SubscriptionManager:
             state = "rate-limited"
         elif isinstance(exc, TokenUnavailable):
             delay, state = exc.retry_after + self._random.uniform(0, 0.5), "retrying"
-        elif isinstance(exc, NetworkError) or (isinstance(exc, ApiError) and (exc.retryable or exc.status == 401)):
+        elif isinstance(exc, IntentNotRecorded | NetworkError) or (
+                isinstance(exc, ApiError) and (exc.retryable or exc.status == 401)):
             base = min(MAX_BACKOFF, 2.0 ** (failures - 1))
             delay = base * self._random.uniform(0.5, 1.0)
             if isinstance(exc, ApiError) and exc.retry_after:
@@ -769,7 +887,7 @@ class SubscriptionManager:
         else:
             delay = min(MAX_FAILED_BACKOFF, 10.0 * 2.0 ** (failures - 1)) * self._random.uniform(0.8, 1.0)
             state = "failed"
-        if not isinstance(exc, ApiError | NetworkError | TokenUnavailable):
+        if not isinstance(exc, ApiError | NetworkError | TokenUnavailable | IntentNotRecorded):
             log.error("subscription.unexpected_error", exc_info=True, spec=entry.spec.spec_id, action=action)
         else:
             log.warning("subscription.attempt_failed", spec=entry.spec.spec_id, action=action, state=state,
@@ -801,12 +919,13 @@ class SubscriptionManager:
 
     # ---- inventory -------------------------------------------------------------------------------
 
-    def _inventory(self, session: AccountSession) -> list[dict[str, Any]]:
-        """The user's subscriptions, listed at most every INVENTORY_MAX_AGE seconds per account."""
+    def _inventory(self, session: AccountSession, listed_after: float = -1e18) -> list[dict[str, Any]]:
+        """The user's subscriptions, listed at most every INVENTORY_MAX_AGE seconds per account, and
+        listed again if the last listing is older than `listed_after`."""
         inv = self._inventories.setdefault(session.name, _Inventory())
         with inv.lock:
             now = self.clock()
-            if now - inv.fetched_at > INVENTORY_MAX_AGE:
+            if now - inv.fetched_at > INVENTORY_MAX_AGE or inv.fetched_at < listed_after:
                 inv.records = session.client.list_subscriptions()
                 inv.fetched_at = now
                 log.info("subscription.listed", account=session.name, count=len(inv.records))

@@ -25,7 +25,7 @@ from ingest.data.sink import SpecProgress
 from ingest.model import Delivery
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import Metrics, SpecMetrics
-from ingest.rc.subscriptions import SubscriptionManager
+from ingest.rc.subscriptions import CLOCK_SKEW_SECONDS, SubscriptionManager
 from ingest.transports.base import Transport
 from ingest.transports.pubnub import timetoken_at
 
@@ -94,6 +94,9 @@ class SpecChannels:
         # (spec id, subscription id) -> the window last reported as a gap for it
         self._gaps_reported: dict[tuple[str, str], tuple[float, float]] = {}
         self.last_state: dict[str, float] = {}  # spec id -> when its state record was last written (monotonic)
+        # Group mode: spec id -> when this worker began creating a subscription for it (its intent, in every
+        # state record of the spec until the delivery of what it created: SpecState.creating_since).
+        self.creating: dict[str, float] = {}
         # WebHook in a group: channel (subscription id) -> the progress of deliveries received here for a
         # spec another worker owns. Produced like the owner's, acknowledged once in Kafka (exactly-once:
         # committed), but never checkpointed here: the owner's state record is the spec's.
@@ -122,6 +125,7 @@ class SpecChannels:
                 self.forget_foreign(delivery.channel)
             previous = self.deliveries.get(spec_id)
             self.deliveries[spec_id] = delivery
+            self.creating.pop(spec_id, None)  # the next record names what the creation made, channel and all
             previous_key = self.wrapped_keys.get(spec_id)
             self.wrapped_keys[spec_id] = self._wrap(spec_id, delivery)
             if delivery.verification_token:
@@ -170,8 +174,13 @@ class SpecChannels:
         """The first delivery of a spec here: resume its channel from the recorded checkpoint, and
         drain every other recorded channel (its subscription gone, or rotated away) from its own.
         Returns the progress, and the recorded context of the same channel (its key may have rotated
-        at the first renewal: what is unread since the checkpoint was encrypted with the recorded one)."""
+        at the first renewal: what is unread since the checkpoint was encrypted with the recorded one).
+        A channel no record names, of a spec whose record holds an intent, is read from the intent's
+        time: it may be the subscription the intent's creator made and died before recording (adopted,
+        `SubscriptionManager`), and all it ever held is then read; a channel created just now holds nothing older."""
         start_tt, recorded_context = 0, None
+        if restored is not None and restored.creating_since is not None:
+            start_tt = timetoken_at(restored.creating_since - CLOCK_SKEW_SECONDS)
         for former in restored.recorded_channels() if restored else []:
             assert restored is not None
             if former.channel == delivery.channel:
@@ -224,6 +233,7 @@ class SpecChannels:
             self.progress.pop(spec_id, None)
             self.restored.pop(spec_id, None)
             self.last_state.pop(spec_id, None)
+            self.creating.pop(spec_id, None)
             self.wrapped_keys.pop(spec_id, None)
             self.wrapped_tokens.pop(spec_id, None)
             self.lapses.pop(spec_id, None)

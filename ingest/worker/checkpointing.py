@@ -13,12 +13,13 @@ guarantee (`for_config`); the worker calls the same methods either way.
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import replace
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from ingest.config import Config
 from ingest.coordination.state import STATE_REFRESH_SECONDS, RecordedChannel, SpecState
@@ -34,6 +35,7 @@ from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.model import Delivery
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import Metrics
+from ingest.rc.subscriptions import IntentNotRecorded
 from ingest.topology import TopicNames, partition_for
 from ingest.transports.base import Received, Transport
 from ingest.worker.channels import Drain, SpecChannels
@@ -46,6 +48,9 @@ CHECKPOINT_QUEUE_WAIT = 1.0
 # How long a group commit on the membership thread waits on Kafka before it leaves the rest for the
 # next pass: the thread must poll its consumer within max.poll.interval.ms (at least 30 s).
 GROUP_COMMIT_PATIENCE = 10.0
+# How long a creation waits for its intent to be acknowledged (at-least-once) or committed (exactly-once):
+# past it (Kafka down or slow), the creation is tried again later, with backoff.
+INTENT_PATIENCE = 10.0
 
 
 class Checkpoints(ABC):
@@ -60,6 +65,9 @@ class Checkpoints(ABC):
         self.transport = transport
         self.sink = sink
         self.fatal_error: str | None = None  # why this worker must not go on (fenced)
+        # Held while a state record is built and queued, and while an intent is noted: a record built
+        # before the intent and queued after it would drop the intent while the creation goes on.
+        self._records_lock = threading.RLock()
         channels.changed = self.spec_changed
 
     @abstractmethod
@@ -91,6 +99,11 @@ class Checkpoints(ABC):
     def hand_over(self, released: list[str], lost: bool, consumer: Consumer) -> None:
         """The group takes these specs away (lost: our session expired; another worker may own them)."""
 
+    @abstractmethod
+    def _write_durably(self, spec_id: str, state: SpecState, abandoned: Callable[[], bool]) -> None:
+        """Write a state record and return once it is durable (IntentNotRecorded if not in time, or
+        once `abandoned()`)."""
+
     # ---- state records -------------------------------------------------------------------------
 
     def state_due(self, spec_id: str, timetoken: int, progress: SpecProgress, now: float) -> bool:
@@ -109,10 +122,16 @@ class Checkpoints(ABC):
             return True
         tt = progress.acked_tt if timetoken is None else timetoken
         tt = max(tt, progress.checkpointed_tt)
-        state = self.state_record(spec_id, delivery, tt)
-        if not self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
-                                     partition_for(spec_id, self.config.topics.spec_partitions), wait=wait):
+        # Bounded like the queue's wait: another writer may be waiting for room with the lock held.
+        if not self._records_lock.acquire(timeout=-1 if wait is None else wait):
             return False
+        try:
+            state = self.state_record(spec_id, delivery, tt)
+            if not self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+                                         partition_for(spec_id, self.config.topics.spec_partitions), wait=wait):
+                return False
+        finally:
+            self._records_lock.release()
         progress.checkpointed_tt = tt
         channels.last_state[spec_id] = time.monotonic()
         self.metrics.checkpoints.inc()
@@ -123,23 +142,25 @@ class Checkpoints(ABC):
     def written(self, channel: str, timetoken: int) -> None:
         """A checkpoint of `channel` was written (at-least-once: it is durable; exactly-once: at commit)."""
 
-    def state_record(self, spec_id: str, delivery: Delivery, timetoken: int) -> SpecState:
+    def state_record(self, spec_id: str, delivery: Delivery, timetoken: int, *, move_drains: bool = True) -> SpecState:
         # The delivery is announced only when it changes; plain renewals move the expiry recorded here.
         expires_at = self.metrics.subscription_expiry.get(spec_id) or delivery.expires_at
         return SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
                          delivery.channel, timetoken, time.time(), self.config.worker.id, expires_at,
-                         self.channels.wrapped_keys.get(spec_id), self._draining(spec_id, timetoken),
+                         self.channels.wrapped_keys.get(spec_id), self._draining(spec_id, timetoken, move_drains),
                          self.channels.wrapped_tokens.get(spec_id),
-                         self.transport.resume_state(delivery.channel, timetoken))
+                         self.transport.resume_state(delivery.channel, timetoken),
+                         self.channels.creating.get(spec_id))
 
-    def _draining(self, spec_id: str, spec_tt: int) -> tuple[RecordedChannel, ...]:
+    def _draining(self, spec_id: str, spec_tt: int, move: bool = True) -> tuple[RecordedChannel, ...]:
         """The spec's former channels still draining, each with its checkpoint: the spec's own
-        (`spec_tt`) for a shared progress, else its own, moved here."""
+        (`spec_tt`) for a shared progress, else its own, moved here (unless `move` is False: a record
+        written outside the checkpoint flow repeats the checkpoints as they stand)."""
         recorded = []
         for drain in list(self.channels.drains.get(spec_id, {}).values()):
             progress = drain.progress
-            tt = spec_tt
-            if not drain.shared:
+            tt = spec_tt if drain.shared else progress.checkpointed_tt
+            if move and not drain.shared:
                 drain.checkpoint_before = progress.checkpointed_tt
                 tt = progress.checkpointed_tt = max(self.position(progress), progress.checkpointed_tt)
             former = drain.recorded
@@ -152,22 +173,40 @@ class Checkpoints(ABC):
         (no delivery announced for it yet). Only the subscription id changes: the checkpoint and the
         channel it belongs to stay as they were. A record with an empty checkpoint made the next owner
         start from a 30-s lookback: duplicates under exactly-once, and loss where the checkpoint was
-        older than the lookback (docs/scaling.md)."""
-        channels = self.channels
-        delivery, progress = channels.deliveries.get(spec_id), channels.progress.get(spec_id)
-        if delivery is not None and progress is not None:
-            recorded: SpecState | None = self.state_record(spec_id, delivery, progress.checkpointed_tt)
-        else:
-            recorded = channels.restored.get(spec_id)
-        worker_id = self.config.worker.id
-        if recorded is None:
-            recorded = SpecState(spec_id, "", subscription_id, "", "", 0, 0.0, worker_id)
-        elif recorded.subscription_id == subscription_id:
+        older than the lookback (docs/scaling.md). A pending intent stays: the record does not name the
+        new channel, and the next owner reads it from the intent's time."""
+        recorded = self._current_record(spec_id)
+        if recorded.subscription_id == subscription_id:
             return  # the record already names it
-        state = replace(recorded, subscription_id=subscription_id, updated_at=time.time(), worker_id=worker_id)
+        state = replace(recorded, subscription_id=subscription_id)
         # Exactly-once: into the open transaction, committed with the handover.
         self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
                               partition_for(spec_id, self.config.topics.spec_partitions))
+
+    def record_intent(self, spec_id: str, abandoned: Callable[[], bool] = lambda: False) -> None:
+        """Before a subscription is created for the spec: record that a creation is under way (since
+        when) and return once that record is durable, so that whoever owns the spec next looks for
+        what it created should this worker die before a record names it (`creating_since`,
+        docs/records.md). An intent still pending keeps its time: a creation that failed may have
+        created one all the same (its answer lost). IntentNotRecorded: not durable in time, or the
+        creation was `abandoned()` meanwhile (the spec handed over: a group commit waits for that)."""
+        with self._records_lock:
+            since = self.channels.creating.setdefault(spec_id, time.time())
+        self._write_durably(spec_id, replace(self._current_record(spec_id), creating_since=since), abandoned)
+
+    def _current_record(self, spec_id: str) -> SpecState:
+        """The spec's state record as it stands (checkpoints as written, nothing moved), this worker's."""
+        channels = self.channels
+        delivery, progress = channels.deliveries.get(spec_id), channels.progress.get(spec_id)
+        worker_id = self.config.worker.id
+        if delivery is not None and progress is not None:
+            return self.state_record(spec_id, delivery, progress.checkpointed_tt, move_drains=False)
+        restored = channels.restored.get(spec_id)
+        creating = channels.creating.get(spec_id)
+        if restored is None:
+            return SpecState(spec_id, "", "", "", "", 0, time.time(), worker_id, creating_since=creating)
+        return replace(restored, updated_at=time.time(), worker_id=worker_id,
+                       creating_since=creating or restored.creating_since)
 
     def remove(self, spec_id: str) -> None:
         """The spec was removed: a tombstone deletes its state record."""
@@ -224,6 +263,25 @@ class StateTopicCheckpoints(Checkpoints):
         if not lost:  # lost: another worker may own them already; it resumes from our last checkpoint
             self.final(released)
 
+    def _write_durably(self, spec_id: str, state: SpecState, abandoned: Callable[[], bool]) -> None:
+        """Produce the record and wait for Kafka's acknowledgement of it (the delivery thread serves it)."""
+        acknowledged, failures = threading.Event(), []
+
+        def on_delivery(err: KafkaError | None, _msg: object) -> None:  # served by the sink's delivery thread
+            if err is not None:
+                failures.append(err.name())
+            acknowledged.set()
+
+        try:
+            self.sink.producer.produce(self.topics.state, state.encode(), spec_id.encode(), on_delivery=on_delivery,
+                                       partition=partition_for(spec_id, self.config.topics.spec_partitions))
+        except (BufferError, KafkaException) as exc:
+            raise IntentNotRecorded(f"the intent record could not be queued: {exc!r}") from None
+        if not acknowledged.wait(INTENT_PATIENCE):
+            raise IntentNotRecorded(f"Kafka did not acknowledge the intent record within {INTENT_PATIENCE:.0f}s")
+        if failures:
+            raise IntentNotRecorded(f"the intent record failed: {failures[0]}")
+
 
 class TransactionalCheckpoints(Checkpoints):
     """Exactly-once: notifications and checkpoints committed in one transaction."""
@@ -241,6 +299,11 @@ class TransactionalCheckpoints(Checkpoints):
         # it (for the rewind, should it end aborted) and the checkpoints to acknowledge once it commits.
         self._uncommitted: dict[str, int] = {}
         self._unacknowledged: dict[str, int] = {}
+        # Transactions are numbered (the open one: `_open_transaction`), so that a writer of an intent
+        # learns whether the transaction it wrote into ended committed (`_last_committed`) or aborted.
+        self._transaction_ended = threading.Condition()
+        self._open_transaction = 1
+        self._last_committed = 0
 
     def produce(self, outcome: Outcome, progress: SpecProgress, notification: Received, received_at: float) -> None:
         self.transactions.send(outcome, progress, notification.position, received_at,
@@ -280,6 +343,7 @@ class TransactionalCheckpoints(Checkpoints):
                 if progress is not None:
                     progress.released = True
             if lost:
+                self._ended(committed=False)  # whatever the open transaction holds never commits
                 patience = waiting_at_most(GROUP_COMMIT_PATIENCE)
                 # A call under way is finished first; still unanswered, it is made again at the next
                 # pass (nothing more goes into that transaction meanwhile).
@@ -351,14 +415,51 @@ class TransactionalCheckpoints(Checkpoints):
             return False
         except TransactionFailed as exc:
             self._uncommitted, self._unacknowledged = {}, {}
+            self._ended(committed=False)
             self._rewind(committed_before)
             if exc.fatal:
                 self._fenced(f"transaction fenced: {exc}")
             return False
         self._uncommitted, self._unacknowledged = {}, {}
+        self._ended(committed=True)
         for channel, timetoken in written.items():
             self.transport.acknowledged(channel, timetoken)
         return True
+
+    def _ended(self, *, committed: bool) -> None:
+        """The open transaction ended (committed, or aborted); the next one is open."""
+        with self._transaction_ended:
+            if committed:
+                self._last_committed = self._open_transaction
+            self._open_transaction += 1
+            self._transaction_ended.notify_all()
+
+    def _write_durably(self, spec_id: str, state: SpecState, abandoned: Callable[[], bool]) -> None:
+        """Write the record into the open transaction, have it committed at the next pass (not a whole
+        interval later), and wait for that commit; an aborted one is written into the next again. A
+        group commits on the membership thread, which waits in a handover for the creations of the
+        specs it releases: those are `abandoned()`, and end at once."""
+        sink = self.transactions
+        deadline = time.monotonic() + INTENT_PATIENCE
+        while True:
+            with sink.lock:  # between two commits; not while a commit waits on Kafka (`unfinished`)
+                if self.fatal_error:
+                    raise IntentNotRecorded(f"the worker cannot commit: {self.fatal_error}")
+                number = self._open_transaction
+                written = not sink.unfinished and sink.produce_raw(
+                    self.topics.state, spec_id.encode(), state.encode(),
+                    partition_for(spec_id, self.config.topics.spec_partitions), wait=CHECKPOINT_QUEUE_WAIT)
+                if written:
+                    self._next_commit = 0.0
+            with self._transaction_ended:
+                while self._open_transaction <= number and time.monotonic() < deadline and not abandoned():
+                    self._transaction_ended.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+                if written and self._last_committed >= number:
+                    return
+            if abandoned():
+                raise IntentNotRecorded("the spec is being handed over")
+            if time.monotonic() >= deadline:
+                raise IntentNotRecorded(f"the intent record was not committed within {INTENT_PATIENCE:.0f}s")
 
     def _fenced(self, reason: str) -> None:
         """A newer instance serves our specs: read nothing more, and create or renew nothing more (a

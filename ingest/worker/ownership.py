@@ -117,6 +117,9 @@ class Group(Ownership):
     def start(self, manager: SubscriptionManager, until_kafka_answers: UntilKafkaAnswers[dict[str, SpecState]]) -> None:
         cfg = self.config
         self.manager = manager
+        # An intent is durable before each creation: should this worker die before a record names what it
+        # created, the next owner finds and adopts it (SubscriptionManager: orphans).
+        manager.record_intent = self.checkpoints.record_intent
         if cfg.worker.apply_specs_on_start and cfg.specs():
             result = apply_specs(cfg.kafka, self.topics.specs, cfg.topics.spec_partitions, cfg.specs(), prune=False)
             log.info("specs.applied", added=len(result.added), updated=len(result.updated))
@@ -198,9 +201,12 @@ class Group(Ownership):
         assert self.manager is not None
         with self.channels.lock:
             specs = [s for owned in self._owned.values() for s in owned.values()]
-            known = {s: st.subscription_id for s, st in self.channels.restored.items()}
+            restored = list(self.channels.restored.values())
+        known = {st.spec_id: st.subscription_id for st in restored}
+        intents = {st.spec_id: st.creating_since for st in restored if st.creating_since is not None}
+        named = {c.subscription_id for st in restored for c in st.recorded_channels()} | set(known.values())
         self.metrics.owned_specs.set(len(specs))
-        self.manager.set_specs(specs, known)
+        self.manager.set_specs(specs, known, intents, named)
 
 
 def for_config(config: Config, metrics: Metrics, *, topics: TopicNames, channels: SpecChannels,

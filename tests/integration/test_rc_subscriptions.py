@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from ingest.observability.metrics import Metrics
 from ingest.rc.accounts import AccountSession, build_sessions
 from ingest.rc.errors import ApiError, missing_permission
 from ingest.rc.http import RingCentralClient
-from ingest.rc.subscriptions import SubscriptionManager, normalize_filters
+from ingest.rc.subscriptions import CLOCK_SKEW_SECONDS, SubscriptionManager, normalize_filters
 from ingest.rc.tokens import TokenManager
 from ingest.sandbox.ringcentral import SubscriptionView
 from ingest.sandbox.server import Sandbox, SandboxSettings
@@ -539,3 +540,48 @@ def test_a_halted_manager_creates_and_renews_nothing(sb: Sandbox) -> None:
         # stopped (one already on its way at the halt may still land).
         wait_for(lambda: not sb.rc.is_live(before.id), 30, what="the subscription expiring unrenewed")
         assert sb.rc.created_total == created
+
+
+def test_orphans_created_since_an_intent_are_adopted_one_per_spec_and_nothing_else(sb: Sandbox) -> None:
+    """A group member restores two specs with identical filters whose records hold intents (their
+    creator died before recording what it created) and a third without one. Each of the two adopts
+    one of the orphans created since the intent, whichever (identical filters receive the same
+    events), and a third, later one is deleted; the one the record names is deleted (it was being
+    replaced); a subscription created
+    before the intent, and one whose filters no intent's spec has, are left alone; the third spec,
+    without an intent, creates its own."""
+    account = sb.accounts[0].name
+    m = Metrics()
+    sessions = sessions_for(sb, m)
+    client = sessions[account].client
+    recorded = client.create_subscription([MSG], 900)["id"]
+    stray = client.create_subscription([MSG], 900)  # before the intent: someone else's
+    first_orphan = client.create_subscription([MSG], 900)
+    orphans = {first_orphan["id"], client.create_subscription([MSG], 900)["id"]}
+    other_filters = client.create_subscription([PRESENCE], 900)["id"]
+    retried = client.create_subscription([MSG], 900)["id"]  # a third: a creation retried after a lost answer
+    before, after = (datetime.fromisoformat(info["creationTime"]).timestamp() for info in (stray, first_orphan))
+    assert before < after, (stray["creationTime"], first_orphan["creationTime"])
+    intent = (before + after) / 2 + CLOCK_SKEW_SECONDS  # looked for from (before + after) / 2
+    created = sb.rc.created_total
+    rec = Recorder()
+    mgr = SubscriptionManager(accounts=sessions, metrics=m, on_delivery=rec, renewal_margin=3.0,
+                              renewal_jitter=0.3, adopt_matching=False)
+    mgr.start()
+    try:
+        specs = [spec(account, "a"), spec(account, "b"), spec(account, "c")]
+        mgr.set_specs(specs, {f"{account}/a": recorded}, {f"{account}/a": intent, f"{account}/b": intent},
+                      {recorded})
+        wait_for(lambda: all(rec.last(s.spec_id) for s in specs), 30, what="every spec's delivery")
+        adopted = {d.subscription_id for s in ("a", "b") if (d := rec.last(f"{account}/{s}")) is not None}
+        assert len(adopted) == 2 and adopted <= orphans | {retried}, adopted  # the earliest, unless created together
+        [unadopted] = (orphans | {retried}) - adopted
+        own = rec.last(f"{account}/c")
+        assert own is not None and own.subscription_id not in orphans | {retried, stray["id"], other_filters, recorded}
+        assert sb.rc.created_total == created + 1  # only the spec without an intent created one
+        wait_for(lambda: not sb.rc.is_live(recorded), 10, what="the recorded (replaced) subscription deleted")
+        # All the third received, the adopted ones (created before it, same filters) received too.
+        wait_for(lambda: not sb.rc.is_live(unadopted), 10, what="the orphan no spec adopts deleted")
+        assert sb.rc.is_live(stray["id"]) and sb.rc.is_live(other_filters)
+    finally:
+        mgr.stop(delete_subscriptions=True)

@@ -46,7 +46,14 @@ log = get_logger(__name__)
 # Producer settings the guarantees depend on; user properties may tune anything else.
 _DECRYPT_REASONS = frozenset({BAD_BASE64, BAD_LENGTH, BAD_PADDING})
 
-REQUIRED_PRODUCER_CONFIG = {"enable.idempotence": "true", "acks": "all"}
+# One produce request in flight per broker connection. With more, a request whose fate the producer
+# cannot know (no answer: timed out, connection cut) can be followed by a later one that succeeds; a
+# broker that has no state yet for the producer on that partition (a new partition, or state expired)
+# accepts that later batch although its sequence does not start at 0, and librdkafka then takes the
+# earlier records as delivered too ("implicitly acked by subsequent batch success", without an offset)
+# or gives the producer up. On a loaded machine that lost the first 1-3 notifications of a new topic
+# (docs/faults.md). With one in flight the unanswered request is sent again before any later one.
+REQUIRED_PRODUCER_CONFIG = {"enable.idempotence": "true", "acks": "all", "max.in.flight.requests.per.connection": "1"}
 # At-least-once: a record that timed out could only be produced again behind newer records (order
 # lost), so records never time out; intake waits on the full queue instead (back-pressure).
 # `delivery.timeout.ms` is the same property under another name.

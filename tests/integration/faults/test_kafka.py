@@ -150,19 +150,18 @@ def test_a_stop_with_kafka_down_and_the_producer_queue_full_ends_in_bounded_time
     # The last checkpoints waited for room in the full queue without a deadline: `ingest run` never ended
     # on SIGTERM while Kafka stayed down (a loaded `make test` hung in `Worker.stop` until pytest-timeout).
     # What cannot be written is left to the next start, which reads it again from the recorded checkpoint.
-    shutdown_timeout = 2.0
+    shutdown_timeout, queue = 2.0, 50
     with Sandbox(sandbox_settings()) as sandbox:
         config = worker_config_file(tmp_path, sandbox, own_broker.bootstrap_servers, unique_name,
-                                    kafka={"queue.buffering.max.messages": str(SMALL_QUEUE)},
+                                    kafka={"queue.buffering.max.messages": str(queue)},
                                     worker={"shutdown_timeout_seconds": shutdown_timeout})
         worker = WorkerProcess(config, tmp_path / "worker.log").start()
         try:
             worker.wait_ready(60, "the worker ready")
-            sandbox.generator.start(RATE, kinds=KINDS)
             with _broker_down(own_broker):
-                wait_for(lambda: worker.metric("ingest_kafka_producer_queue_messages") >= SMALL_QUEUE, 60,
+                sandbox.generator.publish(2 * queue, kinds=KINDS)
+                wait_for(lambda: worker.metric("ingest_kafka_producer_queue_messages") >= queue, 60,
                          what="the producer queue to fill up")
-                sandbox.generator.stop()
                 asked = time.monotonic()
                 worker.send(signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):

@@ -40,15 +40,15 @@ from ingest.worker.channels import Drain, SpecChannels
 
 log = get_logger(__name__)
 
+# How long a stop's last checkpoints (after the final flush) may wait for room in the producer's queue
+# and for Kafka to take them: the supervisor kills a child STOP_SLACK_SECONDS (12 s) after its flush.
+FINAL_CHECKPOINT_SECONDS = 5.0
 # The longest one pass of the checkpoint loop waits for room in a full producer queue (Kafka down or
 # slow): the loop feeds the liveness heartbeat, so checkpoints that cannot be queued wait for the next pass.
 CHECKPOINT_QUEUE_WAIT = 1.0
 # How long a group commit on the membership thread waits on Kafka before it leaves the rest for the
 # next pass: the thread must poll its consumer within max.poll.interval.ms (at least 30 s).
 GROUP_COMMIT_PATIENCE = 10.0
-# How long a stop's last checkpoints (after the final flush) may wait for room in the producer's queue
-# and for Kafka to take them: the supervisor kills a child STOP_SLACK_SECONDS (12 s) after its flush.
-FINAL_CHECKPOINT_SECONDS = 5.0
 
 
 class Checkpoints(ABC):

@@ -229,7 +229,7 @@ class StateTopicCheckpoints(Checkpoints):
                 unwritten[spec_id] = self._checkpoint_of(spec_id)
         if unwritten:
             log.warning("worker.checkpoints_unwritten", specs=len(unwritten), checkpoints=unwritten,
-                        reason="kafka producer queue full")
+                        reason="not queued: the producer queue stayed full until the deadline, or the producer failed")
         self.sink.flush(max(0.0, deadline - time.monotonic()))
 
     def _checkpoint_of(self, spec_id: str) -> dict[str, int]:

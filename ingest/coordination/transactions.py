@@ -42,6 +42,10 @@ log = get_logger(__name__)
 CALL_TIMEOUT = 2.0
 HUNG_SLACK = 10.0  # a transaction call still blocked this long past its own timeout is hung (see _bounded)
 FENCING_ERRORS = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
+# How a transaction the coordinator may have ended is refused: a fencing error, or INVALID_TXN_STATE for
+# its abort (seen after a broker restart, the transaction open 91 s; librdkafka makes it fatal). A newer
+# instance is never answered INVALID_TXN_STATE: it bumped the epoch, which the coordinator checks first.
+ENDED_BY_THE_COORDINATOR = (*FENCING_ERRORS, KafkaError.INVALID_TXN_STATE)
 KeepWaiting = Callable[[], bool]
 """Called each time a transaction call timed out; True: make the call again."""
 Step = Callable[[float], object]  # one transaction call, given its timeout
@@ -249,7 +253,7 @@ class TransactionalSink(KafkaSink):
         ended the epoch: replace the producer, initialised again (its open transaction is aborted),
         and raise TransactionFailed (not fatal) for the caller to read the aborted records again."""
         open_for = time.monotonic() - self._begun_at
-        fenced = error.code() not in FENCING_ERRORS or open_for < self._transaction_timeout
+        fenced = error.code() not in ENDED_BY_THE_COORDINATOR or open_for < self._transaction_timeout
         if fenced:
             raise TransactionFailed(f"{error.str()} (transaction open {open_for:.1f}s)", fatal=True)
         self._replace(f"the transaction outlived transaction.timeout.ms ({open_for:.1f}s): the coordinator "

@@ -42,6 +42,9 @@ from ingest.worker.channels import Drain, SpecChannels
 
 log = get_logger(__name__)
 
+# How long a stop's last checkpoints (after the final flush) may wait for room in the producer's queue
+# and for Kafka to take them: the supervisor kills a child STOP_SLACK_SECONDS (12 s) after its flush.
+FINAL_CHECKPOINT_SECONDS = 5.0
 # The longest one pass of the checkpoint loop waits for room in a full producer queue (Kafka down or
 # slow): the loop feeds the liveness heartbeat, so checkpoints that cannot be queued wait for the next pass.
 CHECKPOINT_QUEUE_WAIT = 1.0
@@ -255,9 +258,25 @@ class StateTopicCheckpoints(Checkpoints):
     def final(self, spec_ids: list[str], *, flushed: bool = False) -> None:
         if not flushed:
             self.sink.flush(self.config.worker.shutdown_timeout_seconds)
+        # A stop is bounded: with Kafka down the producer's queue can stay full, and a wait for room
+        # without deadline held `Worker.stop` for ever. What cannot be queued by the deadline is not
+        # lost: the next owner (or the restart) resumes from the checkpoint recorded before and reads it again.
+        deadline = time.monotonic() + FINAL_CHECKPOINT_SECONDS
+        unwritten: dict[str, dict[str, int]] = {}
         for spec_id in spec_ids:
-            self.write_state(spec_id)
-        self.sink.flush(5.0)
+            if not self.write_state(spec_id, wait=max(0.0, deadline - time.monotonic())):
+                unwritten[spec_id] = self._checkpoint_of(spec_id)
+        if unwritten:
+            log.warning("worker.checkpoints_unwritten", specs=len(unwritten), checkpoints=unwritten,
+                        reason="not queued: the producer queue stayed full until the deadline, or the producer failed")
+        self.sink.flush(max(0.0, deadline - time.monotonic()))
+
+    def _checkpoint_of(self, spec_id: str) -> dict[str, int]:
+        """The checkpoint that was not written, and the one recorded before, which the next owner resumes from."""
+        progress = self.channels.progress.get(spec_id)
+        if progress is None:
+            return {}
+        return {"unwritten": progress.acked_tt, "recorded": progress.checkpointed_tt}
 
     def hand_over(self, released: list[str], lost: bool, consumer: Consumer) -> None:
         if not lost:  # lost: another worker may own them already; it resumes from our last checkpoint

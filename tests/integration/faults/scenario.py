@@ -149,8 +149,18 @@ class Traffic:
         assert sent, "no live subscription to publish the probe to"
         uuid = sent[0].uuid
         self.reader.poll_until(lambda rs: any(r.headers.get("uuid") == uuid for r in rs), timeout)
-        assert any(r.headers.get("uuid") == uuid for r in self.reader.records), "the probe never arrived"
+        assert any(r.headers.get("uuid") == uuid for r in self.reader.records), \
+            f"the probe never arrived{self._producer_detail()}"
         return time.monotonic() - started
+
+    def _producer_detail(self) -> str:
+        """An in-process worker's producer as the probe failed, to tell a producer that does not deliver
+        from a reader that does not read (a loaded run once left the queue full 90 s after the restart)."""
+        worker: Worker | None = getattr(self, "worker", None)  # a Scenario's in-process worker
+        if worker is None:
+            return ""
+        return (f"; the worker: ingest_kafka_up={worker.metrics.kafka_up._value.get():.0f}, "
+                f"{len(worker.sink.producer)} in the producer queue, {worker.sink.acknowledged} acknowledged")
 
     def verify(self, label: str, timeout: float = 90.0) -> tuple[Comparison, int]:
         """Stop traffic; every good notification must be in its topic (duplicates counted, printed)."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -308,7 +309,7 @@ def _next_rate(results: list[dict[str, Any]]) -> float | None:
 
 def run_steady(bootstrap: str, workdir: Path, *, subscriptions: int = 2000, warmup: float = 2.0,
                window: float = 6.0, search_steps: int = 3, rates: tuple[float, ...] = FIXED_RATES,
-               profile: Path | None = None) -> dict[str, Any]:
+               profile: Path | None = None, producer: dict[str, str] | None = None) -> dict[str, Any]:
     accounts = demo_accounts(-(-subscriptions // SUBS_PER_ACCOUNT), extensions_per_account=SUBS_PER_ACCOUNT)
     settings = SandboxSettings(accounts=accounts, pubnub_hold_seconds=10.0, buffer_size=500_000,
                                max_messages_per_response=100)
@@ -331,6 +332,11 @@ def run_steady(bootstrap: str, workdir: Path, *, subscriptions: int = 2000, warm
         port = free_port()
         config = write_worker_config(workdir / prefix, sandbox.describe, bootstrap, prefix,
                                      _specs(accounts, subscriptions), metrics_port=port)
+        if producer:  # producer settings to compare (the `kafka:` section of the worker's config)
+            doc = yaml.safe_load(config.read_text())
+            doc["kafka"].update(producer)
+            config.write_text(yaml.safe_dump(doc))
+            out["settings"]["producer"] = producer
         worker = WorkerProcess(config, workdir / prefix / "worker.log", name="bench-real", port=port)
         began = time.monotonic()
         try:
@@ -448,10 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscriptions", type=int, default=2000)
     parser.add_argument("--window", type=float, default=6.0)
     parser.add_argument("--profile", type=Path, default=None, help="py-spy each rate's window into this directory")
+    parser.add_argument("--producer", action="append", default=[], metavar="KEY=VALUE",
+                        help="a producer setting for the worker (e.g. linger.ms=20); repeatable")
     args = parser.parse_args(argv)
     result = run_steady(args.bootstrap, Path(tempfile.mkdtemp(prefix="bench-realistic-")),
                         subscriptions=args.subscriptions, window=args.window, search_steps=args.search_steps,
-                        rates=tuple(int(r) for r in args.rates.split(",")), profile=args.profile)
+                        rates=tuple(int(r) for r in args.rates.split(",")), profile=args.profile,
+                        producer=dict(kv.split("=", 1) for kv in args.producer))
     print(json.dumps(result, indent=1, default=str))
     return 0
 

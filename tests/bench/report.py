@@ -601,18 +601,21 @@ this branch, the shared broker, load average 13-24:
 (1) the pod's /metrics did not answer within 5 s at 6,000/s and the run stopped (the bench now
 tries a scrape three times). (2) p99 1.7 s, 0.35 cores (parent 0.02 + 0.22 + 0.11).
 
-Ratio 2 processes / 1 process: 0.33x in the second run; the first did not finish the 2-process
-ladder. The target (>= 1.6x) is **not met on this machine**, and these runs cannot say what two
-processes give on two free cores: where a pod fails it is not out of CPU (one process failed at
-8,000/s using a quarter of a core, after holding 13,000/s at 0.58 of a core half an hour before). At
-load average 13-24 on 2 cores, each of the worker's threads waits behind 6-12 runnable threads of
-other sessions whenever it wakes; a subscribe connection's serial cycle (read, hand on, poll again)
-and the hand-offs between the loop, intake and delivery threads pay that wait at every step, so the
-rate a pod holds is set by its share of the scheduler. Two processes double the threads that must be
-scheduled and add the parent (0.01-0.02 of a core): their lag p99 was 0.66-0.71 s already at
-2,000/s (one process: 0.06-0.20 s). The sandbox (0.04-0.14 of a core) and the broker (0.06-0.17) were
-not the limit in these runs. A fair figure needs the 2 cores to the pod, the sandbox and the broker
-alone (or a 4-core machine); `make bench`'s processes rows measure it in the same way.
+Then `make bench`'s run 1 (06:27-06:32, load average falling from 23 to 7 meanwhile): one process
+held 4,000/s (p99 0.73 s, 0.23 cores) and failed at 6,000/s (p99 2.1 s, 0.34 cores); two processes
+held 10,000/s (p99 0.46 s, 0.59 cores, sandbox 0.13, broker 0.22) and failed at 13,000/s: 2.5x.
+
+So the ratio measured 0.33x, then 2.5x, within 40 minutes, for the same code: on this machine it
+measures the load of the other sessions, not the worker, and the target (>= 1.6x) is neither shown
+nor refuted. Where a pod fails it is not out of CPU (one process failed at 8,000/s using a quarter
+of a core, after holding 13,000/s at 0.58 of a core minutes before). At load average 13-29 on 2
+cores, each of the worker's threads waits behind several runnable threads of other sessions
+whenever it wakes; a subscribe connection's serial cycle (read, hand on, poll again) and the
+hand-offs between the loop, intake and delivery threads pay that wait at every step, so the rate a
+pod holds is set by its share of the scheduler. Two processes double the threads to schedule (and
+add the parent, 0.01-0.02 of a core) but also the pod's share of the scheduler. The sandbox
+(0.04-0.14 of a core) and the broker (0.06-0.22) were not the limit in these runs. A fair figure
+needs the 2 cores for the pod, the sandbox and the broker alone (or a 4-core machine).
 
 ## WebHook receiver (`python -m tests.bench.webhook`; the `ack` figures are also `make bench`'s `webhook` scenario)
 

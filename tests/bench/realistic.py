@@ -24,13 +24,19 @@ poll, as real PubNub does.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -191,10 +197,12 @@ def record_lags(bootstrap: str, topics: list[str], since: float, until: float, t
         consumer.close()
 
 
-def _step(rig: Rig, rate: float, warmup: float, window: float) -> dict[str, Any]:
-    """One rate: warm up, measure a window, stop the traffic and wait for the backlog, read the lags."""
+def _step(rig: Rig, rate: float, warmup: float, window: float, profile: Path | None = None) -> dict[str, Any]:
+    """One rate: warm up, measure a window, stop the traffic and wait for the backlog, read the lags.
+    With `profile`, py-spy records the worker over the window (all threads, native frames, idle off)."""
     rig.sandbox.call("steady", rate)
     time.sleep(warmup)  # the rate settles before the window opens (a measured interval, not a wait for an event)
+    spy = _start_profiler(_pid(rig.worker), profile / f"rate-{rate:.0f}.txt", window) if profile else None
     first = Sample.take(rig)
     threads = []
     rss = []
@@ -204,6 +212,8 @@ def _step(rig: Rig, rate: float, warmup: float, window: float) -> dict[str, Any]
         threads.append(t)
         rss.append(r)
     last = Sample.take(rig)
+    if spy is not None:
+        spy.wait(60)
     sent = rig.sandbox.call("steady", 0)
     drained_at = time.monotonic()
     drained = _wait_quietly(lambda: rig.worker.metric("ingest_notifications_published_total") >= sent, 30)
@@ -218,6 +228,16 @@ def _step(rig: Rig, rate: float, warmup: float, window: float) -> dict[str, Any]
                             and out["lag_p99_seconds"] is not None
                             and out["lag_p99_seconds"] <= SUSTAINED_P99_SECONDS)
     return out
+
+
+def _start_profiler(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy over the measured window: every thread, idle ones left out, C frames included (collapsed
+    stacks; the profiled window's CPU figures include py-spy's sampling interruptions)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--native", "--rate", "200", "--format", "raw",
+                             "--duration", str(round(seconds)), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _pid(worker: WorkerProcess) -> int:
@@ -288,7 +308,8 @@ def _next_rate(results: list[dict[str, Any]]) -> float | None:
 
 
 def run_steady(bootstrap: str, workdir: Path, *, subscriptions: int = 2000, warmup: float = 2.0,
-               window: float = 6.0, search_steps: int = 3) -> dict[str, Any]:
+               window: float = 6.0, search_steps: int = 3, rates: tuple[float, ...] = FIXED_RATES,
+               profile: Path | None = None, producer: dict[str, str] | None = None) -> dict[str, Any]:
     accounts = demo_accounts(-(-subscriptions // SUBS_PER_ACCOUNT), extensions_per_account=SUBS_PER_ACCOUNT)
     settings = SandboxSettings(accounts=accounts, pubnub_hold_seconds=10.0, buffer_size=500_000,
                                max_messages_per_response=100)
@@ -301,7 +322,7 @@ def run_steady(bootstrap: str, workdir: Path, *, subscriptions: int = 2000, warm
     broker = listener_pid(int(bootstrap.split(",", maxsplit=1)[0].rsplit(":", 1)[1]))
     out: dict[str, Any] = {"settings": {
         "subscriptions": subscriptions, "accounts": len(accounts), "per_account": SUBS_PER_ACCOUNT,
-        "channels_per_connection": CHANNELS_PER_CONNECTION, "fixed_rates": list(FIXED_RATES),
+        "channels_per_connection": CHANNELS_PER_CONNECTION, "fixed_rates": list(rates),
         "warmup_seconds": warmup, "window_seconds": window, "step_factor": STEP_FACTOR,
         "sustained_share": SUSTAINED_SHARE, "sustained_p99_seconds": SUSTAINED_P99_SECONDS,
         "pubnub_hold_seconds": settings.pubnub_hold_seconds,
@@ -311,6 +332,11 @@ def run_steady(bootstrap: str, workdir: Path, *, subscriptions: int = 2000, warm
         port = free_port()
         config = write_worker_config(workdir / prefix, sandbox.describe, bootstrap, prefix,
                                      _specs(accounts, subscriptions), metrics_port=port)
+        if producer:  # producer settings to compare (the `kafka:` section of the worker's config)
+            doc = yaml.safe_load(config.read_text())
+            doc["kafka"].update(producer)
+            config.write_text(yaml.safe_dump(doc))
+            out["settings"]["producer"] = producer
         worker = WorkerProcess(config, workdir / prefix / "worker.log", name="bench-real", port=port)
         began = time.monotonic()
         try:
@@ -324,7 +350,7 @@ def run_steady(bootstrap: str, workdir: Path, *, subscriptions: int = 2000, warm
             out["avg_plaintext_bytes"] = sum(len(p.plaintext) for p in prepared) / len(prepared)
             out["idle_os_threads"], out["idle_rss_bytes"] = proc_status(_pid(worker))
             rig = Rig(worker, sandbox, broker, bootstrap, output)
-            steps = [_step(rig, r, warmup, window) for r in FIXED_RATES]
+            steps = [_step(rig, r, warmup, window, profile) for r in rates]
             for _ in range(search_steps):
                 nxt = _next_rate(steps)
                 if nxt is None:
@@ -332,7 +358,7 @@ def run_steady(bootstrap: str, workdir: Path, *, subscriptions: int = 2000, warm
                 steps.append(_step(rig, nxt, warmup, window))
         finally:
             worker.stop()
-    out["rates"] = {str(s["rate_offered"]): s for s in steps if s["rate_offered"] in FIXED_RATES}
+    out["rates"] = {str(s["rate_offered"]): s for s in steps if s["rate_offered"] in rates}
     out["steps"] = steps
     out["max_sustained_rate"] = max((s["rate_offered"] for s in steps if s["sustained"]), default=0)
     # Into the scenario's own topics (they exist; a broker need not create topics on demand).
@@ -414,3 +440,30 @@ def _kept(part: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return part()
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A quick steady run at chosen rates (before/after comparisons of one change), optionally profiled:
+
+        python -m tests.bench.realistic --rates 1000 --search-steps 0 [--profile DIR]
+    """
+    parser = argparse.ArgumentParser(description="the realistic scenario's steady part, at chosen rates")
+    parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"))
+    parser.add_argument("--rates", default=",".join(str(r) for r in FIXED_RATES))
+    parser.add_argument("--search-steps", type=int, default=0)
+    parser.add_argument("--subscriptions", type=int, default=2000)
+    parser.add_argument("--window", type=float, default=6.0)
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy each rate's window into this directory")
+    parser.add_argument("--producer", action="append", default=[], metavar="KEY=VALUE",
+                        help="a producer setting for the worker (e.g. linger.ms=20); repeatable")
+    args = parser.parse_args(argv)
+    result = run_steady(args.bootstrap, Path(tempfile.mkdtemp(prefix="bench-realistic-")),
+                        subscriptions=args.subscriptions, window=args.window, search_steps=args.search_steps,
+                        rates=tuple(int(r) for r in args.rates.split(",")), profile=args.profile,
+                        producer=dict(kv.split("=", 1) for kv in args.producer))
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,10 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import failover, realistic, report, subscriptions, throughput, webhook, websocket
+from tests.bench import failover, processes, realistic, report, subscriptions, throughput, webhook, websocket
 from tests.bench.common import machine, versions
 
-SCENARIOS = ("throughput", "subscriptions", "failover", "realistic", "websocket", "webhook")
+SCENARIOS = ("throughput", "subscriptions", "failover", "realistic", "processes", "websocket", "webhook")
 
 
 def _guarded(scenario: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] run {i + 1}/{args.runs}: realistic", file=sys.stderr, flush=True)
                 result["realistic"] = _guarded(functools.partial(realistic.run, bootstrap, workdir, idle=i == 0,
                                                                  quick=args.quick))
+            if "processes" in chosen and i == 0:  # 1 -> 2 processes in one pod (tests/bench/processes.py), once
+                print(f"[bench] run {i + 1}/{args.runs}: processes", file=sys.stderr, flush=True)
+                result["processes"] = _guarded(lambda: processes.run(
+                    bootstrap, workdir, subscriptions=500 if args.quick else 2000,
+                    rates=[1000, 2000] if args.quick else None))
             if "websocket" in chosen:  # many users, sparse traffic, over WebSocket (tests/bench/websocket.py)
                 print(f"[bench] run {i + 1}/{args.runs}: websocket", file=sys.stderr, flush=True)
                 result["websocket"] = _guarded(lambda: websocket.run(

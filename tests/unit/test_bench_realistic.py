@@ -1,4 +1,5 @@
-"""The realistic benchmark's search for the maximum sustained rate (a pure function of the steps so far)."""
+"""The realistic benchmark's search for the maximum sustained rate (a pure function of the steps so far), and
+the report of the processes scenario."""
 
 from __future__ import annotations
 
@@ -24,3 +25,18 @@ def test_after_a_failure_it_halves_the_gap_and_stops_within_25_percent() -> None
 
 def test_nothing_held_searches_below_the_lowest_rate() -> None:
     assert _next_rate(steps((200, False), (1000, False), (3000, False))) == 100
+
+
+def test_the_report_shows_each_process_count_and_the_ratio_row() -> None:
+    from tests.bench.report import METRICS, _processes
+
+    row = {"rate": 4000, "received_per_s": 3990, "worker_cores": 0.3, "cores_by_process": [0.01, 0.14, 0.15],
+           "sandbox_cores": 0.05, "broker_cores": None, "lag_p50_seconds": 0.01, "lag_p99_seconds": 0.2,
+           "sustained": True}
+    part = {"settings": {"processes": 2, "subscriptions": 2000, "window_seconds": 8.0, "settle_seconds": 3.0},
+            "by_processes": {"1": {"rates": [{**row, "cores_by_process": [0.3]}]}, "2": {"rates": [row]}}}
+    lines = _processes([{"run": 1, "processes": part}])
+    assert "| 1 | 4,000/s | 3,990/s | 0.30 | 0.30 | 0.05 | - | 10 ms | 200 ms | yes |" in lines
+    assert "| 2 | 4,000/s | 3,990/s | 0.30 | 0.01 + 0.14 + 0.15 | 0.05 | - | 10 ms | 200 ms | yes |" in lines
+    assert "processes.sustained_ratio" in METRICS
+    assert _processes([{"run": 1}]) == []

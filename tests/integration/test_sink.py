@@ -9,19 +9,14 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from ingest.data.pipeline import Outcome
 from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.observability.metrics import INTERNAL_BUCKETS, BatchHistogram, Metrics
 from ingest.topology import ensure_topics
 from tests.support import wait_for
-from tests.support.records import read_values
+from tests.support.records import numbered_outcome, read_values
 
 TT = 17_000_000_000_000_000
 
-
-def _outcome(topic: str, n: int, *, error: str | None = None) -> Outcome:
-    return Outcome(topic=topic, key=b"809646016", value=b'{"n":%d}' % n, headers=[("uuid", b"u%d" % n)],
-                   family="message-store", uuid=f"u{n}", event_time=1_700_000_000.0, error=error)
 
 
 def _sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
@@ -46,7 +41,7 @@ def test_watermark_and_metrics_follow_acknowledgements(sink: KafkaSink, kafka_bo
     ensure_topics(AdminClient({"bootstrap.servers": kafka_bootstrap}), [topic], partitions=3, replication_factor=1)
     progress = SpecProgress("spec-a")
     for n in range(1, 201):
-        sink.send(_outcome(topic, n, error="schema-violation" if n % 50 == 0 else None), progress, TT + n, 0.0)
+        sink.send(numbered_outcome(topic, n, error="schema-violation" if n % 50 == 0 else None), progress, TT + n, 0.0)
 
     wait_for(lambda: progress.acked_tt == TT + 200, 30, "all 200 acknowledged")
     assert not progress.pending
@@ -66,7 +61,7 @@ def test_records_refused_for_a_missing_topic_are_kept_until_it_exists(sink: Kafk
     topic = f"{unique_name}.events"  # not created yet (the broker does not auto-create topics)
     progress = SpecProgress("spec-b")
     for n in range(1, 6):
-        sink.send(_outcome(topic, n), progress, TT + n, 0.0)
+        sink.send(numbered_outcome(topic, n), progress, TT + n, 0.0)
 
     # Refused by produce() (_UNKNOWN_TOPIC) or failed in delivery (UNKNOWN_TOPIC_OR_PART), depending
     # on whether librdkafka already knows the topic is missing when a record is produced (again).
@@ -116,11 +111,11 @@ def test_a_held_spec_keeps_at_most_a_queue_of_records_then_delivers_them_in_orde
 
     def intake() -> None:
         for n in range(2, 21):
-            sink.send(_outcome(topic, n), progress, TT + n, 0.0)
+            sink.send(numbered_outcome(topic, n), progress, TT + n, 0.0)
             sent.append(n)
 
     try:
-        sink.send(_outcome(topic, 1), progress, TT + 1, 0.0)
+        sink.send(numbered_outcome(topic, 1), progress, TT + 1, 0.0)
         wait_for(lambda: progress.held, 30, "the spec to be held")
         thread = threading.Thread(target=intake, daemon=True)
         thread.start()

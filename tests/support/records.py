@@ -1,10 +1,18 @@
-"""Record values read back from a topic with a real consumer (a fresh group from the beginning)."""
+"""Record values read back from a topic with a real consumer (a fresh group from the beginning), and
+numbered sink outcomes to produce them from."""
 
 from __future__ import annotations
 
 from confluent_kafka import Consumer
 
+from ingest.data.pipeline import Outcome
 from tests.support.waiting import wait_for
+
+
+def numbered_outcome(topic: str, n: int, *, error: str | None = None) -> Outcome:
+    """A pipeline outcome whose value says its number (`{"n":N}`), for the sink to produce."""
+    return Outcome(topic=topic, key=b"809646016", value=b'{"n":%d}' % n, headers=[("uuid", b"u%d" % n)],
+                   family="message-store", uuid=f"u{n}", event_time=1_700_000_000.0, error=error)
 
 
 def read_values(bootstrap: str, topic: str, expected: int, *, committed: bool = False,

@@ -17,12 +17,11 @@ from collections.abc import Iterator
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from ingest.data.pipeline import Outcome
 from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.observability.metrics import Metrics
 from ingest.sandbox.kafka import LocalKafka, free_port
 from tests.support import wait_for
-from tests.support.records import read_values
+from tests.support.records import numbered_outcome, read_values
 
 PRODUCE_API_KEY = 0
 TT = 17_000_000_000_000_000
@@ -104,10 +103,6 @@ def _broker_behind_a_proxy() -> Iterator[DroppingProxy]:
         proxy.close()
 
 
-def _outcome(topic: str, n: int) -> Outcome:
-    return Outcome(topic=topic, key=b"809646016", value=b'{"n":%d}' % n, headers=[("uuid", b"u%d" % n)],
-                   family="message-store", uuid=f"u{n}", event_time=1_700_000_000.0, error=None)
-
 
 def test_a_lost_produce_request_is_sent_again_before_a_later_one_is_acknowledged(unique_name: str) -> None:
     """The broker has no producer state yet for a new partition, so it accepts a first batch whose
@@ -130,10 +125,10 @@ def test_a_lost_produce_request_is_sent_again_before_a_later_one_is_acknowledged
             progress = SpecProgress("acme/messages")
             proxy.arm()
             for n in range(3):
-                sink.send(_outcome(topic, n), progress, TT + n, time.time())
+                sink.send(numbered_outcome(topic, n), progress, TT + n, time.time())
             wait_for(proxy.dropped.is_set, 60, "the first produce request to be lost on the way")
             for n in range(3, 10):
-                sink.send(_outcome(topic, n), progress, TT + n, time.time())
+                sink.send(numbered_outcome(topic, n), progress, TT + n, time.time())
             wait_for(lambda: progress.acked_tt == TT + 9, 120, "every record acknowledged")
             values = read_values(bootstrap, topic, 10, timeout=30)
         finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from ingest.config import ConfigError, load_config
@@ -133,7 +133,9 @@ def _override_key(var: str) -> str:
     return ".".join(parts)
 
 
-def _check(message: str, config_path: Path, doc: dict[str, Any], env: dict[str, str]) -> None:
+def _check(message: str, config_path: Path, env: dict[str, str]) -> None:
+    # The keys as the loader saw them: PyYAML does not round-trip every key ('\x85' loads as ' ').
+    doc = yaml.safe_load(config_path.read_text())
     assert CLIENT_SECRET not in message and JWT not in message, message
     assert "Traceback" not in message
     if message.startswith(f"{config_path}: "):
@@ -165,7 +167,7 @@ def test_mutated_config_is_accepted_or_a_config_error_naming_a_key(
             event("accepted")
         except ConfigError as exc:
             event("ConfigError")
-            _check(str(exc), path, doc, env)
+            _check(str(exc), path, env)
         else:  # every accepted number is a finite one (a NaN renewal margin never renewed)
             numbers = [v for section in (config.worker, config.topics, config.metrics)
                        for v in vars(section).values() if isinstance(v, int | float) and not isinstance(v, bool)]
@@ -174,13 +176,14 @@ def test_mutated_config_is_accepted_or_a_config_error_naming_a_key(
 
 @settings(max_examples=400, deadline=None)
 @given(st.dictionaries(st.sampled_from([*SECTIONS, "extra"]), values, max_size=7))
+@example({"metrics": {"\x85": None}})  # a key PyYAML does not round-trip (it loads as " ")
 def test_random_documents_are_a_config_error_naming_a_key(doc: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = _write(Path(tmp), doc)
         try:
             load_config(path, ENV)
         except ConfigError as exc:
-            _check(str(exc), path, doc, ENV)
+            _check(str(exc), path, ENV)
         else:  # a config needs accounts with credentials: nothing random is one
             raise AssertionError(f"a random document was accepted as a config: {doc!r}")
 

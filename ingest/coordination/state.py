@@ -13,7 +13,9 @@ Group mode writes an intent before each subscription it creates (`creating_since
 the `POST /subscription`), and the record that names the created subscription and its channel drops it: a record
 restored with an intent tells the next owner that a subscription may exist that no record names (its
 creator died before recording it), created at or after that time; it looks for it and adopts it
-(`ingest.rc.subscriptions`, "Orphans of a group member").
+(`ingest.rc.subscriptions`, "Orphans of a group member"), or reports a gap when none is alive. That naming
+record (the creation record) is made durable too, before the created channel is read, with its checkpoint
+at the intent's time: the next owner reads that channel even after the subscription ended unrenewed.
 
 The state topic is co-partitioned with the spec topic by construction: both are written with an
 explicit partition, `partition_for(spec_id, n)`, so a worker that owns spec partition p finds the

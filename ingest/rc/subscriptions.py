@@ -35,7 +35,9 @@ took the spec over) whose filters are the spec's and that no state record names,
 the recorded one or creating another. All specs of an account have their records in one partition, so
 the owner of the spec knows every id its account's records name. Two specs with identical filters
 and intents may adopt each other's orphans: identical filters receive the same events, so nothing is
-lost or read twice either way.
+lost or read twice either way. None alive: `orphan_missing` (a gap). Once RingCentral has answered a
+creation, `record_creation` makes a record naming it (channel, key) durable before its delivery is
+announced, so an orphan that expires before the next owner looks is still read (PubNub keeps its buffer).
 """
 
 from __future__ import annotations
@@ -160,6 +162,11 @@ class SubscriptionManager:
         # IntentNotRecorded otherwise). Set by the ownership before the first specs.
         # The second argument says whether the creation was abandoned meanwhile (the spec removed or released).
         self.record_intent: Callable[[str, Callable[[], bool]], None] | None = None
+        # Group mode: records a PubNub subscription just created, channel and key, returning once that record
+        # is durable (IntentNotRecorded otherwise), before its delivery is announced and its channel read.
+        self.record_creation: Callable[[Delivery, Callable[[], bool]], None] | None = None
+        # Group mode: a restored intent found no subscription alive to adopt: (spec id, the intent's time).
+        self.orphan_missing: Callable[[str, float], None] | None = None
         self._named: frozenset[str] = frozenset()  # subscription ids the restored state records name
         self.webhook_address = webhook_address  # None: PubNub delivery
         self._cond = threading.Condition(threading.RLock())
@@ -525,7 +532,9 @@ class SubscriptionManager:
         live, the spec's filters, created within (intent, takeover), claimed by no spec and named by no
         record. Its renewal gives its channel and key; the data plane reads the channel from the
         intent's time (`SpecChannels._resume`), so nothing it received is lost. The recorded one (being
-        replaced when the previous owner died) is deleted. False when there is none."""
+        replaced when the previous owner died) is deleted. False when there is none: unless another spec
+        with the same filters reads one, that is a gap (`orphan_missing`): a subscription created then
+        and ended since is named by no record (the creation's own record was not durable)."""
         session = entry.session
         assert session is not None and entry.orphan_since is not None
         since, until = entry.orphan_since - CLOCK_SKEW_SECONDS, entry.orphan_until
@@ -538,10 +547,12 @@ class SubscriptionManager:
                 continue
             found.append((created, sub_id))
         intent = entry.orphan_since
+        read_elsewhere = False
         for created, sub_id in sorted(found):
             info: dict[str, Any] | None = None
             with self._cond:
                 if sub_id in self._claimed:
+                    read_elsewhere = True
                     continue  # another spec (with the same filters) has it
                 self._claimed.add(sub_id)
                 entry.orphan_since = None  # no longer waiting for one (`_awaiting_orphans`)
@@ -570,6 +581,9 @@ class SubscriptionManager:
                         log.warning("subscription.orphans_deleted", spec=entry.spec.spec_id, subscription_ids=extra)
             self._activate(entry, info, deliveries, how="adopted")
             return True
+        if self.orphan_missing is not None and not read_elsewhere:
+            # If the previous owner created one, it has ended unread and no record names its channel.
+            self.orphan_missing(entry.spec.spec_id, intent)
         return False
 
     def _awaiting_orphans(self, entry: _Entry, wanted: tuple[str, ...], account_id: str, extension_id: str) -> bool:
@@ -642,6 +656,20 @@ class SubscriptionManager:
             entry.webhook_token = (str(info.get("id") or ""), token)
         self.metrics.creations.labels(reason).inc()
         self._activate(entry, info, deliveries, how="created", started=started, **intent)
+        self._record_creation(entry)
+
+    def _record_creation(self, entry: _Entry) -> None:
+        """Make the record naming a PubNub subscription just created durable before its channel is read (a
+        WebHook or WebSocket delivery has no buffer to read again). Not durable in time, it is read all
+        the same: the intent, durable, makes the next owner look for it."""
+        delivery = entry.delivery
+        if self.record_creation is None or delivery is None or delivery.transport != "PubNub":
+            return
+        try:
+            self.record_creation(delivery, lambda: entry.removed or self._stopping)
+        except IntentNotRecorded as exc:
+            log.warning("subscription.creation_unrecorded", spec=entry.spec.spec_id,
+                        subscription_id=delivery.subscription_id, error=str(exc))
 
     def _renew(self, entry: _Entry, deliveries: list[Delivery]) -> None:
         session = entry.session

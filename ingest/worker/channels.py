@@ -97,6 +97,10 @@ class SpecChannels:
         # Group mode: spec id -> when this worker began creating a subscription for it (its intent, in every
         # state record of the spec until the delivery of what it created: SpecState.creating_since).
         self.creating: dict[str, float] = {}
+        # Group mode: spec id -> a subscription created for it and not announced yet (its delivery), with the
+        # timetoken its channel is read from (the intent's, less the clock skew). Every state record of the spec
+        # names it, channel and key, from before it is read until its delivery (`Checkpoints.record_creation`).
+        self.created: dict[str, tuple[Delivery, int]] = {}
         # WebHook in a group: channel (subscription id) -> the progress of deliveries received here for a
         # spec another worker owns. Produced like the owner's, acknowledged once in Kafka (exactly-once:
         # committed), but never checkpointed here: the owner's state record is the spec's.
@@ -126,8 +130,9 @@ class SpecChannels:
             previous = self.deliveries.get(spec_id)
             self.deliveries[spec_id] = delivery
             self.creating.pop(spec_id, None)  # the next record names what the creation made, channel and all
+            self.created.pop(spec_id, None)  # announced: recorded as the current delivery from now on
             previous_key = self.wrapped_keys.get(spec_id)
-            self.wrapped_keys[spec_id] = self._wrap(spec_id, delivery)
+            self.wrapped_keys[spec_id] = self.wrap_key(spec_id, delivery)
             if delivery.verification_token:
                 self.wrapped_tokens[spec_id] = self.keys.wrap(delivery.verification_token, spec_id,
                                                               delivery.subscription_id)
@@ -165,7 +170,8 @@ class SpecChannels:
         log.info("worker.delivery", spec=spec_id, subscription=delivery.subscription_id, moved=bool(moved),
                  rekeyed=bool(previous and previous.encryption_key != delivery.encryption_key))
 
-    def _wrap(self, spec_id: str, delivery: Delivery) -> str:
+    def wrap_key(self, spec_id: str, delivery: Delivery) -> str:
+        """The delivery's AES key as a state record holds it: wrapped; "" when unencrypted."""
         key = delivery.encryption_key
         return self.keys.wrap(key, spec_id, delivery.channel) if key else ""
 
@@ -234,6 +240,7 @@ class SpecChannels:
             self.restored.pop(spec_id, None)
             self.last_state.pop(spec_id, None)
             self.creating.pop(spec_id, None)
+            self.created.pop(spec_id, None)
             self.wrapped_keys.pop(spec_id, None)
             self.wrapped_tokens.pop(spec_id, None)
             self.lapses.pop(spec_id, None)

@@ -35,9 +35,10 @@ from ingest.data.sink import KafkaSink, SpecProgress
 from ingest.model import Delivery
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import Metrics
-from ingest.rc.subscriptions import IntentNotRecorded
+from ingest.rc.subscriptions import CLOCK_SKEW_SECONDS, IntentNotRecorded
 from ingest.topology import TopicNames, partition_for
 from ingest.transports.base import Received, Transport
+from ingest.transports.pubnub import timetoken_at
 from ingest.worker.channels import Drain, SpecChannels
 
 log = get_logger(__name__)
@@ -148,12 +149,26 @@ class Checkpoints(ABC):
     def state_record(self, spec_id: str, delivery: Delivery, timetoken: int, *, move_drains: bool = True) -> SpecState:
         # The delivery is announced only when it changes; plain renewals move the expiry recorded here.
         expires_at = self.metrics.subscription_expiry.get(spec_id) or delivery.expires_at
-        return SpecState(spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key,
-                         delivery.channel, timetoken, time.time(), self.config.worker.id, expires_at,
-                         self.channels.wrapped_keys.get(spec_id), self._draining(spec_id, timetoken, move_drains),
-                         self.channels.wrapped_tokens.get(spec_id),
-                         self.transport.resume_state(delivery.channel, timetoken),
-                         self.channels.creating.get(spec_id))
+        return self._naming_created(SpecState(
+            spec_id, delivery.account_id, delivery.subscription_id, delivery.subscriber_key, delivery.channel,
+            timetoken, time.time(), self.config.worker.id, expires_at, self.channels.wrapped_keys.get(spec_id),
+            self._draining(spec_id, timetoken, move_drains), self.channels.wrapped_tokens.get(spec_id),
+            self.transport.resume_state(delivery.channel, timetoken), self.channels.creating.get(spec_id)))
+
+    def _naming_created(self, record: SpecState) -> SpecState:
+        """The record with the subscription created for its spec and not announced yet (if any) as the
+        current one: its channel, read from the creation's time, and its key; the channel the record named
+        goes under `draining` with its checkpoint. The intent is over: the record names what it made."""
+        created = self.channels.created.get(record.spec_id)
+        if created is None or created[0].channel == record.channel:
+            return record
+        delivery, since_tt = created
+        former = tuple(c for c in record.recorded_channels() if c.channel != delivery.channel)
+        return replace(record, account_id=delivery.account_id or record.account_id,
+                       subscription_id=delivery.subscription_id, subscriber_key=delivery.subscriber_key,
+                       channel=delivery.channel, timetoken=since_tt, expires_at=delivery.expires_at,
+                       wrapped_key=self.channels.wrap_key(record.spec_id, delivery), draining=former, session=None,
+                       creating_since=None)
 
     def _draining(self, spec_id: str, spec_tt: int, move: bool = True) -> tuple[RecordedChannel, ...]:
         """The spec's former channels still draining, each with its checkpoint: the spec's own
@@ -173,18 +188,37 @@ class Checkpoints(ABC):
 
     def record_subscription(self, spec_id: str, subscription_id: str) -> None:
         """Name a subscription that was created or adopted for the spec while we were handing it over
-        (no delivery announced for it yet). Only the subscription id changes: the checkpoint and the
+        (no delivery announced for it yet). One created here is named with its channel and key
+        (`_naming_created`), so that the next owner reads that channel even if its first renewal moves the
+        subscription to another (before, the record kept the old channel and the soak lost what the
+        created one received). Otherwise only the subscription id changes: the checkpoint and the
         channel it belongs to stay as they were. A record with an empty checkpoint made the next owner
         start from a 30-s lookback: duplicates under exactly-once, and loss where the checkpoint was
-        older than the lookback (docs/scaling.md). A pending intent stays: the record does not name the
-        new channel, and the next owner reads it from the intent's time."""
-        recorded = self._current_record(spec_id)
-        if recorded.subscription_id == subscription_id:
+        older than the lookback (docs/scaling.md). A pending intent then stays: the record does not name
+        the new channel, and the next owner reads it from the intent's time."""
+        with self._records_lock:
+            recorded = self._current_record(spec_id)
+        if recorded.subscription_id != subscription_id:
+            recorded = replace(recorded, subscription_id=subscription_id)
+        elif spec_id not in self.channels.created:
             return  # the record already names it
-        state = replace(recorded, subscription_id=subscription_id)
         # Exactly-once: into the open transaction, committed with the handover.
-        self.sink.produce_raw(self.topics.state, spec_id.encode(), state.encode(),
+        self.sink.produce_raw(self.topics.state, spec_id.encode(), recorded.encode(),
                               partition_for(spec_id, self.config.topics.spec_partitions))
+
+    def record_creation(self, delivery: Delivery, abandoned: Callable[[], bool] = lambda: False) -> None:
+        """A subscription was just created for the spec (RingCentral answered the POST), before its channel
+        is read: make a record that names it, channel and wrapped key, durable like the intent
+        (`_write_durably`), so that whoever owns the spec next reads that channel from the creation's time,
+        whether the subscription is still alive then or not (PubNub keeps the channel's buffer after it
+        ended). Every record of the spec names it until it is announced (`SpecChannels.created`).
+        IntentNotRecorded: not durable in time (the intent then stands for it), or `abandoned()`."""
+        spec_id = delivery.spec_id
+        with self._records_lock:
+            since = self.channels.creating.get(spec_id, time.time())
+            self.channels.created[spec_id] = (delivery, timetoken_at(since - CLOCK_SKEW_SECONDS))
+            state = self._current_record(spec_id)
+        self._write_durably(spec_id, state, abandoned)
 
     def record_intent(self, spec_id: str, abandoned: Callable[[], bool] = lambda: False) -> None:
         """Before a subscription is created for the spec: record that a creation is under way (since
@@ -207,9 +241,10 @@ class Checkpoints(ABC):
         restored = channels.restored.get(spec_id)
         creating = channels.creating.get(spec_id)
         if restored is None:
-            return SpecState(spec_id, "", "", "", "", 0, time.time(), worker_id, creating_since=creating)
-        return replace(restored, updated_at=time.time(), worker_id=worker_id,
-                       creating_since=creating or restored.creating_since)
+            return self._naming_created(SpecState(spec_id, "", "", "", "", 0, time.time(), worker_id,
+                                                  creating_since=creating))
+        return self._naming_created(replace(restored, updated_at=time.time(), worker_id=worker_id,
+                                            creating_since=creating or restored.creating_since))
 
     def remove(self, spec_id: str) -> None:
         """The spec was removed: a tombstone deletes its state record."""
@@ -295,11 +330,11 @@ class StateTopicCheckpoints(Checkpoints):
             self.sink.producer.produce(self.topics.state, state.encode(), spec_id.encode(), on_delivery=on_delivery,
                                        partition=partition_for(spec_id, self.config.topics.spec_partitions))
         except (BufferError, KafkaException) as exc:
-            raise IntentNotRecorded(f"the intent record could not be queued: {exc!r}") from None
+            raise IntentNotRecorded(f"the state record could not be queued: {exc!r}") from None
         if not acknowledged.wait(INTENT_PATIENCE):
-            raise IntentNotRecorded(f"Kafka did not acknowledge the intent record within {INTENT_PATIENCE:.0f}s")
+            raise IntentNotRecorded(f"Kafka did not acknowledge the state record within {INTENT_PATIENCE:.0f}s")
         if failures:
-            raise IntentNotRecorded(f"the intent record failed: {failures[0]}")
+            raise IntentNotRecorded(f"the state record failed: {failures[0]}")
 
 
 class TransactionalCheckpoints(Checkpoints):
@@ -478,7 +513,7 @@ class TransactionalCheckpoints(Checkpoints):
             if abandoned():
                 raise IntentNotRecorded("the spec is being handed over")
             if time.monotonic() >= deadline:
-                raise IntentNotRecorded(f"the intent record was not committed within {INTENT_PATIENCE:.0f}s")
+                raise IntentNotRecorded(f"the state record was not committed within {INTENT_PATIENCE:.0f}s")
 
     def _fenced(self, reason: str) -> None:
         """A newer instance serves our specs: read nothing more, and create or renew nothing more (a

@@ -120,6 +120,10 @@ class Group(Ownership):
         # An intent is durable before each creation: should this worker die before a record names what it
         # created, the next owner finds and adopts it (SubscriptionManager: orphans).
         manager.record_intent = self.checkpoints.record_intent
+        # And a record naming what it created (channel, key) is durable before the channel is read: the next
+        # owner reads that channel, even once the subscription has ended unrenewed.
+        manager.record_creation = self.checkpoints.record_creation
+        manager.orphan_missing = self._orphan_missing
         if cfg.worker.apply_specs_on_start and cfg.specs():
             result = apply_specs(cfg.kafka, self.topics.specs, cfg.topics.spec_partitions, cfg.specs(), prune=False)
             log.info("specs.applied", added=len(result.added), updated=len(result.updated))
@@ -193,6 +197,14 @@ class Group(Ownership):
             self.channels.drop(spec_id)
         self._apply_owned()
         log.info("worker.specs_released", specs=len(released), lost=lost)
+
+    def _orphan_missing(self, spec_id: str, since: float) -> None:
+        """A restored intent whose orphan search found nothing alive: whatever the previous owner may have
+        created from then on received notifications no record lets anyone read."""
+        self.channels.report_gap(spec_id, "", since, time.time(),
+                                 "creation intent without a recorded subscription: the previous owner began "
+                                 "creating one and no record names it; none created since is alive, so what "
+                                 "it may have received cannot be read", intent_since=since)
 
     def tick(self, consumer: Consumer) -> None:
         self.checkpoints.on_group_tick(consumer)

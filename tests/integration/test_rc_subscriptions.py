@@ -585,3 +585,29 @@ def test_orphans_created_since_an_intent_are_adopted_one_per_spec_and_nothing_el
         assert sb.rc.is_live(stray["id"]) and sb.rc.is_live(other_filters)
     finally:
         mgr.stop(delete_subscriptions=True)
+
+
+def test_an_intent_without_an_orphan_alive_is_reported_unless_a_spec_with_its_filters_adopted_one(sb: Sandbox) -> None:
+    """Three specs restored with intents: two with identical filters share the one orphan alive (one
+    adopts it, the other finds it claimed: what it would have received, the adopted one receives), the
+    third finds none alive for its filters: only that one is reported (`orphan_missing`, a gap), and it
+    creates its own subscription."""
+    account = sb.accounts[0].name
+    m = Metrics()
+    sessions = sessions_for(sb, m)
+    orphan = sessions[account].client.create_subscription([MSG], 900)
+    intent = datetime.fromisoformat(orphan["creationTime"]).timestamp()
+    missing: list[tuple[str, float]] = []
+    rec = Recorder()
+    mgr = SubscriptionManager(accounts=sessions, metrics=m, on_delivery=rec, renewal_margin=3.0,
+                              renewal_jitter=0.3, adopt_matching=False)
+    mgr.orphan_missing = lambda spec_id, since: missing.append((spec_id, since))
+    mgr.start()
+    try:
+        specs = [spec(account, "a"), spec(account, "b"), spec(account, "p", PRESENCE)]
+        mgr.set_specs(specs, {}, dict.fromkeys((s.spec_id for s in specs), intent))
+        wait_for(lambda: all(rec.last(s.spec_id) for s in specs), 30, what="every spec's delivery")
+        assert orphan["id"] in {d.subscription_id for s in specs if (d := rec.last(s.spec_id)) is not None}
+        assert missing == [(f"{account}/p", intent)], missing
+    finally:
+        mgr.stop(delete_subscriptions=True)

@@ -12,8 +12,8 @@ published:
   soak's traffic, so PubNub still holds everything and the verdict is 0.
 - duplicated: notifications seen twice through read_committed; 0 in exactly-once (at-least-once
   counts them only).
-- order violations: per spec, a notification whose timetoken is below one read before it in the
-  same partition (first copies only; a replayed duplicate is not a violation). 0.
+- order violations: per spec and partition, a notification whose timetoken is below one read before
+  it (`order_violations`: a duplicate is not one, wherever it comes). 0.
 - gaps: `replay.gap_suspected` events the workers logged, against the real gaps: missing
   notifications, and subscriptions that lapsed (expired server-side, by a fault or because no one
   renewed them in time), each of which must be reported as a lapse (or, expired early by a
@@ -46,8 +46,9 @@ from ingest.config import load_config
 from ingest.sandbox.generator import Generated
 from ingest.sandbox.kafka import LocalKafka
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
+from tests.integration.faults.scenario import order_violations
 from tests.support import WorkerProcess, wait_for
-from tests.support.harness import Record, TopicReader, drain_and_compare, write_config
+from tests.support.harness import TopicReader, drain_and_compare, write_config
 
 ACCOUNTS = 4
 FILTERS = {
@@ -192,24 +193,6 @@ FAULTS: dict[str, Callable[[Soak], dict[str, Any]]] = {
     "pubnub-time-fail": _pn_time_fail, "broker-restart": _broker_restart,
     "worker-sigkill": _worker_signal(signal.SIGKILL), "worker-sigterm": _worker_signal(signal.SIGTERM),
 }
-
-
-def order_violations(records: list[Record]) -> list[str]:
-    """Per spec, first copies whose timetoken is below one read before them (records are in read
-    order, which within a partition is offset order, and a spec's records share a partition)."""
-    newest: dict[str, int] = {}
-    seen: set[str] = set()
-    violations = []
-    for record in records:
-        uuid, spec = record.headers.get("uuid", ""), record.headers.get("spec-id", "")
-        if not spec or uuid in seen:
-            continue
-        seen.add(uuid)
-        timetoken = int(record.headers.get("timetoken", "0"))
-        if timetoken < newest.get(spec, 0):
-            violations.append(f"{spec}: {uuid} at {timetoken} after {newest[spec]}")
-        newest[spec] = max(newest.get(spec, 0), timetoken)
-    return violations
 
 
 def _missing_by_subscription(missing: list[Generated], started: float) -> list[str]:

@@ -222,5 +222,7 @@ def test_a_lapse_is_reported_also_when_pubnub_refuses_the_lapsed_channel(
             assert second.metrics.lapses._sum.get() == pytest.approx(float(str(lapse["lapse_seconds"])), abs=0.01)
             assert second.metrics.replay_gaps._value.get() == 2
             assert refused["spec"] == lapse["spec"] == "acme/messages"
+            print(f"lapse of {lapse['lapse_seconds']} s reported beside the refused channel's window "
+                  f"({float(str(refused['missing_until'])) - float(str(refused['missing_from'])):.1f} s)")
         finally:
             second.stop(delete_subscriptions=True)

@@ -30,7 +30,7 @@ def test_a_replayed_run_after_a_restart_is_not_a_violation() -> None:
 
 def test_a_step_back_is_a_violation() -> None:
     violations = order_violations(_read(("a", 1), ("c", 3), ("b", 2), ("d", 4)))
-    assert violations == ["messages key acme acme/messages: 2 after 3"]
+    assert violations == ["messages key acme acme/messages: b at 2 after 3"]
 
 
 def test_a_step_back_behind_a_duplicate_is_still_a_violation() -> None:

@@ -129,7 +129,7 @@ def order_violations(records: list[Record]) -> list[str]:
             continue
         read.add(notification)
         if int(tt) < highest.get(where, 0):
-            violations.append(f"{r.topic} key {r.key} {spec}: {tt} after {highest[where]}")
+            violations.append(f"{r.topic} key {r.key} {spec}: {notification[3]} at {tt} after {highest[where]}")
         highest[where] = max(highest.get(where, 0), int(tt))
     return violations
 

@@ -20,6 +20,8 @@ published:
   fault, as a subscription gone) naming it. Other reports, with
   nothing lost, are false alarms and are listed.
 - no worker log line holds a traceback.
+- the group settled after the faults: every worker running and ready, every spec owned, within
+  SETTLE_SECONDS (a group that does not is named in the verdict, which is still given).
 
 Exit status 0 when every verdict holds, 1 otherwise.
 """
@@ -206,9 +208,12 @@ def _missing_by_subscription(missing: list[Generated], started: float) -> list[s
             sorted(groups.items(), key=lambda kv: -len(kv[1]))]
 
 
-def _settled(workers: list[WorkerProcess], specs: int) -> bool:
-    return all(w.alive for w in workers) and sum(max(0, w.owned()) for w in workers) == specs \
-        and all(w.ready() for w in workers)
+def _unsettled(workers: list[WorkerProcess], specs: int) -> list[str]:
+    """What keeps the group from serving every spec: workers exited or not ready, specs not owned."""
+    problems = [f"{w.name} exited" if not w.alive else f"{w.name} not ready" for w in workers
+                if not w.alive or not w.ready()]
+    owned = sum(max(0, w.owned()) for w in workers)
+    return problems + ([f"{owned} of {specs} specs owned"] if owned != specs else [])
 
 
 def _worker_log_events(workers: list[WorkerProcess], event: str) -> list[dict[str, Any]]:
@@ -255,7 +260,8 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
         try:
             for w in workers:
                 w.start()
-            wait_for(lambda: _settled(workers, len(specs)), SETTLE_SECONDS, interval=1, what="the group settled")
+            wait_for(lambda: not _unsettled(workers, len(specs)), SETTLE_SECONDS, interval=1,
+                     what="the group settled")
             sandbox.generator.start(RATE)
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
@@ -265,8 +271,13 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
                 soak.restart_dead()
             sandbox.faults.clear()
             soak.restart_dead()
-            wait_for(lambda: _settled(workers, len(specs)), SETTLE_SECONDS, interval=1,
-                     what="the group settled after the faults")
+            # A group that does not settle is a finding, not the end of the soak: the verdict names it
+            # (seed 3905723922: two exactly-once workers' transactional producers never reached their
+            # coordinator again after a broker restart, and the soak ended in a traceback, no verdict).
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: not _unsettled(workers, len(specs)), SETTLE_SECONDS, interval=1,
+                         what="the group settled after the faults")
+            unsettled = _unsettled(workers, len(specs))
             reader = TopicReader(broker.bootstrap_servers, prefix)
             generated, result = drain_and_compare(sandbox, reader, SETTLE_SECONDS)
             # A subscription a late fault expired server-side is learnt of at its next renewal, up to a
@@ -291,7 +302,7 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
         verdict = {
             "mode": guarantee, "published": len(generated), "lost": len(result.missing),
             "wrong": len(result.wrong), "duplicated": duplicated, "order_violations": len(violations),
-            "tracebacks": tracebacks,
+            "tracebacks": tracebacks, "unsettled_after_the_faults": unsettled,
             # Real gaps: notifications missing, and subscriptions that lapsed (RingCentral publishes
             # nothing to an expired subscription; the sandbox's generator neither).
             "lapses": len(lapsed), "lapses_unreported": sorted(lapsed - lapse_reports),
@@ -304,7 +315,7 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
             print(f"  order: {line}")
         for gap in gaps[:5]:
             print(f"  gap reported: {gap}")
-        return (not result.missing and not result.wrong and not violations and not tracebacks
+        return (not result.missing and not result.wrong and not violations and not tracebacks and not unsettled
                 and not verdict["lapses_unreported"] and (guarantee == "at-least-once" or duplicated == 0))
 
 

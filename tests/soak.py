@@ -12,14 +12,16 @@ published:
   soak's traffic, so PubNub still holds everything and the verdict is 0.
 - duplicated: notifications seen twice through read_committed; 0 in exactly-once (at-least-once
   counts them only).
-- order violations: per spec, a notification whose timetoken is below one read before it in the
-  same partition (first copies only; a replayed duplicate is not a violation). 0.
+- order violations: per spec and partition, a notification whose timetoken is below one read before
+  it (`order_violations`: a duplicate is not one, wherever it comes). 0.
 - gaps: `replay.gap_suspected` events the workers logged, against the real gaps: missing
   notifications, and subscriptions that lapsed (expired server-side, by a fault or because no one
   renewed them in time), each of which must be reported as a lapse (or, expired early by a
   fault, as a subscription gone) naming it. Other reports, with
   nothing lost, are false alarms and are listed.
 - no worker log line holds a traceback.
+- the group settled after the faults: every worker running and ready, every spec owned, within
+  SETTLE_SECONDS (a group that does not is named in the verdict, which is still given).
 
 Exit status 0 when every verdict holds, 1 otherwise.
 """
@@ -27,6 +29,7 @@ Exit status 0 when every verdict holds, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
@@ -46,8 +49,9 @@ from ingest.config import load_config
 from ingest.sandbox.generator import Generated
 from ingest.sandbox.kafka import LocalKafka
 from ingest.sandbox.server import Sandbox, SandboxSettings, demo_accounts
+from tests.integration.faults.scenario import order_violations
 from tests.support import WorkerProcess, wait_for
-from tests.support.harness import Record, TopicReader, drain_and_compare, write_config
+from tests.support.harness import TopicReader, drain_and_compare, write_config
 
 ACCOUNTS = 4
 FILTERS = {
@@ -90,6 +94,21 @@ class Soak:
                 assert w.proc is not None
                 self.log("worker-exited", worker=w.name, exit_status=w.proc.returncode, restarted=True)
                 w.start()
+
+    def settle(self, specs: int) -> list[str]:
+        """Wait until the group serves every spec, restarting a worker that exits meanwhile (seed
+        3606330587: one exited 3 in the last broker restart, just after the schedule's last check, and
+        stayed down); what still keeps it from that after SETTLE_SECONDS, [] once settled. A group that
+        does not settle is a finding, not the end of the soak: the verdict names it (seed 3905723922: two
+        exactly-once workers' transactional producers never reached their coordinator again after a
+        broker restart; the soak ended in a traceback)."""
+        def settled() -> bool:
+            self.restart_dead()
+            return not _unsettled(self.workers, specs)
+
+        with contextlib.suppress(AssertionError):
+            wait_for(settled, SETTLE_SECONDS, interval=1, what="the group settled after the faults")
+        return _unsettled(self.workers, specs)
 
 
 def _rc_5xx(s: Soak) -> dict[str, Any]:
@@ -194,24 +213,6 @@ FAULTS: dict[str, Callable[[Soak], dict[str, Any]]] = {
 }
 
 
-def order_violations(records: list[Record]) -> list[str]:
-    """Per spec, first copies whose timetoken is below one read before them (records are in read
-    order, which within a partition is offset order, and a spec's records share a partition)."""
-    newest: dict[str, int] = {}
-    seen: set[str] = set()
-    violations = []
-    for record in records:
-        uuid, spec = record.headers.get("uuid", ""), record.headers.get("spec-id", "")
-        if not spec or uuid in seen:
-            continue
-        seen.add(uuid)
-        timetoken = int(record.headers.get("timetoken", "0"))
-        if timetoken < newest.get(spec, 0):
-            violations.append(f"{spec}: {uuid} at {timetoken} after {newest[spec]}")
-        newest[spec] = max(newest.get(spec, 0), timetoken)
-    return violations
-
-
 def _missing_by_subscription(missing: list[Generated], started: float) -> list[str]:
     """Missing notifications per subscription, with when they were published (soak time, s)."""
     offset = time.time() - (time.monotonic() - started)  # wall clock of the soak's start
@@ -222,9 +223,12 @@ def _missing_by_subscription(missing: list[Generated], started: float) -> list[s
             sorted(groups.items(), key=lambda kv: -len(kv[1]))]
 
 
-def _settled(workers: list[WorkerProcess], specs: int) -> bool:
-    return all(w.alive for w in workers) and sum(max(0, w.owned()) for w in workers) == specs \
-        and all(w.ready() for w in workers)
+def _unsettled(workers: list[WorkerProcess], specs: int) -> list[str]:
+    """What keeps the group from serving every spec: workers exited or not ready, specs not owned."""
+    problems = [f"{w.name} exited" if not w.alive else f"{w.name} not ready" for w in workers
+                if not w.alive or not w.ready()]
+    owned = sum(max(0, w.owned()) for w in workers)
+    return problems + ([f"{owned} of {specs} specs owned"] if owned != specs else [])
 
 
 def _worker_log_events(workers: list[WorkerProcess], event: str) -> list[dict[str, Any]]:
@@ -234,6 +238,21 @@ def _worker_log_events(workers: list[WorkerProcess], event: str) -> list[dict[st
             if line.startswith("{") and f'"{event}"' in line:
                 found.append(json.loads(line))
     return found
+
+
+def _lapsed(sandbox: Sandbox) -> set[str]:
+    """Subscriptions that expired server-side: by a fault, or because no one renewed them in time."""
+    return {v.id for v in sandbox.rc.subscriptions(include_dead=True) if v.status == "Expired"}
+
+
+def _lapse_reports(gaps: list[dict[str, Any]]) -> set[str]:
+    """The subscriptions these gap reports name as lapsed (or, expired early by a fault, as gone)."""
+    return {g["subscription_id"] for g in gaps
+            if "lapse_seconds" in g or str(g.get("reason", "")).startswith("subscription gone")}
+
+
+def _unreported_lapses(sandbox: Sandbox, workers: list[WorkerProcess]) -> list[str]:
+    return sorted(_lapsed(sandbox) - _lapse_reports(_worker_log_events(workers, "replay.gap_suspected")))
 
 
 def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path) -> bool:
@@ -256,7 +275,8 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
         try:
             for w in workers:
                 w.start()
-            wait_for(lambda: _settled(workers, len(specs)), SETTLE_SECONDS, interval=1, what="the group settled")
+            wait_for(lambda: not _unsettled(workers, len(specs)), SETTLE_SECONDS, interval=1,
+                     what="the group settled")
             sandbox.generator.start(RATE)
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
@@ -265,11 +285,16 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
                 soak.log(name, **FAULTS[name](soak))
                 soak.restart_dead()
             sandbox.faults.clear()
-            soak.restart_dead()
-            wait_for(lambda: _settled(workers, len(specs)), SETTLE_SECONDS, interval=1,
-                     what="the group settled after the faults")
+            unsettled = soak.settle(len(specs))
             reader = TopicReader(broker.bootstrap_servers, prefix)
             generated, result = drain_and_compare(sandbox, reader, SETTLE_SECONDS)
+            # A subscription a late fault expired server-side is learnt of at its next renewal, up to a
+            # lifetime later (seed 3905723922: expired by the last fault 13 s before its renewal was due,
+            # and the verdict, which came first, named it unreported): the workers get that long to report
+            # every lapse; the verdict names any still unreported.
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: not _unreported_lapses(sandbox, workers), 2 * TTL, interval=1,
+                         what="every lapse reported")
         finally:
             sandbox.generator.stop()
             if reader is not None:
@@ -279,14 +304,13 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
         duplicated = sum(n - 1 for n in result.duplicates.values())
         violations = order_violations(reader.records)
         gaps = _worker_log_events(workers, "replay.gap_suspected")
-        lapse_reports = {g["subscription_id"] for g in gaps
-                         if "lapse_seconds" in g or str(g.get("reason", "")).startswith("subscription gone")}
-        lapsed = {v.id for v in sandbox.rc.subscriptions(include_dead=True) if v.status == "Expired"}
+        lapse_reports = _lapse_reports(gaps)
+        lapsed = _lapsed(sandbox)
         tracebacks = [w.name for w in workers if "Traceback" in w.log_path.read_text(errors="replace")]
         verdict = {
             "mode": guarantee, "published": len(generated), "lost": len(result.missing),
             "wrong": len(result.wrong), "duplicated": duplicated, "order_violations": len(violations),
-            "tracebacks": tracebacks,
+            "tracebacks": tracebacks, "unsettled_after_the_faults": unsettled,
             # Real gaps: notifications missing, and subscriptions that lapsed (RingCentral publishes
             # nothing to an expired subscription; the sandbox's generator neither).
             "lapses": len(lapsed), "lapses_unreported": sorted(lapsed - lapse_reports),
@@ -299,7 +323,7 @@ def run_mode(guarantee: str, seconds: float, rng: random.Random, directory: Path
             print(f"  order: {line}")
         for gap in gaps[:5]:
             print(f"  gap reported: {gap}")
-        return (not result.missing and not result.wrong and not violations and not tracebacks
+        return (not result.missing and not result.wrong and not violations and not tracebacks and not unsettled
                 and not verdict["lapses_unreported"] and (guarantee == "at-least-once" or duplicated == 0))
 
 

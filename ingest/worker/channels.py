@@ -91,8 +91,8 @@ class SpecChannels:
         # spec id -> (since when, the lapsed subscription's id, the replacement's delivery, "expired" or
         # "gone" as in Delivery.lapse_reason)
         self.lapses: dict[str, tuple[float, str, Delivery, str | None]] = {}
-        # (spec id, subscription id) -> the window last reported as a gap for it
-        self._gaps_reported: dict[tuple[str, str], tuple[float, float]] = {}
+        # (spec id, subscription id, unread channel?) -> the window last reported as a gap of that kind for it
+        self._gaps_reported: dict[tuple[str, str, bool], tuple[float, float]] = {}
         self.last_state: dict[str, float] = {}  # spec id -> when its state record was last written (monotonic)
         # Group mode: spec id -> when this worker began creating a subscription for it (its intent, in every
         # state record of the spec until the delivery of what it created: SpecState.creating_since).
@@ -214,7 +214,7 @@ class SpecChannels:
         except UnwrapError as exc:
             ended = min(restored.expires_at, time.time()) if restored.expires_at else time.time()
             self.report_gap(spec_id, former.subscription_id, former.timetoken / 1e7, ended,
-                            f"recorded channel not readable: {exc}")
+                            f"recorded channel not readable: {exc}", unread_channel=True)
             return
         # Nothing of it checkpointed yet: from as far back as PubNub holds.
         tt = former.timetoken or timetoken_at(time.time() - self.settings.replay_buffer_seconds)
@@ -285,19 +285,23 @@ class SpecChannels:
             if now - state.updated_at > self.settings.replay_buffer_seconds:
                 oldest = min((c.timetoken for c in state.recorded_channels() if c.timetoken), default=state.timetoken)
                 self.report_gap(spec_id, state.subscription_id, oldest / 1e7, now,
-                                "checkpoint older than the replay buffer")
+                                "checkpoint older than the replay buffer", unread_channel=True)
 
     def report_gap(self, spec_id: str, subscription_id: str, missing_from: float, missing_until: float,
-                   reason: str, *, counted: bool = False, **extra: object) -> None:
+                   reason: str, *, counted: bool = False, unread_channel: bool = False, **extra: object) -> None:
         """A window (unix seconds) whose notifications may be missing; `counted`: the metric already is.
-        One loss is reported once: a window that overlaps the last one reported for the same subscription
-        is the same loss seen twice (a WebSocket recovery that failed is also a subscription replaced
-        before its recorded expiry, "gone")."""
+        A subscription loses notifications in two ways: RingCentral delivered nothing to it (it lapsed,
+        was gone, a WebSocket session was not recovered), or what its channel held could not be read
+        (`unread_channel`: PubNub refused it or no longer held it, its key did not open). One loss is
+        reported once: a window overlapping the last one of the same kind for the same subscription is
+        the same loss seen twice (a failed WebSocket recovery is also a subscription "gone"). A lapse and
+        a refused channel of one subscription are two losses: each is reported, the lapse with its length."""
+        kind = (spec_id, subscription_id, unread_channel)
         with self.lock:
-            last = self._gaps_reported.get((spec_id, subscription_id))
+            last = self._gaps_reported.get(kind)
             if last is not None and missing_from <= last[1] and last[0] <= missing_until:
                 return
-            self._gaps_reported[(spec_id, subscription_id)] = (missing_from, missing_until)
+            self._gaps_reported[kind] = (missing_from, missing_until)
         if not counted:
             self.metrics.replay_gaps.inc()
         log.warning("replay.gap_suspected", spec=spec_id, subscription_id=subscription_id,
@@ -319,13 +323,13 @@ class SpecChannels:
         reading += [(spec_id, d.recorded.subscription_id) for spec_id, d in self._drains_on(channels)]
         for spec_id, subscription_id in dict.fromkeys(reading):  # a rotated channel keeps its subscription id
             self.report_gap(spec_id, subscription_id, from_tt / 1e7, until_tt / 1e7,
-                            "catch-up returned a full replay buffer", counted=True)
+                            "catch-up returned a full replay buffer", counted=True, unread_channel=True)
 
     def on_access_denied(self, channels: list[str]) -> None:
         for spec_id, drain in self._drains_on(channels):
             # A former channel PubNub no longer lets us read: what it still holds is lost.
             self.report_gap(spec_id, drain.recorded.subscription_id, drain.progress.acked_tt / 1e7, time.time(),
-                            "PubNub denied access to the recorded channel")
+                            "PubNub denied access to the recorded channel", unread_channel=True)
             self._end_drain(spec_id, drain.recorded.channel)
         if self.manager is None:
             return

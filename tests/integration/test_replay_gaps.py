@@ -185,3 +185,44 @@ def test_a_recorded_channel_pubnub_refuses_is_a_gap_and_the_new_channel_is_read(
         finally:
             reader.close()
             second.stop(delete_subscriptions=True)
+
+
+def test_a_lapse_is_reported_also_when_pubnub_refuses_the_lapsed_channel(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Stopped until its subscription expired; started again while PubNub answers 403 to polls of the
+    expired subscription's channel (soak seed 3229901450: a one-shot 403 hit the poll that carried three
+    such drains). Two losses of one subscription, each reported: what its channel still held unread
+    (refused), and the lapse, from its expiry until the new subscription was read, with its length.
+    Before, the lapse's window overlapped the refusal's and its report was dropped as the same loss seen
+    twice: only the histogram had it."""
+    caplog.set_level(logging.WARNING, logger="ingest")
+    ttl = 4
+    with Sandbox(SandboxSettings(pubnub_hold_seconds=0.5, rate_limits=False, subscription_ttl_max=ttl)) as sandbox:
+        path = write_config(tmp_path, sandbox, kafka_bootstrap, unique_name, subscriptions=FILTERS, accounts=1,
+                            worker={"expires_in_seconds": ttl, "renewal_margin_seconds": 2})
+        first = _start(path)
+        wait_for(lambda: _reading(first), 30, what="the first worker reading")
+        first.stop()
+        [old] = sandbox.rc.live_subscriptions()
+        wait_for(lambda: not sandbox.rc.live_subscriptions(), ttl + 30, what="the recorded subscription expired")
+        sandbox.faults.pubnub_error(403, seconds=120, channel=old.channel)
+
+        second = _start(path)
+        try:
+            def reports() -> dict[str, dict[str, object]]:
+                return {str(e["reason"]).split(":")[0]: e for e in _gap_events(caplog)
+                        if e["subscription_id"] == old.id}
+
+            wait_for(lambda: len(reports()) == 2, 30, what="both losses reported", interval=0.2)
+            refused, lapse = reports()["PubNub denied access to the recorded channel"], reports()["subscription lapsed"]
+            since, until = float(str(lapse["missing_from"])), float(str(lapse["missing_until"]))
+            replacement = next(v for v in sandbox.rc.subscriptions(include_dead=True) if v.id == lapse["replaced_by"])
+            assert abs(since - old.expires_at) < 1.5 and until >= replacement.created_at, (lapse, old.expires_at)
+            assert float(str(lapse["lapse_seconds"])) == pytest.approx(until - since, abs=0.01)
+            assert second.metrics.lapses._sum.get() == pytest.approx(float(str(lapse["lapse_seconds"])), abs=0.01)
+            assert second.metrics.replay_gaps._value.get() == 2
+            assert refused["spec"] == lapse["spec"] == "acme/messages"
+            print(f"lapse of {lapse['lapse_seconds']} s reported beside the refused channel's window "
+                  f"({float(str(refused['missing_until'])) - float(str(refused['missing_from'])):.1f} s)")
+        finally:
+            second.stop(delete_subscriptions=True)

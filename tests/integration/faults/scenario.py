@@ -111,6 +111,29 @@ class FaultTolerantReader(TopicReader):
         return self.records
 
 
+def order_violations(records: list[Record]) -> list[str]:
+    """Per spec and partition (same topic and key), in the order the consumer read them: the records
+    whose PubNub timetoken is below the highest one read before them. A duplicate (its uuid, or without
+    one its timetoken, read before there) is not one, wherever it comes: at-least-once allows it, and it
+    is counted apart (`Traffic.verify`); what a consumer that drops duplicates by uuid sees must be in order."""
+    highest: dict[tuple[str, str, str], int] = {}
+    read: set[tuple[str, str, str, str]] = set()
+    violations = []
+    for r in records:
+        spec, tt = r.headers.get("spec-id"), r.headers.get("timetoken")
+        if spec is None or tt is None:
+            continue
+        where = (r.topic, r.key, spec)
+        notification = (*where, r.headers.get("uuid") or f"timetoken {tt}")
+        if notification in read:
+            continue
+        read.add(notification)
+        if int(tt) < highest.get(where, 0):
+            violations.append(f"{r.topic} key {r.key} {spec}: {notification[3]} at {tt} after {highest[where]}")
+        highest[where] = max(highest.get(where, 0), int(tt))
+    return violations
+
+
 def record_faults(sandbox: Sandbox) -> dict[str, list[float]]:
     """From now on, when (monotonic time) each sandbox fault was applied, by kind. Observation only."""
     fired: dict[str, list[float]] = {}
@@ -192,20 +215,8 @@ class Traffic:
                 f"the worker's sink: {sink}")
 
     def out_of_order(self) -> list[str]:
-        """Records whose PubNub timetoken is not above the previous record of the same spec in the same
-        partition (same topic and key), in the order the consumer read them: empty when order held."""
-        last: dict[tuple[str, str, str], int] = {}
-        wrong = []
-        for r in self.reader.records:
-            spec, tt = r.headers.get("spec-id"), r.headers.get("timetoken")
-            if spec is None or tt is None:
-                continue
-            where = (r.topic, r.key, spec)
-            previous = last.get(where, 0)
-            if int(tt) <= previous:
-                wrong.append(f"{r.topic} key {r.key} {spec}: {tt} after {previous}")
-            last[where] = max(previous, int(tt))
-        return wrong
+        """`order_violations` of everything read: empty when order held."""
+        return order_violations(self.reader.records)
 
     def lapsed(self) -> list[str]:
         return [v.id for v in self.sandbox.rc.subscriptions(include_dead=True) if v.status == "Expired"]

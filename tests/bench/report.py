@@ -113,7 +113,8 @@ ROWS: list[tuple[str, str, Callable[[float], str], str, Check]] = [
     ("realistic.idle.worker.rss_max_bytes", "realistic idle: RSS (max)", _mib, "< 1 GiB", lambda v: v < 1024 * _MIB),
     ("realistic.idle.worker.cpu_per_1000_subscriptions", "realistic idle: CPU per 1,000 subscriptions",
      _pct, "", None),
-    ("realistic.idle.startup_seconds", "realistic idle: all subscriptions active after", _secs, "", None),
+    ("realistic.idle.startup_seconds", "realistic idle: all subscriptions created (active or renewing) after", _secs,
+     "", None),
     # `ingest run --processes 2` against one process where the pod is the bottleneck (first run only).
     ("processes.by_processes.1.max_sustained_rate",
      "pod of 1 process (2,000 subscriptions): maximum sustained rate (median of its ladders)", _rate, "", None),
@@ -319,7 +320,10 @@ def _realistic(summary: dict[str, Any]) -> list[str]:
         "process's, with librdkafka's threads and the final flush). Budget: the steady part takes ~1.5 min per "
         "run, the idle part ~6 min once at load average 3-5 (12 min at 25-29: 10,000 subscriptions took 518 s "
         "to start); with the processes scenario (~5 min, once) `make bench` took 36.9 min on 2026-12-02 at load "
-        "average 19-29 (runs 2 and 3: ~6.5 min each), over the 25-min budget; ~21 min at load 13-17 without it.",
+        "average 19-29 (runs 2 and 3: ~6.5 min each), over the 25-min budget; ~21 min at load 13-17 without it. "
+        "Since then the idle start counts subscriptions being renewed, the sandbox's listen backlog no longer "
+        "drops connections, and the processes scenario starts its two pods together with shorter ladders "
+        "(~3.7 min at load 10-20): \"The time `make bench` takes\" below.",
         "",
     ]
     if idle:
@@ -690,6 +694,23 @@ pod holds is set by its share of the scheduler. Two processes double the threads
 add the parent, 0.01-0.02 of a core) but also the pod's share of the scheduler. The sandbox
 (0.04-0.14 of a core) and the broker (0.06-0.22) were not the limit in these runs. A fair figure
 needs the 2 cores for the pod, the sandbox and the broker alone (or a 4-core machine).
+
+**Alternating ladders** (since 2026-12-02 09:00): both pods run at once, each with its own sandbox,
+and their ladders alternate (1 process, 2 processes, 1, 2: `--rounds 2`), so that the two are
+measured minutes apart rather than one after the other; only the pod measured gets traffic. The
+ratio is taken per round and its median reported. First run, 09:04-09:08, load average 10-20, the
+shared broker busy with other sessions (0.26-0.53 of a core in the windows):
+
+| round | 1 process: held, failed at (p99, cores) | 2 processes: held, failed at (p99, cores) | ratio |
+|---|---|---|---:|
+| 1 | 3,000/s (0.19 s, 0.13); 4,500/s (3.6 s, 0.15) | 4,500/s (0.17 s, 0.19); 6,750/s (6.4 s, 0.22) | 1.50x |
+| 2 | 3,000/s (0.18 s, 0.14); 4,500/s (4.2 s, 0.17) | 4,500/s (0.07 s, 0.22); - (1) | >= 1.50x |
+
+(1) the shared broker stopped (09:08, another session's) during the next step. Sandbox 0.04-0.07 of
+a core throughout. Median ratio 1.5x, below the >= 1.6x target, measured honestly: each pod fails
+far from a core (one process at 0.15-0.17 of a core, two at 0.22), the ladder's x1.5 steps cannot
+show a ratio between 1.0x and 1.5x or between 1.5x and 2.25x, and the machine's load (10-20, broker
+included) sets where both fail, as in the runs above.
 
 ## WebHook receiver (`python -m tests.bench.webhook`; the `ack` figures are also `make bench`'s `webhook` scenario)
 

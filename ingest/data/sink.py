@@ -76,6 +76,9 @@ class SpecProgress:
     checkpointed_tt: int = 0  # the newest acked_tt written to the state topic
     produced_tt: int = 0  # exactly-once: newest timetoken produced into the open transaction
     released: bool = False  # handed to another worker: nothing more may be produced for it
+    # Notifications read since the spec's last state record (approximate: the hot path adds per batch,
+    # the checkpoint thread resets it without a lock); it only sets how soon the next record comes.
+    unrecorded: int = 0
     pending: deque[_InFlight] = field(default_factory=deque)
     # A record failed for good: newer records wait behind it (entry.waiting) until the delivery
     # thread has produced them all again, in order. Set and cleared under `_lock`.

@@ -90,6 +90,10 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: a worker opening many connections at once (10,000
+    # subscriptions over 400 accounts, one HTTP session each) overflowed it, and each dropped SYN cost its
+    # client a 1-s (then 3-s) retransmission: creations waited on connect (docs/benchmarks.md).
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         self.connections: set[socket.socket] = set()

@@ -3,7 +3,8 @@ guarantee (`for_config`); the worker calls the same methods either way.
 
 - `StateTopicCheckpoints` (at-least-once): a spec's checkpoint is the newest timetoken whose records
   Kafka has acknowledged; state records are written to the state topic as checkpoints move (every
-  interval, on the checkpoint thread).
+  interval, on the checkpoint thread); a spec with sparse traffic every SPARSE_RECORD_INTERVALS
+  intervals only (`StateTopicCheckpoints.record_due`).
 - `TransactionalCheckpoints` (exactly-once): the hot path produces into an open transaction; every
   interval the checkpoints (the newest timetoken produced per spec) go into the same transaction and
   it commits, all in `_commit`. An aborted transaction rewinds the channels it covered. Standalone
@@ -55,6 +56,14 @@ GROUP_COMMIT_PATIENCE = 10.0
 # How long a creation waits for its intent to be acknowledged (at-least-once) or committed (exactly-once):
 # past it (Kafka down or slow), the creation is tried again later, with backoff.
 INTENT_PATIENCE = 10.0
+# At-least-once, a spec whose checkpoint moved gets a new state record at the next pass only when its
+# last record is this many checkpoint intervals old, or this many notifications of it arrived since:
+# with sparse traffic (a few notifications a minute per subscription) nearly every pass moved nearly
+# every checkpoint, and the records cost a third of the worker's CPU (docs/benchmarks.md). The price:
+# after a crash the restart reads again up to that many intervals more (duplicates, never loss while
+# PubNub still holds them: docs/records.md). Busy specs keep a record every interval.
+SPARSE_RECORD_INTERVALS = 5
+SPARSE_RECORD_NOTIFICATIONS = 10
 
 
 class Checkpoints(ABC):
@@ -137,6 +146,7 @@ class Checkpoints(ABC):
         finally:
             self._records_lock.release()
         progress.checkpointed_tt = tt
+        progress.unrecorded = 0
         channels.last_state[spec_id] = time.monotonic()
         self.metrics.checkpoints.inc()
         self.written(delivery.channel, tt)
@@ -258,14 +268,32 @@ class StateTopicCheckpoints(Checkpoints):
     def produce(self, outcome: Outcome, progress: SpecProgress, notification: Received, received_at: float) -> None:
         self.sink.send(outcome, progress, notification.position, received_at)
 
+    def __init__(self, config: Config, metrics: Metrics, *, topics: TopicNames, channels: SpecChannels,
+                 transport: Transport, sink: KafkaSink) -> None:
+        super().__init__(config, metrics, topics=topics, channels=channels, transport=transport, sink=sink)
+        # A WebHook sender waits for its answer until the checkpoint is written (`acknowledged`): there
+        # every moved checkpoint is written at the next pass.
+        interval = config.worker.checkpoint_interval_seconds
+        self._sparse_record_age = 0.0 if config.webhook is not None else SPARSE_RECORD_INTERVALS * interval
+
     def position(self, progress: SpecProgress) -> int:
         return progress.acked_tt
+
+    def record_due(self, spec_id: str, progress: SpecProgress, now: float) -> bool:
+        """A moved checkpoint is written when the spec's last record is old enough, or enough of its
+        notifications arrived since, or while it drains a former channel (the drain ends once its
+        checkpoint is written); the expiry refresh and the drains' checkpoints as in `state_due`."""
+        if progress.acked_tt > progress.checkpointed_tt and (
+                now - self.channels.last_state.get(spec_id, 0.0) >= self._sparse_record_age
+                or progress.unrecorded >= SPARSE_RECORD_NOTIFICATIONS or spec_id in self.channels.drains):
+            return True
+        return self.state_due(spec_id, progress.checkpointed_tt, progress, now)  # the spec's own: not moved
 
     def on_interval(self) -> None:
         self._acknowledge_foreign()
         now = time.monotonic()
         due = [spec_id for spec_id, progress in self.channels.progress_snapshot()
-               if self.state_due(spec_id, progress.acked_tt, progress, now)]
+               if self.record_due(spec_id, progress, now)]
         deadline = now + CHECKPOINT_QUEUE_WAIT
         for written, spec_id in enumerate(due):
             if not self.write_state(spec_id, wait=max(0.0, deadline - time.monotonic())):

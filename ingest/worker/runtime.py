@@ -184,19 +184,20 @@ class Worker:
 
     def _on_notifications(self, batch: list[Received], received_at: float, transport: str) -> None:
         routes = self.channels.routes
-        touched: set[Route] = set()
+        touched: dict[Route, int] = {}  # route -> notifications of this batch
         received = 0
         for notification in batch:
             route = routes.get(notification.channel)
             if route is None:
                 continue  # its spec was dropped while the response was in flight
             received += 1
-            touched.add(route)
+            touched[route] = touched.get(route, 0) + 1
             outcome = self.pipeline.process(notification.payload, route.context, notification.position)
             self.checkpoints.produce(outcome, route.progress, notification, received_at)
         # Metrics once per batch: per message they cost more than decryption (docs/benchmarks.md).
-        for route in touched:
+        for route, count in touched.items():
             route.spec_metrics.last_notification.set(received_at)
+            route.progress.unrecorded += count  # sets how soon its next state record comes (checkpointing)
         self.metrics.received_by_transport[transport].inc(received)
 
     # ---- checkpoints and health ----------------------------------------------------------------

@@ -39,6 +39,7 @@ from tests.integration.faults.scenario import (
 )
 from tests.support import WorkerProcess, wait_for
 from tests.support.harness import good, write_config
+from tests.support.librdkafka import live_clients
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +50,15 @@ SMALL_QUEUE = 200  # queue.buffering.max.messages: 10 s of scenario traffic fill
 def own_broker() -> Iterator[LocalKafka]:
     with LocalKafka() as broker:
         yield broker
+
+
+@pytest.fixture(autouse=True)
+def no_client_left() -> Iterator[None]:
+    """Every librdkafka client a test made in this process is gone at its end, producers it replaced
+    included: a leftover one kept reconnecting to the broker through the next tests' outages."""
+    before = live_clients()
+    yield
+    wait_for(lambda: live_clients() <= before, 30, what=f"the librdkafka clients to be back to {before}")
 
 
 @contextlib.contextmanager
@@ -94,7 +104,9 @@ def test_kafka_broker_stopped_and_restarted_mid_stream(
 def _sink_with_a_3s_message_timeout(worker: Worker) -> None:
     # The config refuses message.timeout.ms for at-least-once; a sink given one anyway (as every
     # user could before) must still never time a record out.
+    replaced = worker.sink
     worker.sink = KafkaSink({**worker.config.kafka, "message.timeout.ms": "3000"}, worker.metrics)
+    replaced.close()
 
 
 def test_kafka_outage_longer_than_a_message_timeout_keeps_order_per_spec(

@@ -74,6 +74,9 @@ RETRY_INTERVAL = 1.0
 # producer (its abort) never returned. Within the supervisor's STOP_SLACK_SECONDS (12 s) after the
 # flush, beside the last checkpoints (FINAL_CHECKPOINT_SECONDS, 5 s).
 CLOSE_TIMEOUT_SECONDS = 3.0
+# The thread that closes a producer once a hung call on it returns (exactly-once: `send_offsets_to_transaction`
+# or `commit_transaction` seen blocked for good after a broker restart); the producer lives as long as it waits.
+CLOSE_AFTER_HUNG_CALL = "kafka-producer-close-after-hung-call"
 # Producer.close() warns (a raw RuntimeWarning line on stderr, beside the JSON log) when its abort fails:
 # expected for a replaced producer, fenced by its replacement; what it held is read again anyway.
 warnings.filterwarnings("ignore", message="Producer (abort_transaction|flush) failed during close",
@@ -444,6 +447,7 @@ def close_producer(producer: Producer, after: threading.Thread | None = None) ->
         except Exception:  # closed already, or refused: either way nothing is left to release
             log.warning("kafka.producer_close_failed", exc_info=True)
 
-    thread = threading.Thread(target=close, name="kafka-producer-close", daemon=True)
+    name = "kafka-producer-close" if after is None else CLOSE_AFTER_HUNG_CALL
+    thread = threading.Thread(target=close, name=name, daemon=True)
     thread.start()
     return thread

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from ingest.data.pipeline import Outcome
-from ingest.data.sink import REQUIRED_PRODUCER_CONFIG, KafkaSink, SpecProgress, _InFlight
+from ingest.data.sink import REQUIRED_PRODUCER_CONFIG, KafkaSink, SpecProgress, _InFlight, close_producer
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import Metrics
 
@@ -123,7 +123,7 @@ class TransactionalSink(KafkaSink):
                     return
             # The local queue is full, or a commit waits on Kafka: wait without the lock, so that
             # commits go on meanwhile.
-            self.producer.poll(0.1)
+            self._poll(0.1)
 
     def produce_raw(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None,
                     *, wait: float | None = None) -> bool:
@@ -215,7 +215,7 @@ class TransactionalSink(KafkaSink):
             except CallHung as exc:
                 # Whatever it was doing, a new producer's init_transactions ends the transaction (it
                 # aborts it, or completes a commit the coordinator had already begun).
-                self._replace(str(exc), keep_waiting)
+                self._replace(str(exc), keep_waiting, pending=exc.call)
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
@@ -259,18 +259,26 @@ class TransactionalSink(KafkaSink):
         self._replace(f"the transaction outlived transaction.timeout.ms ({open_for:.1f}s): the coordinator "
                       f"ended its epoch ({error.name()})", keep_waiting)
 
-    def _replace(self, reason: str, keep_waiting: KeepWaiting | None) -> None:
+    def _replace(self, reason: str, keep_waiting: KeepWaiting | None, pending: threading.Thread | None = None) -> None:
         """Go on with a new producer, initialised again (which ends the old one's transaction), and
-        raise TransactionFailed (not fatal) for the caller to read the aborted records again."""
+        raise TransactionFailed (not fatal) for the caller to read the aborted records again. The old
+        one is closed once its `pending` call (hung) has returned: left open, it kept its threads and
+        connections, reconnecting to Kafka for as long as the process lived."""
         log.warning("transaction.producer_replaced", reason=reason)
         self._replaced.inc()
         old, self._producer = self._producer, Producer(self._producer_config)
         old.purge(blocking=False)  # what it still holds was in the aborted transaction: read again from PubNub
+        self._closing = [thread for thread in self._closing if thread.is_alive()]
+        self._closing.append(close_producer(old, after=pending))
         self._run([self._producer.init_transactions, self._begin_step, _fail(reason)], _init_failed, keep_waiting)
 
 
 class CallHung(Exception):
-    """A transaction call still blocked long past its own timeout."""
+    """A transaction call still blocked long past its own timeout; `call` is its thread, still running."""
+
+    def __init__(self, message: str, call: threading.Thread) -> None:
+        super().__init__(message)
+        self.call = call
 
 
 def _bounded(call: Step, timeout: float, keep_waiting: KeepWaiting | None) -> None:
@@ -280,7 +288,8 @@ def _bounded(call: Step, timeout: float, keep_waiting: KeepWaiting | None) -> No
     for minutes, past its timeout, during and after a broker restart (the transaction had failed
     meanwhile: OUT_OF_ORDER_SEQUENCE_NUMBER): it held the group membership thread past
     max.poll.interval.ms, and the worker lost its partitions and never polled again to rejoin. A
-    hung call's thread and producer are left behind (the producer replaced)."""
+    hung call's thread is left behind (CallHung names it); its producer is replaced, and closed once
+    the call returns."""
     outcome: list[BaseException | None] = []
 
     def make() -> None:
@@ -304,7 +313,7 @@ def _bounded(call: Step, timeout: float, keep_waiting: KeepWaiting | None) -> No
         thread.join(min(CALL_TIMEOUT, max(0.0, hung_at - time.monotonic())))
     if not outcome:
         raise CallHung(f"a transaction call was still blocked {time.monotonic() - started:.0f}s after it was "
-                       f"made (timeout {timeout:.0f}s)")
+                       f"made (timeout {timeout:.0f}s)", thread)
     if outcome[0] is not None:
         raise outcome[0]
 

@@ -22,12 +22,17 @@ flush) that serves it raises it, on whichever thread polls. The at-least-once si
 `fatal_error` and the worker stops (`Worker.failed`, `ingest run` exits 3); started again, it resumes from
 its checkpoints, none of which passed an unacknowledged record (docs/faults.md says why it does not
 replace the producer instead).
+
+Closing: librdkafka's close (`Producer.close()`: abort an open transaction, flush, destroy) waits on
+Kafka without a time limit, so a producer is closed on a thread of its own (`close_producer`) and
+the stop waits for it at most `CLOSE_TIMEOUT_SECONDS`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,6 +70,17 @@ DEFAULT_QUEUE_MESSAGES = 100_000  # librdkafka's queue.buffering.max.messages
 DELIVERY_FAILURE_LOG_INTERVAL = 10.0
 # A held spec's oldest record is tried again this often (a permanent error would otherwise spin).
 RETRY_INTERVAL = 1.0
+# How long the stop waits for the producers to close. Kafka down, the close of a transactional
+# producer (its abort) never returned. Within the supervisor's STOP_SLACK_SECONDS (12 s) after the
+# flush, beside the last checkpoints (FINAL_CHECKPOINT_SECONDS, 5 s).
+CLOSE_TIMEOUT_SECONDS = 3.0
+# The thread that closes a producer once a hung call on it returns (exactly-once: `send_offsets_to_transaction`
+# or `commit_transaction` seen blocked for good after a broker restart); the producer lives as long as it waits.
+CLOSE_AFTER_HUNG_CALL = "kafka-producer-close-after-hung-call"
+# Producer.close() warns (a raw RuntimeWarning line on stderr, beside the JSON log) when its abort fails:
+# expected for a replaced producer, fenced by its replacement; what it held is read again anyway.
+warnings.filterwarnings("ignore", message="Producer (abort_transaction|flush) failed during close",
+                        category=RuntimeWarning)
 
 
 @dataclass(eq=False)  # identity: settling collects the progresses a batch of deliveries touched
@@ -148,6 +164,7 @@ class KafkaSink:
         self._settle_lock = threading.Lock()
         self.acknowledged = 0  # records acknowledged and accounted for since start
         self.fatal_error: str | None = None  # the producer's fatal error: the worker must stop (at-least-once)
+        self._closing: list[threading.Thread] = []  # closes of producers this sink replaced (TransactionalSink)
 
     @property
     def producer(self) -> Producer:
@@ -160,7 +177,6 @@ class KafkaSink:
     def _serve(self) -> None:
         queue_gauge = self._metrics.producer_queue
         while not self._stop.is_set():
-            producer = self._producer  # the exactly-once sink may replace it (TransactionalSink)
             try:
                 self._poll(0.05)
                 self._settle()
@@ -169,7 +185,7 @@ class KafkaSink:
                     self._retry_held()
             except Exception:  # this thread must outlive any one bad report
                 log.error("kafka.delivery_thread_error", exc_info=True)
-            queue_gauge.set(len(producer))
+            queue_gauge.set(len(self._producer))  # the exactly-once sink may have replaced it meanwhile
 
     def send(self, outcome: Outcome, progress: SpecProgress, timetoken: int, received_at: float) -> None:
         """Produce one outcome; `timetoken` is the notification's position on its channel."""
@@ -205,7 +221,13 @@ class KafkaSink:
             self._poll(0.1)  # callbacks only record, so serving them here is safe
 
     def _poll(self, timeout: float) -> None:
-        self._serving_reports(lambda: self._producer.poll(timeout))
+        producer = self._producer
+        try:
+            self._serving_reports(lambda: producer.poll(timeout))
+        except RuntimeError:  # "Producer has been closed"
+            if producer is self._producer:
+                raise
+            # Replaced and closed meanwhile (TransactionalSink): what it held was purged, nothing to serve.
 
     def _serving_reports(self, serve: Callable[[], int]) -> int:
         """Call `serve` (a poll or flush of the producer) and return what it returns; a fatal producer
@@ -396,7 +418,8 @@ class KafkaSink:
         return left
 
     def close(self) -> None:
-        """Stop serving reports and release the producer (its threads and connections).
+        """Stop serving reports and release the producer (its threads and connections), and those it
+        replaced, waiting at most `CLOSE_TIMEOUT_SECONDS` for them.
 
         Callers flush first; whatever is still queued then was never acknowledged, so no checkpoint
         covers it and it is read again after a restart: purge it rather than wait on Kafka again.
@@ -404,5 +427,30 @@ class KafkaSink:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)
-        self._producer.purge()
-        self._producer.close()
+        closing = [*self._closing, close_producer(self._producer)]
+        deadline = time.monotonic() + CLOSE_TIMEOUT_SECONDS
+        for thread in closing:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = sum(thread.is_alive() for thread in closing)
+        if left:
+            log.warning("kafka.producer_close_timed_out", producers=left, timeout=CLOSE_TIMEOUT_SECONDS)
+
+
+def close_producer(producer: Producer, after: threading.Thread | None = None) -> threading.Thread:
+    """Close `producer` on a thread of its own (returned, started) once `after`, a call still under way
+    on it, has returned: `Producer.close()` aborts an open transaction and flushes without a time limit,
+    so the caller waits for the thread only as long as it can afford. What the producer still holds is
+    purged: never acknowledged, it is read again."""
+    def close() -> None:
+        if after is not None:
+            after.join()
+        try:
+            producer.purge()
+            producer.close()
+        except Exception:  # closed already, or refused: either way nothing is left to release
+            log.warning("kafka.producer_close_failed", exc_info=True)
+
+    name = "kafka-producer-close" if after is None else CLOSE_AFTER_HUNG_CALL
+    thread = threading.Thread(target=close, name=name, daemon=True)
+    thread.start()
+    return thread

@@ -110,7 +110,14 @@ def serve_logs(client: _C) -> _C:
 
 def _poll_forever() -> None:
     while True:
-        for client in list(_unpolled):  # weak references: a client dropped by its owner leaves the set
-            with contextlib.suppress(Exception):  # a client being torn down; its lines are lost, nothing else
-                client.poll(0)
+        _poll_each()
         time.sleep(POLL_INTERVAL_SECONDS)
+
+
+def _poll_each() -> None:
+    """One round over the clients. No reference to one outlives it: the loop variable, kept over the
+    sleep, held the last client polled, so it never left the set and was never destroyed (an
+    AdminClient of every worker start stayed alive, reconnecting to Kafka, for as long as the process)."""
+    for client in list(_unpolled):  # weak references: a client dropped by its owner leaves the set
+        with contextlib.suppress(Exception):  # a client being torn down; its lines are lost, nothing else
+            client.poll(0)

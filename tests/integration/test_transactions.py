@@ -17,10 +17,13 @@ from confluent_kafka.admin import AdminClient
 
 from ingest.coordination.compacted import read_latest
 from ingest.coordination.transactions import TransactionalSink, TransactionFailed
+from ingest.data.sink import CLOSE_TIMEOUT_SECONDS, KafkaSink, SpecProgress
 from ingest.observability.metrics import Metrics
+from ingest.sandbox.kafka import LocalKafka
 from ingest.topology import ensure_topics
 from tests.support import wait_for
-from tests.support.records import read_values
+from tests.support.librdkafka import live_clients
+from tests.support.records import numbered_outcome, read_values
 
 TIMEOUT_MS = 1000  # transaction.timeout.ms: the broker's sweep (every 5 s in tests) aborts it soon after
 
@@ -41,10 +44,15 @@ def _sink(bootstrap: str, transactional_id: str, timeout_ms: int = TIMEOUT_MS) -
 
 @pytest.fixture
 def sinks() -> Iterator[list[TransactionalSink]]:
+    """The test's sinks, closed at its end; then none of their producers may be left, replaced ones
+    included (a replaced producer was abandoned: it kept its threads and reconnected to Kafka for as
+    long as the process lived)."""
+    before = live_clients()
     started: list[TransactionalSink] = []
     yield started
     for sink in started:
         sink.close()
+    wait_for(lambda: live_clients() <= before, 30, what=f"the librdkafka clients to be back to {before}")
 
 
 def _produce(sink: TransactionalSink, topic: str, value: bytes) -> None:
@@ -132,3 +140,43 @@ def test_a_table_read_waits_for_a_transaction_still_open_on_it(
         assert read_latest({"bootstrap.servers": kafka_bootstrap}, topic) == {"k": b"v2"}
     finally:
         committer.join()
+
+
+def _closed_within(sink: KafkaSink, seconds: float) -> float | None:
+    """Close `sink` on a thread of its own (a close that never returns must not hang the test); how long it
+    took, or None if it had not returned after `seconds`."""
+    started = time.monotonic()
+    closing = threading.Thread(target=sink.close, name="test-close", daemon=True)
+    closing.start()
+    closing.join(seconds)
+    return None if closing.is_alive() else time.monotonic() - started
+
+
+def test_a_close_with_the_broker_gone_returns_in_bounded_time(unique_name: str) -> None:
+    # Producer.close() aborts the open transaction and flushes, both without a time limit: with the broker
+    # gone, the exactly-once sink's close never returned and the worker's stop hung in it (py-spy:
+    # KafkaSink.close, after the exactly-once outage test). Records are queued in both sinks when they close.
+    bound = CLOSE_TIMEOUT_SECONDS + 27  # generous on a loaded machine; before the fix: never
+    with LocalKafka() as broker:
+        bootstrap = broker.bootstrap_servers
+        ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [unique_name], partitions=1,
+                      replication_factor=1, timeout=30)
+        before = live_clients()
+        plain = KafkaSink({"bootstrap.servers": bootstrap}, Metrics())
+        plain.start()
+        transactional = _sink(bootstrap, unique_name, timeout_ms=10_000)
+        progress = SpecProgress("spec")
+        try:
+            plain.send(numbered_outcome(unique_name, 1), progress, 1, 0.0)
+            _produce(transactional, unique_name, b"delivered, in the open transaction")
+            assert plain.flush(30) == 0 and transactional.flush(30) == 0
+            broker.stop()
+            for n in range(2, 12):
+                plain.send(numbered_outcome(unique_name, n), progress, n, 0.0)
+                _produce(transactional, unique_name, b"queued")
+        finally:  # closed whatever happened, then the broker back: a close left waiting on Kafka ends then
+            took = {"at-least-once": _closed_within(plain, bound), "exactly-once": _closed_within(transactional, bound)}
+            broker.start()
+        print(f"closed with the broker gone: {took}")
+        assert None not in took.values(), f"a close still blocked after {bound:.0f}s: {took}"
+        wait_for(lambda: live_clients() <= before, 60, what=f"the librdkafka clients to be back to {before}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from ingest.config import load_config
 from ingest.coordination.state import STATE_REFRESH_SECONDS
-from ingest.data.sink import KafkaSink
+from ingest.data.sink import CLOSE_AFTER_HUNG_CALL, KafkaSink
 from ingest.sandbox.kafka import LocalKafka
 from ingest.sandbox.server import Sandbox
 from ingest.topology import TopicNames
@@ -39,6 +40,7 @@ from tests.integration.faults.scenario import (
 )
 from tests.support import WorkerProcess, wait_for
 from tests.support.harness import good, write_config
+from tests.support.librdkafka import live_clients
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +51,23 @@ SMALL_QUEUE = 200  # queue.buffering.max.messages: 10 s of scenario traffic fill
 def own_broker() -> Iterator[LocalKafka]:
     with LocalKafka() as broker:
         yield broker
+
+
+def _held_by_hung_calls() -> int:
+    return sum(thread.name == CLOSE_AFTER_HUNG_CALL for thread in threading.enumerate())
+
+
+@pytest.fixture(autouse=True)
+def no_client_left() -> Iterator[None]:
+    """Every librdkafka client a test made in this process is gone at its end, producers it replaced
+    included: a leftover one kept reconnecting to the broker through the next tests' outages. Except a
+    replaced producer whose transaction call is still hung (exactly-once in a group: librdkafka's call
+    never returned in the runs of this module, the broker long back): it cannot be closed under the call,
+    and is closed if the call ever returns (docs/faults.md)."""
+    before = live_clients()
+    yield
+    wait_for(lambda: live_clients() <= before + _held_by_hung_calls(), 30,
+             what=f"the librdkafka clients to be back to {before} (plus those held by hung calls)")
 
 
 @contextlib.contextmanager
@@ -94,7 +113,9 @@ def test_kafka_broker_stopped_and_restarted_mid_stream(
 def _sink_with_a_3s_message_timeout(worker: Worker) -> None:
     # The config refuses message.timeout.ms for at-least-once; a sink given one anyway (as every
     # user could before) must still never time a record out.
+    replaced = worker.sink
     worker.sink = KafkaSink({**worker.config.kafka, "message.timeout.ms": "3000"}, worker.metrics)
+    replaced.close()
 
 
 def test_kafka_outage_longer_than_a_message_timeout_keeps_order_per_spec(
@@ -301,8 +322,9 @@ def test_a_fatal_producer_error_exits_3_and_the_restart_loses_nothing(
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 14, open: its INVALID_TXN_STATE failure is fixed (12 of 13 loaded runs passed); in the 13th the "
-    "worker's producer did not reconnect after the broker restart (docs/faults.md, Not covered here)"))
+    "issue 14, open: a librdkafka 2.16 client (the worker's producer, or the test's reader) that gets the stopping "
+    "broker's Metadata answer with 0 brokers may never reconnect (confluentinc/librdkafka#5301; docs/faults.md, "
+    "Not covered here): about 1 loaded run in 10"))
 def test_exactly_once_outage_keeps_liveness_and_order(
         own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
     # The standalone exactly-once worker commits on its checkpoint loop, which feeds the liveness

@@ -35,6 +35,10 @@ log = get_logger(__name__)
 # more for it, everything read is checkpointed, and neither has moved for this long (and at least two checkpoint
 # intervals, so that an exactly-once checkpoint is committed).
 DRAIN_QUIET_SECONDS = 5.0
+# A former channel refused by PubNub (403) for this long is given up, and what it held reported as a gap.
+# One refusal is not enough: a one-off 403 (the soak's) ended drains whose channels PubNub still held,
+# and the transport replaces a refused connection every 5 s (PubNub caches a 403 that long).
+DRAIN_REFUSED_SECONDS = 30.0
 # A foreign channel's spec is the owner's to report (its last-notification age feeds an alert): what is
 # received here for it goes to a gauge no registry exports.
 _FOREIGN_SPEC_METRICS = SpecMetrics(Gauge("ingest_foreign_last_notification", "not exported", registry=None))
@@ -64,6 +68,7 @@ class Drain:
     quiet_since: float  # monotonic: since when `observed` has not changed
     shared: bool = False
     checkpoint_before: int = 0  # exactly-once: the checkpoint before the open transaction wrote one
+    refused_since: float | None = None  # monotonic: PubNub's first 403 on this channel
 
 
 class SpecChannels:
@@ -327,6 +332,13 @@ class SpecChannels:
 
     def on_access_denied(self, channels: list[str]) -> None:
         for spec_id, drain in self._drains_on(channels):
+            now = time.monotonic()
+            if drain.refused_since is None:
+                drain.refused_since = now
+            if now - drain.refused_since < DRAIN_REFUSED_SECONDS:
+                log.info("replay.drain_refused", spec=spec_id, subscription_id=drain.recorded.subscription_id,
+                         refused_for=round(now - drain.refused_since, 1))
+                continue  # read on once the transport has replaced the connection
             # A former channel PubNub no longer lets us read: what it still holds is lost.
             self.report_gap(spec_id, drain.recorded.subscription_id, drain.progress.acked_tt / 1e7, time.time(),
                             "PubNub denied access to the recorded channel", unread_channel=True)

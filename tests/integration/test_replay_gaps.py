@@ -15,6 +15,7 @@ from ingest.coordination.keywrap import KeyWrapper
 from ingest.coordination.state import restore
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.topology import TopicNames, partition_for
+from ingest.worker.channels import DRAIN_REFUSED_SECONDS
 from ingest.worker.runtime import Worker
 from tests.support import wait_for
 from tests.support.harness import TopicReader, write_config
@@ -145,7 +146,7 @@ def test_a_recorded_key_that_no_longer_unwraps_is_a_gap(kafka_bootstrap: str, un
 
         second = _start(path)
         try:
-            wait_for(lambda: bool(_gap_events(caplog)), 30, what="the gap report")
+            wait_for(lambda: bool(_gap_events(caplog)), DRAIN_REFUSED_SECONDS + 60, what="the gap report")
             [event] = _gap_events(caplog)
             assert (event["spec"], event["subscription_id"]) == ("acme/messages", old.id)
             assert str(event["reason"]).startswith("recorded channel not readable: the wrapped key does not open")
@@ -173,7 +174,7 @@ def test_a_recorded_channel_pubnub_refuses_is_a_gap_and_the_new_channel_is_read(
         second = _start(path)
         reader = TopicReader(kafka_bootstrap, unique_name)
         try:
-            wait_for(lambda: bool(_gap_events(caplog)), 30, what="the gap report")
+            wait_for(lambda: bool(_gap_events(caplog)), DRAIN_REFUSED_SECONDS + 60, what="the gap report")
             [event] = _gap_events(caplog)
             assert (event["spec"], event["subscription_id"]) == ("acme/messages", old.id)
             assert event["reason"] == "PubNub denied access to the recorded channel"
@@ -213,7 +214,7 @@ def test_a_lapse_is_reported_also_when_pubnub_refuses_the_lapsed_channel(
                 return {str(e["reason"]).split(":")[0]: e for e in _gap_events(caplog)
                         if e["subscription_id"] == old.id}
 
-            wait_for(lambda: len(reports()) == 2, 30, what="both losses reported", interval=0.2)
+            wait_for(lambda: len(reports()) == 2, DRAIN_REFUSED_SECONDS + 60, what="both losses reported", interval=0.2)
             refused, lapse = reports()["PubNub denied access to the recorded channel"], reports()["subscription lapsed"]
             since, until = float(str(lapse["missing_from"])), float(str(lapse["missing_until"]))
             replacement = next(v for v in sandbox.rc.subscriptions(include_dead=True) if v.id == lapse["replaced_by"])

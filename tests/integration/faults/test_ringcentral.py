@@ -261,3 +261,26 @@ def test_rc_rotation_while_pubnub_fails_on_the_old_channels_loses_nothing(rc: Sc
     wait_for(lambda: not rc.sandbox.book.armed(), 60, what="the PubNub errors over")
     rc.wait_traffic(40)
     rc.verify("rc rotation while PubNub fails on the old channels")
+
+
+def test_rc_rotation_then_a_one_off_403_on_the_old_channels_loses_nothing(
+        rc: Scenario, caplog: pytest.LogCaptureFixture) -> None:
+    """The old channels, still holding what PubNub's 500s kept unread, are refused once (403) after the
+    rotation: the drain reads on once the connection is replaced, and reports no gap. Before, the first
+    403 ended the drain with a gap and what the channels held was lost (the soak, seed 2774408406)."""
+    caplog.set_level(logging.INFO, logger="ingest")
+    old = {v.id: v.channel for v in rc.sandbox.rc.live_subscriptions()}
+    for channel in old.values():
+        rc.sandbox.faults.pubnub_error(500, seconds=25, channel=channel)
+    rc.sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
+    wait_for(lambda: not {v.channel for v in rc.sandbox.rc.live_subscriptions()} & set(old.values()), TTL * 2,
+             what="the channels rotated")
+    for channel in old.values():  # taken once the 500s are over: the first poll of each old channel after them
+        rc.sandbox.faults.pubnub_error(403, count=1, channel=channel)
+    wait_for(lambda: any(r.getMessage() in ("replay.drain_refused", "replay.gap_suspected") for r in caplog.records),
+             90, what="an old channel refused")
+    rc.wait_traffic(40)
+    rc.verify("rc rotation, then a one-off 403 on the old channels")
+    refused = [r.fields for r in caplog.records if r.getMessage() == "replay.gap_suspected"
+               and "denied access" in str(getattr(r, "fields", {}).get("reason", ""))]
+    assert not refused, refused

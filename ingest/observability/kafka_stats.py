@@ -18,6 +18,7 @@ only when no broker address is in it.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -55,20 +56,22 @@ class BrokerWatch:
         self._role = role
         self._on_stuck = on_stuck
         self._grace = grace
-        self._without_since: float | None = None  # only the client's polling thread calls the watch
+        self._without_since: float | None = None
+        self._lock = threading.Lock()  # a producer is polled by more than one thread (intake waits in poll)
 
     def __call__(self, stats_json: str) -> None:
         stats = brokerless(stats_json)
-        if stats is None:
-            self._without_since = None
-            return
-        now = stats["ts"] / 1e6
-        if self._without_since is None:
-            self._without_since = now
-        without_for = now - self._without_since
-        if without_for < self._grace:
-            return
-        self._without_since = now  # report again after another grace, not at every sample
+        with self._lock:
+            if stats is None:
+                self._without_since = None
+                return
+            now = stats["ts"] / 1e6
+            if self._without_since is None:
+                self._without_since = now
+            without_for = now - self._without_since
+            if without_for < self._grace:
+                return
+            self._without_since = now  # report again after another grace, not at every sample
         client = stats.get("name", "unknown")
         log.error("kafka.client_without_brokers", client=client, role=self._role, seconds=round(without_for, 1))
         self._on_stuck(f"kafka {self._role} {client} has known no broker for {without_for:.0f}s "

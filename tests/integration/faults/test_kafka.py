@@ -324,7 +324,7 @@ def test_a_fatal_producer_error_exits_3_and_the_restart_loses_nothing(
 @pytest.mark.xfail(strict=False, reason=(
     "librdkafka#5301 (docs/faults.md): when the worker's own producer is the client left without brokers, the "
     "worker gives it up after 30 s (kafka.client_without_brokers: /healthz 503, exit 3 for its supervisor), which "
-    "this in-process worker without a supervisor reports as a liveness failure: 1 of 8 loaded runs"))
+    "this in-process worker without a supervisor reports as a liveness failure: 1 of 9 loaded runs"))
 def test_exactly_once_outage_keeps_liveness_and_order(
         own_broker: LocalKafka, unique_name: str, tmp_path: Path) -> None:
     # The standalone exactly-once worker commits on its checkpoint loop, which feeds the liveness

@@ -23,6 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from ingest.coordination.specs import decode_spec
 from ingest.model import SubscriptionSpec
 from ingest.observability.kafka_logs import kafka_log_config
+from ingest.observability.kafka_stats import BrokerWatch, ClientWithoutBrokers, watch_config
 from ingest.observability.logs import get_logger
 
 log = get_logger(__name__)
@@ -52,8 +53,9 @@ class GroupMembership:
                  session_timeout_ms: int, owner: Owner) -> None:
         self.spec_topic = spec_topic
         self.owner = owner
+        self._without_brokers: str | None = None  # set by the consumer's BrokerWatch
         self.consumer = Consumer({**self._config(kafka_config, group_id, worker_id, session_timeout_ms),
-                                  **kafka_log_config()})
+                                  **kafka_log_config(), **watch_config(BrokerWatch("group consumer", self._stuck))})
         self._loading: dict[int, tuple[int, dict[str, SubscriptionSpec]]] = {}  # partition -> (end, specs)
         self.assigned: set[int] = set()
         self._stop = threading.Event()
@@ -97,6 +99,8 @@ class GroupMembership:
                 msg = self.consumer.poll(POLL_SECONDS)
                 if msg is not None:
                     self._on_record(msg)
+                if self._without_brokers is not None:  # it never reconnects: the thread ends, the worker exits 3
+                    raise ClientWithoutBrokers(self._without_brokers)
                 self._check_loaded()
                 self.owner.tick(self.consumer)
         except BaseException as exc:  # the worker's health check reports a dead membership thread
@@ -107,6 +111,9 @@ class GroupMembership:
                 self.consumer.close()  # triggers on_revoke for what we hold, then leaves the group
             except Exception:
                 log.warning("group.close_failed", exc_info=True)
+
+    def _stuck(self, reason: str) -> None:
+        self._without_brokers = reason  # inside the consumer's poll: only record
 
     # ---- assignment callbacks (inside poll/close, on this thread) -----------------------------
 

@@ -21,7 +21,8 @@ later produce is refused with `_FATAL`. confluent-kafka never hands it to an `er
 flush) that serves it raises it, on whichever thread polls. The at-least-once sink records it in
 `fatal_error` and the worker stops (`Worker.failed`, `ingest run` exits 3); started again, it resumes from
 its checkpoints, none of which passed an unacknowledged record (docs/faults.md says why it does not
-replace the producer instead).
+replace the producer instead). A producer that knows no broker for 30 s (librdkafka#5301: it never
+reconnects; `ingest.observability.kafka_stats`) is treated the same way, in both guarantees.
 
 Closing: librdkafka's close (`Producer.close()`: abort an open transaction, flush, destroy) waits on
 Kafka without a time limit, so a producer is closed on a thread of its own (`close_producer`) and
@@ -43,6 +44,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from ingest.data.crypto import BAD_BASE64, BAD_LENGTH, BAD_PADDING
 from ingest.data.pipeline import SCHEMA_VIOLATION, Outcome
 from ingest.observability.kafka_logs import kafka_log_config
+from ingest.observability.kafka_stats import BrokerWatch, watch_config
 from ingest.observability.logs import get_logger
 from ingest.observability.metrics import FamilyMetrics, Metrics
 
@@ -144,7 +146,9 @@ class KafkaSink:
 
     def __init__(self, producer_config: Mapping[str, str], metrics: Metrics) -> None:
         config = {**DEFAULT_PRODUCER_CONFIG, **producer_config, **self.required_config}
-        self._producer_config = {**config, **kafka_log_config()}  # a replacement producer is made alike
+        # A replacement producer is made alike (the watch then follows the replacement).
+        watch = BrokerWatch("producer", self._without_brokers)
+        self._producer_config = {**config, **kafka_log_config(), **watch_config(watch)}
         self._producer = Producer(self._producer_config)
         self._metrics = metrics
         self._families: dict[str, FamilyMetrics] = {}
@@ -247,6 +251,13 @@ class KafkaSink:
         if self.fatal_error is None:
             self.fatal_error = f"kafka producer fatal error {error.name()}: {error.str()}"
             log.error("kafka.producer_fatal_error", error=error.name(), reason=error.str())
+
+    def _without_brokers(self, reason: str) -> None:
+        """The producer knows no broker and never will again (librdkafka#5301, see kafka_stats): as a
+        fatal error, for both guarantees, the worker stops and is started again from its checkpoints.
+        Called from the poll that served the statistics: only record."""
+        if self.fatal_error is None:
+            self.fatal_error = reason
 
     def _delivery_failed(self, entry: _InFlight, err: KafkaError) -> None:
         """Record a failed or refused record (possibly inside a delivery callback: nothing more)."""

@@ -22,6 +22,7 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from ingest.config import load_config
+from ingest.observability.kafka_stats import BrokerWatch, watch_config
 from ingest.sandbox.generator import Generated
 from ingest.sandbox.server import Sandbox, SandboxSettings
 from ingest.topology import TopicNames
@@ -73,26 +74,37 @@ class FaultTolerantReader(TopicReader):
     """A `TopicReader` that rides out retriable consumer errors (NOT_COORDINATOR, transport errors):
     the reader itself lives through the broker outages these scenarios cause. It assigns every
     partition itself instead of joining a consumer group, so a restarted broker's group coordinator
-    cannot keep it waiting."""
+    cannot keep it waiting. A consumer left with no broker for good (librdkafka#5301: seen once as
+    the stuck client of an outage test) is replaced by a new one that goes on from where it was."""
 
     def __post_init__(self) -> None:
         self.topics = TopicNames(self.prefix)
-        self._consumer = Consumer({
+        self._next: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset of the next record
+        self._without_brokers = threading.Event()
+        self._consumer = self._new_consumer(60)
+
+    def _new_consumer(self, metadata_timeout: float) -> Consumer:
+        consumer = Consumer({
             "bootstrap.servers": self.bootstrap, "group.id": f"{self.prefix}-verifier-{time.time_ns()}",
             "enable.auto.commit": False, "isolation.level": self.isolation,
             # A position the restarted broker calls out of range must fail the test, not jump to the
             # end (librdkafka's default) and leave what was skipped "missing".
             "auto.offset.reset": "error",
+            **watch_config(BrokerWatch("test reader", lambda _reason: self._without_brokers.set())),
         })
         names = self.topics.all_output_topics()
         # Every topic, every partition: a topic the broker's metadata did not list yet (created a moment
         # ago, on a loaded machine) was silently left out, and a family with a single notification in
         # the run then showed as one "missing" notification (the first on its channel, run after run).
-        metadata = wait_for(lambda: self._complete_metadata(names), 60, what="metadata of every output topic")
-        self._consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in names for p in metadata[t].partitions])
+        metadata = wait_for(lambda: self._complete_metadata(consumer, names), metadata_timeout,
+                            what="metadata of every output topic")
+        consumer.assign([TopicPartition(t, p, self._next.get((t, p), OFFSET_BEGINNING))
+                         for t in names for p in metadata[t].partitions])
+        return consumer
 
-    def _complete_metadata(self, names: list[str]) -> dict[str, Any] | None:
-        topics = self._consumer.list_topics(timeout=10).topics
+    @staticmethod
+    def _complete_metadata(consumer: Consumer, names: list[str]) -> dict[str, Any] | None:
+        topics = consumer.list_topics(timeout=10).topics
         complete = all(t in topics and topics[t].error is None and topics[t].partitions
                        and all(p.leader >= 0 for p in topics[t].partitions.values()) for t in names)
         return topics if complete else None
@@ -108,7 +120,16 @@ class FaultTolerantReader(TopicReader):
                     raise KafkaException(err)
                 headers = {_text(k): _text(v) for k, v in list(msg.headers() or [])}
                 self.records.append(Record(msg.topic() or "", _text(msg.key()), _bytes(msg.value()), headers))
+                self._next[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
+            if self._without_brokers.is_set():
+                self._replace_consumer()
         return self.records
+
+    def _replace_consumer(self) -> None:
+        self._without_brokers.clear()
+        # Found stuck 30-35 s into an outage, maybe: the new one waits for the broker's return.
+        stuck, self._consumer = self._consumer, self._new_consumer(180)
+        stuck.close()  # assigned, not subscribed: no group to leave
 
 
 def order_violations(records: list[Record]) -> list[str]:

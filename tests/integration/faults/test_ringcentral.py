@@ -248,16 +248,23 @@ def _lapse_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
     return [e for e in events if str(e.get("reason", "")).startswith("subscription lapsed")]
 
 
+def _rotate_while_the_old_channels_fail(rc: Scenario, seconds: float) -> list[str]:
+    """PubNub answers 500 to every poll of the current channels for `seconds`, and the next renewals
+    rotate channel and key; returns the old channels once every subscription has moved."""
+    old = [v.channel for v in rc.sandbox.rc.live_subscriptions()]
+    for channel in old:
+        rc.sandbox.faults.pubnub_error(500, seconds=seconds, channel=channel)
+    rc.sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
+    wait_for(lambda: not {v.channel for v in rc.sandbox.rc.live_subscriptions()} & set(old), TTL * 2,
+             what="the channels rotated")
+    return old
+
+
 def test_rc_rotation_while_pubnub_fails_on_the_old_channels_loses_nothing(rc: Scenario) -> None:
     """Channels rotate while PubNub answers 500 to every poll of the old ones for 30 s: the old
     channels are read until PubNub has answered that it holds nothing more for them, however long the
     catch-up takes (a fixed grace period after the move lost what they still held)."""
-    old = {v.id: v.channel for v in rc.sandbox.rc.live_subscriptions()}
-    for channel in old.values():
-        rc.sandbox.faults.pubnub_error(500, seconds=30, channel=channel)
-    rc.sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
-    wait_for(lambda: not {v.channel for v in rc.sandbox.rc.live_subscriptions()} & set(old.values()), TTL * 2,
-             what="the channels rotated")
+    _rotate_while_the_old_channels_fail(rc, seconds=30)
     wait_for(lambda: not rc.sandbox.book.armed(), 60, what="the PubNub errors over")
     rc.wait_traffic(40)
     rc.verify("rc rotation while PubNub fails on the old channels")
@@ -269,13 +276,8 @@ def test_rc_rotation_then_a_one_off_403_on_the_old_channels_loses_nothing(
     rotation: the drain reads on once the connection is replaced, and reports no gap. Before, the first
     403 ended the drain with a gap and what the channels held was lost (the soak, seed 2774408406)."""
     caplog.set_level(logging.INFO, logger="ingest")
-    old = {v.id: v.channel for v in rc.sandbox.rc.live_subscriptions()}
-    for channel in old.values():
-        rc.sandbox.faults.pubnub_error(500, seconds=25, channel=channel)
-    rc.sandbox.faults.rotate_on_next_renewal(None, key=True, channel=True)
-    wait_for(lambda: not {v.channel for v in rc.sandbox.rc.live_subscriptions()} & set(old.values()), TTL * 2,
-             what="the channels rotated")
-    for channel in old.values():  # taken once the 500s are over: the first poll of each old channel after them
+    old = _rotate_while_the_old_channels_fail(rc, seconds=25)
+    for channel in old:  # taken once the 500s are over: the first poll of each old channel after them
         rc.sandbox.faults.pubnub_error(403, count=1, channel=channel)
     wait_for(lambda: any(r.getMessage() in ("replay.drain_refused", "replay.gap_suspected") for r in caplog.records),
              90, what="an old channel refused")

@@ -68,7 +68,7 @@ class Drain:
     quiet_since: float  # monotonic: since when `observed` has not changed
     shared: bool = False
     checkpoint_before: int = 0  # exactly-once: the checkpoint before the open transaction wrote one
-    refused_since: float | None = None  # monotonic: PubNub's first 403 on this channel
+    refused_since: float | None = None  # monotonic: the first 403 on this channel since it was last read
 
 
 class SpecChannels:
@@ -385,6 +385,8 @@ class SpecChannels:
                     read_tt = self.transport.position(channel) or 0
                     observed = (read_tt, min(read_tt, drain.progress.checkpointed_tt))
                     if channel not in reading or observed != drain.observed:
+                        if observed[0] != drain.observed[0]:
+                            drain.refused_since = None  # read since a 403: a later one-off 403 starts afresh
                         drain.observed, drain.quiet_since = observed, now
                     elif (observed[1] == read_tt and now - drain.quiet_since >= quiet_for
                           and self.transport.caught_up_at(channel) is not None):

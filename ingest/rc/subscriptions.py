@@ -155,6 +155,7 @@ class SubscriptionManager:
         self.expires_in = expires_in
         # The shortest lifetime RingCentral has granted (it may grant less than asked): a subscription created
         # less than this long ago is still alive unless deleted, which tells an intent that created nothing.
+        # One reused or adopted shows only what it has left: lower, which errs towards reporting a gap.
         self._shortest_lifetime = float(expires_in)
         self.clock = clock
         self._api_threads = api_threads
